@@ -1,0 +1,137 @@
+"""Validation of a composed run config, before any work starts.
+
+Every problem names the offending key and value; all problems are reported at once.
+Bit strings typed on the command line arrive as integers (Hydra parses 1001111 as an
+int), so motif and features are normalised back to strings here.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, open_dict
+
+from gam_rl.features import FeatureMaskError, parse_mask
+from gam_rl.process import MAX_EXACT_N
+
+METHODS = ("distill", "dpg_off", "dpg_on", "pg", "dpg_true")
+PROFILES = ("paper", "cpu", "smoke")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _as_bits(value) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    return value if isinstance(value, str) else None
+
+
+def _positive_int(cfg: DictConfig, key: str, problems: list[str], allow_none: bool = False) -> None:
+    value = cfg
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, DictConfig) else None
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        problems.append(f"{key}={value!r}: must be a positive integer")
+
+
+def _positive_number(cfg: DictConfig, key: str, problems: list[str]) -> None:
+    value = cfg
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, DictConfig) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        problems.append(f"{key}={value!r}: must be a positive number")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Normalise motif/features to strings and check every key a run uses."""
+    problems: list[str] = []
+    n = cfg.get("n")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_EXACT_N:
+        problems.append(f"n={n!r}: must be an integer in [1, {MAX_EXACT_N}]")
+        n = None
+
+    motif = _as_bits(cfg.get("motif"))
+    if motif is None or not motif:
+        problems.append(f"motif={cfg.get('motif')!r}: must be a non-empty bit string")
+    elif set(motif) - {"0", "1"}:
+        problems.append(f"motif={motif!r}: only the characters 0 and 1 are allowed")
+    elif n is not None and len(motif) > n:
+        problems.append(f"motif={motif!r}: length {len(motif)} is longer than n={n}")
+
+    features = _as_bits(cfg.get("features"))
+    if features is None:
+        problems.append(f"features={cfg.get('features')!r}: must be a mask string such as 1001111")
+    elif motif and not (set(motif) - {"0", "1"}):
+        try:
+            parse_mask(features, motif)
+        except FeatureMaskError as err:
+            problems.append(f"features={features!r}: {err}")
+
+    _positive_int(cfg, "data.pools.train", problems)
+    _positive_int(cfg, "data.pools.valid", problems)
+    _positive_int(cfg, "data.pools.test", problems)
+    pools = cfg.data.pools
+    size = cfg.get("dataset_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        problems.append(f"dataset_size={size!r}: must be a positive integer")
+    elif isinstance(pools.train, int) and size > pools.train:
+        problems.append(f"dataset_size={size}: above the train pool of {pools.train} strings (data.pools.train)")
+    valid_size = cfg.data.get("valid_size")
+    if valid_size is not None:
+        _positive_int(cfg, "data.valid_size", problems)
+        if isinstance(valid_size, int) and isinstance(pools.valid, int) and valid_size > pools.valid:
+            problems.append(f"data.valid_size={valid_size}: above the validation pool (data.pools.valid={pools.valid})")
+
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        problems.append(f"seed={seed!r}: must be a non-negative integer")
+
+    method = cfg.get("method", {}).get("name") if isinstance(cfg.get("method"), DictConfig) else None
+    if method not in METHODS:
+        problems.append(f"method={method!r}: unknown method; choose one of {list(METHODS)}")
+    if cfg.get("profile") not in PROFILES:
+        problems.append(f"profile={cfg.get('profile')!r}: unknown profile; choose one of {list(PROFILES)}")
+
+    device = cfg.get("device")
+    if device not in DEVICES:
+        problems.append(f"device={device!r}: choose one of {list(DEVICES)}")
+    elif device == "cuda" and not torch.cuda.is_available():
+        problems.append("device='cuda': CUDA is not available on this machine (use device=auto or cpu)")
+    if cfg.get("threads") is not None:
+        _positive_int(cfg, "threads", problems)
+
+    _positive_int(cfg, "model.hidden", problems)
+    _positive_int(cfg, "model.layers", problems)
+    dropout = cfg.model.get("dropout")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        problems.append(f"model.dropout={dropout!r}: must be in [0, 1)")
+    _positive_int(cfg, "feature_max_len", problems)
+    _positive_number(cfg, "r.lr", problems)
+    _positive_int(cfg, "r.batch_size", problems, allow_none=True)
+    _positive_int(cfg, "r.max_epochs", problems)
+    _positive_int(cfg, "r.patience", problems)
+    _positive_number(cfg, "r.clip", problems)
+    _positive_int(cfg, "eval.samples", problems)
+    _positive_int(cfg, "eval.max_len", problems)
+    _positive_int(cfg, "eval.batch_size", problems)
+    _positive_int(cfg, "log_every", problems)
+
+    if problems:
+        raise ConfigError(problems)
+    with open_dict(cfg):
+        cfg.motif, cfg.features = motif, features
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

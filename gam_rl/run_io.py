@@ -1,0 +1,101 @@
+"""What every run leaves behind: results.json (atomic), metrics.csv, config.yaml, W&B."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+RESULT_KEYS = (
+    "status", "motif", "features", "dataset_size", "seed", "method", "profile", "entropy_true",
+    "ce_test_r", "ce_test_p_lambda", "ce_test_pi", "motif_freq_r", "motif_freq_pi",
+    "avg_len_r", "avg_len_pi", "lambda", "moments_data", "moments_model", "z_hat",
+    "timings", "samples",
+)
+
+
+def _jsonable(value: Any) -> Any:
+    """Floats that JSON cannot hold (inf, nan) become strings, so files stay valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class RunLogger(Logger):
+    """Lightning logger writing long-format metrics.csv (time, stage, step, name, value) and,
+    when given a W&B run, forwarding every metric to it with a run-wide step counter.
+
+    Metric names are "<stage>/<name>"; each stage's steps restart at 0, the W&B step does not.
+    """
+
+    FIELDS = ("time", "stage", "step", "name", "value")
+
+    def __init__(self, run_dir: Path, wandb_run=None):
+        super().__init__()
+        self.path = Path(run_dir) / "metrics.csv"
+        self._file = open(self.path, "a", newline="")
+        self._writer = csv.writer(self._file)
+        if self._file.tell() == 0:
+            self._writer.writerow(self.FIELDS)
+        self.wandb_run = wandb_run
+        self._global_step = 0
+        self._start = time.time()
+
+    @property
+    def name(self) -> str:
+        return "gam_rl"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # the resolved config is written once, as config.yaml, by the pipeline
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        elapsed = round(time.time() - self._start, 3)
+        row_step = 0 if step is None else int(step)
+        clean = {}
+        for key, value in metrics.items():
+            if key == "epoch":
+                continue
+            stage, _, name = key.rpartition("/")
+            value = float(value)
+            self._writer.writerow((elapsed, stage or "run", row_step, name, value))
+            clean[key] = value
+        self._file.flush()
+        if self.wandb_run is not None and clean:
+            self._global_step += 1
+            self.wandb_run.log(clean, step=self._global_step)
+
+    def log(self, stage: str, step: int, **values: float) -> None:
+        """Direct logging for code outside a Trainer."""
+        self.log_metrics({f"{stage}/{k}": v for k, v in values.items()}, step)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()

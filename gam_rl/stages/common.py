@@ -1,0 +1,82 @@
+"""Pieces every stage's Trainer shares: best-weights keeping, progress lines, the Trainer."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import lightning.pytorch as pl
+import torch
+
+log = logging.getLogger("gam_rl")
+
+
+class KeepBest(pl.Callback):
+    """Remember the weights with the lowest monitored value; restore them when fit ends."""
+
+    def __init__(self, monitor: str):
+        self.monitor = monitor
+        self.best = math.inf
+        self.best_epoch = -1
+        self.best_state: dict | None = None
+
+    def on_validation_end(self, trainer, module):
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None or trainer.sanity_checking:
+            return
+        value = float(value)
+        if value < self.best:
+            self.best, self.best_epoch = value, trainer.current_epoch
+            self.best_state = copy.deepcopy(module.state_dict())
+
+    def on_fit_end(self, trainer, module):
+        if self.best_state is not None:
+            module.load_state_dict(self.best_state)
+
+
+class ProgressLog(pl.Callback):
+    """One log line every `every` epochs (and the last), readable in a terminal or a log file."""
+
+    def __init__(self, stage: str, keys: list[str], every: int = 1):
+        self.stage, self.keys, self.every = stage, keys, max(1, every)
+
+    def on_validation_end(self, trainer, module):
+        if trainer.sanity_checking:
+            return
+        epoch = trainer.current_epoch
+        last = epoch + 1 >= (trainer.max_epochs or 0)
+        if epoch % self.every and not last:
+            return
+        values = ", ".join(
+            f"{k}={float(trainer.callback_metrics[k]):.4f}" for k in self.keys if k in trainer.callback_metrics
+        )
+        log.info("[%s] epoch %d/%s %s", self.stage, epoch + 1, trainer.max_epochs, values)
+
+
+def make_trainer(max_epochs: int, callbacks: list, logger=None, accelerator: str = "cpu",
+                 gradient_clip_val: float | None = None, max_steps: int = -1) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        accelerator=accelerator,
+        devices=1,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        gradient_clip_val=gradient_clip_val,
+        gradient_clip_algorithm="norm",
+        log_every_n_steps=1,
+        deterministic=False,
+    )
+
+
+def full_batch_loader(tokens: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
+    """DataLoader over a token tensor (each batch a (B, T) tensor)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        tokens, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None
+    )

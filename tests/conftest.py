@@ -1,0 +1,18 @@
+import os
+
+import pytest
+import torch
+
+# keep tests off the user's cache and W&B account; small thread count for 2-core CI
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("GAM_RL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def all_bit_strings(n: int) -> list[str]:
+    return [format(i, f"0{n}b") for i in range(2**n)] if n else [""]

@@ -1,0 +1,58 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from gam_rl.run_io import RESULT_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gam_rl(*args, tmp_path: Path, check=True):
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "gam_rl.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def test_smoke_run_writes_complete_results(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = gam_rl("profile=smoke", "logger=csv", f"hydra.run.dir={run_dir}", "dataset_size=200",
+                  tmp_path=tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "ok"
+    assert set(RESULT_KEYS) <= set(results)
+    for key in ("entropy_true", "ce_test_r", "motif_freq_r", "avg_len_r"):
+        assert isinstance(results[key], float), key
+    assert results["entropy_true"] < results["ce_test_r"]  # no model beats the true entropy
+    assert results["dataset_size"] == 200 and results["motif"] == "10001011111000"
+    assert Path(results["data_dir"], "train.txt").exists()
+    assert set(results["timings"]) >= {"data", "r", "eval_r"}
+    assert (run_dir / "config.yaml").exists() and (run_dir / "r.pt").exists()
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert header == "time,stage,step,name,value"
+    assert "ce_test_r" in proc.stdout and "entropy_true" in proc.stdout
+
+
+def test_bad_override_fails_before_any_work_and_names_the_key(tmp_path):
+    run_dir = tmp_path / "bad"
+    proc = gam_rl("motif=10a01", "logger=csv", f"hydra.run.dir={run_dir}", tmp_path=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "motif='10a01'" in proc.stderr
+    assert not (run_dir / "metrics.csv").exists() and not (run_dir / "r.pt").exists()
+    assert not Path(os.environ["GAM_RL_CACHE"], "data").exists() or not any(
+        "10a01" in p.name for p in Path(os.environ["GAM_RL_CACHE"], "data").iterdir())
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "failed" and "motif" in results["error"]
+
+
+def test_offline_wandb_run_files_exist(tmp_path):
+    run_dir = tmp_path / "wb"
+    gam_rl("profile=smoke", "logger=wandb", f"hydra.run.dir={run_dir}", "dataset_size=100",
+           "data.pools.train=100", tmp_path=tmp_path)
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    assert list(offline[0].glob("*.wandb"))

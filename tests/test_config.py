@@ -1,0 +1,63 @@
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from gam_rl.config import ConfigError, validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def make(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_every_option_of_every_group_composes_and_validates():
+    groups = {g: group_options(g) for g in ("method", "profile", "logger")}
+    assert set(groups["profile"]) >= {"paper", "cpu", "smoke"}
+    assert set(groups["method"]) >= {"distill", "dpg_off"}
+    for combo in itertools.product(*groups.values()):
+        overrides = [f"{g}={o}" for g, o in zip(groups, combo, strict=True)]
+        cfg = validate(make(overrides))
+        assert cfg.method.name == combo[0] and cfg.profile == combo[1] and cfg.logger.kind == combo[2]
+
+
+@pytest.mark.parametrize("motif", ["1000101000101", "1011100111001", "10001011111000"])
+@pytest.mark.parametrize("features", ["1001111", "Mv1001111", "0111111"])
+@pytest.mark.parametrize("size", [500, 1000, 5000, 10000, 20000])
+def test_table1_values_by_name(motif, features, size):
+    # bit strings typed on the command line arrive as ints; they come back as strings
+    cfg = validate(make([f"motif={motif}", f"features={features}", f"dataset_size={size}", "seed=4444"]))
+    assert cfg.motif == motif and cfg.features == features and cfg.dataset_size == size and cfg.seed == 4444
+
+
+@pytest.mark.parametrize("override, key", [
+    ("motif=10a01", "motif"),
+    ("motif=" + "1" * 31, "motif"),
+    ("features=Xv1001111", "features"),
+    ("features=100111", "features"),
+    ("dataset_size=0", "dataset_size"),
+    ("dataset_size=20001", "dataset_size"),
+    ("seed=-1", "seed"),
+    ("model.hidden=0", "model.hidden"),
+    ("model.dropout=1.5", "model.dropout"),
+    ("r.lr=-1", "r.lr"),
+    ("device=tpu", "device"),
+    ("data.valid_size=5000", "data.valid_size"),
+])
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(make([override]))
+    assert any(p.startswith(f"{key}=") for p in err.value.problems), err.value.problems
+
+
+def test_all_problems_are_reported_together():
+    with pytest.raises(ConfigError) as err:
+        validate(make(["motif=12", "dataset_size=-5"]))
+    assert len(err.value.problems) == 2
