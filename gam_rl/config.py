@@ -13,7 +13,10 @@ from omegaconf import DictConfig, open_dict
 from gam_rl.features import FeatureMaskError, parse_mask
 from gam_rl.process import MAX_EXACT_N
 
-METHODS = ("distill", "dpg_off", "dpg_on", "pg", "dpg_true")
+ALGORITHMS = ("distill", "dpg_off", "dpg_on", "pg")
+TARGETS = ("gam", "true")
+INITS = ("fresh", "r")
+ESTIMATORS = ("snis_r", "rs")
 PROFILES = ("paper", "cpu", "smoke")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -48,6 +51,60 @@ def _positive_number(cfg: DictConfig, key: str, problems: list[str]) -> None:
         value = value.get(part) if isinstance(value, DictConfig) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         problems.append(f"{key}={value!r}: must be a positive number")
+
+
+def _check_method(cfg: DictConfig, problems: list[str]) -> None:
+    method = cfg.get("method")
+    if not isinstance(method, DictConfig):
+        problems.append(f"method={method!r}: must be a method config (method=dpg_off, distill, ...)")
+        return
+    if not isinstance(method.get("name"), str) or not method.get("name"):
+        problems.append(f"method.name={method.get('name')!r}: must be a non-empty string")
+    if method.get("algorithm") not in ALGORITHMS:
+        problems.append(f"method.algorithm={method.get('algorithm')!r}: choose one of {list(ALGORITHMS)}")
+    if method.get("target") not in TARGETS:
+        problems.append(f"method.target={method.get('target')!r}: choose one of {list(TARGETS)}")
+    if method.get("init") not in INITS:
+        problems.append(f"method.init={method.get('init')!r}: choose one of {list(INITS)}")
+    if method.get("algorithm") == "distill" and method.get("target") == "true":
+        problems.append("method.target='true': distillation samples P_lambda by rejection from r; "
+                        "the true target is only available to the DPG algorithms")
+
+
+def _check_schedules(cfg: DictConfig, features: str | None, problems: list[str]) -> None:
+    for key in ("chunk", "samples_per_step", "buffer", "max_epochs", "patience"):
+        _positive_int(cfg, f"training1.{key}", problems)
+    _positive_number(cfg, "training1.lr", problems)
+    for key in ("samples", "batch_size"):
+        _positive_int(cfg, f"z.{key}", problems)
+    for key in ("size", "valid_size", "proposal_batch", "batch_size", "max_epochs", "patience"):
+        _positive_int(cfg, f"distill.{key}", problems)
+    for key in ("lr", "clip", "max_proposals"):
+        _positive_number(cfg, f"distill.{key}", problems)
+    for key in ("minibatch", "updates_per_epoch", "max_epochs", "patience", "max_len"):
+        _positive_int(cfg, f"dpg.{key}", problems)
+    for key in ("lr", "clip"):
+        _positive_number(cfg, f"dpg.{key}", problems)
+    _positive_int(cfg, "dpg.proposal_batch", problems, allow_none=True)
+    for section in ("training1", "z", "distill"):
+        _positive_int(cfg, f"{section}.max_len", problems, allow_none=True)
+    estimator = cfg.training1.get("estimator")
+    if estimator not in ESTIMATORS:
+        problems.append(f"training1.estimator={estimator!r}: choose one of {list(ESTIMATORS)}")
+    # rejection sampling bounds lambda . phi by sum_k max(lambda_k, 0): valid only for phi in [0, 1].
+    # The length features M = |x| / feature_max_len leave [0, 1] once samples may be longer.
+    uses_rs = {"training1": estimator == "rs",
+               "distill": isinstance(cfg.get("method"), DictConfig) and cfg.method.get("algorithm") == "distill"}
+    has_length = isinstance(features, str) and any(c in features[:-7] for c in "Mv")
+    n, cap = cfg.get("n"), cfg.get("feature_max_len")
+    if has_length and isinstance(n, int) and isinstance(cap, int):
+        for section, active in uses_rs.items():
+            max_len = cfg[section].get("max_len") or 2 * n + 1
+            if active and isinstance(max_len, int) and max_len > cap:
+                problems.append(
+                    f"{section}.max_len={max_len}: rejection sampling needs features in [0, 1], but with "
+                    f"features={features!r} the length feature M = |x|/{cap} exceeds 1 for samples longer "
+                    f"than feature_max_len={cap}; lower {section}.max_len or raise feature_max_len")
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -94,9 +151,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         problems.append(f"seed={seed!r}: must be a non-negative integer")
 
-    method = cfg.get("method", {}).get("name") if isinstance(cfg.get("method"), DictConfig) else None
-    if method not in METHODS:
-        problems.append(f"method={method!r}: unknown method; choose one of {list(METHODS)}")
+    _check_method(cfg, problems)
     if cfg.get("profile") not in PROFILES:
         problems.append(f"profile={cfg.get('profile')!r}: unknown profile; choose one of {list(PROFILES)}")
 
@@ -123,6 +178,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _positive_int(cfg, "eval.max_len", problems)
     _positive_int(cfg, "eval.batch_size", problems)
     _positive_int(cfg, "log_every", problems)
+    _check_schedules(cfg, features, problems)
 
     if problems:
         raise ConfigError(problems)

@@ -7,6 +7,7 @@ records timings, sample counts and metrics into `results`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from pathlib import Path
@@ -16,12 +17,21 @@ import torch
 from omegaconf import DictConfig
 
 from gam_rl.config import resolve_device
-from gam_rl.data import load_splits
-from gam_rl.metrics import policy_cross_entropy, sample_statistics
+from gam_rl.data import Splits, load_splits
+from gam_rl.estimators import (
+    cross_entropy_p_lambda,
+    importance_z,
+    snis_moments,
+)
+from gam_rl.features import Features
+from gam_rl.metrics import batched_log_prob, eval_mode, policy_cross_entropy, sample_statistics
 from gam_rl.policy import LSTMPolicy
+from gam_rl.potentials import GAMPotential, TrueProcessPotential
 from gam_rl.process import MotifProcess
 from gam_rl.run_io import RESULT_KEYS, RunLogger
 from gam_rl.stages.mle import train_mle
+from gam_rl.stages.training1 import fit_lambda
+from gam_rl.stages.training2 import train_distill, train_dpg
 
 log = logging.getLogger("gam_rl")
 
@@ -85,4 +95,106 @@ def run_pipeline(cfg: DictConfig, run: Run, logger: RunLogger, run_dir: Path) ->
         res.update(motif_freq_r=stats["motif_freq"], avg_len_r=stats["avg_len"],
                    truncated_frac_r=stats["truncated_frac"])
         logger.log("eval", 0, ce_test_r=res["ce_test_r"], motif_freq_r=stats["motif_freq"])
+
+    features = Features(cfg.features, cfg.motif, cfg.feature_max_len)
+    res["feature_names"] = features.names
+    gam = training1(cfg, run, r, features, splits, logger, accelerator)
+    with run.stage("z"):
+        estimate_z_and_ce(cfg, run, r, gam, splits.test, logger)
+
+    with run.stage("training2"):
+        pi = training2(cfg, run, r, gam, process, splits, logger, accelerator)
+        torch.save({"config": pi.config(), "state_dict": pi.state_dict()}, run_dir / "pi.pt")
+    with run.stage("eval_pi"):
+        res["ce_test_pi"] = policy_cross_entropy(pi, splits.test, symbols)
+        stats = sample_statistics(pi, process.contains_motif, cfg.eval.samples, cfg.eval.max_len,
+                                  cfg.eval.batch_size)
+        run.count_samples("eval_pi", cfg.eval.samples)
+        res.update(motif_freq_pi=stats["motif_freq"], avg_len_pi=stats["avg_len"],
+                   truncated_frac_pi=stats["truncated_frac"])
+        logger.log("eval", 0, ce_test_pi=res["ce_test_pi"], motif_freq_pi=stats["motif_freq"])
     return res
+
+
+def sampling_max_len(cfg: DictConfig, value) -> int:
+    """null -> 2n + 1 symbols, the reference's limit for SNIS, RS and Z."""
+    return int(value) if value else 2 * cfg.n + 1
+
+
+def training1(cfg: DictConfig, run: Run, r: LSTMPolicy, features: Features, splits: Splits,
+              logger: RunLogger, accelerator: str) -> GAMPotential:
+    """lambda by moment matching; returns P_lambda = r * exp(lambda . phi)."""
+    t1 = cfg.training1
+    with run.stage("training1"):
+        fit = fit_lambda(r, features, splits.train, estimator=t1.estimator, lr=t1.lr, chunk=t1.chunk,
+                         samples_per_step=t1.samples_per_step, buffer=t1.buffer,
+                         max_len=sampling_max_len(cfg, t1.max_len), max_epochs=t1.max_epochs,
+                         patience=t1.patience, seed=cfg.seed + 1, logger=logger, accelerator=accelerator,
+                         log_every=cfg.log_every)
+    run.count_samples("training1", fit.samples)
+    run.results.update(**{"lambda": fit.lam.tolist(), "moments_data": fit.moments_data.tolist(),
+                          "t1_best_mismatch": fit.best_mismatch, "t1_epochs": fit.epochs})
+    log.info("lambda = %s", dict(zip(features.names, [round(v, 3) for v in fit.lam.tolist()], strict=True)))
+    return GAMPotential(r, features, fit.lam)
+
+
+def estimate_z_and_ce(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotential, test: torch.Tensor,
+                      logger: RunLogger) -> None:
+    """Z = E_r[exp(lambda . phi)] by importance sampling from r; the same samples give the
+    SNIS model moments E_{p_lambda}[phi] reported after Training-1."""
+    zc = cfg.z
+    max_len = sampling_max_len(cfg, zc.max_len)
+    generator = torch.Generator(device=r.device).manual_seed(cfg.seed + 2)
+    phis, log_ws = [], []
+
+    def draw(k):
+        samples = r.sample(k, max_len, generator)
+        phis.append(gam.features(samples.tokens))
+        log_ws.append(phis[-1] @ gam.lam)  # P_lambda(x) / r(x) = exp(lambda . phi(x))
+        return samples, log_ws[-1]
+
+    z = importance_z(draw, zc.samples, zc.batch_size)
+    run.count_samples("z", z.num)
+    moments_model = snis_moments(torch.cat(log_ws), torch.cat(phis)).moments
+    with eval_mode(r):
+        log_p_test = batched_log_prob(gam.log_potential, test.to(r.device))
+    ce, ce_se = cross_entropy_p_lambda(log_p_test, z, cfg.n + 1)
+    res = run.results
+    res.update(z_hat=z.z, log_z_hat=z.log_z, z_rel_se=z.rel_se, z_ess=z.ess, ce_test_p_lambda=ce,
+               ce_test_p_lambda_se=ce_se, moments_model=moments_model.tolist())
+    res["moment_mismatch_l1"] = float(sum(abs(a - b) for a, b in zip(res["moments_data"], res["moments_model"],
+                                                                      strict=True)))
+    logger.log("z", 0, log_z=z.log_z, rel_se=z.rel_se, ess=z.ess, ce_test_p_lambda=ce)
+    log.info("Z-hat = %.4g (rel. s.e. %.3g, ESS %.0f of %d); CE(T, p_lambda) = %.4f +- %.4f", z.z, z.rel_se,
+             z.ess, z.num, ce, ce_se)
+
+
+def training2(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotential, process: MotifProcess,
+              splits: Splits, logger: RunLogger, accelerator: str) -> LSTMPolicy:
+    method, symbols, res = cfg.method, cfg.n + 1, run.results
+    res["target"] = method.target
+    pi = copy.deepcopy(r) if method.init == "r" else LSTMPolicy(**cfg.model).to(r.device)
+    pi.train()
+    if method.algorithm == "distill":
+        d = cfg.distill
+        fit = train_distill(pi, gam, splits.train, splits.valid, size=d.size, valid_size=d.valid_size,
+                            max_len=sampling_max_len(cfg, d.max_len), proposal_batch=d.proposal_batch,
+                            max_proposals=int(d.max_proposals), lr=d.lr, batch_size=d.batch_size,
+                            max_epochs=d.max_epochs, patience=d.patience, clip=d.clip, symbols_per_seq=symbols,
+                            seed=cfg.seed + 3, logger=logger, accelerator=accelerator, log_every=cfg.log_every)
+        run.count_samples("training2", fit.proposals)
+        res.update(ce_valid_pi=fit.best_val_ce, t2_epochs=fit.epochs, t2_best_epoch=fit.best_epoch,
+                   distill_acceptance_rate=fit.acceptance_rate, distill_proposals=fit.proposals)
+        return pi
+    dpg = cfg.dpg
+    potential = TrueProcessPotential(process) if method.target == "true" else gam
+    fit = train_dpg(pi, r, potential, splits.valid, algorithm=method.algorithm, lr=dpg.lr, minibatch=dpg.minibatch,
+                    updates_per_epoch=dpg.updates_per_epoch, max_epochs=dpg.max_epochs, patience=dpg.patience,
+                    clip=dpg.clip, max_len=dpg.max_len, symbols_per_seq=symbols,
+                    ce_valid_proposal=policy_cross_entropy(r, splits.valid, symbols), seed=cfg.seed + 3,
+                    proposal_batch=dpg.proposal_batch,
+                    logger=logger, accelerator=accelerator, log_every=cfg.log_every)
+    run.count_samples("training2", fit.samples)
+    res.update(ce_valid_pi=fit.best_val_ce, t2_epochs=fit.epochs, t2_best_epoch=fit.best_epoch,
+               t2_updates=fit.updates, swaps=fit.swaps, swap_count=len(fit.swaps))
+    return pi

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from gam_rl.tokens import BOS, EOS, PAD, VOCAB
 
@@ -48,19 +49,24 @@ class LSTMPolicy(nn.Module):
         return {"hidden": self.hidden, "layers": self.layers, "dropout": self.dropout_p}
 
     # ---- teacher forcing ------------------------------------------------------------
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T) tokens -> (B, T, VOCAB) next-symbol logits; input t is token t-1 (BOS first)."""
-        prev = torch.cat([torch.full_like(tokens[:, :1], BOS), tokens[:, :-1]], dim=1)
-        inputs = F.one_hot(prev, VOCAB + 1)[..., :VOCAB].to(self.head.weight.dtype)
-        out, _ = self.lstm(self.drop(inputs))
-        return self.head(self.drop(out))
-
     def log_prob(self, tokens: torch.Tensor) -> torch.Tensor:
-        """log pi(x) per row, summed over the bits and EOS (PAD ignored). Differentiable."""
-        logp = torch.log_softmax(self.logits(tokens), dim=-1)
-        mask = tokens != PAD
-        picked = logp.gather(-1, tokens.clamp(max=VOCAB - 1).unsqueeze(-1)).squeeze(-1)
-        return (picked * mask).sum(dim=1)
+        """log pi(x) per row, summed over the bits and EOS (PAD ignored). Differentiable.
+
+        Rows are packed by length, so the LSTM, the head and the softmax only run on real
+        symbols: a batch with a few long rows costs what its symbols cost, not B * width.
+        """
+        lengths = (tokens != PAD).sum(dim=1).cpu()  # symbols per row, EOS included (>= 1)
+        prev = torch.cat([torch.full_like(tokens[:, :1], BOS), tokens[:, :-1]], dim=1)  # input t = x_{t-1}
+        inputs = F.one_hot(prev, VOCAB + 1)[..., :VOCAB].to(self.head.weight.dtype)  # BOS -> zero vector
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            return pack_padded_sequence(t, lengths, batch_first=True, enforce_sorted=False).data
+
+        out, _ = self.lstm(pack_padded_sequence(self.drop(inputs), lengths, batch_first=True, enforce_sorted=False))
+        logp = torch.log_softmax(self.head(self.drop(out.data)), dim=-1)  # (symbols in batch, VOCAB)
+        picked = logp.gather(1, pack(tokens).unsqueeze(1)).squeeze(1)
+        row_of = pack(torch.arange(len(tokens), device=tokens.device).unsqueeze(1).expand_as(tokens))
+        return torch.zeros(len(tokens), dtype=picked.dtype, device=tokens.device).index_add_(0, row_of, picked)
 
     # ---- sampling ---------------------------------------------------------------------
     def _step_weights(self):

@@ -47,3 +47,9 @@ def decode(tokens: torch.Tensor) -> list[str]:
     """Padded token batch -> bit strings (EOS and PAD dropped). For files and tests."""
     rows = tokens.cpu().tolist()
     return ["".join("1" if t == ONE else "0" for t in row if t <= ONE) for row in rows]
+
+
+def pad_cat(batches: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate token batches of different widths, padding with PAD."""
+    width = max(b.shape[1] for b in batches)
+    return torch.cat([torch.nn.functional.pad(b, (0, width - b.shape[1]), value=PAD) for b in batches])

@@ -1,4 +1,3 @@
-import itertools
 import math
 
 import pytest
@@ -7,17 +6,7 @@ from scipy import stats
 
 from gam_rl.policy import LSTMPolicy
 from gam_rl.tokens import EOS, PAD
-
-
-def all_outputs(max_len: int) -> torch.Tensor:
-    """Every output a sampler with this limit can produce: k < max_len bits + EOS, or
-    max_len bits with no EOS (truncated)."""
-    rows = []
-    for k in range(max_len):
-        for bits in itertools.product([0, 1], repeat=k):
-            rows.append(list(bits) + [EOS] + [PAD] * (max_len - k - 1))
-    rows += [list(bits) for bits in itertools.product([0, 1], repeat=max_len)]
-    return torch.tensor(rows)
+from tests.exact import all_outputs
 
 
 def tiny_policy(seed=0, hidden=8, layers=2):

@@ -13,13 +13,14 @@ log = logging.getLogger("gam_rl")
 
 
 class KeepBest(pl.Callback):
-    """Remember the weights with the lowest monitored value; restore them when fit ends."""
+    """Remember `module.<attr>` (a submodule's weights or a tensor) at the lowest monitored
+    value; put it back when fit ends."""
 
-    def __init__(self, monitor: str):
-        self.monitor = monitor
+    def __init__(self, monitor: str, attr: str):
+        self.monitor, self.attr = monitor, attr
         self.best = math.inf
         self.best_epoch = -1
-        self.best_state: dict | None = None
+        self.best_state = None
 
     def on_validation_end(self, trainer, module):
         value = trainer.callback_metrics.get(self.monitor)
@@ -28,11 +29,18 @@ class KeepBest(pl.Callback):
         value = float(value)
         if value < self.best:
             self.best, self.best_epoch = value, trainer.current_epoch
-            self.best_state = copy.deepcopy(module.state_dict())
+            target = getattr(module, self.attr)
+            self.best_state = (target.detach().clone() if isinstance(target, torch.Tensor)
+                               else copy.deepcopy(target.state_dict()))
 
     def on_fit_end(self, trainer, module):
-        if self.best_state is not None:
-            module.load_state_dict(self.best_state)
+        if self.best_state is None:
+            return
+        target = getattr(module, self.attr)
+        if isinstance(target, torch.Tensor):
+            target.copy_(self.best_state)
+        else:
+            target.load_state_dict(self.best_state)
 
 
 class ProgressLog(pl.Callback):

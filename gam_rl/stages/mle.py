@@ -55,7 +55,7 @@ def train_mle(policy: LSTMPolicy, train: torch.Tensor, valid: torch.Tensor, *, s
     """Fit `policy` in place; on return it holds the weights with the best CE(V)."""
     module = MLEModule(policy, lr, symbols_per_seq, prefix)
     monitor = f"{prefix}/val_ce"
-    keep = KeepBest(monitor)
+    keep = KeepBest(monitor, "policy")
     callbacks = [EarlyStopping(monitor, patience=patience, mode="min", check_finite=True), keep,
                  ProgressLog(prefix, [f"{prefix}/train_ce", monitor], every=log_every)]
     trainer = make_trainer(max_epochs, callbacks, logger, accelerator, gradient_clip_val=clip)
