@@ -25,13 +25,18 @@ def test_smoke_run_writes_complete_results(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "ok"
     assert set(RESULT_KEYS) <= set(results)
-    for key in ("entropy_true", "ce_test_r", "motif_freq_r", "avg_len_r"):
+    for key in ("entropy_true", "ce_test_r", "motif_freq_r", "avg_len_r", "ce_test_p_lambda", "ce_test_pi",
+                "motif_freq_pi", "avg_len_pi", "z_hat"):
         assert isinstance(results[key], float), key
+    assert all(results[key] is not None for key in RESULT_KEYS), [k for k in RESULT_KEYS if results[k] is None]
+    assert len(results["lambda"]) == len(results["moments_data"]) == len(results["moments_model"]) == 5
     assert results["entropy_true"] < results["ce_test_r"]  # no model beats the true entropy
+    assert results["swap_count"] == len(results["swaps"])
     assert results["dataset_size"] == 200 and results["motif"] == "10001011111000"
     assert Path(results["data_dir"], "train.txt").exists()
-    assert set(results["timings"]) >= {"data", "r", "eval_r"}
-    assert (run_dir / "config.yaml").exists() and (run_dir / "r.pt").exists()
+    assert set(results["timings"]) >= {"data", "r", "eval_r", "training1", "z", "training2", "eval_pi"}
+    assert results["samples"]["training2"] > 0 and results["samples"]["z"] > 0
+    assert (run_dir / "config.yaml").exists() and (run_dir / "r.pt").exists() and (run_dir / "pi.pt").exists()
     header = (run_dir / "metrics.csv").read_text().splitlines()[0]
     assert header == "time,stage,step,name,value"
     assert "ce_test_r" in proc.stdout and "entropy_true" in proc.stdout
@@ -56,3 +61,23 @@ def test_offline_wandb_run_files_exist(tmp_path):
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert list(offline[0].glob("*.wandb"))
+
+
+def test_distill_run_reports_acceptance(tmp_path):
+    run_dir = tmp_path / "distill"
+    gam_rl("profile=smoke", "logger=csv", "method=distill", f"hydra.run.dir={run_dir}", "dataset_size=100",
+           tmp_path=tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "ok" and results["method"] == "distill"
+    assert 0 < results["distill_acceptance_rate"] <= 1 and results["distill_proposals"] >= 300
+
+
+def test_run_failing_midway_records_why_and_exits_nonzero(tmp_path):
+    run_dir = tmp_path / "fail"
+    proc = gam_rl("profile=smoke", "logger=csv", "method=distill", f"hydra.run.dir={run_dir}", "dataset_size=100",
+                  "distill.max_proposals=10", "distill.proposal_batch=5", tmp_path=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "max_proposals" in proc.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "failed" and "max_proposals" in results["error"]
+    assert results["ce_test_pi"] is None and "training2" in results["timings"]

@@ -50,6 +50,12 @@ def test_table1_values_by_name(motif, features, size):
     ("r.lr=-1", "r.lr"),
     ("device=tpu", "device"),
     ("data.valid_size=5000", "data.valid_size"),
+    ("distill.size=-5", "distill.size"),
+    ("dpg.minibatch=0", "dpg.minibatch"),
+    ("dpg.proposal_batch=-1", "dpg.proposal_batch"),
+    ("training1.estimator=mcmc", "training1.estimator"),
+    ("method.algorithm=ppo", "method.algorithm"),
+    ("method.target=other", "method.target"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -61,3 +67,28 @@ def test_all_problems_are_reported_together():
     with pytest.raises(ConfigError) as err:
         validate(make(["motif=12", "dataset_size=-5"]))
     assert len(err.value.problems) == 2
+
+
+def test_rejection_sampling_with_length_features_beyond_unit_interval_fails():
+    # M = |x| / 100 exceeds 1 once samples may be longer than 100 symbols: the RS bound is invalid
+    with pytest.raises(ConfigError) as err:
+        validate(make(["features=Mv1001111", "training1.estimator=rs", "training1.max_len=150"]))
+    assert any(p.startswith("training1.max_len=150") for p in err.value.problems)
+    with pytest.raises(ConfigError) as err:
+        validate(make(["features=Mv1001111", "method=distill", "distill.max_len=101"]))
+    assert any(p.startswith("distill.max_len=101") for p in err.value.problems)
+    # within the cap (the default 2n + 1 = 61) both are valid, and binary features never fail
+    validate(make(["features=Mv1001111", "training1.estimator=rs", "method=distill"]))
+    validate(make(["features=1001111", "training1.estimator=rs", "training1.max_len=400"]))
+
+
+def test_distillation_refuses_the_true_target():
+    with pytest.raises(ConfigError, match="method.target"):
+        validate(make(["method=distill", "method.target=true"]))
+
+
+def test_unknown_method_is_a_hydra_error_naming_the_group():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="method/nope"):
+        make(["method=nope"])
