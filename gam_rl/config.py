@@ -86,6 +86,10 @@ def _check_schedules(cfg: DictConfig, features: str | None, problems: list[str])
     for key in ("lr", "clip"):
         _positive_number(cfg, f"dpg.{key}", problems)
     _positive_int(cfg, "dpg.proposal_batch", problems, allow_none=True)
+    _positive_int(cfg, "dpg.steps_per_draw", problems)
+    replay = cfg.dpg.get("replay")
+    if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
+        problems.append(f"dpg.replay={replay!r}: must be a non-negative integer (0 = off)")
     for section in ("training1", "z", "distill"):
         _positive_int(cfg, f"{section}.max_len", problems, allow_none=True)
     estimator = cfg.training1.get("estimator")

@@ -87,14 +87,7 @@ def run_pipeline(cfg: DictConfig, run: Run, logger: RunLogger, run_dir: Path) ->
         torch.save({"config": r.config(), "state_dict": r.state_dict()}, run_dir / "r.pt")
         res.update(ce_valid_r=fit.best_val_ce, r_epochs=fit.epochs, r_best_epoch=fit.best_epoch)
 
-    with run.stage("eval_r"):
-        res["ce_test_r"] = policy_cross_entropy(r, splits.test, symbols)
-        stats = sample_statistics(r, process.contains_motif, cfg.eval.samples, cfg.eval.max_len,
-                                  cfg.eval.batch_size)
-        run.count_samples("eval_r", cfg.eval.samples)
-        res.update(motif_freq_r=stats["motif_freq"], avg_len_r=stats["avg_len"],
-                   truncated_frac_r=stats["truncated_frac"])
-        logger.log("eval", 0, ce_test_r=res["ce_test_r"], motif_freq_r=stats["motif_freq"])
+    evaluate_policy(cfg, run, r, "r", splits.test, process, logger)
 
     features = Features(cfg.features, cfg.motif, cfg.feature_max_len)
     res["feature_names"] = features.names
@@ -105,15 +98,21 @@ def run_pipeline(cfg: DictConfig, run: Run, logger: RunLogger, run_dir: Path) ->
     with run.stage("training2"):
         pi = training2(cfg, run, r, gam, process, splits, logger, accelerator)
         torch.save({"config": pi.config(), "state_dict": pi.state_dict()}, run_dir / "pi.pt")
-    with run.stage("eval_pi"):
-        res["ce_test_pi"] = policy_cross_entropy(pi, splits.test, symbols)
-        stats = sample_statistics(pi, process.contains_motif, cfg.eval.samples, cfg.eval.max_len,
-                                  cfg.eval.batch_size)
-        run.count_samples("eval_pi", cfg.eval.samples)
-        res.update(motif_freq_pi=stats["motif_freq"], avg_len_pi=stats["avg_len"],
-                   truncated_frac_pi=stats["truncated_frac"])
-        logger.log("eval", 0, ce_test_pi=res["ce_test_pi"], motif_freq_pi=stats["motif_freq"])
+    evaluate_policy(cfg, run, pi, "pi", splits.test, process, logger)
     return res
+
+
+def evaluate_policy(cfg: DictConfig, run: Run, policy: LSTMPolicy, name: str, test: torch.Tensor,
+                    process: MotifProcess, logger: RunLogger) -> None:
+    """CE(T, policy), and motif frequency / average length over eval.samples of its samples."""
+    with run.stage(f"eval_{name}"):
+        ce = policy_cross_entropy(policy, test, cfg.n + 1)
+        stats = sample_statistics(policy, process.contains_motif, cfg.eval.samples, cfg.eval.max_len,
+                                  cfg.eval.batch_size)
+        run.count_samples(f"eval_{name}", cfg.eval.samples)
+        run.results.update({f"ce_test_{name}": ce, f"motif_freq_{name}": stats["motif_freq"],
+                            f"avg_len_{name}": stats["avg_len"], f"truncated_frac_{name}": stats["truncated_frac"]})
+        logger.log("eval", 0, **{f"ce_test_{name}": ce, f"motif_freq_{name}": stats["motif_freq"]})
 
 
 def sampling_max_len(cfg: DictConfig, value) -> int:
@@ -192,7 +191,7 @@ def training2(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotential, proce
                     updates_per_epoch=dpg.updates_per_epoch, max_epochs=dpg.max_epochs, patience=dpg.patience,
                     clip=dpg.clip, max_len=dpg.max_len, symbols_per_seq=symbols,
                     ce_valid_proposal=policy_cross_entropy(r, splits.valid, symbols), seed=cfg.seed + 3,
-                    proposal_batch=dpg.proposal_batch,
+                    proposal_batch=dpg.proposal_batch, replay=dpg.replay, steps_per_draw=dpg.steps_per_draw,
                     logger=logger, accelerator=accelerator, log_every=cfg.log_every)
     run.count_samples("training2", fit.samples)
     res.update(ce_valid_pi=fit.best_val_ce, t2_epochs=fit.epochs, t2_best_epoch=fit.best_epoch,

@@ -113,3 +113,17 @@ def test_distill_reaches_small_kl_to_p_lambda():
     # (#outcomes / 2N) ~ 0.02 nats, so 0.1 nats means the fit itself is close.
     assert kl_pi < 0.1 and kl_r > 0.4, (kl_pi, kl_r)
     assert 0 < fit.acceptance_rate < 1
+
+
+def test_dpg_off_with_replay_reaches_the_target_with_fewer_samples():
+    _, potential, space, log_p, valid = true_target_problem()
+    r = proposal(seed=2, hidden=16)
+    torch.manual_seed(3)
+    pi = LSTMPolicy(16, 1, dropout=0.0)
+    fit = train_dpg(pi, r, potential, valid, algorithm="dpg_off", lr=0.02, minibatch=256, updates_per_epoch=25,
+                    max_epochs=16, patience=16, clip=1.0, max_len=8, symbols_per_seq=7,
+                    ce_valid_proposal=-float(r.log_prob(valid).mean()) / 7, seed=4, proposal_batch=1024,
+                    replay=2048, steps_per_draw=4)
+    # the same threshold as plain DPG_off, with a quarter of its 102400 proposal draws
+    assert policy_kl(log_p, pi, space) < 0.25
+    assert fit.samples == 100 * 1024 and len(fit.swaps) >= 1

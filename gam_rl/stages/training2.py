@@ -15,6 +15,12 @@ so the rare heavy samples are all kept while the backward pass stays minibatch-s
 proposal_batch = minibatch (the paper) nothing is thinned. While q is still r and P is the
 GAM, P(x)/q(x) = exp(lambda . phi(x)) and r is not re-scored.
 
+`replay` > 0 keeps the last `replay` weighted (thinned) samples in a buffer and takes each
+update on a random minibatch of it, drawing a fresh proposal batch every `steps_per_draw`
+updates. Every buffered x was drawn from some proposal q_k and carries w = P(x)/q_k(x), so
+sum w grad log pi_theta(x) stays an unbiased DPG gradient at any theta: the expensive heavy
+samples are reused instead of seen once. Off (0) by default and in the paper profile.
+
 A check ("epoch") every `updates_per_epoch` updates measures CE(V, pi), decides the swap,
 and feeds early stopping; the best pi is kept.
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
@@ -47,7 +54,8 @@ DPG_ALGORITHMS = ("dpg_off", "dpg_on", "pg")
 class DPGModule(pl.LightningModule):
     def __init__(self, pi: LSTMPolicy, proposal: LSTMPolicy, potential: Potential, *, algorithm: str,
                  lr: float, minibatch: int, max_len: int, symbols_per_seq: int, ce_valid_proposal: float,
-                 log_z: float = 0.0, seed: int = 0, proposal_batch: int | None = None):
+                 log_z: float = 0.0, seed: int = 0, proposal_batch: int | None = None, replay: int = 0,
+                 steps_per_draw: int = 1):
         super().__init__()
         if algorithm not in DPG_ALGORITHMS:
             raise ValueError(f"unknown DPG algorithm {algorithm!r}; choose one of {list(DPG_ALGORITHMS)}")
@@ -56,6 +64,9 @@ class DPGModule(pl.LightningModule):
         self.q = copy.deepcopy(proposal).eval().requires_grad_(False) if algorithm == "dpg_off" else None
         self.lr, self.minibatch, self.max_len, self.symbols, self.log_z = lr, minibatch, max_len, symbols_per_seq, log_z
         self.proposal_batch = max(proposal_batch or minibatch, minibatch)
+        self.replay, self.steps_per_draw = replay, max(1, steps_per_draw)
+        self._buffer_tokens: torch.Tensor | None = None  # replay buffer: sequences ...
+        self._buffer_log_w: torch.Tensor | None = None  # ... and log(w / N) of the batch they came from
         # P_lambda / r = exp(lambda . phi): valid while q is the untouched base model of the GAM
         self.q_is_base = algorithm == "dpg_off" and isinstance(potential, GAMPotential) and potential.r is proposal
         self.ce_valid_q = ce_valid_proposal
@@ -73,7 +84,8 @@ class DPGModule(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam(self.pi.parameters(), lr=self.lr)
 
-    def training_step(self, batch, batch_idx):
+    def _draw_weighted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample the proposal, weight, thin to ~minibatch; returns (tokens, log(w / N))."""
         with torch.no_grad():
             sampler = self.q if self.algorithm == "dpg_off" else self.pi
             samples = sampler.sample(self.proposal_batch, self.max_len, self._gen())  # carries log q(x)
@@ -87,10 +99,27 @@ class DPGModule(pl.LightningModule):
             if self.algorithm != "pg" and torch.isfinite(log_w).any():
                 self.log("dpg/ess", effective_sample_size(log_w), on_step=True, on_epoch=False)
             keep, log_w = thin_by_weight(log_w, self.minibatch, self._gen())
-            weights = torch.exp(log_w).float()
-        # -(1/N) sum_i w_i log pi(x_i): the same N-sample estimate, thinned or not
-        loss = -(weights * self.pi.log_prob(samples.tokens[keep])).sum() / self.proposal_batch
-        self.log("dpg/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(keep))
+            return samples.tokens[keep], log_w - math.log(self.proposal_batch)
+
+    def _replayed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random minibatch of the buffer, refreshed with a new draw every steps_per_draw updates."""
+        if self._buffer_tokens is None or self.global_step % self.steps_per_draw == 0:
+            tokens, log_w = self._draw_weighted()
+            if self._buffer_tokens is not None:
+                tokens = pad_cat([self._buffer_tokens, tokens])
+                log_w = torch.cat([self._buffer_log_w, log_w])
+            self._buffer_tokens, self._buffer_log_w = tokens[-self.replay :], log_w[-self.replay :]
+        # each draw adds about `minibatch` items, so a random minibatch of the buffer is, in
+        # expectation, one draw's N-sample estimate averaged over the buffered draws
+        pick = torch.randint(len(self._buffer_tokens), (self.minibatch,), device=self.device, generator=self._gen())
+        return self._buffer_tokens[pick], self._buffer_log_w[pick]
+
+    def training_step(self, batch, batch_idx):
+        tokens, log_w = self._replayed() if self.replay else self._draw_weighted()
+        weights = torch.exp(log_w).float()
+        # -(1/N) sum_i w_i log pi(x_i): the N-sample DPG estimate (thinned, or replayed)
+        loss = -(weights * self.pi.log_prob(tokens)).sum()
+        self.log("dpg/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(tokens))
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -140,12 +169,12 @@ class DPGResult:
 def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, potential: Potential, valid: torch.Tensor, *,
               algorithm: str, lr: float, minibatch: int, updates_per_epoch: int, max_epochs: int, patience: int,
               clip: float | None, max_len: int, symbols_per_seq: int, ce_valid_proposal: float, log_z: float = 0.0,
-              seed: int = 0, proposal_batch: int | None = None, logger=None, accelerator: str = "cpu",
-              log_every: int = 1) -> DPGResult:
+              seed: int = 0, proposal_batch: int | None = None, replay: int = 0, steps_per_draw: int = 1,
+              logger=None, accelerator: str = "cpu", log_every: int = 1) -> DPGResult:
     """Train `pi` in place towards p = P / Z; on return it holds the best-CE(V) weights."""
     module = DPGModule(pi, proposal, potential, algorithm=algorithm, lr=lr, minibatch=minibatch, max_len=max_len,
                        symbols_per_seq=symbols_per_seq, ce_valid_proposal=ce_valid_proposal, log_z=log_z, seed=seed,
-                       proposal_batch=proposal_batch)
+                       proposal_batch=proposal_batch, replay=replay, steps_per_draw=steps_per_draw)
     keep = KeepBest("dpg/val_ce_pi", "pi")
     keys = ["dpg/val_ce_pi"] + (["dpg/val_ce_q"] if algorithm == "dpg_off" else [])
     callbacks = [EarlyStopping("dpg/val_ce_pi", patience=patience, mode="min", check_finite=False), keep,
