@@ -61,8 +61,9 @@ class MomentMatching(pl.LightningModule):
         self._phi_buffer = [phi]
         return phi
 
-    def model_moments(self, phi: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """E_hat_{p_lambda}[phi] from proposal samples phi (N, K) of r, and its ESS."""
+    def model_moments(self, phi: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """E_hat_{p_lambda}[phi] from proposal samples phi (N, K) of r, and its ESS (for rs: the
+        number accepted). None when rs accepted nothing."""
         log_tilt = phi @ self.lam
         if self.estimator == "snis_r":
             est = snis_moments(log_tilt, phi)
