@@ -39,10 +39,6 @@ def bit_lengths(tokens: torch.Tensor) -> torch.Tensor:
     return (tokens <= ONE).sum(dim=1)
 
 
-def has_eos(tokens: torch.Tensor) -> torch.Tensor:
-    return (tokens == EOS).any(dim=1)
-
-
 def decode(tokens: torch.Tensor) -> list[str]:
     """Padded token batch -> bit strings (EOS and PAD dropped). For files and tests."""
     rows = tokens.cpu().tolist()
