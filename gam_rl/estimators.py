@@ -86,11 +86,12 @@ class RejectionResult:
         return self.accepted / max(self.proposals, 1)
 
 
-def rejection_sample(proposal: LSTMPolicy, log_tilt: Callable[[torch.Tensor], torch.Tensor],
-                     phi: Callable[[torch.Tensor], torch.Tensor], names: list[str], log_bound: float,
-                     num: int, max_len: int, batch_size: int, max_proposals: int,
-                     generator: torch.Generator | None = None, progress: str = "rs") -> RejectionResult:
-    """Draw `num` exact samples of p ~ proposal * exp(log_tilt) by rejection from `proposal`."""
+def rejection_sample(proposal: LSTMPolicy, phi: Callable[[torch.Tensor], torch.Tensor], names: list[str],
+                     lam: torch.Tensor, log_bound: float, num: int, max_len: int, batch_size: int,
+                     max_proposals: int, generator: torch.Generator | None = None,
+                     progress: str = "rs") -> RejectionResult:
+    """Draw `num` exact samples of p ~ proposal * exp(lam . phi) by rejection from `proposal`
+    (phi is computed once per batch: it serves both the [0, 1] check and the tilt)."""
     accepted: list[torch.Tensor] = []
     have = proposals = 0
     next_report = 0.1
@@ -102,7 +103,7 @@ def rejection_sample(proposal: LSTMPolicy, log_tilt: Callable[[torch.Tensor], to
         samples = proposal.sample(batch_size, max_len, generator)
         features = phi(samples.tokens)
         check_unit_box(features, names)
-        keep = accept(log_tilt(samples.tokens), log_bound, generator)
+        keep = accept(features @ lam, log_bound, generator)
         proposals += batch_size
         if keep.any():
             accepted.append(samples.tokens[keep])

@@ -59,7 +59,7 @@ def test_snis_moments_converge_to_exact(problem):
 def test_rejection_samples_are_exact_goodness_of_fit(problem):
     r, features, lam, gam, space, log_p, log_z, _, exact_moments = problem
     draws = 30_000
-    rs = rejection_sample(r, gam.log_tilt, features, features.names, rejection_log_bound(lam), draws, MAX_LEN,
+    rs = rejection_sample(r, features, features.names, lam, rejection_log_bound(lam), draws, MAX_LEN,
                           20_000, 10**8, torch.Generator().manual_seed(2))
     assert len(rs.tokens) == draws and 0 < rs.acceptance_rate < 1
     # acceptance rate = Z / beta, with Z = E_r[exp(lam . phi)] exactly known here
@@ -127,8 +127,7 @@ def test_rejection_gives_up_with_a_clear_error(problem):
     lam = torch.tensor([-60.0, 0.0, 0.0, 0.0, 0.0])  # essentially only motif strings accepted... almost never
     gam = GAMPotential(r, features, lam)
     with pytest.raises(EstimatorError, match="max_proposals"):
-        rejection_sample(r, lambda x: gam.log_tilt(x) - 100.0, features, features.names, 0.0, 10, MAX_LEN, 1000,
-                         3000)
+        rejection_sample(r, features, features.names, gam.lam, 100.0, 10, MAX_LEN, 1000, 3000)
 
 
 def test_thinning_is_unbiased_and_respects_the_budget():

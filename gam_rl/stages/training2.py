@@ -204,7 +204,7 @@ def train_distill(pi: LSTMPolicy, gam: GAMPotential, train_extra: torch.Tensor, 
     1 / acceptance rate each), then fit `pi` by MLE on draws + train_extra (D), validated on
     the other draws + valid_extra (V)."""
     generator = torch.Generator(device=gam.r.device).manual_seed(seed)
-    rs = rejection_sample(gam.r, gam.log_tilt, gam.features, gam.features.names, rejection_log_bound(gam.lam),
+    rs = rejection_sample(gam.r, gam.features, gam.features.names, gam.lam, rejection_log_bound(gam.lam),
                           size + valid_size, max_len, proposal_batch, max_proposals, generator, progress="distill-rs")
     log.info("[distill] acceptance rate %.3e (%d proposals for %d samples)", rs.acceptance_rate, rs.proposals,
              len(rs.tokens))
