@@ -190,7 +190,7 @@ def training2(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotential, proce
     fit = train_dpg(pi, r, potential, splits.valid, algorithm=method.algorithm, lr=dpg.lr, minibatch=dpg.minibatch,
                     updates_per_epoch=dpg.updates_per_epoch, max_epochs=dpg.max_epochs, patience=dpg.patience,
                     clip=dpg.clip, max_len=dpg.max_len, symbols_per_seq=symbols,
-                    ce_valid_proposal=policy_cross_entropy(r, splits.valid, symbols), seed=cfg.seed + 3,
+                    ce_valid_proposal=res["ce_valid_r"], seed=cfg.seed + 3,  # r's best CE(V), from its training
                     proposal_batch=dpg.proposal_batch, replay=dpg.replay, steps_per_draw=dpg.steps_per_draw,
                     logger=logger, accelerator=accelerator, log_every=cfg.log_every)
     run.count_samples("training2", fit.samples)
