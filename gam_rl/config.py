@@ -35,10 +35,16 @@ def _as_bits(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _positive_int(cfg: DictConfig, key: str, problems: list[str], allow_none: bool = False) -> None:
+def _lookup(cfg: DictConfig, key: str):
+    """Value at a dotted key, or None where any part is missing."""
     value = cfg
     for part in key.split("."):
         value = value.get(part) if isinstance(value, DictConfig) else None
+    return value
+
+
+def _positive_int(cfg: DictConfig, key: str, problems: list[str], allow_none: bool = False) -> None:
+    value = _lookup(cfg, key)
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -46,9 +52,7 @@ def _positive_int(cfg: DictConfig, key: str, problems: list[str], allow_none: bo
 
 
 def _positive_number(cfg: DictConfig, key: str, problems: list[str]) -> None:
-    value = cfg
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, DictConfig) else None
+    value = _lookup(cfg, key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         problems.append(f"{key}={value!r}: must be a positive number")
 
