@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gam_rl.patterns import occurs
-from gam_rl.tokens import ONE, bit_lengths
+from gam_rl.patterns import WindowCodes, row_chunks
+from gam_rl.tokens import ONE
 
 POSITIONAL = 7
 LENGTH_LETTERS = ("M", "v")
@@ -112,16 +112,19 @@ class Features:
         return all(s.kind in ("absent", "first_bit") for s in self.specs)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        columns = []
-        lengths = None
-        for spec in self.specs:
-            if spec.kind == "absent":
-                col = ~occurs(tokens, spec.pattern)
-            elif spec.kind == "first_bit":
-                col = tokens[:, 0] != ONE
-            else:
-                if lengths is None:
-                    lengths = bit_lengths(tokens).to(torch.float32) / self.max_len
-                col = lengths if spec.kind == "M" else lengths * lengths
-            columns.append(col.to(torch.float32))
-        return torch.stack(columns, dim=1)
+        # chunks of rows; within a chunk the patterns share one set of window codes (patterns.py)
+        out = torch.empty((tokens.shape[0], len(self.specs)), dtype=torch.float32, device=tokens.device)
+        for start, rows in row_chunks(tokens):
+            windows = WindowCodes(rows)
+            phi = out[start : start + len(rows)]
+            lengths = None
+            for k, spec in enumerate(self.specs):
+                if spec.kind == "absent":
+                    phi[:, k] = ~windows.occurs(spec.pattern)
+                elif spec.kind == "first_bit":
+                    phi[:, k] = ~windows.first_is(ONE)
+                else:
+                    if lengths is None:  # |x| / max_len, |x| = bits per row (tokens.bit_lengths)
+                        lengths = windows.bit_lengths().to(torch.float32) / self.max_len
+                    phi[:, k] = lengths if spec.kind == "M" else lengths * lengths
+        return out

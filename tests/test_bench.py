@@ -1,0 +1,64 @@
+"""gam-rl-bench: runs end to end (tiny sizes) and reports every figure. No timing assertions."""
+
+import json
+import math
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+FIGURES = [
+    "gemm_gflops", "gemm_gflops_train", "gemm_gflops_2x64", "gemm_gflops_train_2x64",
+    "sampler_seq_per_s", "sampler_gflops", "sampler_roofline_ratio", "sampler_symbols_per_seq",
+    "train_seq_per_s", "train_gflops", "train_roofline_ratio",
+    "sampler_seq_per_s_2x64", "sampler_roofline_ratio_2x64", "train_seq_per_s_2x64", "train_roofline_ratio_2x64",
+    "features_seq_per_s", "features_seq_per_s_Mv1001111",
+    "snis_step_s", "dpg_update_s", "dpg_update_s_q_is_r", "z_samples_per_s",
+]
+RATIOS = [k for k in FIGURES if "roofline_ratio" in k]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "gam_rl.bench", "--tiny", "--device", "cpu", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, out
+
+
+def test_bench_prints_one_json_object_and_writes_it(tiny_run):
+    proc, out = tiny_run
+    result = json.loads(proc.stdout)  # stdout holds exactly one JSON object; progress is on stderr
+    assert json.loads(out.read_text()) == result
+    assert "[gam-rl-bench]" in proc.stderr
+
+
+def test_bench_reports_every_figure_as_a_positive_finite_number(tiny_run):
+    result = json.loads(tiny_run[0].stdout)
+    for key in FIGURES:
+        value = result[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+    for key in RATIOS:  # loose: tiny batches on a shared machine say nothing about efficiency
+        assert 0 < result[key] < 1000, (key, result[key])
+    assert result["sampler_symbols_per_seq"] == 31  # the benchmark policy runs every row to max_len
+    assert result["mode"] == "tiny" and result["threads"] == 1 and result["device_type"] == "cpu"
+    for key in ("device", "torch", "date", "flops", "sampler_policy"):
+        assert isinstance(result[key], str) and result[key]
+    assert "2*(input+hidden)*4*hidden" in result["flops"]
+    # per-figure FLOPs per sequence: paper LSTM 2x200 over 31 symbols, training step = 3 forwards
+    fwd = (2 * (3 + 200) * 800 + 2 * (200 + 200) * 800) * 31
+    assert result["flops_per_seq"]["sampler_seq_per_s"] == fwd
+    assert result["flops_per_seq"]["train_seq_per_s"] == 3 * fwd
+
+
+def test_bench_console_script_is_declared():
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("gam-rl-bench") == "gam_rl.bench:main"
+
+
+def test_bench_refuses_bad_arguments():
+    proc = subprocess.run([sys.executable, "-m", "gam_rl.bench", "--threads", "0"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--threads" in proc.stderr

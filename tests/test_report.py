@@ -1,0 +1,256 @@
+"""gam-rl-report on fabricated run folders (no training): Table 1 means/std/counts, each run's own H,
+failed/missing runs listed and excluded, infinite ratios counted, files and CLI behaviour."""
+
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+
+from gam_rl.report import main
+
+ROOT = Path(__file__).resolve().parents[1]
+M1, M2 = "1000101000101", "10001011111000"
+H = {M1: 0.5, M2: 0.4}  # deliberately different, so a single-H report gives other numbers
+SEEDS = (1234, 4444)
+SIZES = (500, 1000)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_values(motif: str, seed: int, size: int, method: str) -> dict:
+    """Known metrics: CE(T, pi)/H = k, with k depending on seed, size and method only."""
+    k = 1.1 + 0.1 * SEEDS.index(seed) + 0.02 * SIZES.index(size) + (0.05 if method == "distill" else 0.0)
+    ce_r = H[motif] * (1.5 - 0.1 * SIZES.index(size)) + 0.001 * SEEDS.index(seed)
+    return {"entropy_true": H[motif], "ce_test_r": ce_r, "ce_test_p_lambda": ce_r * 0.9, "ce_test_pi": H[motif] * k,
+            "motif_freq_r": 0.01 + 0.002 * SEEDS.index(seed) + 0.5 * SIZES.index(size),
+            "motif_freq_pi": 0.9 + 0.01 * SEEDS.index(seed) + (0.03 if method == "dpg_off" else 0.0),
+            "avg_len_r": 30.0, "avg_len_pi": 29.0 + SEEDS.index(seed)}
+
+
+def write_run(folder: Path, results: dict | None, config: dict | None = None) -> Path:
+    folder.mkdir(parents=True)
+    if results is not None:
+        (folder / "results.json").write_text(json.dumps(results))
+    if config is not None:
+        (folder / ".hydra").mkdir()
+        lines = [f"{k}: {v}" if not isinstance(v, dict) else f"{k}:\n  name: {v['name']}" for k, v in config.items()]
+        (folder / ".hydra" / "config.yaml").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def ok_results(motif, seed, size, method, profile="cpu", **overrides) -> dict:
+    results = {"status": "ok", "motif": motif, "features": "1001111", "dataset_size": size, "seed": seed,
+               "method": method, "profile": profile, **run_values(motif, seed, size, method),
+               "lambda": [-5.0], "moments_data": [0.0], "moments_model": [0.01], "z_hat": 0.01,
+               "timings": {"r": 1.0}, "samples": {"z": 100}, "wall_time_s": 12.5}
+    results.update(overrides)
+    return results
+
+
+def hydra_config(motif, seed, size, method, profile="cpu") -> dict:
+    # motif written bare, as Hydra saves a bit string typed on the command line (an int)
+    return {"motif": motif, "features": "'1001111'", "dataset_size": size, "seed": seed,
+            "method": {"name": method}, "profile": profile}
+
+
+# The sweep: 2 motifs x 2 seeds x 2 sizes x {dpg_off, distill}, with these exceptions
+FAILED = (M2, 4444, 1000, "distill")  # status failed
+MISSING = (M1, 4444, 1000, "dpg_off")  # only .hydra/config.yaml (job killed)
+ZERO_MTF_R = (M1, 1234, 500, "dpg_off")  # motif_freq_r = 0: mtf dpg/r is infinite
+INF_P_LAMBDA = (M2, 1234, 500, "distill")  # ce_test_p_lambda = "inf"
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    root = tmp_path / "sweep"
+    for motif in (M1, M2):
+        for seed in SEEDS:
+            for size in SIZES:
+                for method in ("dpg_off", "distill"):
+                    key = (motif, seed, size, method)
+                    folder = root / f"{motif}_D{size}_s{seed}_{method}"
+                    if key == MISSING:
+                        write_run(folder, None, hydra_config(*key))
+                    elif key == FAILED:
+                        write_run(folder, {**ok_results(*key), "status": "failed",
+                                           "error": "RuntimeError: rejection sampling gave up",
+                                           "ce_test_pi": None}, hydra_config(*key))
+                    elif key == ZERO_MTF_R:
+                        write_run(folder, ok_results(*key, motif_freq_r=0.0), hydra_config(*key))
+                    elif key == INF_P_LAMBDA:
+                        write_run(folder, ok_results(*key, ce_test_p_lambda="inf"), hydra_config(*key))
+                    else:
+                        write_run(folder, ok_results(*key), hydra_config(*key))
+    # another method: only in the per-cell and raw tables
+    write_run(root / "extra" / "pg", ok_results(M1, 1234, 500, "pg"))
+    # a configuration error: results.json without the cell, named by .hydra/config.yaml
+    write_run(root / "extra" / "bad", {"status": "failed", "error": "invalid configuration: dpg.lr=-1",
+                                       "stage": "config"}, hydra_config(M2, 1234, 1000, "dpg_on"))
+    return root
+
+
+def expected_column(num: tuple[str, str], den: tuple[str, str], size: int) -> list[float]:
+    """Per-cell ratios straight from the fabricated values, skipping failed/missing/infinite cells."""
+    ratios = []
+    for motif in (M1, M2):
+        for seed in SEEDS:
+            needed = {num[0], den[0]}
+            if any((motif, seed, size, m) in (FAILED, MISSING) for m in needed):
+                continue
+            values = {m: run_values(motif, seed, size, m) for m in needed}
+            if "dpg_off" in values and (motif, seed, size, "dpg_off") == ZERO_MTF_R:
+                values["dpg_off"]["motif_freq_r"] = 0.0
+            denominator = values[den[0]][den[1]]
+            if denominator == 0:
+                continue
+            ratios.append(values[num[0]][num[1]] / denominator)
+    return ratios
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_table1_means_std_counts(sweep, capsys):
+    out = sweep / "report"
+    assert main([str(sweep)]) == 0
+    rows = {int(r["dataset_size"]): r for r in read_csv(out / "table1.csv")}
+    assert set(rows) == set(SIZES) and all(r["profile"] == "cpu" for r in rows.values())
+    columns = {"ce_dpg_dis": (("dpg_off", "ce_test_pi"), ("distill", "ce_test_pi")),
+               "mtf_dpg_dis": (("dpg_off", "motif_freq_pi"), ("distill", "motif_freq_pi")),
+               "ce_dpg_r": (("dpg_off", "ce_test_pi"), ("dpg_off", "ce_test_r")),
+               "ce_dpg_h": (("dpg_off", "ce_test_pi"), ("dpg_off", "entropy_true")),
+               "mtf_dpg_r": (("dpg_off", "motif_freq_pi"), ("dpg_off", "motif_freq_r")),
+               "ce_dis_r": (("distill", "ce_test_pi"), ("distill", "ce_test_r")),
+               "mtf_dis_r": (("distill", "motif_freq_pi"), ("distill", "motif_freq_r"))}
+    for size in SIZES:
+        for key, (num, den) in columns.items():
+            ratios = expected_column(num, den, size)
+            row = rows[size]
+            assert int(row[f"{key}_n"]) == len(ratios), (size, key)
+            assert float(row[f"{key}_mean"]) == pytest.approx(sum(ratios) / len(ratios), rel=1e-12), (size, key)
+            assert float(row[f"{key}_std"]) == pytest.approx(statistics.stdev(ratios), rel=1e-12), (size, key)
+    # counts, by hand: |D| = 1000 lacks the dpg_off run of (M1, 4444) and the distill run of (M2, 4444)
+    assert [int(rows[1000][f"{k}_n"]) for k in columns] == [2, 2, 3, 3, 3, 3, 3]
+    assert [int(rows[500][f"{k}_n"]) for k in columns] == [4, 4, 4, 4, 3, 4, 4]
+    # the paper's value beside ours, and ours/paper
+    assert float(rows[500]["mtf_dpg_r_paper"]) == 281.51
+    assert float(rows[1000]["ce_dpg_h_ours_over_paper"]) == pytest.approx(
+        float(rows[1000]["ce_dpg_h_mean"]) / 1.178, rel=1e-12)
+    assert "| 500 |" in capsys.readouterr().out
+
+
+def test_ce_over_h_uses_each_runs_own_entropy(sweep):
+    main([str(sweep)])
+    row = next(r for r in read_csv(sweep / "report" / "table1.csv") if r["dataset_size"] == "500")
+    # CE(T, pi) = H_own * k with k = 1.1 (seed 1234) or 1.2 (seed 4444) for both motifs at |D| = 500
+    assert float(row["ce_dpg_h_mean"]) == pytest.approx(1.15, rel=1e-12)
+    assert float(row["ce_dpg_h_std"]) == pytest.approx(statistics.stdev([1.1, 1.2, 1.1, 1.2]), rel=1e-12)
+    single_h = statistics.fmean([H[m] * k / H[M2] for m in (M1, M2) for k in (1.1, 1.2)])
+    assert abs(float(row["ce_dpg_h_mean"]) - single_h) > 0.05
+
+
+def test_failed_missing_and_infinite_are_listed_not_averaged(sweep, capsys):
+    main([str(sweep)])
+    text = (sweep / "report" / "table1.md").read_text()
+    missing = text.split("### Missing or failed", 1)[1]
+    assert f"{M2}/1001111/D1000/s4444 distill: failed" in missing
+    assert "rejection sampling gave up" in missing
+    assert f"{M1}/1001111/D1000/s4444 dpg_off: missing" in missing
+    # the configuration error is named from .hydra/config.yaml (motif parsed by YAML as an int)
+    assert f"{M2}/1001111/D1000/s1234 dpg_on: failed" in missing and "dpg.lr=-1" in missing
+    assert "Missing or failed" in capsys.readouterr().out
+    # the infinite ratio is counted in the table and explained in a footnote
+    row = next(r for r in read_csv(sweep / "report" / "table1.csv") if r["dataset_size"] == "500")
+    assert row["mtf_dpg_r_excluded"] == "1" and row["mtf_dpg_r_n"] == "3"
+    assert math.isfinite(float(row["mtf_dpg_r_mean"]))
+    assert "n=3, 1 excl.*" in text
+    assert f"{M1}/1001111/D500/s1234 (mtf r (dpg_off) = 0 (infinite ratio))" in text
+    # the "inf" string in results.json is read as a non-finite value and kept out of the raw mean
+    raw = {(r["dataset_size"], r["method"]): r for r in read_csv(sweep / "report" / "raw_means.csv")}
+    assert raw[("500", "distill")]["ce_test_p_lambda_excluded"] == "1"
+    assert raw[("500", "distill")]["ce_test_p_lambda_n"] == "3"
+    assert raw[("1000", "distill")]["runs_ok"] == "3"
+    # other methods: raw means and per-cell table, never the paper columns
+    assert raw[("500", "pg")]["runs_ok"] == "1"
+    cells = read_csv(sweep / "report" / "cells.csv")
+    assert len(cells) == 2 * 2 * 2 * 2 + 2
+    by_key = {(c["motif"], c["seed"], c["dataset_size"], c["method"]): c for c in cells}
+    assert by_key[(M1, "4444", "1000", "dpg_off")]["status"] == "missing"
+    assert by_key[(M2, "4444", "1000", "distill")]["status"] == "failed"
+    assert by_key[(M1, "1234", "500", "pg")]["status"] == "ok"
+    assert float(by_key[(M2, "1234", "500", "dpg_off")]["ce_pi_over_h"]) == pytest.approx(1.1, rel=1e-12)
+
+
+def test_files_exist_and_pngs_are_images(sweep):
+    out = sweep / "elsewhere"
+    main([str(sweep), "--out", str(out)])
+    for name in ("table1.md", "table1.csv", "table1.tex", "raw_means.csv", "cells.md", "cells.csv"):
+        assert (out / name).stat().st_size > 0, name
+    for name in ("figure2.png", "dpg_vs_distill.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        image = imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    tex = (out / "table1.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"\end{table}" in tex and "(281.5)" in tex
+    assert not (sweep / "report").exists()
+
+
+def test_duplicate_prefers_ok_run_and_notes_it(sweep):
+    write_run(sweep / "rerun", {**ok_results(M1, 1234, 500, "distill"), "status": "failed", "error": "boom"})
+    main([str(sweep)])
+    text = (sweep / "report" / "table1.md").read_text()
+    assert f"duplicate {M1}/1001111/D500/s1234 distill" in text
+    row = next(r for r in read_csv(sweep / "report" / "table1.csv") if r["dataset_size"] == "500")
+    assert row["ce_dpg_dis_n"] == "4"
+
+
+def test_profiles_are_reported_separately(tmp_path):
+    root = tmp_path / "runs"
+    for profile in ("cpu", "smoke"):
+        for method in ("dpg_off", "distill"):
+            write_run(root / profile / method, ok_results(M1, 1234, 500, method, profile=profile))
+    main([str(root)])
+    rows = read_csv(root / "report" / "table1.csv")
+    assert [(r["profile"], r["ce_dpg_dis_n"]) for r in rows] == [("cpu", "1"), ("smoke", "1")]
+    assert rows[0]["ce_dpg_dis_std"] == ""  # one cell: no standard deviation
+    for name in ("figure2_cpu.png", "figure2_smoke.png", "dpg_vs_distill_smoke.png"):
+        assert (root / "report" / name).read_bytes()[:8] == PNG_MAGIC
+    text = (root / "report" / "table1.md").read_text()
+    assert "## Profile `cpu`" in text and "## Profile `smoke`" in text
+
+    main([str(root), "--profile", "smoke", "--out", str(tmp_path / "smoke")])
+    assert [r["profile"] for r in read_csv(tmp_path / "smoke" / "table1.csv")] == ["smoke"]
+    assert (tmp_path / "smoke" / "figure2.png").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(root), "--profile", "paper", "--out", str(tmp_path / "none")])
+    assert exit_info.value.code == 2
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gam_rl.report", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_cli_subprocess(sweep, tmp_path):
+    proc = run_cli(str(sweep), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    header = "| \\|D\\| | CE dpg/dis | mtf dpg/dis | CE dpg/r | CE dpg/H | mtf dpg/r | CE dis/r | mtf dis/r |"
+    assert header in proc.stdout
+    assert "### Missing or failed" in proc.stdout
+    assert (sweep / "report" / "figure2.png").exists()
+
+
+def test_cli_exit_2_without_runs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli(str(tmp_path / "empty"), cwd=tmp_path)
+    assert proc.returncode == 2 and "no run folder" in proc.stderr
+    proc = run_cli(str(tmp_path / "nope"), cwd=tmp_path)
+    assert proc.returncode == 2 and "no such folder" in proc.stderr
