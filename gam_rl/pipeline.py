@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import logging
+import math
+import os
 import time
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
+from gam_rl import cache as training1_cache
 from gam_rl.config import resolve_device
 from gam_rl.data import Splits, load_splits
 from gam_rl.estimators import (
@@ -31,7 +35,7 @@ from gam_rl.process import MotifProcess
 from gam_rl.run_io import RESULT_KEYS, RunLogger
 from gam_rl.stages.mle import train_mle
 from gam_rl.stages.training1 import fit_lambda
-from gam_rl.stages.training2 import train_distill, train_dpg
+from gam_rl.stages.training2 import DPGOptions, train_distill, train_dpg
 
 log = logging.getLogger("gam_rl")
 
@@ -66,21 +70,52 @@ def run_pipeline(cfg: DictConfig, run: Run, logger: RunLogger, run_dir: Path) ->
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     res = run.results
     res["device"] = str(device)
-    symbols = cfg.n + 1  # every CE is in nats per symbol over n bits + EOS
 
+    process, splits = load_data(cfg, run, device)
+    features = Features(cfg.features, cfg.motif, cfg.feature_max_len)
+    res["feature_names"] = features.names
+    # r, lambda, Z: computed here, or taken from the Training-1 cache (another method of the same cell)
+    r, lam = training1_cache.training1_stages(
+        cfg, run, logger, run_dir, device,
+        compute=lambda stage_logger: stages_before_training2(cfg, run, process, splits, features, stage_logger,
+                                                             run_dir, device, accelerator),
+        build_r=lambda: LSTMPolicy(**cfg.model).to(device))
+    gam = GAMPotential(r, features, lam)
+    _injected_failure(run_dir)
+
+    with run.stage("training2"):
+        pi = training2(cfg, run, r, gam, process, splits, logger, accelerator)
+        torch.save({"config": pi.config(), "state_dict": pi.state_dict()}, run_dir / "pi.pt")
+    evaluate_policy(cfg, run, pi, "pi", splits.test, process, logger)
+    return res
+
+
+def load_data(cfg: DictConfig, run: Run, device: torch.device) -> tuple[MotifProcess, Splits]:
     with run.stage("data"):
         process = MotifProcess(cfg.motif, cfg.n)
         splits = load_splits(cfg.motif, cfg.n, cfg.dataset_size, cfg.data.valid_size,
                              dict(cfg.data.pools), cfg.data.cache_dir, device)
-        res.update(data_dir=str(splits.data_dir), valid_size=len(splits.valid), test_size=len(splits.test),
-                   entropy_true=process.entropy_per_symbol, num_motif_strings=process.num_strings)
+        run.results.update(data_dir=str(splits.data_dir), valid_size=len(splits.valid), test_size=len(splits.test),
+                           entropy_true=process.entropy_per_symbol, num_motif_strings=process.num_strings)
         log.info("H(p_true) = %.4f nats/symbol (%d strings of length %d contain %s)",
                  process.entropy_per_symbol, process.num_strings, cfg.n, cfg.motif)
+    return process, splits
 
+
+def stages_before_training2(cfg: DictConfig, run: Run, process: MotifProcess, splits: Splits, features: Features,
+                            logger, run_dir: Path, device: torch.device,
+                            accelerator: str) -> tuple[LSTMPolicy, torch.Tensor]:
+    """r = MLE(D), its test CE and sample statistics, lambda (Training-1), Z and CE(T, p_lambda).
+
+    Everything here is determined by the keys of gam_rl.cache.key_config (never by the method),
+    which is what lets the Training-1 cache hand the same (r, lambda) to every method of a cell.
+    Writes run_dir/r.pt; returns (r, lambda).
+    """
+    res, symbols = run.results, cfg.n + 1  # every CE is in nats per symbol over n bits + EOS
     with run.stage("r"):
         r = LSTMPolicy(**cfg.model).to(device)
         fit = train_mle(r, splits.train, splits.valid, symbols_per_seq=symbols, lr=cfg.r.lr,
-                        batch_size=cfg.r.batch_size or min(cfg.dataset_size, 500),
+                        batch_size=r_batch_size(cfg),
                         max_epochs=cfg.r.max_epochs, patience=cfg.r.patience, clip=cfg.r.clip,
                         prefix="r", logger=logger, accelerator=accelerator, seed=cfg.seed,
                         log_every=cfg.log_every)
@@ -88,18 +123,19 @@ def run_pipeline(cfg: DictConfig, run: Run, logger: RunLogger, run_dir: Path) ->
         res.update(ce_valid_r=fit.best_val_ce, r_epochs=fit.epochs, r_best_epoch=fit.best_epoch)
 
     evaluate_policy(cfg, run, r, "r", splits.test, process, logger)
-
-    features = Features(cfg.features, cfg.motif, cfg.feature_max_len)
-    res["feature_names"] = features.names
     gam = training1(cfg, run, r, features, splits, logger, accelerator)
     with run.stage("z"):
         estimate_z_and_ce(cfg, run, r, gam, splits.test, logger)
+    return r, gam.lam
 
-    with run.stage("training2"):
-        pi = training2(cfg, run, r, gam, process, splits, logger, accelerator)
-        torch.save({"config": pi.config(), "state_dict": pi.state_dict()}, run_dir / "pi.pt")
-    evaluate_policy(cfg, run, pi, "pi", splits.test, process, logger)
-    return res
+
+def _injected_failure(run_dir: Path) -> None:
+    """Test hook: fail a run on purpose between Training-1 and Training-2 when its folder name
+    matches one of the comma-separated glob patterns in $GAM_RL_TEST_FAIL_RUNS (how the sweep
+    tests make exactly one job of a sweep fail after validation, with the others untouched)."""
+    patterns = [p for p in os.environ.get("GAM_RL_TEST_FAIL_RUNS", "").split(",") if p]
+    if any(fnmatch.fnmatch(run_dir.name, p) for p in patterns):
+        raise RuntimeError(f"failure injected before Training-2 (GAM_RL_TEST_FAIL_RUNS matches {run_dir.name})")
 
 
 def evaluate_policy(cfg: DictConfig, run: Run, policy: LSTMPolicy, name: str, test: torch.Tensor,
@@ -115,6 +151,13 @@ def evaluate_policy(cfg: DictConfig, run: Run, policy: LSTMPolicy, name: str, te
         logger.log("eval", 0, **{f"ce_test_{name}": ce, f"motif_freq_{name}": stats["motif_freq"]})
 
 
+def r_batch_size(cfg: DictConfig) -> int:
+    """r's MLE batch: r.batch_size, or the paper's min(|D|, 500); then at most
+    ceil(|D| / r.min_batches), so that a small D still gets several updates per epoch."""
+    batch = cfg.r.batch_size or min(cfg.dataset_size, 500)
+    return max(1, min(batch, math.ceil(cfg.dataset_size / cfg.r.min_batches)))
+
+
 def sampling_max_len(cfg: DictConfig, value) -> int:
     """null -> 2n + 1 symbols, the reference's limit for SNIS, RS and Z."""
     return int(value) if value else 2 * cfg.n + 1
@@ -128,8 +171,8 @@ def training1(cfg: DictConfig, run: Run, r: LSTMPolicy, features: Features, spli
         fit = fit_lambda(r, features, splits.train, estimator=t1.estimator, lr=t1.lr, chunk=t1.chunk,
                          samples_per_step=t1.samples_per_step, buffer=t1.buffer,
                          max_len=sampling_max_len(cfg, t1.max_len), max_epochs=t1.max_epochs,
-                         patience=t1.patience, seed=cfg.seed + 1, logger=logger, accelerator=accelerator,
-                         log_every=cfg.log_every)
+                         patience=t1.patience, seed=cfg.seed + 1, reuse=t1.reuse, logger=logger,
+                         accelerator=accelerator, log_every=cfg.log_every)
     run.count_samples("training1", fit.samples)
     run.results.update(**{"lambda": fit.lam.tolist(), "moments_data": fit.moments_data.tolist(),
                           "t1_best_mismatch": fit.best_mismatch, "t1_epochs": fit.epochs})
@@ -152,14 +195,14 @@ def estimate_z_and_ce(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotentia
         log_ws.append(phis[-1] @ gam.lam)  # P_lambda(x) / r(x) = exp(lambda . phi(x))
         return samples, log_ws[-1]
 
-    z = importance_z(draw, zc.samples, zc.batch_size)
+    z = importance_z(draw, zc.samples, zc.batch_size, rel_tol=zc.rel_tol, min_samples=zc.min_samples)
     run.count_samples("z", z.num)
     moments_model = snis_moments(torch.cat(log_ws), torch.cat(phis)).moments
     with eval_mode(r):
         log_p_test = batched_log_prob(gam.log_potential, test.to(r.device))
     ce, ce_se = cross_entropy_p_lambda(log_p_test, z, cfg.n + 1)
     res = run.results
-    res.update(z_hat=z.z, log_z_hat=z.log_z, z_rel_se=z.rel_se, z_ess=z.ess, ce_test_p_lambda=ce,
+    res.update(z_hat=z.z, z_samples=z.num, log_z_hat=z.log_z, z_rel_se=z.rel_se, z_ess=z.ess, ce_test_p_lambda=ce,
                ce_test_p_lambda_se=ce_se, moments_model=moments_model.tolist())
     res["moment_mismatch_l1"] = float(sum(abs(a - b) for a, b in zip(res["moments_data"], res["moments_model"],
                                                                       strict=True)))
@@ -172,7 +215,9 @@ def training2(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotential, proce
               splits: Splits, logger: RunLogger, accelerator: str) -> LSTMPolicy:
     method, symbols, res = cfg.method, cfg.n + 1, run.results
     res["target"] = method.target
-    pi = copy.deepcopy(r) if method.init == "r" else LSTMPolicy(**cfg.model).to(r.device)
+    dpg = cfg.dpg
+    warm = method.algorithm != "distill" and dpg.init == "r"  # distillation always trains a fresh policy
+    pi = copy.deepcopy(r) if warm else LSTMPolicy(**cfg.model).to(r.device)
     pi.train()
     if method.algorithm == "distill":
         d = cfg.distill
@@ -185,15 +230,22 @@ def training2(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotential, proce
         res.update(ce_valid_pi=fit.best_val_ce, t2_epochs=fit.epochs, t2_best_epoch=fit.best_epoch,
                    distill_acceptance_rate=fit.acceptance_rate, distill_proposals=fit.proposals)
         return pi
-    dpg = cfg.dpg
     potential = TrueProcessPotential(process) if method.target == "true" else gam
-    fit = train_dpg(pi, r, potential, splits.valid, algorithm=method.algorithm, lr=dpg.lr, minibatch=dpg.minibatch,
-                    updates_per_epoch=dpg.updates_per_epoch, max_epochs=dpg.max_epochs, patience=dpg.patience,
-                    clip=dpg.clip, max_len=dpg.max_len, symbols_per_seq=symbols,
+    options = dpg_options(cfg)
+    fit = train_dpg(pi, r, potential, splits.valid, options, symbols_per_seq=symbols,
                     ce_valid_proposal=res["ce_valid_r"], seed=cfg.seed + 3,  # r's best CE(V), from its training
-                    proposal_batch=dpg.proposal_batch, replay=dpg.replay, steps_per_draw=dpg.steps_per_draw,
                     logger=logger, accelerator=accelerator, log_every=cfg.log_every)
     run.count_samples("training2", fit.samples)
     res.update(ce_valid_pi=fit.best_val_ce, t2_epochs=fit.epochs, t2_best_epoch=fit.best_epoch,
-               t2_updates=fit.updates, swaps=fit.swaps, swap_count=len(fit.swaps))
+               t2_updates=fit.updates, swaps=fit.swaps, swap_count=len(fit.swaps), dpg_log_z_running=fit.log_z_running)
     return pi
+
+
+def dpg_options(cfg: DictConfig) -> DPGOptions:
+    """The DPG schedule of cfg.dpg for cfg.method's algorithm."""
+    d = cfg.dpg
+    return DPGOptions(algorithm=cfg.method.algorithm, lr=d.lr, minibatch=d.minibatch,
+                      updates_per_epoch=d.updates_per_epoch, max_epochs=d.max_epochs, patience=d.patience,
+                      clip=d.clip, max_len=d.max_len, proposal_batch=d.proposal_batch, keep_per_draw=d.keep_per_draw,
+                      replay=d.replay, steps_per_draw=d.steps_per_draw, normalise=d.normalise,
+                      baseline=bool(d.baseline), swap_gate=d.swap_gate)

@@ -92,3 +92,24 @@ def test_unknown_method_is_a_hydra_error_naming_the_group():
 
     with pytest.raises(MissingConfigException, match="method/nope"):
         make(["method=nope"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("resume=maybe", "resume"),
+    ("cache.training1=2", "cache.training1"),
+    ("cache.training1_dir=''", "cache.training1_dir"),
+])
+def test_bad_sweep_and_cache_keys_name_their_key(override, key):
+    from gam_rl.cli import check
+
+    with pytest.raises(ConfigError) as err:
+        check(make([override, "dataset_size=-5"]))
+    assert any(p.startswith(f"{key}=") for p in err.value.problems), err.value.problems
+    assert any(p.startswith("dataset_size=") for p in err.value.problems)  # reported together with validate's
+
+
+def test_launcher_and_sweep_groups_have_their_options():
+    assert set(group_options("launcher")) >= {"basic", "joblib", "submitit_local", "slurm"}
+    assert set(group_options("sweep")) >= {"table1", "table1_smoke", "true_target"}
+    cfg = make()
+    assert cfg.resume is True and cfg.cache.training1 is True and cfg.cache.training1_dir is None

@@ -1,0 +1,148 @@
+"""Sweeps that survive: which runs are complete (and skipped on a re-run), and the status of a
+sweep folder.
+
+A run folder is *complete* when its results.json says status ok and its config.yaml (the
+resolved configuration it ran with) equals the current one, apart from RESUME_IGNORED keys,
+which say how a run is executed, not what it computes. Anything else (failed, missing,
+killed, or run with another configuration) is recomputed.
+
+`python -m gam_rl.sweep SWEEP_DIR...` prints one line per job folder and a count, and exits 1
+when any job is not ok (the multirun_scripts use it after the report).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("gam_rl")
+
+# execution-only keys: a run is not redone because the launcher gave it another thread count or
+# because the Training-1 cache lives elsewhere
+RESUME_IGNORED = ("threads", "resume", "cache")
+# what a redo removes first, so that a redo killed halfway never shows the previous attempt's files
+STALE_FILES = ("results.json", "metrics.csv", "r.pt", "pi.pt")
+
+
+def sweep_key_problems(cfg: DictConfig) -> list[str]:
+    """Problems with the keys of this module and of gam_rl.cache (reported with validate's)."""
+    problems = []
+    if not isinstance(cfg.get("resume"), bool):
+        problems.append(f"resume={cfg.get('resume')!r}: must be true or false")
+    cache = cfg.get("cache")
+    if not isinstance(cache, DictConfig):
+        problems.append(f"cache={cache!r}: must hold training1 and training1_dir")
+        return problems
+    if not isinstance(cache.get("training1"), bool):
+        problems.append(f"cache.training1={cache.get('training1')!r}: must be true or false")
+    where = cache.get("training1_dir")
+    if where is not None and (not isinstance(where, str) or not where):
+        problems.append(f"cache.training1_dir={where!r}: must be a folder path or null")
+    return problems
+
+
+def _comparable(container: dict) -> dict:
+    return {k: v for k, v in container.items() if k not in RESUME_IGNORED}
+
+
+def complete_results(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """The folder's results when it already holds a complete run of cfg, else None."""
+    results_path, config_path = run_dir / "results.json", run_dir / "config.yaml"
+    if not results_path.is_file() or not config_path.is_file():
+        return None
+    try:
+        results = json.loads(results_path.read_text())
+        saved = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    except Exception as err:  # unreadable files: not complete, recompute
+        log.warning("cannot read the previous run in %s (%s): recomputing it", run_dir, err)
+        return None
+    if results.get("status") != "ok":
+        log.info("previous run in %s has status %r: recomputing it", run_dir, results.get("status"))
+        return None
+    current = OmegaConf.to_container(cfg, resolve=True)
+    if _comparable(saved) != _comparable(current):
+        changed = sorted(k for k in set(saved) | set(current)
+                         if k not in RESUME_IGNORED and saved.get(k) != current.get(k))
+        log.info("previous run in %s used another configuration (%s differ): recomputing it", run_dir,
+                 ", ".join(changed))
+        return None
+    return results
+
+
+def folder_conflict(run_dir: Path, cfg: DictConfig, sweep_dir: Path) -> str | None:
+    """Why this job must not use run_dir, or None.
+
+    hydra.sweep.subdir names a job folder by the cell and the method only. A sweep over any
+    other key (dpg.lr=0.01,0.001) would send several jobs to one folder, each overwriting the
+    last: a folder whose config.yaml differs from this job's and was written after the sweep
+    started (after the sweep's multirun.yaml) belongs to another job of this very sweep.
+    """
+    config_path, marker = run_dir / "config.yaml", sweep_dir / "multirun.yaml"
+    if not config_path.is_file() or not marker.is_file():
+        return None
+    if config_path.stat().st_mtime_ns < marker.stat().st_mtime_ns:
+        return None  # left by an earlier sweep: a re-run may redo it
+    try:
+        saved = _comparable(OmegaConf.to_container(OmegaConf.load(config_path), resolve=True))
+    except Exception:
+        return None
+    current = _comparable(OmegaConf.to_container(cfg, resolve=True))
+    if saved == current:
+        return None
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    return (f"another job of this sweep already uses {run_dir} with another configuration ({', '.join(changed)} "
+            f"differ): hydra.sweep.subdir does not tell the jobs apart; add the swept key to it, e.g. "
+            "hydra.sweep.subdir='${motif}_${features}_D${dataset_size}_s${seed}_${method.name}_lr${dpg.lr}'")
+
+
+def remove_stale_files(run_dir: Path) -> None:
+    for name in STALE_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The job folders of a sweep: those Hydra set up (.hydra/) or that hold a results.json."""
+    found = {p.parent.parent for p in sweep_dir.glob("**/.hydra/config.yaml")}
+    found |= {p.parent for p in sweep_dir.glob("**/results.json")}
+    return sorted(found)
+
+
+def job_status(job_dir: Path) -> tuple[str, str]:
+    path = job_dir / "results.json"
+    if not path.exists():
+        return "missing", "no results.json (killed, or still running)"
+    try:
+        results = json.loads(path.read_text())
+    except ValueError as err:
+        return "unreadable", str(err)
+    return str(results.get("status")), str(results.get("error") or "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or any(a.startswith("-") for a in args):
+        print("usage: python -m gam_rl.sweep SWEEP_DIR...  (status of every job; exit 1 if any is not ok)",
+              file=sys.stderr)
+        return 2
+    counts: dict[str, int] = {}
+    for sweep_dir in map(Path, args):
+        jobs = job_dirs(sweep_dir)
+        if not jobs:
+            print(f"{sweep_dir}: no job folders", file=sys.stderr)
+            counts["missing"] = counts.get("missing", 0) + 1
+        for job in jobs:
+            status, error = job_status(job)
+            counts[status] = counts.get(status, 0) + 1
+            if status != "ok":
+                print(f"{status:>10}  {job}" + (f"  ({error.splitlines()[0]})" if error else ""))
+    total = sum(counts.values())
+    print(f"jobs: {total}; " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    return 0 if counts.get("ok", 0) == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
