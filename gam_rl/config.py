@@ -15,7 +15,9 @@ from gam_rl.process import MAX_EXACT_N
 
 ALGORITHMS = ("distill", "dpg_off", "dpg_on", "pg")
 TARGETS = ("gam", "true")
-INITS = ("fresh", "r")
+INITS = ("fresh", "r")  # dpg.init
+NORMALISE = ("none", "running_z")  # dpg.normalise
+SWAP_GATES = ("ce_valid", "kl_is")  # dpg.swap_gate
 ESTIMATORS = ("snis_r", "rs")
 PROFILES = ("paper", "cpu", "smoke")
 DEVICES = ("auto", "cpu", "cuda")
@@ -68,8 +70,6 @@ def _check_method(cfg: DictConfig, problems: list[str]) -> None:
         problems.append(f"method.algorithm={method.get('algorithm')!r}: choose one of {list(ALGORITHMS)}")
     if method.get("target") not in TARGETS:
         problems.append(f"method.target={method.get('target')!r}: choose one of {list(TARGETS)}")
-    if method.get("init") not in INITS:
-        problems.append(f"method.init={method.get('init')!r}: choose one of {list(INITS)}")
     if method.get("algorithm") == "distill" and method.get("target") == "true":
         problems.append("method.target='true': distillation samples P_lambda by rejection from r; "
                         "the true target is only available to the DPG algorithms")
@@ -78,6 +78,7 @@ def _check_method(cfg: DictConfig, problems: list[str]) -> None:
 def _check_schedules(cfg: DictConfig, features: str | None, problems: list[str]) -> None:
     for key in ("chunk", "samples_per_step", "buffer", "max_epochs", "patience"):
         _positive_int(cfg, f"training1.{key}", problems)
+    _positive_int(cfg, "r.min_batches", problems)
     _positive_number(cfg, "training1.lr", problems)
     for key in ("samples", "batch_size"):
         _positive_int(cfg, f"z.{key}", problems)
@@ -91,11 +92,22 @@ def _check_schedules(cfg: DictConfig, features: str | None, problems: list[str])
         _positive_number(cfg, f"dpg.{key}", problems)
     _positive_int(cfg, "dpg.proposal_batch", problems, allow_none=True)
     _positive_int(cfg, "dpg.steps_per_draw", problems)
+    _positive_int(cfg, "dpg.keep_per_draw", problems, allow_none=True)
+    for key, allowed in (("init", INITS), ("normalise", NORMALISE), ("swap_gate", SWAP_GATES)):
+        if cfg.dpg.get(key) not in allowed:
+            problems.append(f"dpg.{key}={cfg.dpg.get(key)!r}: choose one of {list(allowed)}")
+    if not isinstance(cfg.dpg.get("baseline"), bool):
+        problems.append(f"dpg.baseline={cfg.dpg.get('baseline')!r}: must be true or false")
     replay = cfg.dpg.get("replay")
     if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
         problems.append(f"dpg.replay={replay!r}: must be a non-negative integer (0 = off)")
     for section in ("training1", "z", "distill"):
         _positive_int(cfg, f"{section}.max_len", problems, allow_none=True)
+    if cfg.training1.get("reuse") not in ("epoch", "run"):
+        problems.append(f"training1.reuse={cfg.training1.get('reuse')!r}: choose one of ['epoch', 'run']")
+    _positive_int(cfg, "z.min_samples", problems)
+    if cfg.z.get("rel_tol") is not None:
+        _positive_number(cfg, "z.rel_tol", problems)
     estimator = cfg.training1.get("estimator")
     if estimator not in ESTIMATORS:
         problems.append(f"training1.estimator={estimator!r}: choose one of {list(ESTIMATORS)}")

@@ -124,17 +124,30 @@ class ZEstimate:
     num: int
 
 
-def importance_z(draw: Callable[[int], tuple[Samples, torch.Tensor]], num: int, batch_size: int) -> ZEstimate:
+def importance_z(draw: Callable[[int], tuple[Samples, torch.Tensor]], num: int, batch_size: int,
+                 rel_tol: float | None = None, min_samples: int = 0) -> ZEstimate:
     """Z = E_q[P(x)/q(x)] ~ mean_i w_i, x_i ~ q. `draw(k)` returns k samples and their log w.
 
     rel_se = std(w) / (sqrt(N) mean(w)), the relative standard error of Z-hat (CLT).
+    With `rel_tol`, sampling stops after the first batch (and at least `min_samples`) where
+    rel_se <= rel_tol; `num` is then the cap.
     """
     log_ws = []
-    for start in range(0, num, batch_size):
-        _, log_w = draw(min(batch_size, num - start))
+    drawn = 0
+    while drawn < num:
+        _, log_w = draw(min(batch_size, num - drawn))
         log_ws.append(log_w.double())
+        drawn += len(log_w)
+        if rel_tol is not None and drawn >= min_samples:
+            current = torch.cat(log_ws)
+            if torch.isfinite(current).any() and _z_from_log_w(current).rel_se <= rel_tol:
+                break
     log_w = torch.cat(log_ws)
     check_log_weights(log_w, "importance-sampling Z")
+    return _z_from_log_w(log_w)
+
+
+def _z_from_log_w(log_w: torch.Tensor) -> ZEstimate:
     n = len(log_w)
     log_z = float(torch.logsumexp(log_w, 0) - math.log(n))
     # relative variance of the weights: E[w^2]/E[w]^2 - 1, in log space

@@ -98,6 +98,22 @@ def test_importance_z_and_cross_entropy_within_standard_error(problem):
     assert abs(ce - exact_ce) <= 4 * se and se > 0
 
 
+def test_importance_z_stops_at_the_tolerance(problem):
+    r, features, lam, _, _, _, log_z, _, _ = problem
+    generator = torch.Generator().manual_seed(5)
+
+    def draw(k):
+        samples = r.sample(k, MAX_LEN, generator)
+        return samples, features(samples.tokens) @ lam
+
+    z = importance_z(draw, 1_000_000, 2_000, rel_tol=0.02, min_samples=4_000)
+    # stops at the first batch past min_samples where rel_se <= tol: far below the 1M cap
+    assert z.rel_se <= 0.02 and 4_000 <= z.num < 1_000_000 and z.num % 2_000 == 0
+    assert abs(z.log_z - log_z) <= 4 * z.rel_se
+    loose = importance_z(draw, 1_000_000, 2_000, rel_tol=10.0, min_samples=6_000)
+    assert loose.num == 6_000  # never before min_samples
+
+
 def test_true_process_potential_has_exact_log_z():
     process = MotifProcess("11", 6)
     pot = TrueProcessPotential(process)

@@ -10,7 +10,7 @@ from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import GAMPotential, TrueProcessPotential
 from gam_rl.process import MotifProcess
 from gam_rl.stages.training1 import fit_lambda
-from gam_rl.stages.training2 import train_distill, train_dpg
+from gam_rl.stages.training2 import DPGOptions, train_distill, train_dpg
 from gam_rl.tokens import encode
 from tests.exact import all_outputs, entropy, exact_distribution, kl
 
@@ -23,15 +23,15 @@ def proposal(seed=0, hidden=8):
     return r
 
 
-@pytest.mark.parametrize("estimator", ["snis_r", "rs"])
-def test_training1_matches_data_moments_exactly_enumerated(estimator):
+@pytest.mark.parametrize("estimator,reuse", [("snis_r", "epoch"), ("rs", "epoch"), ("snis_r", "run")])
+def test_training1_matches_data_moments_exactly_enumerated(estimator, reuse):
     n, motif, max_len = 7, "110", 9
     process = MotifProcess(motif, n)
     data = encode(process.sample_strings(1000, np.random.default_rng(0)))
     r = proposal()
     features = Features("0001111", motif)  # first bit + distractors: finite lambdas fit them
     fit = fit_lambda(r, features, data, estimator=estimator, lr=4.0, chunk=500, samples_per_step=4000,
-                     buffer=40000, max_len=max_len, max_epochs=40, patience=40, seed=1)
+                     buffer=40000, max_len=max_len, max_epochs=40, patience=40, seed=1, reuse=reuse)
     space = all_outputs(max_len)
     with torch.no_grad():
         log_p, _ = exact_distribution(GAMPotential(r, features, fit.lam).log_potential(space))
@@ -57,6 +57,13 @@ def true_target_problem():
     return process, potential, space, log_p, valid
 
 
+def small_schedule(**options) -> DPGOptions:
+    """DPG_off on the 43-string problem: 25 updates of 256 sequences per check."""
+    base = dict(algorithm="dpg_off", lr=0.02, minibatch=256, updates_per_epoch=25, max_epochs=16, patience=16,
+                clip=1.0, max_len=8)
+    return DPGOptions(**{**base, **options})
+
+
 def policy_kl(log_p, pi, space):
     with eval_mode(pi):
         return kl(log_p, pi.log_prob(space))
@@ -68,8 +75,7 @@ def test_dpg_off_learns_the_target_and_swaps_only_to_better_policies():
     torch.manual_seed(3)
     pi = LSTMPolicy(16, 1, dropout=0.0)
     kl_r = policy_kl(log_p, r, space)
-    fit = train_dpg(pi, r, potential, valid, algorithm="dpg_off", lr=0.02, minibatch=256, updates_per_epoch=25,
-                    max_epochs=16, patience=16, clip=1.0, max_len=8, symbols_per_seq=7,
+    fit = train_dpg(pi, r, potential, valid, small_schedule(), symbols_per_seq=7,
                     ce_valid_proposal=-float(r.log_prob(valid).mean()) / 7, seed=4)
     kl_pi = policy_kl(log_p, pi, space)
     # Threshold: from KL(p || r) of several nats, DPG must get within 0.25 nats of p
@@ -87,8 +93,8 @@ def test_pg_concentrates_its_mass_below_the_target_entropy():
     r = proposal(seed=2, hidden=16)
     torch.manual_seed(3)
     pi = LSTMPolicy(16, 1, dropout=0.0)
-    train_dpg(pi, r, potential, valid, algorithm="pg", lr=0.02, minibatch=256, updates_per_epoch=25,
-              max_epochs=12, patience=12, clip=1.0, max_len=8, symbols_per_seq=7, ce_valid_proposal=10.0, seed=4)
+    train_dpg(pi, r, potential, valid, small_schedule(algorithm="pg", max_epochs=12, patience=12), symbols_per_seq=7,
+              ce_valid_proposal=10.0, seed=4)
     with eval_mode(pi):
         pi_entropy = entropy(pi.log_prob(space).double())
     assert pi_entropy < entropy(log_p) - 0.5, (pi_entropy, entropy(log_p))
@@ -120,10 +126,27 @@ def test_dpg_off_with_replay_reaches_the_target_with_fewer_samples():
     r = proposal(seed=2, hidden=16)
     torch.manual_seed(3)
     pi = LSTMPolicy(16, 1, dropout=0.0)
-    fit = train_dpg(pi, r, potential, valid, algorithm="dpg_off", lr=0.02, minibatch=256, updates_per_epoch=25,
-                    max_epochs=16, patience=16, clip=1.0, max_len=8, symbols_per_seq=7,
-                    ce_valid_proposal=-float(r.log_prob(valid).mean()) / 7, seed=4, proposal_batch=1024,
-                    replay=2048, steps_per_draw=4)
+    fit = train_dpg(pi, r, potential, valid, small_schedule(proposal_batch=1024, replay=2048, steps_per_draw=4),
+                    symbols_per_seq=7, ce_valid_proposal=-float(r.log_prob(valid).mean()) / 7, seed=4)
     # the same threshold as plain DPG_off, with a quarter of its 102400 proposal draws
     assert policy_kl(log_p, pi, space) < 0.25
     assert fit.samples == 100 * 1024 and len(fit.swaps) >= 1
+
+
+def test_dpg_off_named_options_together_reach_the_target():
+    """Warm start, running-Z normalisation, the pi/q baseline, thinning to few items per draw,
+    replay and the KL-gated swap, all on: the same threshold as the paper's DPG_off."""
+    _, potential, space, log_p, valid = true_target_problem()
+    r = proposal(seed=2, hidden=16)
+    pi = LSTMPolicy(16, 1, dropout=0.0)
+    pi.load_state_dict(r.state_dict())  # init = r
+    options = small_schedule(proposal_batch=1024, keep_per_draw=128, replay=2048, steps_per_draw=4,
+                             normalise="running_z", baseline=True, swap_gate="kl_is")
+    fit = train_dpg(pi, r, potential, valid, options, symbols_per_seq=7,
+                    ce_valid_proposal=-float(r.log_prob(valid).mean()) / 7, seed=4)
+    assert policy_kl(log_p, pi, space) < 0.25
+    assert len(fit.swaps) >= 1
+    # the KL gate swaps only on an estimated gain beyond two standard errors
+    assert all(s["gate"] == "kl_is" and s["kl_gain"] > 2 * s["kl_gain_se"] > 0 for s in fit.swaps)
+    # running Z-hat = mean of P/q over every draw: E_q[P/q] = Z for each proposal q
+    assert fit.log_z_running == pytest.approx(potential.log_z, abs=0.1)

@@ -4,8 +4,9 @@ The log-likelihood gradient in lambda is |D| (mean_D phi - E_{p_lambda} phi), so
 moves lambda += lr_e (mean_chunk phi - E_hat phi), lr_e = lr / epoch, one step per chunk
 of D. E_hat comes from samples of the fixed proposal r:
   snis_r: E_hat = sum_i w_i phi_i / sum_i w_i with w_i = exp(lambda . phi_i) (= P_lambda / r);
-          the epoch's last `buffer` samples are reused, re-weighted with the current lambda
-          (valid because r does not change).
+          the last `buffer` samples are reused, re-weighted with the current lambda (valid
+          because r does not change): within the epoch (reuse=epoch, the reference) or across
+          epochs too (reuse=run, more ESS per step when the tilt is strong).
   rs:     E_hat = mean phi over the buffer samples accepted with probability
           exp(lambda . phi - log beta), i.e. exact samples of p_lambda.
 An epoch ends with the L1 mismatch |mean_D phi - E_hat phi|_1 under the current lambda;
@@ -26,14 +27,18 @@ from gam_rl.policy import LSTMPolicy
 from gam_rl.stages.common import KeepBest, ProgressLog, full_batch_loader, make_trainer
 
 ESTIMATORS = ("snis_r", "rs")
+REUSE = ("epoch", "run")
 
 
 class MomentMatching(pl.LightningModule):
     def __init__(self, r: LSTMPolicy, features: Features, phi_data: torch.Tensor, *, estimator: str,
-                 lr: float, samples_per_step: int, buffer: int, max_len: int, seed: int):
+                 lr: float, samples_per_step: int, buffer: int, max_len: int, seed: int, reuse: str = "epoch"):
         super().__init__()
         if estimator not in ESTIMATORS:
             raise ValueError(f"training1.estimator={estimator!r}: choose one of {list(ESTIMATORS)}")
+        if reuse not in REUSE:
+            raise ValueError(f"training1.reuse={reuse!r}: choose one of {list(REUSE)}")
+        self.reuse = reuse
         self.automatic_optimization = False  # lambda moves by its closed-form gradient
         self.r, self.features, self.estimator = r.eval(), features, estimator
         self.lr, self.samples_per_step, self.buffer_size, self.max_len = lr, samples_per_step, buffer, max_len
@@ -54,7 +59,8 @@ class MomentMatching(pl.LightningModule):
         return self._generator
 
     def on_train_epoch_start(self):
-        self._phi_buffer = []  # the reference keeps samples within an epoch only
+        if self.reuse == "epoch":
+            self._phi_buffer = []  # the reference keeps samples within an epoch only
 
     def _buffered_phi(self) -> torch.Tensor:
         phi = torch.cat(self._phi_buffer)[-self.buffer_size:]
@@ -117,11 +123,12 @@ class Training1Result:
 
 def fit_lambda(r: LSTMPolicy, features: Features, train_tokens: torch.Tensor, *, estimator: str, lr: float,
                chunk: int, samples_per_step: int, buffer: int, max_len: int, max_epochs: int, patience: int,
-               seed: int, logger=None, accelerator: str = "cpu", log_every: int = 1) -> Training1Result:
+               seed: int, reuse: str = "epoch", logger=None, accelerator: str = "cpu",
+               log_every: int = 1) -> Training1Result:
     with torch.no_grad():
         phi_data = features(train_tokens)
     module = MomentMatching(r, features, phi_data, estimator=estimator, lr=lr, samples_per_step=samples_per_step,
-                            buffer=buffer, max_len=max_len, seed=seed)
+                            buffer=buffer, max_len=max_len, seed=seed, reuse=reuse)
     keep = KeepBest("t1/mismatch", "lam")
     callbacks = [EarlyStopping("t1/mismatch", patience=patience, mode="min", check_finite=True), keep,
                  ProgressLog("training1", ["t1/mismatch", "t1/epoch_ess"], every=log_every)]

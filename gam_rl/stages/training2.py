@@ -39,7 +39,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
+from gam_rl.config import NORMALISE, SWAP_GATES
 from gam_rl.estimators import effective_sample_size, rejection_log_bound, rejection_sample, thin_by_weight
+from gam_rl.metrics import eval_mode
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import GAMPotential, Potential
 from gam_rl.stages.common import KeepBest, ProgressLog, full_batch_loader, make_trainer
@@ -51,28 +53,86 @@ log = logging.getLogger("gam_rl")
 DPG_ALGORITHMS = ("dpg_off", "dpg_on", "pg")
 
 
+@dataclass(frozen=True)
+class DPGOptions:
+    """One DPG schedule. The defaults are the paper's; every other value is a named option."""
+
+    algorithm: str = "dpg_off"
+    lr: float = 0.01
+    minibatch: int = 500  # sequences backpropagated per update
+    updates_per_epoch: int = 4000  # one swap / early-stopping check per "epoch"
+    max_epochs: int = 100
+    patience: int = 10
+    clip: float | None = 0.25
+    max_len: int = 100
+    proposal_batch: int | None = None  # sequences drawn per fresh draw; None: = minibatch
+    keep_per_draw: int | None = None  # items kept by unbiased thinning per draw; None: = minibatch
+    replay: int = 0  # > 0: train on a buffer of the last `replay` weighted items
+    steps_per_draw: int = 1  # with replay: updates per fresh draw
+    normalise: str = "none"  # none: Z taken as 1 (paper) | running_z: w / Z-hat of every draw so far
+    baseline: bool = False  # subtract Z pi(x)/q(x) from the weight (zero-mean control variate)
+    swap_gate: str = "ce_valid"  # ce_valid: CE(V, pi) < CE(V, q) (paper) | kl_is: IS estimate on a draw
+
+    def __post_init__(self):
+        for name, value, allowed in (("algorithm", self.algorithm, DPG_ALGORITHMS),
+                                     ("normalise", self.normalise, NORMALISE),
+                                     ("swap_gate", self.swap_gate, SWAP_GATES)):
+            if value not in allowed:
+                raise ValueError(f"dpg.{name}={value!r}: choose one of {list(allowed)}")
+
+
+@dataclass
+class WeightedDraw:
+    """Thinned proposal samples with what every later update needs to re-weight them.
+
+    coefficient of item i in the N-sample estimate: exp(log_w + log_ht), where
+    log_w = log P(x) - log Z - log q(x) (pg: log P(x) - log Z) and
+    log_ht = -log(keep probability) - log N (Horvitz-Thompson factor of the thinning)."""
+
+    tokens: torch.Tensor
+    log_w: torch.Tensor  # float64
+    log_q: torch.Tensor  # float64, log q(x) of the proposal that drew x
+    log_ht: torch.Tensor  # float64
+    version: torch.Tensor  # long, which proposal drew x (increments at every swap)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def index(self, idx: torch.Tensor) -> WeightedDraw:
+        return WeightedDraw(self.tokens[idx], self.log_w[idx], self.log_q[idx], self.log_ht[idx], self.version[idx])
+
+    @staticmethod
+    def cat(draws: list[WeightedDraw]) -> WeightedDraw:
+        return WeightedDraw(pad_cat([d.tokens for d in draws]), *(torch.cat([getattr(d, k) for d in draws])
+                                                                  for k in ("log_w", "log_q", "log_ht", "version")))
+
+    def tail(self, size: int) -> WeightedDraw:
+        return self.index(torch.arange(max(0, len(self) - size), len(self), device=self.log_w.device))
+
+
 class DPGModule(pl.LightningModule):
-    def __init__(self, pi: LSTMPolicy, proposal: LSTMPolicy, potential: Potential, *, algorithm: str,
-                 lr: float, minibatch: int, max_len: int, symbols_per_seq: int, ce_valid_proposal: float,
-                 log_z: float = 0.0, seed: int = 0, proposal_batch: int | None = None, replay: int = 0,
-                 steps_per_draw: int = 1):
+    def __init__(self, pi: LSTMPolicy, proposal: LSTMPolicy, potential: Potential, options: DPGOptions, *,
+                 symbols_per_seq: int, ce_valid_proposal: float, log_z: float = 0.0, seed: int = 0):
         super().__init__()
-        if algorithm not in DPG_ALGORITHMS:
-            raise ValueError(f"unknown DPG algorithm {algorithm!r}; choose one of {list(DPG_ALGORITHMS)}")
-        self.pi, self.algorithm, self.potential = pi, algorithm, potential
+        o = self.options = options
+        self.pi, self.algorithm, self.potential = pi, o.algorithm, potential
         # q is a frozen copy, never trained; kept out of the optimiser and of the best-pi snapshot
-        self.q = copy.deepcopy(proposal).eval().requires_grad_(False) if algorithm == "dpg_off" else None
-        self.lr, self.minibatch, self.max_len, self.symbols, self.log_z = lr, minibatch, max_len, symbols_per_seq, log_z
-        self.proposal_batch = max(proposal_batch or minibatch, minibatch)
-        self.replay, self.steps_per_draw = replay, max(1, steps_per_draw)
-        self._buffer_tokens: torch.Tensor | None = None  # replay buffer: sequences ...
-        self._buffer_log_w: torch.Tensor | None = None  # ... and log(w / N) of the batch they came from
+        self.q = copy.deepcopy(proposal).eval().requires_grad_(False) if o.algorithm == "dpg_off" else None
+        self.symbols, self.log_z = symbols_per_seq, log_z
+        self.proposal_batch = max(o.proposal_batch or o.minibatch, o.minibatch)
+        self.keep_per_draw = o.keep_per_draw or o.minibatch
+        self.steps_per_draw = max(1, o.steps_per_draw)
+        self._buffer: WeightedDraw | None = None  # replay buffer
+        self._pending: WeightedDraw | None = None  # a draw scored by the swap gate, not yet trained on
         # P_lambda / r = exp(lambda . phi): valid while q is the untouched base model of the GAM
-        self.q_is_base = algorithm == "dpg_off" and isinstance(potential, GAMPotential) and potential.r is proposal
+        self.q_is_base = o.algorithm == "dpg_off" and isinstance(potential, GAMPotential) and potential.r is proposal
+        self.q_version = 0
         self.ce_valid_q = ce_valid_proposal
         self.seed = seed
         self._generator: torch.Generator | None = None
         self._val_sum, self._val_count = 0.0, 0
+        # running Z-hat = mean of every raw weight drawn so far (E_q[P/q] = Z for any q)
+        self._log_w_sum, self._w_count = -math.inf, 0
         self.swaps: list[dict] = []
         self.samples_drawn = 0
 
@@ -82,65 +142,119 @@ class DPGModule(pl.LightningModule):
         return self._generator
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.pi.parameters(), lr=self.lr)
+        return torch.optim.Adam(self.pi.parameters(), lr=self.options.lr)
 
-    def _draw_weighted(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample the proposal, weight, thin to ~minibatch; returns (tokens, log(w / N))."""
+    @property
+    def log_z_running(self) -> float:
+        return self._log_w_sum - math.log(self._w_count) if self._w_count else 0.0
+
+    def _draw_weighted(self) -> WeightedDraw:
+        """Sample the proposal, weight, thin without bias to ~keep_per_draw items."""
+        if self._pending is not None:  # already drawn (and scored) by the swap gate
+            draw, self._pending = self._pending, None
+            return draw
         with torch.no_grad():
             sampler = self.q if self.algorithm == "dpg_off" else self.pi
-            samples = sampler.sample(self.proposal_batch, self.max_len, self._gen())  # carries log q(x)
+            samples = sampler.sample(self.proposal_batch, self.options.max_len, self._gen())  # carries log q(x)
             self.samples_drawn += len(samples)
+            log_q = samples.log_prob.double()
             # dpg: w = P(x) / (Z q(x)); pg: reward R = P(x) / Z
             if self.q_is_base:
                 log_w = self.potential.log_tilt(samples.tokens).double() - self.log_z
             else:
                 log_p = self.potential.log_potential(samples.tokens).double()
-                log_w = log_p - self.log_z - (samples.log_prob.double() if self.algorithm != "pg" else 0.0)
+                log_w = log_p - self.log_z - (log_q if self.algorithm != "pg" else 0.0)
             if self.algorithm != "pg" and torch.isfinite(log_w).any():
-                self.log("dpg/ess", effective_sample_size(log_w), on_step=True, on_epoch=False)
-            keep, log_w = thin_by_weight(log_w, self.minibatch, self._gen())
-            return samples.tokens[keep], log_w - math.log(self.proposal_batch)
+                if self.trainer.training:  # the swap gate draws during validation, where step logs are refused
+                    self.log("dpg/ess", effective_sample_size(log_w), on_step=True, on_epoch=False)
+                self._log_w_sum = float(torch.logaddexp(torch.tensor(self._log_w_sum, dtype=torch.float64),
+                                                        torch.logsumexp(log_w, 0)))
+                self._w_count += len(log_w)
+            keep, thinned = thin_by_weight(log_w, self.keep_per_draw, self._gen())
+            # w_i / p_i / N = w_i exp(log_ht); zero-weight items (kept only when nothing is thinned) have p_i = 1
+            kept_w = log_w[keep]
+            log_ht = torch.where(torch.isfinite(kept_w), thinned - kept_w, 0.0) - math.log(len(log_w))
+            version = torch.full((len(keep),), self.q_version, dtype=torch.long, device=log_w.device)
+            return WeightedDraw(samples.tokens[keep], log_w[keep], log_q[keep], log_ht, version)
 
-    def _replayed(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _replayed(self) -> WeightedDraw:
         """A random minibatch of the buffer, refreshed with a new draw every steps_per_draw updates."""
-        if self._buffer_tokens is None or self.global_step % self.steps_per_draw == 0:
-            tokens, log_w = self._draw_weighted()
-            if self._buffer_tokens is not None:
-                tokens = pad_cat([self._buffer_tokens, tokens])
-                log_w = torch.cat([self._buffer_log_w, log_w])
-            self._buffer_tokens, self._buffer_log_w = tokens[-self.replay :], log_w[-self.replay :]
-        # each draw adds about `minibatch` items, so a random minibatch of the buffer is, in
-        # expectation, one draw's N-sample estimate averaged over the buffered draws
-        pick = torch.randint(len(self._buffer_tokens), (self.minibatch,), device=self.device, generator=self._gen())
-        return self._buffer_tokens[pick], self._buffer_log_w[pick]
+        if self._buffer is None or self.global_step % self.steps_per_draw == 0:
+            draw = self._draw_weighted()
+            self._buffer = draw if self._buffer is None else WeightedDraw.cat([self._buffer, draw])
+            self._buffer = self._buffer.tail(self.options.replay)
+        # each draw's items sum to that draw's N-sample estimate; a random minibatch of the
+        # buffer, rescaled by (buffer items / minibatch) / (draws in buffer), estimates their average
+        pick = torch.randint(len(self._buffer), (self.options.minibatch,), device=self.device, generator=self._gen())
+        batch = self._buffer.index(pick)
+        scale = len(self._buffer) / (self.options.minibatch * max(1.0, len(self._buffer) / self.keep_per_draw))
+        batch.log_ht = batch.log_ht + math.log(scale)
+        return batch
+
+    def _coefficients(self, batch: WeightedDraw, log_pi: torch.Tensor) -> torch.Tensor:
+        """Per-item weight c_i of grad log pi(x_i) in the update (no gradient through c)."""
+        log_norm = self.log_z_running if self.options.normalise == "running_z" else 0.0
+        coef = torch.exp(batch.log_w + batch.log_ht - log_norm)
+        if self.options.baseline and self.algorithm != "pg":
+            # E_q[(pi(x)/q(x)) grad log pi(x)] = E_pi[grad log pi] = 0, so subtracting
+            # b pi(x)/q(x) (b = Z-hat, or 1 once weights are normalised) keeps the gradient
+            # unbiased and removes the part of w that pi already explains
+            b = 1.0 if self.options.normalise == "running_z" else math.exp(self.log_z_running)
+            coef = coef - b * torch.exp(log_pi.detach().double() - batch.log_q + batch.log_ht)
+        return coef.float()
 
     def training_step(self, batch, batch_idx):
-        tokens, log_w = self._replayed() if self.replay else self._draw_weighted()
-        weights = torch.exp(log_w).float()
-        # -(1/N) sum_i w_i log pi(x_i): the N-sample DPG estimate (thinned, or replayed)
-        loss = -(weights * self.pi.log_prob(tokens)).sum()
-        self.log("dpg/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(tokens))
+        draw = self._replayed() if self.options.replay else self._draw_weighted()
+        log_pi = self.pi.log_prob(draw.tokens)
+        # -(1/N) sum_i c_i log pi(x_i): the N-sample DPG estimate (thinned, or replayed)
+        loss = -(self._coefficients(draw, log_pi) * log_pi).sum()
+        self.log("dpg/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(draw))
         return loss
 
     def validation_step(self, batch, batch_idx):
         self._val_sum += float(self.pi.log_prob(batch).sum())
         self._val_count += len(batch)
 
+    def _kl_gain(self) -> tuple[float, float]:
+        """KL(p || q) - KL(p || pi) = E_p[log pi(x) - log q(x)], by self-normalised IS on a
+        fresh draw of q (then used for training, so the gate costs no extra samples);
+        returns (estimate, its standard error)."""
+        draw = self._pending = self._draw_weighted()
+        with torch.no_grad(), eval_mode(self.pi):
+            diff = self.pi.log_prob(draw.tokens).double() - draw.log_q
+        weights = torch.softmax(draw.log_w + draw.log_ht, 0)
+        gain = float((weights * diff).sum())
+        return gain, float(torch.sqrt((weights**2 * (diff - gain) ** 2).sum()))
+
     def on_validation_epoch_end(self):
         ce_pi = -self._val_sum / (self._val_count * self.symbols)  # CE(V, pi) in nats per symbol
         self._val_sum, self._val_count = 0.0, 0
-        if self.algorithm == "dpg_off" and ce_pi < self.ce_valid_q:  # swap only to a better policy
-            swap = {"step": int(self.global_step), "epoch": int(self.current_epoch),
-                    "ce_valid_pi": ce_pi, "ce_valid_q": self.ce_valid_q}
-            self.swaps.append(swap)
-            log.info("[dpg] step %d: q <- pi (CE(V, pi) %.4f < CE(V, q) %.4f)", swap["step"], ce_pi, self.ce_valid_q)
-            self.q.load_state_dict(self.pi.state_dict())
-            self.q_is_base = False
-            self.ce_valid_q = ce_pi
-            self.log("dpg/swap", 1.0)
+        if self.algorithm == "dpg_off" and not self.trainer.sanity_checking:
+            if self.options.swap_gate == "ce_valid":
+                better, gain, gain_se = ce_pi < self.ce_valid_q, None, None  # swap only to a better policy
+            else:
+                gain, gain_se = self._kl_gain()
+                better = gain > 2.0 * gain_se  # pi closer to p than q, beyond two standard errors
+                self.log("dpg/kl_gain", gain)
+            if better:
+                self._swap(ce_pi, gain, gain_se)
         self.log("dpg/val_ce_pi", ce_pi)
         if self.q is not None:
             self.log("dpg/val_ce_q", self.ce_valid_q)
+        if self._w_count:
+            self.log("dpg/log_z_running", self.log_z_running)
+
+    def _swap(self, ce_pi: float, gain: float | None, gain_se: float | None) -> None:
+        swap = {"step": int(self.global_step), "epoch": int(self.current_epoch), "gate": self.options.swap_gate,
+                "ce_valid_pi": ce_pi, "ce_valid_q": self.ce_valid_q, "kl_gain": gain, "kl_gain_se": gain_se}
+        self.swaps.append(swap)
+        log.info("[dpg] step %d: q <- pi (CE(V, pi) %.4f, CE(V, q) %.4f%s)", swap["step"], ce_pi, self.ce_valid_q,
+                 "" if gain is None else f", KL gain {gain:.4f} +- {gain_se:.4f}")
+        self.q.load_state_dict(self.pi.state_dict())
+        self.q_is_base = False
+        self.q_version += 1
+        self.ce_valid_q = ce_pi
+        self.log("dpg/swap", 1.0)
 
 
 class _Updates(torch.utils.data.Dataset):
@@ -164,27 +278,25 @@ class DPGResult:
     updates: int
     samples: int
     swaps: list[dict] = field(default_factory=list)
+    log_z_running: float | None = None
 
 
-def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, potential: Potential, valid: torch.Tensor, *,
-              algorithm: str, lr: float, minibatch: int, updates_per_epoch: int, max_epochs: int, patience: int,
-              clip: float | None, max_len: int, symbols_per_seq: int, ce_valid_proposal: float, log_z: float = 0.0,
-              seed: int = 0, proposal_batch: int | None = None, replay: int = 0, steps_per_draw: int = 1,
-              logger=None, accelerator: str = "cpu", log_every: int = 1) -> DPGResult:
+def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, potential: Potential, valid: torch.Tensor,
+              options: DPGOptions, *, symbols_per_seq: int, ce_valid_proposal: float, log_z: float = 0.0,
+              seed: int = 0, logger=None, accelerator: str = "cpu", log_every: int = 1) -> DPGResult:
     """Train `pi` in place towards p = P / Z; on return it holds the best-CE(V) weights."""
-    module = DPGModule(pi, proposal, potential, algorithm=algorithm, lr=lr, minibatch=minibatch, max_len=max_len,
-                       symbols_per_seq=symbols_per_seq, ce_valid_proposal=ce_valid_proposal, log_z=log_z, seed=seed,
-                       proposal_batch=proposal_batch, replay=replay, steps_per_draw=steps_per_draw)
+    module = DPGModule(pi, proposal, potential, options, symbols_per_seq=symbols_per_seq,
+                       ce_valid_proposal=ce_valid_proposal, log_z=log_z, seed=seed)
     keep = KeepBest("dpg/val_ce_pi", "pi")
-    keys = ["dpg/val_ce_pi"] + (["dpg/val_ce_q"] if algorithm == "dpg_off" else [])
-    callbacks = [EarlyStopping("dpg/val_ce_pi", patience=patience, mode="min", check_finite=False), keep,
-                 ProgressLog(algorithm, keys, every=log_every)]
-    trainer = make_trainer(max_epochs, callbacks, logger, accelerator, gradient_clip_val=clip)
-    updates = torch.utils.data.DataLoader(_Updates(updates_per_epoch), batch_size=1)
+    keys = ["dpg/val_ce_pi"] + (["dpg/val_ce_q"] if options.algorithm == "dpg_off" else [])
+    callbacks = [EarlyStopping("dpg/val_ce_pi", patience=options.patience, mode="min", check_finite=False), keep,
+                 ProgressLog(options.algorithm, keys, every=log_every)]
+    trainer = make_trainer(options.max_epochs, callbacks, logger, accelerator, gradient_clip_val=options.clip)
+    updates = torch.utils.data.DataLoader(_Updates(options.updates_per_epoch), batch_size=1)
     trainer.fit(module, updates, full_batch_loader(valid, 1000, shuffle=False))
     pi.eval()
     return DPGResult(keep.best, trainer.current_epoch, keep.best_epoch, int(trainer.global_step),
-                     module.samples_drawn, module.swaps)
+                     module.samples_drawn, module.swaps, module.log_z_running if module._w_count else None)
 
 
 @dataclass
