@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -108,6 +110,24 @@ class FolderConflict(RuntimeError):
     """Two jobs of one sweep map to the same folder (see gam_rl.sweep.folder_conflict)."""
 
 
+class Terminated(Exception):
+    """SIGTERM received: the run stops and records itself as failed."""
+
+
+def _sigterm_raises():
+    """Turn SIGTERM into an exception (so results.json says failed, with the reason) and
+    return the function that restores the previous handler. Lightning installs its own
+    handler during fit, which likewise raises; outside fit this one applies."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise Terminated(f"terminated by signal {signum} (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def execute(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> dict:
     """Validate, run, and write the artefacts of one run; returns results (raises on failure).
 
@@ -138,8 +158,10 @@ def execute(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> di
         torch.set_num_threads(cfg.threads)
     run = Run(cfg)
     run.results["run_dir"] = str(run_dir)
+    atomic_write_json(results_path, run.results)  # status "running" until the end: a killed run never looks done
     started = time.time()
     wandb_run = logger = None
+    restore_sigterm = _sigterm_raises()
     try:
         wandb_run = _start_wandb(cfg, run_dir, sweep_dir.name if sweep_dir is not None else None)
         logger = RunLogger(run_dir, wandb_run)
@@ -150,6 +172,7 @@ def execute(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> di
                            traceback=traceback.format_exc())
         raise
     finally:
+        restore_sigterm()
         run.results["wall_time_s"] = round(time.time() - started, 3)
         atomic_write_json(results_path, run.results)
         if logger is not None:

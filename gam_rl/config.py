@@ -93,9 +93,11 @@ def _check_schedules(cfg: DictConfig, features: str | None, problems: list[str])
     _positive_int(cfg, "dpg.proposal_batch", problems, allow_none=True)
     _positive_int(cfg, "dpg.steps_per_draw", problems)
     _positive_int(cfg, "dpg.keep_per_draw", problems, allow_none=True)
-    for key, allowed in (("init", INITS), ("normalise", NORMALISE), ("swap_gate", SWAP_GATES)):
-        if cfg.dpg.get(key) not in allowed:
-            problems.append(f"dpg.{key}={cfg.dpg.get(key)!r}: choose one of {list(allowed)}")
+    _positive_number(cfg, "dpg.target_margin", problems)
+    for key, allowed in (("dpg.init", INITS), ("distill.init", INITS), ("dpg.normalise", NORMALISE),
+                         ("dpg.swap_gate", SWAP_GATES)):
+        if _lookup(cfg, key) not in allowed:
+            problems.append(f"{key}={_lookup(cfg, key)!r}: choose one of {list(allowed)}")
     if not isinstance(cfg.dpg.get("baseline"), bool):
         problems.append(f"dpg.baseline={cfg.dpg.get('baseline')!r}: must be true or false")
     replay = cfg.dpg.get("replay")

@@ -125,7 +125,7 @@ def stages_before_training2(cfg: DictConfig, run: Run, process: MotifProcess, sp
     evaluate_policy(cfg, run, r, "r", splits.test, process, logger)
     gam = training1(cfg, run, r, features, splits, logger, accelerator)
     with run.stage("z"):
-        estimate_z_and_ce(cfg, run, r, gam, splits.test, logger)
+        estimate_z_and_ce(cfg, run, r, gam, splits.test, splits.valid, logger)
     return r, gam.lam
 
 
@@ -181,7 +181,7 @@ def training1(cfg: DictConfig, run: Run, r: LSTMPolicy, features: Features, spli
 
 
 def estimate_z_and_ce(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotential, test: torch.Tensor,
-                      logger: RunLogger) -> None:
+                      valid: torch.Tensor, logger: RunLogger) -> None:
     """Z = E_r[exp(lambda . phi)] by importance sampling from r; the same samples give the
     SNIS model moments E_{p_lambda}[phi] reported after Training-1."""
     zc = cfg.z
@@ -200,10 +200,12 @@ def estimate_z_and_ce(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotentia
     moments_model = snis_moments(torch.cat(log_ws), torch.cat(phis)).moments
     with eval_mode(r):
         log_p_test = batched_log_prob(gam.log_potential, test.to(r.device))
+        log_p_valid = batched_log_prob(gam.log_potential, valid.to(r.device))
     ce, ce_se = cross_entropy_p_lambda(log_p_test, z, cfg.n + 1)
+    ce_valid, _ = cross_entropy_p_lambda(log_p_valid, z, cfg.n + 1)  # the DPG runs' target line
     res = run.results
     res.update(z_hat=z.z, z_samples=z.num, log_z_hat=z.log_z, z_rel_se=z.rel_se, z_ess=z.ess, ce_test_p_lambda=ce,
-               ce_test_p_lambda_se=ce_se, moments_model=moments_model.tolist())
+               ce_test_p_lambda_se=ce_se, ce_valid_p_lambda=ce_valid, moments_model=moments_model.tolist())
     res["moment_mismatch_l1"] = float(sum(abs(a - b) for a, b in zip(res["moments_data"], res["moments_model"],
                                                                       strict=True)))
     logger.log("z", 0, log_z=z.log_z, rel_se=z.rel_se, ess=z.ess, ce_test_p_lambda=ce)
@@ -215,9 +217,8 @@ def training2(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotential, proce
               splits: Splits, logger: RunLogger, accelerator: str) -> LSTMPolicy:
     method, symbols, res = cfg.method, cfg.n + 1, run.results
     res["target"] = method.target
-    dpg = cfg.dpg
-    warm = method.algorithm != "distill" and dpg.init == "r"  # distillation always trains a fresh policy
-    pi = copy.deepcopy(r) if warm else LSTMPolicy(**cfg.model).to(r.device)
+    init = cfg.distill.init if method.algorithm == "distill" else cfg.dpg.init
+    pi = copy.deepcopy(r) if init == "r" else LSTMPolicy(**cfg.model).to(r.device)  # fresh: the paper
     pi.train()
     if method.algorithm == "distill":
         d = cfg.distill
@@ -234,11 +235,20 @@ def training2(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotential, proce
     options = dpg_options(cfg)
     fit = train_dpg(pi, r, potential, splits.valid, options, symbols_per_seq=symbols,
                     ce_valid_proposal=res["ce_valid_r"], seed=cfg.seed + 3,  # r's best CE(V), from its training
-                    logger=logger, accelerator=accelerator, log_every=cfg.log_every)
+                    target_ce_valid=target_ce_valid(cfg, res), logger=logger, accelerator=accelerator,
+                    log_every=cfg.log_every)
     run.count_samples("training2", fit.samples)
     res.update(ce_valid_pi=fit.best_val_ce, t2_epochs=fit.epochs, t2_best_epoch=fit.best_epoch,
-               t2_updates=fit.updates, swaps=fit.swaps, swap_count=len(fit.swaps), dpg_log_z_running=fit.log_z_running)
+               t2_updates=fit.updates, swaps=fit.swaps, swap_count=len(fit.swaps), dpg_log_z_running=fit.log_z_running,
+               dpg_target_ce_valid=target_ce_valid(cfg, res), dpg_reached_target=fit.reached_target)
     return pi
+
+
+def target_ce_valid(cfg: DictConfig, res: dict) -> float | None:
+    """(1 + dpg.target_margin) CE(V, p_lambda): the line whose first crossing by CE(V, pi)
+    DPG records (samples, seconds), to compare schedules on the same P_lambda."""
+    ce = res.get("ce_valid_p_lambda")
+    return None if ce is None or cfg.method.target != "gam" else (1.0 + cfg.dpg.target_margin) * ce
 
 
 def dpg_options(cfg: DictConfig) -> DPGOptions:

@@ -81,3 +81,29 @@ def test_run_failing_midway_records_why_and_exits_nonzero(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "failed" and "max_proposals" in results["error"]
     assert results["ce_test_pi"] is None and "training2" in results["timings"]
+
+
+def test_sigterm_leaves_a_failed_run_that_says_why(tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    # a long DPG stage (many updates) so the signal lands mid-run
+    proc = subprocess.Popen([sys.executable, "-m", "gam_rl.cli", "profile=smoke", "logger=csv",
+                             f"hydra.run.dir={run_dir}", "dataset_size=200", "dpg.max_epochs=1000",
+                             "dpg.patience=1000", "cache.training1=false"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        path = run_dir / "results.json"
+        if path.exists() and json.loads(path.read_text())["status"] == "running":
+            break  # written at the start: a run that is killed outright never looks finished
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "failed", results.get("status")
+    assert "SIGTERM" in results["error"] or "SystemExit" in results["error"], results["error"]

@@ -56,6 +56,17 @@ def test_table1_values_by_name(motif, features, size):
     ("training1.estimator=mcmc", "training1.estimator"),
     ("method.algorithm=ppo", "method.algorithm"),
     ("method.target=other", "method.target"),
+    ("dpg.init=warm", "dpg.init"),
+    ("distill.init=warm", "distill.init"),
+    ("dpg.normalise=batch", "dpg.normalise"),
+    ("dpg.swap_gate=always", "dpg.swap_gate"),
+    ("dpg.baseline=3", "dpg.baseline"),
+    ("dpg.keep_per_draw=0", "dpg.keep_per_draw"),
+    ("dpg.target_margin=-0.1", "dpg.target_margin"),
+    ("training1.reuse=forever", "training1.reuse"),
+    ("z.rel_tol=-1", "z.rel_tol"),
+    ("z.min_samples=0", "z.min_samples"),
+    ("r.min_batches=0", "r.min_batches"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
@@ -112,7 +113,8 @@ class WeightedDraw:
 
 class DPGModule(pl.LightningModule):
     def __init__(self, pi: LSTMPolicy, proposal: LSTMPolicy, potential: Potential, options: DPGOptions, *,
-                 symbols_per_seq: int, ce_valid_proposal: float, log_z: float = 0.0, seed: int = 0):
+                 symbols_per_seq: int, ce_valid_proposal: float, log_z: float = 0.0, seed: int = 0,
+                 target_ce_valid: float | None = None):
         super().__init__()
         o = self.options = options
         self.pi, self.algorithm, self.potential = pi, o.algorithm, potential
@@ -135,6 +137,9 @@ class DPGModule(pl.LightningModule):
         self._log_w_sum, self._w_count = -math.inf, 0
         self.swaps: list[dict] = []
         self.samples_drawn = 0
+        # first check where CE(V, pi) <= target_ce_valid: samples, updates and seconds spent until then
+        self.target_ce_valid, self.reached_target = target_ce_valid, None
+        self._started = time.perf_counter()
 
     def _gen(self) -> torch.Generator:
         if self._generator is None:
@@ -238,6 +243,11 @@ class DPGModule(pl.LightningModule):
                 self.log("dpg/kl_gain", gain)
             if better:
                 self._swap(ce_pi, gain, gain_se)
+        if self.target_ce_valid is not None and self.reached_target is None and ce_pi <= self.target_ce_valid:
+            self.reached_target = {"samples": self.samples_drawn, "updates": int(self.global_step),
+                                   "seconds": round(time.perf_counter() - self._started, 3), "ce_valid_pi": ce_pi}
+            log.info("[dpg] CE(V, pi) %.4f <= target %.4f after %d samples", ce_pi, self.target_ce_valid,
+                     self.samples_drawn)
         self.log("dpg/val_ce_pi", ce_pi)
         if self.q is not None:
             self.log("dpg/val_ce_q", self.ce_valid_q)
@@ -279,14 +289,17 @@ class DPGResult:
     samples: int
     swaps: list[dict] = field(default_factory=list)
     log_z_running: float | None = None
+    reached_target: dict | None = None  # {samples, updates, seconds, ce_valid_pi} at the first check under target
 
 
 def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, potential: Potential, valid: torch.Tensor,
               options: DPGOptions, *, symbols_per_seq: int, ce_valid_proposal: float, log_z: float = 0.0,
-              seed: int = 0, logger=None, accelerator: str = "cpu", log_every: int = 1) -> DPGResult:
+              seed: int = 0, target_ce_valid: float | None = None, logger=None, accelerator: str = "cpu",
+              log_every: int = 1) -> DPGResult:
     """Train `pi` in place towards p = P / Z; on return it holds the best-CE(V) weights."""
     module = DPGModule(pi, proposal, potential, options, symbols_per_seq=symbols_per_seq,
-                       ce_valid_proposal=ce_valid_proposal, log_z=log_z, seed=seed)
+                       ce_valid_proposal=ce_valid_proposal, log_z=log_z, seed=seed,
+                       target_ce_valid=target_ce_valid)
     keep = KeepBest("dpg/val_ce_pi", "pi")
     keys = ["dpg/val_ce_pi"] + (["dpg/val_ce_q"] if options.algorithm == "dpg_off" else [])
     callbacks = [EarlyStopping("dpg/val_ce_pi", patience=options.patience, mode="min", check_finite=False), keep,
@@ -296,7 +309,8 @@ def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, potential: Potential, valid:
     trainer.fit(module, updates, full_batch_loader(valid, 1000, shuffle=False))
     pi.eval()
     return DPGResult(keep.best, trainer.current_epoch, keep.best_epoch, int(trainer.global_step),
-                     module.samples_drawn, module.swaps, module.log_z_running if module._w_count else None)
+                     module.samples_drawn, module.swaps, module.log_z_running if module._w_count else None,
+                     module.reached_target)
 
 
 @dataclass
