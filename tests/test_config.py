@@ -124,3 +124,14 @@ def test_launcher_and_sweep_groups_have_their_options():
     assert set(group_options("sweep")) >= {"table1", "table1_smoke", "true_target"}
     cfg = make()
     assert cfg.resume is True and cfg.cache.training1 is True and cfg.cache.training1_dir is None
+
+
+def test_paper_profile_keeps_every_named_option_at_the_reference_value():
+    cfg = make(["profile=paper"])
+    assert cfg.dpg.init == "fresh" and cfg.distill.init == "fresh"
+    assert cfg.dpg.proposal_batch is None and cfg.dpg.keep_per_draw is None and cfg.dpg.replay == 0
+    assert cfg.dpg.steps_per_draw == 1 and cfg.dpg.normalise == "none" and cfg.dpg.baseline is False
+    assert cfg.dpg.swap_gate == "ce_valid" and cfg.dpg.updates_per_epoch == 4000 and cfg.dpg.lr == 0.01
+    assert cfg.training1.reuse == "epoch" and cfg.z.rel_tol is None and cfg.z.samples == 1_000_000
+    assert cfg.r.batch_size is None and cfg.r.min_batches == 1
+    assert (cfg.model.hidden, cfg.model.layers) == (200, 2)
