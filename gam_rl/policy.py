@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from gam_rl.lstm_kernel import StepLSTM, lstm_over_tokens, pack_tokens
 from gam_rl.tokens import BOS, EOS, PAD, VOCAB
 
 
@@ -40,6 +41,9 @@ class LSTMPolicy(nn.Module):
                             dropout=dropout if layers > 1 else 0.0)
         self.head = nn.Linear(hidden, VOCAB)
         self.drop = nn.Dropout(dropout)
+        # log_prob's LSTM: None = automatic (the fused kernel on the CPU, nn.LSTM elsewhere,
+        # where e.g. cuDNN is faster); True / False force the fused kernel / plain nn.LSTM
+        self.fused_kernel: bool | None = None
 
     @property
     def device(self) -> torch.device:
@@ -55,6 +59,22 @@ class LSTMPolicy(nn.Module):
         Rows are packed by length, so the LSTM, the head and the softmax only run on real
         symbols: a batch with a few long rows costs what its symbols cost, not B * width.
         """
+        fused = self.fused_kernel if self.fused_kernel is not None else self.device.type == "cpu"
+        return self._log_prob_fused(tokens) if fused else self._log_prob_nn_lstm(tokens)
+
+    def _log_prob_fused(self, tokens: torch.Tensor) -> torch.Tensor:
+        """log_prob through gam_rl.lstm_kernel (same parameters, hand-written backward)."""
+        packed = pack_tokens(tokens)
+        if packed.num == 0:
+            return torch.zeros(len(tokens), dtype=self.head.weight.dtype, device=tokens.device)
+        # the kernel applies dropout to the input and to every layer's output (the head's input)
+        out = lstm_over_tokens(packed, self.lstm, self.dropout_p if self.training else 0.0)
+        logp = torch.log_softmax(self.head(out), dim=-1)  # (symbols in batch, VOCAB)
+        picked = logp.gather(1, packed.target.unsqueeze(1)).squeeze(1)
+        return torch.zeros(len(tokens), dtype=picked.dtype, device=tokens.device).index_add_(0, packed.row, picked)
+
+    def _log_prob_nn_lstm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """log_prob through nn.LSTM on a PackedSequence (the reference path)."""
         lengths = (tokens != PAD).sum(dim=1).cpu()  # symbols per row, EOS included (>= 1)
         prev = torch.cat([torch.full_like(tokens[:, :1], BOS), tokens[:, :-1]], dim=1)  # input t = x_{t-1}
         inputs = F.one_hot(prev, VOCAB + 1)[..., :VOCAB].to(self.head.weight.dtype)  # BOS -> zero vector
@@ -69,73 +89,44 @@ class LSTMPolicy(nn.Module):
         return torch.zeros(len(tokens), dtype=picked.dtype, device=tokens.device).index_add_(0, row_of, picked)
 
     # ---- sampling ---------------------------------------------------------------------
-    def _step_weights(self):
-        """Fused per-step weights: layer 0 input as a gathered gate bias; for layer l > 0
-        one matrix over [h_{l-1}, h_l], so every layer costs one matmul per step."""
-        lstm = self.lstm
-        w_ih0, w_hh0 = lstm.weight_ih_l0, lstm.weight_hh_l0
-        bias0 = lstm.bias_ih_l0 + lstm.bias_hh_l0
-        # row k = gate pre-activation contributed by input symbol k (BOS/PAD row: zero input)
-        input_gates = torch.cat([w_ih0.t(), torch.zeros_like(w_ih0[:, :1]).t()]) + bias0
-        layers = [(w_hh0.t().contiguous(), None)]
-        for l in range(1, self.layers):
-            w = torch.cat([getattr(lstm, f"weight_ih_l{l}"), getattr(lstm, f"weight_hh_l{l}")], 1)
-            b = getattr(lstm, f"bias_ih_l{l}") + getattr(lstm, f"bias_hh_l{l}")
-            layers.append((w.t().contiguous(), b))
-        return input_gates, layers, self.head.weight.t().contiguous(), self.head.bias
-
-    @staticmethod
-    def _cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # LSTM cell: c' = sigma(f) c + sigma(i) tanh(g); h' = sigma(o) tanh(c')
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-
     @torch.no_grad()
     def sample(self, num: int, max_len: int, generator: torch.Generator | None = None) -> Samples:
         """Draw `num` sequences (no dropout), each with its exact log-probability.
 
         Stops a row at EOS or after max_len symbols (EOS included). Finished rows are
-        dropped from the working batch as they accumulate, so a few long samples do not
-        keep the whole batch running.
+        dropped from the working batch once they are 1/16 of it, so a few long samples do
+        not keep the whole batch running. The LSTM runs through lstm_kernel.StepLSTM: one
+        matmul per layer per step into preallocated buffers.
         """
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
-        dev, H = self.device, self.hidden
-        input_gates, layers, w_head, b_head = self._step_weights()
+        dev = self.device
+        steps = StepLSTM(self.lstm, num)
+        w_head, b_head = self.head.weight.t(), self.head.bias
         tokens = torch.full((num, max_len), PAD, dtype=torch.long, device=dev)
-        log_prob = torch.zeros(num, dtype=input_gates.dtype, device=dev)
+        log_prob = torch.zeros(num, dtype=w_head.dtype, device=dev)
         finished = torch.zeros(num, dtype=torch.bool, device=dev)
         rows = torch.arange(num, device=dev)  # original index of each working row
-        h = torch.zeros(self.layers, num, H, dtype=input_gates.dtype, device=dev)
-        c = torch.zeros_like(h)
+        running = torch.ones(num, dtype=torch.bool, device=dev)  # working rows not yet at EOS
         prev = torch.full((num,), BOS, dtype=torch.long, device=dev)
         for t in range(max_len):
-            # layer 0: gathered input gates + h0 W_hh0; layer l: [h_{l-1}, h_l] W_l + b_l
-            below = None
-            for l, (w, b) in enumerate(layers):
-                if l == 0:
-                    gates = torch.addmm(input_gates[prev], h[0], w)
-                else:
-                    gates = torch.addmm(b, torch.cat([below, h[l]], dim=1), w)
-                h_new, c[l] = self._cell(gates, c[l])
-                h[l] = h_new
-                below = h_new
-            logp = torch.log_softmax(torch.addmm(b_head, below, w_head), dim=1)
+            logp = torch.log_softmax(torch.addmm(b_head, steps.step(prev), w_head), dim=1)
             # inverse-CDF draw among 3 symbols: token = #{k : u > cdf_k}
             u = torch.rand(len(rows), 1, device=dev, dtype=logp.dtype, generator=generator)
             cdf = logp.exp().cumsum(dim=1)[:, : VOCAB - 1]
             tok = (u > cdf).sum(dim=1)
-            tokens[rows, t] = tok
-            log_prob[rows] += logp.gather(1, tok.unsqueeze(1)).squeeze(1)
-            done = tok == EOS
-            finished[rows[done]] = True
-            if bool(done.all()):
+            # rows already at EOS (kept until the next compaction) write PAD and add 0
+            tokens[rows, t] = tok.masked_fill(~running, PAD)
+            log_prob[rows] += logp.gather(1, tok.unsqueeze(1)).squeeze(1).masked_fill(~running, 0.0)
+            running &= tok != EOS
+            alive = int(running.sum())
+            if alive == 0:
                 break
-            if done.any():  # keep only the rows still running
-                keep = ~done
-                rows, prev, h, c = rows[keep], tok[keep], h[:, keep], c[:, keep]
-            else:
-                prev = tok
+            if len(rows) - alive >= max(1, len(rows) // 16):  # keep only the rows still running
+                keep = running.nonzero().squeeze(1)
+                steps.keep(keep)
+                rows, tok, running = rows[keep], tok[keep], running[keep]
+            prev = tok
+        finished = (tokens == EOS).any(dim=1)
         width = int((tokens != PAD).sum(dim=1).max().item()) if num else 0
         return Samples(tokens[:, : max(width, 1)], log_prob, finished)

@@ -1,0 +1,421 @@
+"""Fused multi-layer LSTM over a token batch: the teacher-forcing hot path on the CPU.
+
+`lstm_over_tokens` computes what `nn.LSTM` computes on the one-hot inputs of
+`LSTMPolicy.log_prob` (same parameters, read from the `nn.LSTM` module, so state_dict() is
+unchanged), with a hand-written backward instead of autograd through ~20 small ops per step:
+
+* rows are sorted by length (longest first) and packed time-major, so the rows still running
+  at step t are a prefix of length sizes[t] and every per-step op works on a contiguous block;
+* layer 0's input is one-hot, so its input projection is a gathered row of a gate table
+  (bias + W_ih[:, symbol]); input dropout on a one-hot vector only ever zeroes (or scales by
+  1/keep) that one symbol, so it picks between two tables;
+* layers run one after the other over all steps (as cuDNN does): the input projection of
+  layer l > 0 is one matmul over every packed position, the recurrence one matmul per step;
+* the gates are stored as [i, f, o, g] (PyTorch's rows are [i, f, g, o]) and tanh is computed
+  as 2 sigmoid(2a) - 1 (sigmoid is ~6x cheaper than tanh on the CPU), so one sigmoid call
+  activates all four gates; activations, c and tanh(c) go into (N, .) buffers;
+* the backward runs the recurrence in reverse with one matmul per layer per step, writing
+  dL/d(pre-activation) over the saved activations it no longer needs, then gets each weight
+  gradient as ONE matmul over all N positions;
+* dropout masks come from a counter-based generator seeded by torch's (torch's CPU
+  bernoulli_ costs ~10 ns per element: ~15% of a training step).
+
+Cell (per layer, per step; x input, h/c the state of the previous step, sigma = sigmoid):
+    [i, f, o, g] = [sigma, sigma, sigma, tanh](a),   a = x W_ih^T + h W_hh^T + b_ih + b_hh
+    c' = f * c + i * g
+    h' = o * tanh(c')
+Backward at one step, given dh' (from above and from step t + 1) and dc' (from step t + 1):
+    dc'  += dh' * o * (1 - tanh(c')^2)
+    da_o  = dh' * tanh(c') * o (1 - o)       da_i = dc' * g * i (1 - i)
+    da_f  = dc' * c * f (1 - f)              da_g = dc' * i * (1 - g^2)
+    dc    = dc' * f                          dh  += da W_hh   (the recurrent part of dh)
+    dW_ih += da^T x,   dW_hh += da^T h,   db_ih = db_hh += sum da,   dx = da W_ih
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gam_rl.tokens import BOS, PAD
+
+
+@dataclass
+class PackedTokens:
+    """A (B, T) token batch packed time-major with rows sorted by length (longest first).
+
+    Packed position k = offsets[t] + j is step t of the j-th longest row; the rows alive at
+    step t are the first sizes[t] of the sorted order (sizes is non-increasing).
+    """
+
+    sizes: list[int]
+    offsets: list[int]
+    prev: torch.Tensor  # (N,) long: input symbol at each position (BOS at t = 0)
+    target: torch.Tensor  # (N,) long: symbol predicted at each position
+    row: torch.Tensor  # (N,) long: original row index of each position
+    shift: torch.Tensor | slice  # position of (t - 1, j) for every position (t >= 1, j); a slice if all rows are full
+
+    @property
+    def num(self) -> int:
+        return len(self.prev)
+
+
+def pack_tokens(tokens: torch.Tensor) -> PackedTokens:
+    """Sort rows by length (PAD excluded; EOS counts) and pack them time-major."""
+    B, dev = tokens.shape[0], tokens.device
+    lengths, order = torch.sort((tokens != PAD).sum(dim=1), descending=True, stable=True)
+    T = int(lengths[0]) if B else 0
+    toks = tokens[order, :T]
+    alive = torch.arange(T, device=dev).unsqueeze(1) < lengths.unsqueeze(0)  # (T, B), each row a prefix
+    prev = torch.cat([torch.full_like(toks[:, :1], BOS), toks[:, :-1]], dim=1)
+    sizes = alive.sum(dim=1).tolist()
+    offsets = np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)]).tolist() if T else []
+    if T and sizes[-1] == sizes[0]:  # all rows equally long: (t - 1, j) is just B positions back
+        shift: torch.Tensor | slice = slice(0, (T - 1) * B)
+    else:
+        index = torch.full((T, B), -1, dtype=torch.long, device=dev)
+        index[alive] = torch.arange(sum(sizes), device=dev)
+        shift = index[:-1][alive[1:]]
+    return PackedTokens(sizes=sizes, offsets=offsets, prev=prev.t()[alive], target=toks.t()[alive],
+                        row=order.unsqueeze(0).expand(T, B)[alive], shift=shift)
+
+
+class _BufferPool:
+    """Scratch buffers kept between calls.
+
+    A fresh tensor above glibc's mmap threshold (32 MiB at most) is mapped anew on every
+    allocation and costs a page fault per 4 KiB on first write: ~30 ms for one (N, 4H) gate
+    buffer at 2 x 200, batch 500, i.e. ~10% of a training step. A forward borrows its
+    buffers and its backward hands them back; a graph dropped without a backward simply frees
+    them, so a buffer is never lent twice.
+    """
+
+    def __init__(self, keep: int = 24):
+        self.keep = keep
+        self.free: list[torch.Tensor] = []  # flat tensors over whole storages
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = int(np.prod(shape))
+        fits = [k for k, b in enumerate(self.free)
+                if b.dtype == like.dtype and b.device == like.device and b.numel() >= numel]
+        if not fits:
+            return like.new_empty(shape)
+        k = min(fits, key=lambda k: self.free[k].numel())  # the smallest that fits
+        return self.free.pop(k)[:numel].view(shape)
+
+    def give(self, *tensors: torch.Tensor | None) -> None:
+        held = {b.data_ptr() for b in self.free}
+        for t in tensors:
+            if t is not None and t.untyped_storage().data_ptr() not in held:  # never lend one buffer twice
+                storage = t.untyped_storage()
+                self.free.append(t.new_empty(0).set_(storage, 0, (storage.nbytes() // t.element_size(),)))
+                held.add(storage.data_ptr())
+        if len(self.free) > self.keep:  # drop the smallest
+            self.free.sort(key=lambda b: b.numel())
+            del self.free[: len(self.free) - self.keep]
+
+
+_POOL = _BufferPool()
+
+
+def lstm_weights(lstm: torch.nn.LSTM) -> list[torch.Tensor]:
+    """[weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, weight_ih_l1, ...] of an nn.LSTM (with biases)."""
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    return [getattr(lstm, f"{k}_l{l}") for l in range(lstm.num_layers) for k in names]
+
+
+def _gate_perm(H: int, device: torch.device) -> torch.Tensor:
+    """Row order [i, f, o, g] from PyTorch's [i, f, g, o]."""
+    r = torch.arange(H, device=device)
+    return torch.cat([r, r + H, r + 3 * H, r + 2 * H])
+
+
+def _layer_weights(weights: list[torch.Tensor], layer: int, perm: torch.Tensor, g_scale: float = 1.0):
+    """W_ih, W_hh, b_ih + b_hh of one layer in gate order [i, f, o, g], the g rows times g_scale."""
+    w_ih, w_hh, b_ih, b_hh = weights[4 * layer : 4 * layer + 4]
+    w_ih, w_hh, bias = w_ih[perm], w_hh[perm], (b_ih + b_hh)[perm]
+    if g_scale != 1.0:
+        H = w_hh.shape[1]
+        for w in (w_ih, w_hh, bias):
+            w[3 * H :] *= g_scale
+    return w_ih, w_hh, bias
+
+
+def _input_table(w_ih: torch.Tensor, bias: torch.Tensor, keep: float | None) -> torch.Tensor:
+    """Pre-activations of layer 0 from its one-hot input, one row per table index.
+
+    Rows 0..2: bias + W_ih[:, k] / keep (symbol k kept), row 3: bias (BOS = zero vector);
+    with input dropout, rows 4..7 = bias (symbol dropped). Index = prev + 4 * dropped.
+    """
+    rows = torch.cat([w_ih.t() / (keep or 1.0), torch.zeros_like(w_ih[:, :1]).t()]) + bias
+    return torch.cat([rows, bias.expand_as(rows)]) if keep is not None else rows
+
+
+def _forward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks: list[torch.Tensor] | None,
+             weights: list[torch.Tensor], hidden: int, layers: int):
+    """Layer by layer over all positions: the output (dropout(top-layer h), (N, H)) and what the
+    backward needs, per layer (activated gates, c, tanh(c), h, the layer's input x)."""
+    H, N, sizes, offs = hidden, pk.num, pk.sizes, pk.offsets
+    perm = _gate_perm(H, weights[0].device)
+    like = weights[0]
+    saved = []
+    x = None  # input of layer l > 0 at every position: dropout(h_{l-1}), (N, H)
+    for l in range(layers):
+        # g rows doubled: g = tanh(a_g) = 2 sigma(2 a_g) - 1, so one sigmoid covers the four gates
+        w_ih, w_hh, bias = _layer_weights(weights, l, perm, g_scale=2.0)
+        gates, cell, tanh_c, h_out = (_POOL.take((N, 4 * H), like), _POOL.take((N, H), like),
+                                      _POOL.take((N, H), like), _POOL.take((N, H), like))
+        if l == 0:  # a = gathered table row (input + bias)
+            torch.index_select(_input_table(w_ih, bias, keep), 0, in_index, out=gates)
+        else:  # one matmul over all positions: a = x W_ih^T + b
+            torch.addmm(bias, x, w_ih.t(), out=gates)
+        for t, (n, a) in enumerate(zip(sizes, offs, strict=True)):
+            g = gates[a : a + n]
+            if t > 0:  # a += h_{t-1} W_hh^T (the rows alive at t are a prefix of those alive at t - 1)
+                g.addmm_(h_out[offs[t - 1] : offs[t - 1] + n], w_hh.t())
+            torch.sigmoid_(g)  # i, f, o = sigma(a); the g block holds sigma(2 a_g)
+            i, f, o, gg = g[:, :H], g[:, H : 2 * H], g[:, 2 * H : 3 * H], g[:, 3 * H :]
+            gg.mul_(2).sub_(1)  # g = tanh(a_g) = 2 sigma(2 a_g) - 1
+            c = cell[a : a + n]
+            if t == 0:  # c_{-1} = 0
+                torch.mul(i, gg, out=c)
+            else:  # c_t = f * c_{t-1} + i * g
+                torch.mul(f, cell[offs[t - 1] : offs[t - 1] + n], out=c)
+                c.addcmul_(i, gg)
+            tc = tanh_c[a : a + n]
+            torch.add(c, c, out=tc)
+            torch.sigmoid_(tc).mul_(2).sub_(1)  # tanh(c_t) = 2 sigma(2 c_t) - 1
+            torch.mul(o, tc, out=h_out[a : a + n])  # h_t = o * tanh(c_t)
+        saved.append((gates, cell, tanh_c, h_out, x))
+        # dropout on every layer's output: the next layer's input, or the LSTM's output
+        if masks is None:
+            x = h_out
+        else:
+            x = torch.mul(h_out, masks[l], out=_POOL.take((N, H), like) if l < layers - 1 else like.new_empty(N, H))
+    return x, saved
+
+
+def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks: list[torch.Tensor] | None,
+              weights: list[torch.Tensor], hidden: int, layers: int, saved, grad_out: torch.Tensor):
+    H, N, sizes, offs = hidden, pk.num, pk.sizes, pk.offsets
+    T, B0 = len(sizes), sizes[0]
+    perm = _gate_perm(H, weights[0].device)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(len(perm), device=perm.device)
+    like = weights[0]
+    grads: list[torch.Tensor | None] = [None] * len(weights)
+    # dL/dh of the current layer at every position: from above (the head, or the next layer's
+    # input) plus, added step by step below, from the same layer's next step
+    d_h = _POOL.take((N, H), like)
+    torch.mul(grad_out, masks[-1], out=d_h) if masks is not None else d_h.copy_(grad_out)
+    # dc double-buffered: rows beyond those alive at t + 1 are still zero when step t reads them
+    d_cs = [like.new_zeros(B0, H), like.new_zeros(B0, H)]
+    work, work2, sig_d = like.new_empty(B0, H), like.new_empty(B0, H), like.new_empty(B0, 2 * H)
+    for l in reversed(range(layers)):
+        gates, cell, tanh_c, h_out, x = saved[l]
+        w_ih, w_hh, _ = _layer_weights(weights, l, perm)
+        d_gates = gates  # da overwrites the activations of a step once they are used
+        for d_c in d_cs:
+            d_c.zero_()
+        for t in reversed(range(T)):
+            n, a = sizes[t], offs[t]
+            dh = d_h[a : a + n]
+            if t + 1 < T:  # dh_t += da_{t+1} W_hh (rows alive at t + 1)
+                m = sizes[t + 1]
+                dh[:m].addmm_(d_gates[offs[t + 1] : offs[t + 1] + m], w_hh)
+            g = gates[a : a + n]  # activations [i, f, o, g], replaced by [da_i, da_f, da_o, da_g]
+            i, f, o, gg = g[:, :H], g[:, H : 2 * H], g[:, 2 * H : 3 * H], g[:, 3 * H :]
+            tc = tanh_c[a : a + n]
+            dc, dc_prev = d_cs[t % 2][:n], d_cs[(t + 1) % 2][:n]
+            w, u, s = work[:n], work2[:n], sig_d[:n]
+            torch.mul(dh, o, out=w)  # w = dh * o
+            torch.mul(w, tc, out=u)  # u = dh * o * tanh(c_t)
+            dc.add_(w).addcmul_(u, tc, value=-1)  # dc_t += dh * o * (1 - tanh(c_t)^2)
+            torch.addcmul(u, u, o, value=-1, out=o)  # da_o = dh * tanh(c_t) * o (1 - o)
+            torch.addcmul(g[:, : 2 * H], g[:, : 2 * H], g[:, : 2 * H], value=-1, out=s)  # i (1 - i), f (1 - f)
+            torch.mul(dc, i, out=w)  # w = dc * i
+            torch.mul(dc, gg, out=i)  # dc * g (to become da_i)
+            torch.mul(dc, f, out=dc_prev)  # dc_{t-1} = dc_t * f
+            if t > 0:  # dc * c_{t-1} (to become da_f)
+                torch.mul(dc, cell[offs[t - 1] : offs[t - 1] + n], out=f)
+            else:
+                f.zero_()
+            g[:, : 2 * H].mul_(s)  # da_i = dc g i (1 - i), da_f = dc c_{t-1} f (1 - f)
+            torch.mul(w, gg, out=u)
+            torch.addcmul(w, u, gg, value=-1, out=gg)  # da_g = dc * i * (1 - g^2)
+        # weight gradients, one matmul each over all positions (computed transposed, (in, 4H):
+        # MKL is faster with the long dimension N inside than as x^T's rows)
+        if N > B0:  # dW_hh^T = sum_t h_{t-1}^T da_t  (h_{-1} = 0)
+            d_w_hh = h_out[pk.shift].t() @ d_gates[B0:]
+        else:
+            d_w_hh = like.new_zeros(H, 4 * H)
+        if l == 0:  # table rows: d_table[k] = sum of da over positions with index k
+            d_table = like.new_zeros(8 if keep is not None else 4, 4 * H).index_add_(0, in_index, d_gates)
+            d_bias = d_table.sum(dim=0)  # every row carries the bias
+            d_w_ih = d_table[:3] / (keep or 1.0)
+        else:
+            d_bias = d_gates.sum(dim=0)
+            d_w_ih = x.t() @ d_gates  # dW_ih^T = sum_t x_t^T da_t
+            torch.mm(d_gates, w_ih, out=d_h)  # dx = da W_ih, then through the dropout mask
+            if masks is not None:
+                d_h.mul_(masks[l - 1])
+        d_bias = d_bias[inv]  # back to PyTorch's gate order [i, f, g, o]
+        grads[4 * l : 4 * l + 4] = [d_w_ih.t()[inv], d_w_hh.t()[inv], d_bias, d_bias.clone()]
+        _POOL.give(gates, cell, tanh_c, h_out if masks is not None or l < layers - 1 else None,
+                   x if masks is not None else None)
+    _POOL.give(d_h)
+    return grads
+
+
+class StepLSTM:
+    """Every layer one step at a time, without autograd: the sampler, and scoring under no_grad.
+
+    Each working row keeps z = [onehot(prev) (P columns) | h_0 | ... | h_{L-1} | 1 0 ... 0]:
+    layer 0 reads [onehot(prev), h_0] (its input projection and bias are weight rows picked by
+    the one-hot), layer l >= 1 reads [h_{l-1}, h_l] (the top layer also the constant 1, its
+    bias row), so every layer costs ONE matmul per step with no gather and no concatenation,
+    and writes its new h in place, where the layer above and the next step read it. Buffers
+    are allocated once; rows are used as a prefix: rows[:n] are the n rows still running.
+    The cell state is kept doubled (c2 = 2c), which saves two passes per step.
+    """
+
+    P = 8  # one-hot columns (4 used: 0, 1, EOS, BOS), padded
+
+    def __init__(self, lstm: torch.nn.LSTM, num: int):
+        H, L = self.hidden, self.layers = lstm.hidden_size, lstm.num_layers
+        like = lstm.weight_hh_l0
+        weights = lstm_weights(lstm)
+        perm = _gate_perm(H, like.device)
+        self.mats: list[tuple[torch.Tensor, torch.Tensor | None, slice]] = []  # (W (K, 4H), bias, input columns)
+        with torch.no_grad():
+            for l in range(L):
+                # g rows doubled: g = tanh(a_g) = 2 sigma(2 a_g) - 1, one sigmoid for all gates
+                w_ih, w_hh, bias = _layer_weights(weights, l, perm, g_scale=2.0)
+                if l == 0:  # rows: table (bias + W_ih[:, k]; BOS row = bias), zero padding, W_hh^T
+                    pad = like.new_zeros(self.P - 4, 4 * H)
+                    self.mats.append((torch.cat([_input_table(w_ih, bias, None), pad, w_hh.t()]), None,
+                                      slice(0, self.P + H)))
+                elif l == L - 1:  # rows: W_ih^T, W_hh^T, bias (times the constant-1 column), zero padding
+                    pad = like.new_zeros(self.P - 1, 4 * H)
+                    self.mats.append((torch.cat([w_ih.t(), w_hh.t(), bias.unsqueeze(0), pad]), None,
+                                      slice(self.P + (l - 1) * H, self.P * 2 + (l + 1) * H)))
+                else:
+                    self.mats.append((torch.cat([w_ih.t(), w_hh.t()]), bias, slice(self.P + (l - 1) * H,
+                                                                                  self.P + (l + 1) * H)))
+        self.z = like.new_zeros(num, 2 * self.P + L * H)
+        self.z[:, self.P + L * H] = 1.0
+        self.cell = like.new_zeros(L, num, H)
+        self.gates, self.tanh_c = like.new_empty(num, 4 * H), like.new_empty(num, H)
+        self.symbols = torch.arange(4, device=like.device)
+
+    def h(self, layer: int, n: int) -> torch.Tensor:
+        """h of `layer` for the first n rows (a view into z)."""
+        a = self.P + layer * self.hidden
+        return self.z[:n, a : a + self.hidden]
+
+    def step(self, prev: torch.Tensor) -> torch.Tensor:
+        """Advance the first len(prev) rows by one symbol (prev: their input); returns top h (view)."""
+        n, H = len(prev), self.hidden
+        torch.eq(prev.unsqueeze(1), self.symbols, out=self.z[:n, :4])  # one-hot of the input symbol
+        for l, (w, bias, cols) in enumerate(self.mats):
+            g = self.gates[:n]
+            if bias is None:  # a = [input, h_{t-1}(, 1)] W
+                torch.mm(self.z[:n, cols], w, out=g)
+            else:
+                torch.addmm(bias, self.z[:n, cols], w, out=g)
+            torch.sigmoid_(g)  # i, f, o = sigma(a); s_g = sigma(2 a_g), so g = tanh(a_g) = 2 s_g - 1
+            i, f, o, s_g = g[:, :H], g[:, H : 2 * H], g[:, 2 * H : 3 * H], g[:, 3 * H :]
+            # the cell holds c2 = 2c: c2_t = f c2_{t-1} + 2 i g = f c2_{t-1} + 4 i s_g - 2 i
+            self.cell[l, :n].mul_(f).addcmul_(i, s_g, value=4.0).sub_(i, alpha=2.0)
+            tc = torch.sigmoid(self.cell[l, :n], out=self.tanh_c[:n])
+            tc.mul_(2).sub_(1)  # tanh(c_t) = 2 sigma(2 c_t) - 1
+            torch.mul(o, tc, out=self.h(l, n))  # h_t = o * tanh(c_t)
+        return self.h(self.layers - 1, n)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Move rows `index` (increasing) to the front: the new working rows."""
+        m = len(index)
+        self.z[:m] = self.z[index]
+        self.cell[:, :m] = self.cell[:, index]
+
+
+class _FusedLSTM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pk, in_index, keep, masks, hidden, layers, *weights):
+        out, saved = _forward(pk, in_index, keep, masks, list(weights), hidden, layers)
+        ctx.args = (pk, in_index, keep, masks, hidden, layers)
+        ctx.saved = saved
+        ctx.save_for_backward(*weights)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.saved is None:
+            raise RuntimeError("the fused LSTM's backward runs once per forward (it reuses the saved buffers): "
+                               "for retain_graph or double backward set LSTMPolicy.fused_kernel = False")
+        saved, ctx.saved = ctx.saved, None
+        pk, in_index, keep, masks, hidden, layers = ctx.args
+        grads = _backward(pk, in_index, keep, masks, list(ctx.saved_tensors), hidden, layers, saved, grad_out)
+        return (None,) * 6 + tuple(grads)
+
+
+def dropout_masks(num: int, hidden: int, layers: int, p: float, like: torch.Tensor):
+    """(input keep (num,) bool, [(num, hidden) masks with entries 0 or 1/(1-p), one per layer]).
+
+    On the CPU the bits come from numpy's PCG64 (~10x faster than torch's bernoulli_), seeded
+    from torch's default generator so torch.manual_seed still fixes them; each element is
+    kept iff a uniform 32-bit integer falls below (1 - p) 2^32.
+    """
+    keep = 1.0 - p
+    if like.device.type != "cpu":
+        kept = torch.rand(num, device=like.device) < keep
+        return kept, [torch.empty(num, hidden, dtype=like.dtype, device=like.device).bernoulli_(keep).div_(keep)
+                      for _ in range(layers)]
+    rng = np.random.Generator(np.random.PCG64(int(torch.randint(0, 2**62, (1,)))))
+    threshold = min(round(keep * 2**32) - 2**31, 2**31 - 1)  # int32 r < threshold  <=>  r + 2^31 < keep 2^32
+
+    def uniform_int32(count: int) -> torch.Tensor:
+        return torch.from_numpy(rng.bit_generator.random_raw((count + 1) // 2).view(np.int32)[:count])
+
+    kept = uniform_int32(num) < threshold
+    masks = []
+    for _ in range(layers):
+        m = like.new_empty(num, hidden)
+        torch.lt(uniform_int32(num * hidden).view(num, hidden), threshold, out=m)
+        masks.append(m.mul_(1.0 / keep))
+    return kept, masks
+
+
+def lstm_over_tokens(pk: PackedTokens, lstm: torch.nn.LSTM, dropout: float = 0.0,
+                     masks: tuple[torch.Tensor, list[torch.Tensor]] | None = None) -> torch.Tensor:
+    """dropout(top-layer LSTM output) at every packed position of `pk`, (N, hidden); differentiable.
+
+    The input at each position is the one-hot of pk.prev (BOS = zero vector). With dropout > 0
+    an input mask (per position: keep the symbol or zero it) and a mask on every layer's output
+    are drawn, unless `masks` = (input keep (N,) bool, [(N, H) masks, 0 or 1/(1-dropout)] * layers)
+    fixes them (then dropout is only used for the input's 1/(1-dropout) scale).
+    """
+    H, L = lstm.hidden_size, lstm.num_layers
+    weights = lstm_weights(lstm)
+    keep, layer_masks, in_index = None, None, pk.prev
+    if masks is None and dropout > 0:
+        masks = dropout_masks(pk.num, H, L, dropout, weights[0])
+    if masks is not None:
+        kept, layer_masks = masks
+        keep = 1.0 - dropout
+        in_index = pk.prev + 4 * (~kept).long()  # dropped symbols use the bias-only rows 4..7
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return _FusedLSTM.apply(pk, in_index, keep, layer_masks, H, L, *weights)
+    with torch.no_grad():
+        if layer_masks is not None:  # dropout without autograd (rare): the training forward
+            out, saved = _forward(pk, in_index, keep, layer_masks, weights, H, L)
+            for buffers in saved:
+                _POOL.give(*buffers)
+            return out
+        steps, out = StepLSTM(lstm, pk.sizes[0]), weights[0].new_empty(pk.num, H)
+        for n, a in zip(pk.sizes, pk.offsets, strict=True):  # the rows alive at a step are a prefix
+            out[a : a + n] = steps.step(pk.prev[a : a + n])
+        return out
