@@ -11,25 +11,30 @@ unchanged), with a hand-written backward instead of autograd through ~20 small o
   1/keep) that one symbol, so it picks between two tables;
 * layers run one after the other over all steps (as cuDNN does): the input projection of
   layer l > 0 is one matmul over every packed position, the recurrence one matmul per step;
-* the gates are stored as [i, f, o, g] (PyTorch's rows are [i, f, g, o]) and tanh is computed
-  as 2 sigmoid(2a) - 1 (sigmoid is ~6x cheaper than tanh on the CPU), so one sigmoid call
-  activates all four gates; activations, c and tanh(c) go into (N, .) buffers;
-* the backward runs the recurrence in reverse with one matmul per layer per step, writing
-  dL/d(pre-activation) over the saved activations it no longer needs, then gets each weight
-  gradient as ONE matmul over all N positions;
-* dropout masks come from a counter-based generator seeded by torch's (torch's CPU
-  bernoulli_ costs ~10 ns per element: ~15% of a training step).
+* tanh is computed as 2 sigmoid(2a) - 1 (torch's CPU sigmoid is ~8x cheaper than its tanh)
+  with the g-gate rows of the weights doubled, so one sigmoid call activates all four gates;
+  activations, c and tanh(c) go into (N, .) buffers;
+* the backward first turns the saved activations, a cache-sized block of steps at a time,
+  into per-position coefficients (below), so its reverse loop costs one matmul and four
+  elementwise ops per layer per step; dL/d(pre-activation) overwrites the coefficients, and
+  each weight gradient is ONE matmul over all N positions;
+* dropout masks come from numpy's PCG64 seeded by torch's generator (torch's CPU bernoulli_
+  costs ~10 ns per element: ~15% of a training step at 2 x 200);
+* large buffers are reused between calls (_BufferPool).
+
+`StepLSTM` is the same cell one step of every layer at a time (no autograd, one matmul per
+layer per step, preallocated buffers): LSTMPolicy.sample and log_prob under no_grad use it.
 
 Cell (per layer, per step; x input, h/c the state of the previous step, sigma = sigmoid):
-    [i, f, o, g] = [sigma, sigma, sigma, tanh](a),   a = x W_ih^T + h W_hh^T + b_ih + b_hh
+    [i, f, g, o] = [sigma, sigma, tanh, sigma](a),   a = x W_ih^T + h W_hh^T + b_ih + b_hh
     c' = f * c + i * g
     h' = o * tanh(c')
-Backward at one step, given dh' (from above and from step t + 1) and dc' (from step t + 1):
-    dc'  += dh' * o * (1 - tanh(c')^2)
-    da_o  = dh' * tanh(c') * o (1 - o)       da_i = dc' * g * i (1 - i)
-    da_f  = dc' * c * f (1 - f)              da_g = dc' * i * (1 - g^2)
-    dc    = dc' * f                          dh  += da W_hh   (the recurrent part of dh)
-    dW_ih += da^T x,   dW_hh += da^T h,   db_ih = db_hh += sum da,   dx = da W_ih
+Backward at step t, given dh_t (from above, plus da_{t+1} W_hh from step t + 1):
+    dc_t  = dc_{t+1} f_{t+1} + dh_t K_c,     K_c = o (1 - tanh(c_t)^2)
+    da_o  = dh_t K_o,                         K_o = tanh(c_t) o (1 - o)
+    da_i  = dc_t K_i,  da_f = dc_t K_f,  da_g = dc_t K_g,
+                       K_i = g i (1 - i),  K_f = c_{t-1} f (1 - f),  K_g = i (1 - g^2)
+    dW_ih = sum_t da_t^T x_t,  dW_hh = sum_t da_t^T h_{t-1},  db_ih = db_hh = sum_t da_t,  dx_t = da_t W_ih
 """
 
 from __future__ import annotations
@@ -126,21 +131,19 @@ def lstm_weights(lstm: torch.nn.LSTM) -> list[torch.Tensor]:
     return [getattr(lstm, f"{k}_l{l}") for l in range(lstm.num_layers) for k in names]
 
 
-def _gate_perm(H: int, device: torch.device) -> torch.Tensor:
-    """Row order [i, f, o, g] from PyTorch's [i, f, g, o]."""
-    r = torch.arange(H, device=device)
-    return torch.cat([r, r + H, r + 3 * H, r + 2 * H])
+def _gates(g: torch.Tensor, H: int) -> tuple[torch.Tensor, ...]:
+    """Views of the four gate blocks of a (n, 4H) gate tensor, in PyTorch's order i, f, g, o."""
+    return g[:, :H], g[:, H : 2 * H], g[:, 2 * H : 3 * H], g[:, 3 * H :]
 
 
-def _layer_weights(weights: list[torch.Tensor], layer: int, perm: torch.Tensor, g_scale: float = 1.0):
-    """W_ih, W_hh, b_ih + b_hh of one layer in gate order [i, f, o, g], the g rows times g_scale."""
+def _forward_weights(weights: list[torch.Tensor], layer: int):
+    """W_ih, W_hh and b_ih + b_hh of one layer with the g-gate rows doubled (new tensors):
+    then sigma(a) of the g block is sigma(2 a_g), and g = tanh(a_g) = 2 sigma(2 a_g) - 1."""
     w_ih, w_hh, b_ih, b_hh = weights[4 * layer : 4 * layer + 4]
-    w_ih, w_hh, bias = w_ih[perm], w_hh[perm], (b_ih + b_hh)[perm]
-    if g_scale != 1.0:
-        H = w_hh.shape[1]
-        for w in (w_ih, w_hh, bias):
-            w[3 * H :] *= g_scale
-    return w_ih, w_hh, bias
+    H = w_hh.shape[1]
+    scale = torch.ones(4 * H, 1, dtype=w_hh.dtype, device=w_hh.device)
+    scale[2 * H : 3 * H] = 2.0
+    return w_ih * scale, w_hh * scale, (b_ih + b_hh) * scale.squeeze(1)
 
 
 def _input_table(w_ih: torch.Tensor, bias: torch.Tensor, keep: float | None) -> torch.Tensor:
@@ -158,13 +161,12 @@ def _forward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks
     """Layer by layer over all positions: the output (dropout(top-layer h), (N, H)) and what the
     backward needs, per layer (activated gates, c, tanh(c), h, the layer's input x)."""
     H, N, sizes, offs = hidden, pk.num, pk.sizes, pk.offsets
-    perm = _gate_perm(H, weights[0].device)
     like = weights[0]
     saved = []
     x = None  # input of layer l > 0 at every position: dropout(h_{l-1}), (N, H)
     for l in range(layers):
         # g rows doubled: g = tanh(a_g) = 2 sigma(2 a_g) - 1, so one sigmoid covers the four gates
-        w_ih, w_hh, bias = _layer_weights(weights, l, perm, g_scale=2.0)
+        w_ih, w_hh, bias = _forward_weights(weights, l)
         gates, cell, tanh_c, h_out = (_POOL.take((N, 4 * H), like), _POOL.take((N, H), like),
                                       _POOL.take((N, H), like), _POOL.take((N, H), like))
         if l == 0:  # a = gathered table row (input + bias)
@@ -176,7 +178,7 @@ def _forward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks
             if t > 0:  # a += h_{t-1} W_hh^T (the rows alive at t are a prefix of those alive at t - 1)
                 g.addmm_(h_out[offs[t - 1] : offs[t - 1] + n], w_hh.t())
             torch.sigmoid_(g)  # i, f, o = sigma(a); the g block holds sigma(2 a_g)
-            i, f, o, gg = g[:, :H], g[:, H : 2 * H], g[:, 2 * H : 3 * H], g[:, 3 * H :]
+            i, f, gg, o = _gates(g, H)
             gg.mul_(2).sub_(1)  # g = tanh(a_g) = 2 sigma(2 a_g) - 1
             c = cell[a : a + n]
             if t == 0:  # c_{-1} = 0
@@ -197,54 +199,90 @@ def _forward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks
     return x, saved
 
 
+COEFFICIENT_BLOCK = 2**17  # elements (512 KiB in fp32) per block of the backward's coefficients: cache-sized
+
+
+def _chunks(sizes: list[int], offsets: list[int], rows: int) -> list[tuple[int, int]]:
+    """Consecutive steps [t0, t1) grouped so that each group covers >= `rows` packed rows (or one step)."""
+    groups, t0 = [], 0
+    for t in range(len(sizes)):
+        if offsets[t] + sizes[t] - offsets[t0] >= rows or t == len(sizes) - 1:
+            groups.append((t0, t + 1))
+            t0 = t + 1
+    return groups
+
+
+def _coefficients(pk: PackedTokens, r0: int, r1: int, gates, cell, tanh_c, c_prev, tmp, sig_d, H: int) -> None:
+    """For positions [r0, r1) turn what the forward saved into the backward's coefficients, in place:
+    gates [i, f, g, o] -> [K_i, K_f, K_g, K_o] = [g i (1-i), c_{t-1} f (1-f), i (1-g^2), tanh(c) o (1-o)],
+    cell c -> K_c = o (1 - tanh(c)^2), tanh_c -> f; so that at every step
+        dc_t = dc_{t+1} f_{t+1} + dh_t K_c,   da_{i,f,g} = dc_t K_{i,f,g},   da_o = dh_t K_o.
+    One op per quantity over a block of steps instead of one per step: the backward's loop
+    then costs 4 elementwise ops per step."""
+    B0, n = pk.sizes[0], r1 - r0
+    g = gates[r0:r1]
+    i, f, gg, o = _gates(g, H)
+    c, tc, cp, q, s = cell[r0:r1], tanh_c[r0:r1], c_prev[:n], tmp[:n], sig_d[:n]
+    # c_{t-1} of every position (0 at t = 0), read before c is overwritten
+    if r0 < B0:
+        cp[: B0 - r0].zero_()
+    if r1 > B0:
+        lo, hi = max(r0, B0) - B0, r1 - B0
+        shift = pk.shift
+        src = cell[shift.start + lo : shift.start + hi] if isinstance(shift, slice) else cell[shift[lo:hi]]
+        cp[max(r0, B0) - r0 :].copy_(src)
+    torch.addcmul(g[:, : 2 * H], g[:, : 2 * H], g[:, : 2 * H], value=-1, out=s)  # i (1 - i), f (1 - f)
+    torch.mul(tc, tc, out=c)
+    torch.addcmul(o, o, c, value=-1, out=c)  # K_c = o (1 - tanh(c)^2)
+    torch.addcmul(o, o, o, value=-1, out=q)
+    torch.mul(q, tc, out=o)  # K_o = tanh(c) o (1 - o)
+    tc.copy_(f)  # f, for dc_{t-1} = dc_t f_t
+    torch.mul(gg, gg, out=q)
+    torch.addcmul(i, i, q, value=-1, out=q)  # K_g = i (1 - g^2)
+    torch.mul(gg, s[:, :H], out=i)  # K_i = g i (1 - i)
+    gg.copy_(q)
+    torch.mul(cp, s[:, H:], out=f)  # K_f = c_{t-1} f (1 - f)
+
+
 def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks: list[torch.Tensor] | None,
               weights: list[torch.Tensor], hidden: int, layers: int, saved, grad_out: torch.Tensor):
     H, N, sizes, offs = hidden, pk.num, pk.sizes, pk.offsets
     T, B0 = len(sizes), sizes[0]
-    perm = _gate_perm(H, weights[0].device)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(len(perm), device=perm.device)
     like = weights[0]
     grads: list[torch.Tensor | None] = [None] * len(weights)
     # dL/dh of the current layer at every position: from above (the head, or the next layer's
     # input) plus, added step by step below, from the same layer's next step
     d_h = _POOL.take((N, H), like)
-    torch.mul(grad_out, masks[-1], out=d_h) if masks is not None else d_h.copy_(grad_out)
+    if masks is not None:  # through the dropout on the top layer's output
+        torch.mul(grad_out, masks[-1], out=d_h)
+    else:
+        d_h.copy_(grad_out)
     # dc double-buffered: rows beyond those alive at t + 1 are still zero when step t reads them
     d_cs = [like.new_zeros(B0, H), like.new_zeros(B0, H)]
-    work, work2, sig_d = like.new_empty(B0, H), like.new_empty(B0, H), like.new_empty(B0, 2 * H)
+    # coefficients are made a block of steps at a time, COEFFICIENT_BLOCK elements per (rows, H) block
+    chunks = _chunks(sizes, offs, max(1, COEFFICIENT_BLOCK // H))
+    rows = max(offs[t1 - 1] + sizes[t1 - 1] - offs[t0] for t0, t1 in chunks)
+    c_prev, tmp, sig_d = like.new_empty(rows, H), like.new_empty(rows, H), like.new_empty(rows, 2 * H)
     for l in reversed(range(layers)):
         gates, cell, tanh_c, h_out, x = saved[l]
-        w_ih, w_hh, _ = _layer_weights(weights, l, perm)
-        d_gates = gates  # da overwrites the activations of a step once they are used
+        w_ih, w_hh = weights[4 * l], weights[4 * l + 1]
+        d_gates = gates  # coefficients, then da, overwrite the activations
         for d_c in d_cs:
             d_c.zero_()
-        for t in reversed(range(T)):
-            n, a = sizes[t], offs[t]
-            dh = d_h[a : a + n]
-            if t + 1 < T:  # dh_t += da_{t+1} W_hh (rows alive at t + 1)
-                m = sizes[t + 1]
-                dh[:m].addmm_(d_gates[offs[t + 1] : offs[t + 1] + m], w_hh)
-            g = gates[a : a + n]  # activations [i, f, o, g], replaced by [da_i, da_f, da_o, da_g]
-            i, f, o, gg = g[:, :H], g[:, H : 2 * H], g[:, 2 * H : 3 * H], g[:, 3 * H :]
-            tc = tanh_c[a : a + n]
-            dc, dc_prev = d_cs[t % 2][:n], d_cs[(t + 1) % 2][:n]
-            w, u, s = work[:n], work2[:n], sig_d[:n]
-            torch.mul(dh, o, out=w)  # w = dh * o
-            torch.mul(w, tc, out=u)  # u = dh * o * tanh(c_t)
-            dc.add_(w).addcmul_(u, tc, value=-1)  # dc_t += dh * o * (1 - tanh(c_t)^2)
-            torch.addcmul(u, u, o, value=-1, out=o)  # da_o = dh * tanh(c_t) * o (1 - o)
-            torch.addcmul(g[:, : 2 * H], g[:, : 2 * H], g[:, : 2 * H], value=-1, out=s)  # i (1 - i), f (1 - f)
-            torch.mul(dc, i, out=w)  # w = dc * i
-            torch.mul(dc, gg, out=i)  # dc * g (to become da_i)
-            torch.mul(dc, f, out=dc_prev)  # dc_{t-1} = dc_t * f
-            if t > 0:  # dc * c_{t-1} (to become da_f)
-                torch.mul(dc, cell[offs[t - 1] : offs[t - 1] + n], out=f)
-            else:
-                f.zero_()
-            g[:, : 2 * H].mul_(s)  # da_i = dc g i (1 - i), da_f = dc c_{t-1} f (1 - f)
-            torch.mul(w, gg, out=u)
-            torch.addcmul(w, u, gg, value=-1, out=gg)  # da_g = dc * i * (1 - g^2)
+        for t0, t1 in reversed(chunks):
+            _coefficients(pk, offs[t0], offs[t1 - 1] + sizes[t1 - 1], gates, cell, tanh_c, c_prev, tmp, sig_d, H)
+            for t in reversed(range(t0, t1)):
+                n, a = sizes[t], offs[t]
+                dh = d_h[a : a + n]
+                if t + 1 < T:  # dh_t += da_{t+1} W_hh (rows alive at t + 1)
+                    m = sizes[t + 1]
+                    dh[:m].addmm_(d_gates[offs[t + 1] : offs[t + 1] + m], w_hh)
+                g = gates[a : a + n]  # [K_i, K_f, K_g, K_o], replaced by [da_i, da_f, da_g, da_o]
+                dc, dc_prev = d_cs[t % 2][:n], d_cs[(t + 1) % 2][:n]
+                dc.addcmul_(dh, cell[a : a + n])  # dc_t = dc_{t+1} f_{t+1} + dh_t o (1 - tanh(c_t)^2)
+                torch.mul(dc, tanh_c[a : a + n], out=dc_prev)  # dc_t f_t, carried to step t - 1
+                g[:, 3 * H :].mul_(dh)  # da_o = dh tanh(c_t) o (1 - o)
+                g[:, : 3 * H].view(n, 3, H).mul_(dc.unsqueeze(1))  # da_i, da_f, da_g = dc * K_i, K_f, K_g
         # weight gradients, one matmul each over all positions (computed transposed, (in, 4H):
         # MKL is faster with the long dimension N inside than as x^T's rows)
         if N > B0:  # dW_hh^T = sum_t h_{t-1}^T da_t  (h_{-1} = 0)
@@ -261,8 +299,7 @@ def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, mask
             torch.mm(d_gates, w_ih, out=d_h)  # dx = da W_ih, then through the dropout mask
             if masks is not None:
                 d_h.mul_(masks[l - 1])
-        d_bias = d_bias[inv]  # back to PyTorch's gate order [i, f, g, o]
-        grads[4 * l : 4 * l + 4] = [d_w_ih.t()[inv], d_w_hh.t()[inv], d_bias, d_bias.clone()]
+        grads[4 * l : 4 * l + 4] = [d_w_ih.t().contiguous(), d_w_hh.t().contiguous(), d_bias, d_bias.clone()]
         _POOL.give(gates, cell, tanh_c, h_out if masks is not None or l < layers - 1 else None,
                    x if masks is not None else None)
     _POOL.give(d_h)
@@ -287,12 +324,11 @@ class StepLSTM:
         H, L = self.hidden, self.layers = lstm.hidden_size, lstm.num_layers
         like = lstm.weight_hh_l0
         weights = lstm_weights(lstm)
-        perm = _gate_perm(H, like.device)
         self.mats: list[tuple[torch.Tensor, torch.Tensor | None, slice]] = []  # (W (K, 4H), bias, input columns)
         with torch.no_grad():
             for l in range(L):
                 # g rows doubled: g = tanh(a_g) = 2 sigma(2 a_g) - 1, one sigmoid for all gates
-                w_ih, w_hh, bias = _layer_weights(weights, l, perm, g_scale=2.0)
+                w_ih, w_hh, bias = _forward_weights(weights, l)
                 if l == 0:  # rows: table (bias + W_ih[:, k]; BOS row = bias), zero padding, W_hh^T
                     pad = like.new_zeros(self.P - 4, 4 * H)
                     self.mats.append((torch.cat([_input_table(w_ih, bias, None), pad, w_hh.t()]), None,
@@ -326,7 +362,7 @@ class StepLSTM:
             else:
                 torch.addmm(bias, self.z[:n, cols], w, out=g)
             torch.sigmoid_(g)  # i, f, o = sigma(a); s_g = sigma(2 a_g), so g = tanh(a_g) = 2 s_g - 1
-            i, f, o, s_g = g[:, :H], g[:, H : 2 * H], g[:, 2 * H : 3 * H], g[:, 3 * H :]
+            i, f, s_g, o = _gates(g, H)
             # the cell holds c2 = 2c: c2_t = f c2_{t-1} + 2 i g = f c2_{t-1} + 4 i s_g - 2 i
             self.cell[l, :n].mul_(f).addcmul_(i, s_g, value=4.0).sub_(i, alpha=2.0)
             tc = torch.sigmoid(self.cell[l, :n], out=self.tanh_c[:n])

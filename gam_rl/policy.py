@@ -59,7 +59,9 @@ class LSTMPolicy(nn.Module):
         Rows are packed by length, so the LSTM, the head and the softmax only run on real
         symbols: a batch with a few long rows costs what its symbols cost, not B * width.
         """
-        fused = self.fused_kernel if self.fused_kernel is not None else self.device.type == "cpu"
+        fused = getattr(self, "fused_kernel", None)  # getattr: modules pickled before the attribute existed
+        if fused is None:
+            fused = self.device.type == "cpu"
         return self._log_prob_fused(tokens) if fused else self._log_prob_nn_lstm(tokens)
 
     def _log_prob_fused(self, tokens: torch.Tensor) -> torch.Tensor:

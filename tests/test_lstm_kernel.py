@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gam_rl import lstm_kernel
 from gam_rl.lstm_kernel import PackedTokens, StepLSTM, dropout_masks, lstm_over_tokens, lstm_weights, pack_tokens
 from gam_rl.policy import LSTMPolicy
 from gam_rl.tokens import EOS, PAD
@@ -41,20 +42,24 @@ def log_prob_and_grads(policy, tokens, fused, weights):
 
 
 @pytest.mark.parametrize("layers", [1, 2, 3])
-def test_fused_log_prob_and_gradients_equal_nn_lstm(layers):
+@pytest.mark.parametrize("block", [1, 400, 2**17])  # coefficient blocks of the backward: 1 step, a few, all
+def test_fused_log_prob_and_gradients_equal_nn_lstm(layers, block, monkeypatch):
+    monkeypatch.setattr(lstm_kernel, "COEFFICIENT_BLOCK", block)
     policy = policy64(layers).eval()  # dropout off
-    tokens = random_batch()
-    weights = torch.randn(len(tokens), dtype=torch.float64)
-    ref, ref_grads = log_prob_and_grads(policy, tokens, False, weights)
-    got, grads = log_prob_and_grads(policy, tokens, True, weights)
-    assert torch.allclose(got, ref, rtol=0, atol=1e-10)
-    assert set(grads) == set(ref_grads)
-    for name, g in grads.items():
-        scale = ref_grads[name].abs().max()
-        assert scale > 0
-        assert (g - ref_grads[name]).abs().max() <= 1e-10 * scale, name
-    with torch.no_grad():  # the no-autograd path (StepLSTM)
-        assert torch.allclose(policy.log_prob(tokens), ref, rtol=0, atol=1e-10)
+    uniform = torch.randint(0, 2, (23, 9), generator=torch.Generator().manual_seed(1))
+    uniform[:, -1] = EOS  # every row 8 bits + EOS (the packed layout's equal-length case)
+    for tokens in (random_batch(), uniform):
+        weights = torch.randn(len(tokens), dtype=torch.float64)
+        ref, ref_grads = log_prob_and_grads(policy, tokens, False, weights)
+        got, grads = log_prob_and_grads(policy, tokens, True, weights)
+        assert torch.allclose(got, ref, rtol=0, atol=1e-10)
+        assert set(grads) == set(ref_grads)
+        for name, g in grads.items():
+            scale = ref_grads[name].abs().max()
+            assert scale > 0
+            assert (g - ref_grads[name]).abs().max() <= 1e-10 * scale, name
+        with torch.no_grad():  # the no-autograd path (StepLSTM)
+            assert torch.allclose(policy.log_prob(tokens), ref, rtol=0, atol=1e-10)
 
 
 def test_fused_float32_matches_nn_lstm():
@@ -91,7 +96,9 @@ def reference_lstm(lstm, pk: PackedTokens, kept, masks, keep):
 
 
 @pytest.mark.parametrize("layers", [1, 2])
-def test_fused_dropout_with_fixed_masks_equals_reference(layers):
+@pytest.mark.parametrize("block", [1, 400])
+def test_fused_dropout_with_fixed_masks_equals_reference(layers, block, monkeypatch):
+    monkeypatch.setattr(lstm_kernel, "COEFFICIENT_BLOCK", block)
     policy = policy64(layers, seed=3)
     pk = pack_tokens(random_batch(seed=3))
     p = 0.3
