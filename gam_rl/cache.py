@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -52,6 +53,17 @@ def default_dir() -> Path:
     return Path(root) / "training1"
 
 
+@functools.cache
+def source_digest() -> str:
+    """sha256 of every gam_rl/**/*.py file (path and bytes): an entry made by other code is never reused,
+    even where gam_rl.__version__ was not bumped (an editable install under development)."""
+    root = Path(gam_rl.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def key_config(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     """Every value the stages before Training-2 read (locations such as data.cache_dir excluded),
     plus the code versions. `threads` is left out on purpose: it may change the last bits of a
@@ -60,7 +72,8 @@ def key_config(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         return OmegaConf.to_container(cfg[key], resolve=True)
 
     return {
-        "format": CACHE_FORMAT, "gam_rl": gam_rl.__version__, "torch": torch.__version__,
+        "format": CACHE_FORMAT, "gam_rl": gam_rl.__version__, "source": source_digest(),
+        "torch": torch.__version__, "numpy": np.__version__,
         "motif": str(cfg.motif), "features": str(cfg.features), "dataset_size": cfg.dataset_size, "seed": cfg.seed,
         "n": cfg.n, "data": {"pools": plain("data")["pools"], "valid_size": cfg.data.valid_size},
         "model": plain("model"), "r": plain("r"), "training1": plain("training1"), "z": plain("z"),

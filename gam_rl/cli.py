@@ -15,6 +15,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from gam_rl.config import ConfigError, validate
@@ -110,8 +111,17 @@ class FolderConflict(RuntimeError):
     """Two jobs of one sweep map to the same folder (see gam_rl.sweep.folder_conflict)."""
 
 
-class Terminated(Exception):
-    """SIGTERM received: the run stops and records itself as failed."""
+class Terminated(SystemExit):
+    """SIGTERM received: the run records itself as failed and the process exits with 143
+    (128 + SIGTERM). A SystemExit, like Lightning's own SIGTERMException, so that it is not
+    caught as one failed job: a serial sweep stops instead of going on to the next job."""
+
+    def __init__(self, message: str):
+        super().__init__(143)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _sigterm_raises():
@@ -193,6 +203,10 @@ def main(cfg: DictConfig) -> None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         results = execute(cfg, run_dir, Path(hydra_cfg.sweep.dir) if multirun else None)
+    except (Terminated, SIGTERMException):
+        # not one failed job among others: the whole process was asked to stop (a serial sweep ends here)
+        log.error("stopped by SIGTERM; %s records the run as failed", run_dir / "results.json")
+        sys.exit(143)
     except ConfigError as err:
         log.error("%s", err)
         if multirun:

@@ -75,6 +75,13 @@ def _check_method(cfg: DictConfig, problems: list[str]) -> None:
                         "the true target is only available to the DPG algorithms")
 
 
+def _thins(dpg: DictConfig) -> bool:
+    """Whether DPG thins its draws: fewer items kept than drawn."""
+    minibatch = dpg.get("minibatch")
+    kept, drawn = dpg.get("keep_per_draw") or minibatch, dpg.get("proposal_batch") or minibatch
+    return all(isinstance(v, int) for v in (kept, drawn)) and kept < max(drawn, minibatch)
+
+
 def _check_schedules(cfg: DictConfig, features: str | None, problems: list[str]) -> None:
     for key in ("chunk", "samples_per_step", "buffer", "max_epochs", "patience"):
         _positive_int(cfg, f"training1.{key}", problems)
@@ -103,11 +110,23 @@ def _check_schedules(cfg: DictConfig, features: str | None, problems: list[str])
     replay = cfg.dpg.get("replay")
     if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
         problems.append(f"dpg.replay={replay!r}: must be a non-negative integer (0 = off)")
+    elif replay:
+        minibatch, kept = cfg.dpg.get("minibatch"), cfg.dpg.get("keep_per_draw") or cfg.dpg.get("minibatch")
+        if all(isinstance(v, int) for v in (minibatch, kept)) and replay < max(minibatch, kept):
+            problems.append(f"dpg.replay={replay}: must be 0 or >= dpg.keep_per_draw ({kept}) and >= "
+                            f"dpg.minibatch ({minibatch}): the buffer holds at least one whole draw")
+    method = cfg.get("method")
+    if (cfg.dpg.get("baseline") is True and isinstance(method, DictConfig) and method.get("target") == "true"
+            and _thins(cfg.dpg)):
+        problems.append("dpg.baseline=true with thinning (dpg.keep_per_draw < dpg.proposal_batch) and "
+                        "method.target='true': thinning drops the zero-weight samples that the baseline "
+                        "term needs, which biases the gradient; turn one of them off")
     for section in ("training1", "z", "distill"):
         _positive_int(cfg, f"{section}.max_len", problems, allow_none=True)
     if cfg.training1.get("reuse") not in ("epoch", "run"):
         problems.append(f"training1.reuse={cfg.training1.get('reuse')!r}: choose one of ['epoch', 'run']")
     _positive_int(cfg, "z.min_samples", problems)
+    _positive_int(cfg, "z.tail_hits", problems)
     if cfg.z.get("rel_tol") is not None:
         _positive_number(cfg, "z.rel_tol", problems)
     estimator = cfg.training1.get("estimator")

@@ -125,12 +125,16 @@ class ZEstimate:
 
 
 def importance_z(draw: Callable[[int], tuple[Samples, torch.Tensor]], num: int, batch_size: int,
-                 rel_tol: float | None = None, min_samples: int = 0) -> ZEstimate:
+                 rel_tol: float | None = None, min_samples: int = 0,
+                 tail_seen: Callable[[], bool] | None = None) -> ZEstimate:
     """Z = E_q[P(x)/q(x)] ~ mean_i w_i, x_i ~ q. `draw(k)` returns k samples and their log w.
 
     rel_se = std(w) / (sqrt(N) mean(w)), the relative standard error of Z-hat (CLT).
     With `rel_tol`, sampling stops after the first batch (and at least `min_samples`) where
-    rel_se <= rel_tol; `num` is then the cap.
+    rel_se <= rel_tol and `tail_seen()` is true; `num` is then the cap. The empirical rel_se
+    cannot see heavy weights that have not been drawn yet (before the first one, the weights
+    look uniform and rel_se looks small while Z-hat is far too low): `tail_seen` is the
+    caller's test that the heavy part has been sampled often enough for rel_se to mean something.
     """
     log_ws = []
     drawn = 0
@@ -138,7 +142,7 @@ def importance_z(draw: Callable[[int], tuple[Samples, torch.Tensor]], num: int, 
         _, log_w = draw(min(batch_size, num - drawn))
         log_ws.append(log_w.double())
         drawn += len(log_w)
-        if rel_tol is not None and drawn >= min_samples:
+        if rel_tol is not None and drawn >= min_samples and (tail_seen is None or tail_seen()):
             current = torch.cat(log_ws)
             if torch.isfinite(current).any() and _z_from_log_w(current).rel_se <= rel_tol:
                 break
@@ -174,6 +178,10 @@ def thin_by_weight(log_w: torch.Tensor, budget: int, generator: torch.Generator 
     n = len(log_w)
     if budget >= n:
         return torch.arange(n, device=log_w.device), log_w
+    if torch.isneginf(log_w).all():
+        # every weight is 0: the estimate is exactly 0; keep one zero-weight item (a zero update,
+        # as the unthinned paper path gives) rather than fail
+        return torch.arange(1, device=log_w.device), log_w[:1]
     check_log_weights(log_w, "thinning")
     log_w64 = log_w.double()
     # sum_i min(1, w_i / c) is decreasing in c: bisect on log c

@@ -188,14 +188,22 @@ def estimate_z_and_ce(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotentia
     max_len = sampling_max_len(cfg, zc.max_len)
     generator = torch.Generator(device=r.device).manual_seed(cfg.seed + 2)
     phis, log_ws = [], []
+    # the heavy weights exp(lambda . phi) come from features with lambda_k > 0 (the motif's, at
+    # small |D|, can be rare under r): the tolerance stop waits for z.tail_hits samples with each
+    # of them at >= 1/2 (phi in [0, 1])
+    up_weighted = gam.lam > 0
+    hits = torch.zeros(int(up_weighted.sum()), dtype=torch.long, device=gam.lam.device)
 
     def draw(k):
+        nonlocal hits
         samples = r.sample(k, max_len, generator)
         phis.append(gam.features(samples.tokens))
         log_ws.append(phis[-1] @ gam.lam)  # P_lambda(x) / r(x) = exp(lambda . phi(x))
+        hits = hits + (phis[-1][:, up_weighted] >= 0.5).sum(0)
         return samples, log_ws[-1]
 
-    z = importance_z(draw, zc.samples, zc.batch_size, rel_tol=zc.rel_tol, min_samples=zc.min_samples)
+    z = importance_z(draw, zc.samples, zc.batch_size, rel_tol=zc.rel_tol, min_samples=zc.min_samples,
+                     tail_seen=lambda: bool((hits >= zc.tail_hits).all()))
     run.count_samples("z", z.num)
     moments_model = snis_moments(torch.cat(log_ws), torch.cat(phis)).moments
     with eval_mode(r):

@@ -191,9 +191,14 @@ def _identity(results: dict, config: dict) -> dict:
     method_name = method_cfg.get("name") if isinstance(method_cfg, dict) else method_cfg
     pick = {key: results.get(key) if results.get(key) is not None else config.get(key)
             for key in ("profile", "motif", "features", "dataset_size", "seed")}
+    method = _as_bits(results.get("method") or method_name)
+    target = results.get("target") or (method_cfg.get("target") if isinstance(method_cfg, dict) else None)
+    if method in PAPER_METHODS and target not in (None, "gam"):
+        # e.g. method=dpg_off method.target=true: not the paper's dpg_off, so not in its columns
+        method = f"{method}@target={target}"
     return {"profile": _as_bits(pick["profile"]), "motif": _as_bits(pick["motif"]),
             "features": _as_bits(pick["features"]), "dataset_size": _as_int(pick["dataset_size"]),
-            "seed": _as_int(pick["seed"]), "method": _as_bits(results.get("method") or method_name)}
+            "seed": _as_int(pick["seed"]), "method": method}
 
 
 def load_run(run_dir: Path) -> RunRecord:

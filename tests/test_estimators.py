@@ -114,6 +114,28 @@ def test_importance_z_stops_at_the_tolerance(problem):
     assert loose.num == 6_000  # never before min_samples
 
 
+def test_importance_z_tolerance_waits_for_the_heavy_tail():
+    # one weight of 5000 in every 5000 draws, the rest 1: Z = (4999 + 5000) / 5000 ~ 2.
+    # Before the first heavy draw the weights look uniform (rel_se = 0) and Z-hat = 1.
+    def stream():
+        drawn, heavy = 0, 0
+
+        def draw(k):
+            nonlocal drawn, heavy
+            is_heavy = torch.arange(drawn, drawn + k) % 5000 == 4999
+            drawn, heavy = drawn + k, heavy + int(is_heavy.sum())
+            return None, torch.where(is_heavy, math.log(5000.0), 0.0).double()
+
+        return draw, lambda: heavy >= 10
+
+    draw, _ = stream()
+    blind = importance_z(draw, 1_000_000, 2_000, rel_tol=0.2, min_samples=4_000)
+    assert blind.num == 4_000 and blind.z == pytest.approx(1.0)  # the failure the tail test prevents
+    draw, tail_seen = stream()
+    z = importance_z(draw, 1_000_000, 2_000, rel_tol=0.2, min_samples=4_000, tail_seen=tail_seen)
+    assert z.num == 50_000 and z.z == pytest.approx(9999 / 5000) and z.rel_se <= 0.2
+
+
 def test_true_process_potential_has_exact_log_z():
     process = MotifProcess("11", 6)
     pot = TrueProcessPotential(process)
@@ -163,3 +185,8 @@ def test_thinning_is_unbiased_and_respects_the_budget():
     assert abs(sum(kept) / len(kept) - 100) < 5
     keep, same = thin_by_weight(log_w[:50], 100, gen)  # budget above n: untouched
     assert len(keep) == 50 and torch.equal(same, log_w[:50])
+    # all weights zero (a true target no draw has hit): the estimate is exactly 0, one zero item kept
+    keep, zero = thin_by_weight(torch.full((500,), -math.inf), 100, gen)
+    assert len(keep) == 1 and torch.isneginf(zero).all()
+    with pytest.raises(EstimatorError, match="NaN"):
+        thin_by_weight(torch.tensor([0.0, float("nan")] * 100), 100, gen)

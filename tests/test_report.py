@@ -212,6 +212,16 @@ def test_duplicate_prefers_ok_run_and_notes_it(sweep):
     assert row["ce_dpg_dis_n"] == "4"
 
 
+def test_a_paper_method_on_another_target_is_kept_out_of_the_table1_columns(sweep):
+    # dpg_off re-pointed at the true target (method.target=true): its own method, never averaged with dpg_off
+    write_run(sweep / "true_target", ok_results(M1, 1234, 500, "dpg_off", target="true", ce_test_pi=99.0))
+    main([str(sweep)])
+    row = next(r for r in read_csv(sweep / "report" / "table1.csv") if r["dataset_size"] == "500")
+    assert float(row["ce_dpg_dis_mean"]) == pytest.approx(statistics.mean(
+        expected_column(("dpg_off", "ce_test_pi"), ("distill", "ce_test_pi"), 500)))
+    assert "dpg_off@target=true" in (sweep / "report" / "table1.md").read_text()
+
+
 def test_profiles_are_reported_separately(tmp_path):
     root = tmp_path / "runs"
     for profile in ("cpu", "smoke"):

@@ -7,6 +7,7 @@ small data pools; each sweep has two jobs.
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -161,6 +162,24 @@ def test_cache_key_depends_on_what_training1_reads_and_nothing_else():
                   ["data.pools.test=100"], ["n=29"]):
         assert cache.cache_key(composed(*other), cpu) != base, other
     assert cache.cache_key(composed(), torch.device("cuda")) != base
+
+
+def test_cache_key_changes_with_the_source_code(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    base = cache.cache_key(composed(), cpu)
+    assert cache.source_digest() == cache.source_digest.__wrapped__()  # a pure function of the files
+    # the same package with one source byte changed: another digest, another key
+    package = tmp_path / "gam_rl"
+    shutil.copytree(Path(cache.gam_rl.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "estimators.py").write_text((package / "estimators.py").read_text() + "\n# changed\n")
+    monkeypatch.setattr(cache.gam_rl, "__file__", str(package / "__init__.py"))
+    cache.source_digest.cache_clear()
+    try:
+        assert cache.cache_key(composed(), cpu) != base
+    finally:
+        monkeypatch.undo()
+        cache.source_digest.cache_clear()
+    assert cache.cache_key(composed(), cpu) == base
 
 
 def _fake_stages(cfg, run, logger, run_dir: Path, counter: Path, fail: bool = False):

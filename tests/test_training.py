@@ -133,20 +133,33 @@ def test_dpg_off_with_replay_reaches_the_target_with_fewer_samples():
     assert fit.samples == 100 * 1024 and len(fit.swaps) >= 1
 
 
-def test_dpg_off_named_options_together_reach_the_target():
-    """Warm start, running-Z normalisation, the pi/q baseline, thinning to few items per draw,
-    replay and the KL-gated swap, all on: the same threshold as the paper's DPG_off."""
+@pytest.mark.parametrize("kept, baseline", [(128, False), (1024, True)], ids=["thinned", "baseline"])
+def test_dpg_off_named_options_together_reach_the_target(kept, baseline):
+    """Warm start, running-Z normalisation, replay and the KL-gated swap, with either thinning to
+    few items per draw or the pi/q baseline (together they are biased on a target with zeros):
+    the same threshold as the paper's DPG_off."""
     _, potential, space, log_p, valid = true_target_problem()
     r = proposal(seed=2, hidden=16)
     pi = LSTMPolicy(16, 1, dropout=0.0)
     pi.load_state_dict(r.state_dict())  # init = r
-    options = small_schedule(proposal_batch=1024, keep_per_draw=128, replay=2048, steps_per_draw=4,
-                             normalise="running_z", baseline=True, swap_gate="kl_is")
+    options = small_schedule(proposal_batch=1024, keep_per_draw=kept, replay=2048, steps_per_draw=4,
+                             normalise="running_z", baseline=baseline, swap_gate="kl_is")
     fit = train_dpg(pi, r, potential, valid, options, symbols_per_seq=7,
                     ce_valid_proposal=-float(r.log_prob(valid).mean()) / 7, seed=4)
     assert policy_kl(log_p, pi, space) < 0.25
     assert len(fit.swaps) >= 1
-    # the KL gate swaps only on an estimated gain beyond two standard errors
-    assert all(s["gate"] == "kl_is" and s["kl_gain"] > 2 * s["kl_gain_se"] > 0 for s in fit.swaps)
+    # the KL gate swaps only on an estimated gain beyond two standard errors, on >= 30 effective samples
+    assert all(s["gate"] == "kl_is" and s["kl_gain"] > 2 * s["kl_gain_se"] > 0 and s["kl_gate_ess"] >= 30
+               for s in fit.swaps)
     # running Z-hat = mean of P/q over every draw: E_q[P/q] = Z for each proposal q
     assert fit.log_z_running == pytest.approx(potential.log_z, abs=0.1)
+
+
+def test_dpg_rejects_biased_or_inconsistent_option_combinations():
+    _, potential, _, _, valid = true_target_problem()
+    r = proposal(seed=2, hidden=16)
+    with pytest.raises(ValueError, match="dpg.replay=100"):
+        small_schedule(replay=100)  # smaller than one minibatch
+    with pytest.raises(ValueError, match="baseline"):  # thinning drops the zero-weight items the baseline needs
+        train_dpg(LSTMPolicy(16, 1, dropout=0.0), r, potential, valid,
+                  small_schedule(proposal_batch=1024, baseline=True), symbols_per_seq=7, ce_valid_proposal=1.0)

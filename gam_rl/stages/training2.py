@@ -52,6 +52,7 @@ from gam_rl.tokens import pad_cat
 log = logging.getLogger("gam_rl")
 
 DPG_ALGORITHMS = ("dpg_off", "dpg_on", "pg")
+KL_GATE_MIN_ESS = 30.0  # kl_is gate: fewer effective samples than this never swap
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ class DPGOptions:
                                      ("swap_gate", self.swap_gate, SWAP_GATES)):
             if value not in allowed:
                 raise ValueError(f"dpg.{name}={value!r}: choose one of {list(allowed)}")
+        kept = self.keep_per_draw or self.minibatch
+        if self.replay and self.replay < max(kept, self.minibatch):
+            # the buffer must hold at least one whole draw (the replay rescaling assumes it) and a minibatch
+            raise ValueError(f"dpg.replay={self.replay} must be 0 or >= dpg.keep_per_draw ({kept}) "
+                             f"and >= dpg.minibatch ({self.minibatch})")
 
 
 @dataclass
@@ -124,6 +130,12 @@ class DPGModule(pl.LightningModule):
         self.proposal_batch = max(o.proposal_batch or o.minibatch, o.minibatch)
         self.keep_per_draw = o.keep_per_draw or o.minibatch
         self.steps_per_draw = max(1, o.steps_per_draw)
+        if o.baseline and self.keep_per_draw < self.proposal_batch and not isinstance(potential, GAMPotential):
+            # thinning keeps zero-weight items with probability 0, but the baseline term b pi/q is
+            # nonzero on them: only a potential that is positive everywhere (the GAM) is safe
+            raise ValueError("dpg.baseline=true with thinning needs a potential that is positive everywhere "
+                             f"(the GAM), not {type(potential).__name__}: set dpg.keep_per_draw >= "
+                             "dpg.proposal_batch or dpg.baseline=false")
         self._buffer: WeightedDraw | None = None  # replay buffer
         self._pending: WeightedDraw | None = None  # a draw scored by the swap gate, not yet trained on
         # P_lambda / r = exp(lambda . phi): valid while q is the untouched base model of the GAM
@@ -169,12 +181,14 @@ class DPGModule(pl.LightningModule):
             else:
                 log_p = self.potential.log_potential(samples.tokens).double()
                 log_w = log_p - self.log_z - (log_q if self.algorithm != "pg" else 0.0)
-            if self.algorithm != "pg" and torch.isfinite(log_w).any():
-                if self.trainer.training:  # the swap gate draws during validation, where step logs are refused
-                    self.log("dpg/ess", effective_sample_size(log_w), on_step=True, on_epoch=False)
-                self._log_w_sum = float(torch.logaddexp(torch.tensor(self._log_w_sum, dtype=torch.float64),
-                                                        torch.logsumexp(log_w, 0)))
+            if self.algorithm != "pg":
+                # every draw counts in the running mean, zero weights included (E_q[P/q] = Z)
                 self._w_count += len(log_w)
+                if torch.isfinite(log_w).any():
+                    if self.trainer.training:  # the swap gate draws during validation, where step logs are refused
+                        self.log("dpg/ess", effective_sample_size(log_w), on_step=True, on_epoch=False)
+                    self._log_w_sum = float(torch.logaddexp(torch.tensor(self._log_w_sum, dtype=torch.float64),
+                                                            torch.logsumexp(log_w, 0)))
             keep, thinned = thin_by_weight(log_w, self.keep_per_draw, self._gen())
             # w_i / p_i / N = w_i exp(log_ht); zero-weight items (kept only when nothing is thinned) have p_i = 1
             kept_w = log_w[keep]
@@ -223,26 +237,33 @@ class DPGModule(pl.LightningModule):
     def _kl_gain(self) -> tuple[float, float]:
         """KL(p || q) - KL(p || pi) = E_p[log pi(x) - log q(x)], by self-normalised IS on a
         fresh draw of q (then used for training, so the gate costs no extra samples);
-        returns (estimate, its standard error)."""
+        returns (estimate, its standard error, the draw's effective sample size)."""
+        self._pending = None  # always a fresh draw of the current q (an older one may be of another q)
         draw = self._pending = self._draw_weighted()
+        log_c = draw.log_w + draw.log_ht
+        if not torch.isfinite(log_c).any():  # no sample of q in the support of P: nothing to compare on
+            return 0.0, math.inf, 0.0
         with torch.no_grad(), eval_mode(self.pi):
             diff = self.pi.log_prob(draw.tokens).double() - draw.log_q
-        weights = torch.softmax(draw.log_w + draw.log_ht, 0)
+        weights = torch.softmax(log_c, 0)
         gain = float((weights * diff).sum())
-        return gain, float(torch.sqrt((weights**2 * (diff - gain) ** 2).sum()))
+        return gain, float(torch.sqrt((weights**2 * (diff - gain) ** 2).sum())), effective_sample_size(log_c)
 
     def on_validation_epoch_end(self):
         ce_pi = -self._val_sum / (self._val_count * self.symbols)  # CE(V, pi) in nats per symbol
         self._val_sum, self._val_count = 0.0, 0
         if self.algorithm == "dpg_off" and not self.trainer.sanity_checking:
             if self.options.swap_gate == "ce_valid":
-                better, gain, gain_se = ce_pi < self.ce_valid_q, None, None  # swap only to a better policy
+                better, gain, gain_se, ess = ce_pi < self.ce_valid_q, None, None, None  # only to a better policy
             else:
-                gain, gain_se = self._kl_gain()
-                better = gain > 2.0 * gain_se  # pi closer to p than q, beyond two standard errors
+                gain, gain_se, ess = self._kl_gain()
+                # pi closer to p than q, beyond two standard errors, on enough effective samples
+                # for the standard error itself to be trusted
+                better = ess >= KL_GATE_MIN_ESS and gain > 2.0 * gain_se
                 self.log("dpg/kl_gain", gain)
+                self.log("dpg/kl_gate_ess", ess)
             if better:
-                self._swap(ce_pi, gain, gain_se)
+                self._swap(ce_pi, gain, gain_se, ess)
         if self.target_ce_valid is not None and self.reached_target is None and ce_pi <= self.target_ce_valid:
             self.reached_target = {"samples": self.samples_drawn, "updates": int(self.global_step),
                                    "seconds": round(time.perf_counter() - self._started, 3), "ce_valid_pi": ce_pi}
@@ -254,9 +275,10 @@ class DPGModule(pl.LightningModule):
         if self._w_count:
             self.log("dpg/log_z_running", self.log_z_running)
 
-    def _swap(self, ce_pi: float, gain: float | None, gain_se: float | None) -> None:
+    def _swap(self, ce_pi: float, gain: float | None, gain_se: float | None, ess: float | None) -> None:
         swap = {"step": int(self.global_step), "epoch": int(self.current_epoch), "gate": self.options.swap_gate,
-                "ce_valid_pi": ce_pi, "ce_valid_q": self.ce_valid_q, "kl_gain": gain, "kl_gain_se": gain_se}
+                "ce_valid_pi": ce_pi, "ce_valid_q": self.ce_valid_q, "kl_gain": gain, "kl_gain_se": gain_se,
+                "kl_gate_ess": ess}
         self.swaps.append(swap)
         log.info("[dpg] step %d: q <- pi (CE(V, pi) %.4f, CE(V, q) %.4f%s)", swap["step"], ce_pi, self.ce_valid_q,
                  "" if gain is None else f", KL gain {gain:.4f} +- {gain_se:.4f}")
