@@ -18,6 +18,7 @@ TARGETS = ("gam", "true")
 INITS = ("fresh", "r")  # dpg.init
 NORMALISE = ("none", "running_z")  # dpg.normalise
 SWAP_GATES = ("ce_valid", "kl_is")  # dpg.swap_gate
+KL_GATE_MIN_ESS = 30.0  # dpg.swap_gate=kl_is: fewer effective samples than this never swap
 ESTIMATORS = ("snis_r", "rs")
 PROFILES = ("paper", "cpu", "smoke")
 DEVICES = ("auto", "cpu", "cuda")
@@ -82,6 +83,29 @@ def _thins(dpg: DictConfig) -> bool:
     return all(isinstance(v, int) for v in (kept, drawn)) and kept < max(drawn, minibatch)
 
 
+def _check_dpg_combinations(cfg: DictConfig, replay, problems: list[str]) -> None:
+    """dpg.* values that are fine alone but not together (only for the DPG methods)."""
+    method = cfg.get("method")
+    algorithm = method.get("algorithm") if isinstance(method, DictConfig) else None
+    if algorithm == "distill":
+        return
+    minibatch, kept = cfg.dpg.get("minibatch"), cfg.dpg.get("keep_per_draw") or cfg.dpg.get("minibatch")
+    drawn = cfg.dpg.get("proposal_batch") or minibatch
+    if isinstance(replay, int) and replay > 0 and all(isinstance(v, int) for v in (minibatch, kept)) \
+            and replay < max(minibatch, kept):
+        problems.append(f"dpg.replay={replay}: must be 0 or >= dpg.keep_per_draw ({kept}) and >= "
+                        f"dpg.minibatch ({minibatch}): the buffer holds at least one whole draw")
+    if (cfg.dpg.get("swap_gate") == "kl_is" and all(isinstance(v, int) for v in (kept, drawn))
+            and min(kept, drawn) < KL_GATE_MIN_ESS):
+        problems.append(f"dpg.swap_gate='kl_is' with {min(kept, drawn)} items per draw: the gate swaps only on an "
+                        f"effective sample size >= {KL_GATE_MIN_ESS:.0f}; raise dpg.keep_per_draw / dpg.minibatch")
+    if (cfg.dpg.get("baseline") is True and algorithm != "pg" and method.get("target") == "true"
+            and _thins(cfg.dpg)):
+        problems.append("dpg.baseline=true with thinning (dpg.keep_per_draw < dpg.proposal_batch) and "
+                        "method.target='true': thinning drops the zero-weight samples that the baseline "
+                        "term needs, which biases the gradient; turn one of them off")
+
+
 def _check_schedules(cfg: DictConfig, features: str | None, problems: list[str]) -> None:
     for key in ("chunk", "samples_per_step", "buffer", "max_epochs", "patience"):
         _positive_int(cfg, f"training1.{key}", problems)
@@ -110,17 +134,7 @@ def _check_schedules(cfg: DictConfig, features: str | None, problems: list[str])
     replay = cfg.dpg.get("replay")
     if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
         problems.append(f"dpg.replay={replay!r}: must be a non-negative integer (0 = off)")
-    elif replay:
-        minibatch, kept = cfg.dpg.get("minibatch"), cfg.dpg.get("keep_per_draw") or cfg.dpg.get("minibatch")
-        if all(isinstance(v, int) for v in (minibatch, kept)) and replay < max(minibatch, kept):
-            problems.append(f"dpg.replay={replay}: must be 0 or >= dpg.keep_per_draw ({kept}) and >= "
-                            f"dpg.minibatch ({minibatch}): the buffer holds at least one whole draw")
-    method = cfg.get("method")
-    if (cfg.dpg.get("baseline") is True and isinstance(method, DictConfig) and method.get("target") == "true"
-            and _thins(cfg.dpg)):
-        problems.append("dpg.baseline=true with thinning (dpg.keep_per_draw < dpg.proposal_batch) and "
-                        "method.target='true': thinning drops the zero-weight samples that the baseline "
-                        "term needs, which biases the gradient; turn one of them off")
+    _check_dpg_combinations(cfg, replay, problems)
     for section in ("training1", "z", "distill"):
         _positive_int(cfg, f"{section}.max_len", problems, allow_none=True)
     if cfg.training1.get("reuse") not in ("epoch", "run"):

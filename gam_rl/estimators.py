@@ -151,6 +151,22 @@ def importance_z(draw: Callable[[int], tuple[Samples, torch.Tensor]], num: int, 
     return _z_from_log_w(log_w)
 
 
+class ExpectedAccepts:
+    """sum_i w_i / beta over every draw added so far (w_i / beta clipped at 1): the expected
+    number of exact samples rejection sampling with bound beta would accept from them, n Z-hat /
+    beta. As a stopping test for importance_z (`tail_seen`) it is robust to the heavy tail that
+    rel_se cannot see: while the heavy strings have not been drawn, Z-hat and the count stay low."""
+
+    def __init__(self, log_beta: float, needed: float):
+        self.log_beta, self.needed, self.value = log_beta, needed, 0.0
+
+    def add(self, log_w: torch.Tensor) -> None:
+        self.value += float(torch.exp((log_w.double() - self.log_beta).clamp(max=0.0)).sum())
+
+    def __call__(self) -> bool:
+        return self.value >= self.needed
+
+
 def _z_from_log_w(log_w: torch.Tensor) -> ZEstimate:
     n = len(log_w)
     log_z = float(torch.logsumexp(log_w, 0) - math.log(n))

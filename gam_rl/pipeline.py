@@ -23,8 +23,10 @@ from gam_rl import cache as training1_cache
 from gam_rl.config import resolve_device
 from gam_rl.data import Splits, load_splits
 from gam_rl.estimators import (
+    ExpectedAccepts,
     cross_entropy_p_lambda,
     importance_z,
+    rejection_log_bound,
     snis_moments,
 )
 from gam_rl.features import Features
@@ -188,22 +190,20 @@ def estimate_z_and_ce(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotentia
     max_len = sampling_max_len(cfg, zc.max_len)
     generator = torch.Generator(device=r.device).manual_seed(cfg.seed + 2)
     phis, log_ws = [], []
-    # the heavy weights exp(lambda . phi) come from features with lambda_k > 0 (the motif's, at
-    # small |D|, can be rare under r): the tolerance stop waits for z.tail_hits samples with each
-    # of them at >= 1/2 (phi in [0, 1])
-    up_weighted = gam.lam > 0
-    hits = torch.zeros(int(up_weighted.sum()), dtype=torch.long, device=gam.lam.device)
+    # the tolerance stop also waits for the heavy weights (estimators.ExpectedAccepts): before r has
+    # written the rare strings that carry p_lambda's mass (the motif, at small |D|), Z-hat is far
+    # too low while rel_se looks small
+    accepts = ExpectedAccepts(rejection_log_bound(gam.lam), zc.tail_hits)
 
     def draw(k):
-        nonlocal hits
         samples = r.sample(k, max_len, generator)
         phis.append(gam.features(samples.tokens))
         log_ws.append(phis[-1] @ gam.lam)  # P_lambda(x) / r(x) = exp(lambda . phi(x))
-        hits = hits + (phis[-1][:, up_weighted] >= 0.5).sum(0)
+        accepts.add(log_ws[-1])
         return samples, log_ws[-1]
 
     z = importance_z(draw, zc.samples, zc.batch_size, rel_tol=zc.rel_tol, min_samples=zc.min_samples,
-                     tail_seen=lambda: bool((hits >= zc.tail_hits).all()))
+                     tail_seen=accepts)
     run.count_samples("z", z.num)
     moments_model = snis_moments(torch.cat(log_ws), torch.cat(phis)).moments
     with eval_mode(r):

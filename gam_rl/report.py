@@ -56,6 +56,7 @@ from pathlib import Path
 import yaml
 
 PAPER_METHODS = ("dpg_off", "distill")
+GAM_TARGET_METHODS = ("distill", "dpg_off", "dpg_on", "pg")  # methods whose config targets P_lambda
 METHOD_ORDER = ("dpg_off", "distill", "dpg_on", "pg", "dpg_true")
 METRICS = ("entropy_true", "ce_test_r", "ce_test_p_lambda", "ce_test_pi", "motif_freq_r", "motif_freq_pi",
            "avg_len_r", "avg_len_pi", "z_hat", "wall_time_s")
@@ -193,8 +194,8 @@ def _identity(results: dict, config: dict) -> dict:
             for key in ("profile", "motif", "features", "dataset_size", "seed")}
     method = _as_bits(results.get("method") or method_name)
     target = results.get("target") or (method_cfg.get("target") if isinstance(method_cfg, dict) else None)
-    if method in PAPER_METHODS and target not in (None, "gam"):
-        # e.g. method=dpg_off method.target=true: not the paper's dpg_off, so not in its columns
+    if method in GAM_TARGET_METHODS and target not in (None, "gam"):
+        # e.g. method=dpg_off method.target=true: not the paper's dpg_off (nor its own cell's), so its own method
         method = f"{method}@target={target}"
     return {"profile": _as_bits(pick["profile"]), "motif": _as_bits(pick["motif"]),
             "features": _as_bits(pick["features"]), "dataset_size": _as_int(pick["dataset_size"]),

@@ -67,10 +67,14 @@ def test_table1_values_by_name(motif, features, size):
     ("z.rel_tol=-1", "z.rel_tol"),
     ("z.min_samples=0", "z.min_samples"),
     ("r.min_batches=0", "r.min_batches"),
+    ("z.tail_hits=0", "z.tail_hits"),
+    ("dpg.replay=100", "dpg.replay"),  # smaller than a minibatch (500)
+    ("dpg.swap_gate=kl_is dpg.keep_per_draw=16", "dpg.swap_gate"),  # the gate needs an ESS of 30
+    ("method=dpg_true dpg.baseline=true dpg.proposal_batch=5000", "dpg.baseline"),  # thinning + zeros
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:
-        validate(make([override]))
+        validate(make(override.split()))
     assert any(p.startswith(f"{key}=") for p in err.value.problems), err.value.problems
 
 
@@ -91,6 +95,12 @@ def test_rejection_sampling_with_length_features_beyond_unit_interval_fails():
     # within the cap (the default 2n + 1 = 61) both are valid, and binary features never fail
     validate(make(["features=Mv1001111", "training1.estimator=rs", "method=distill"]))
     validate(make(["features=1001111", "training1.estimator=rs", "training1.max_len=400"]))
+
+
+def test_dpg_combinations_only_bind_the_dpg_methods():
+    validate(make(["method=distill", "dpg.replay=100", "dpg.swap_gate=kl_is", "dpg.keep_per_draw=16"]))
+    validate(make(["method=pg", "method.target='true'", "dpg.baseline=true", "dpg.proposal_batch=5000"]))
+    validate(make(["profile=paper", "method=dpg_true", "dpg.baseline=true"]))  # no thinning: unbiased
 
 
 def test_distillation_refuses_the_true_target():

@@ -8,6 +8,7 @@ from scipy import stats
 
 from gam_rl.estimators import (
     EstimatorError,
+    ExpectedAccepts,
     check_unit_box,
     cross_entropy_p_lambda,
     effective_sample_size,
@@ -134,6 +135,32 @@ def test_importance_z_tolerance_waits_for_the_heavy_tail():
     draw, tail_seen = stream()
     z = importance_z(draw, 1_000_000, 2_000, rel_tol=0.2, min_samples=4_000, tail_seen=tail_seen)
     assert z.num == 50_000 and z.z == pytest.approx(9999 / 5000) and z.rel_se <= 0.2
+
+
+def test_expected_accepts_waits_for_a_rare_negatively_weighted_motif():
+    # GAM-like weights: the motif feature is 1 when the motif is ABSENT, lambda = -10, so the
+    # rare strings WITH the motif (1 in 5000 here) carry the mass; a common feature has lambda 0.3
+    lam = torch.tensor([-10.0, 0.3])
+    drawn = 0
+
+    def draw(k):
+        nonlocal drawn
+        absent = (torch.arange(drawn, drawn + k) % 5000 != 4999).double()
+        phi = torch.stack([absent, torch.ones(k, dtype=torch.float64)], 1)
+        drawn += k
+        log_w = phi @ lam.double()
+        accepts.add(log_w)
+        return None, log_w
+
+    exact_z = (4999 * math.exp(-9.7) + math.exp(0.3)) / 5000
+    accepts = ExpectedAccepts(rejection_log_bound(lam), 10)
+    blind = importance_z(draw, 1_000_000, 2_000, rel_tol=0.3, min_samples=4_000)
+    assert blind.num == 4_000 and blind.z < exact_z / 5  # no motif drawn yet: rel_se 0, Z-hat 5x too low
+    drawn, accepts = 0, ExpectedAccepts(rejection_log_bound(lam), 10)
+    z = importance_z(draw, 1_000_000, 2_000, rel_tol=0.3, min_samples=4_000, tail_seen=accepts)
+    # each 5000 draws hold 1.23 expected accepts (the motif string w / beta = 1, the other 4999 e^-10 each):
+    # >= 10 from 40750 draws on, then the first batch with rel_se <= 0.3
+    assert 40_000 <= z.num <= 56_000 and abs(z.z / exact_z - 1) < 0.3 and accepts.value >= 10
 
 
 def test_true_process_potential_has_exact_log_z():

@@ -10,7 +10,7 @@ from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import GAMPotential, TrueProcessPotential
 from gam_rl.process import MotifProcess
 from gam_rl.stages.training1 import fit_lambda
-from gam_rl.stages.training2 import DPGOptions, train_distill, train_dpg
+from gam_rl.stages.training2 import DPGModule, DPGOptions, train_distill, train_dpg
 from gam_rl.tokens import encode
 from tests.exact import all_outputs, entropy, exact_distribution, kl
 
@@ -163,3 +163,12 @@ def test_dpg_rejects_biased_or_inconsistent_option_combinations():
     with pytest.raises(ValueError, match="baseline"):  # thinning drops the zero-weight items the baseline needs
         train_dpg(LSTMPolicy(16, 1, dropout=0.0), r, potential, valid,
                   small_schedule(proposal_batch=1024, baseline=True), symbols_per_seq=7, ce_valid_proposal=1.0)
+
+
+def test_running_z_is_one_until_a_draw_has_a_nonzero_weight():
+    # true target: a draw of q may miss the support entirely; log Z-hat = log 0 would make w / Z-hat NaN
+    _, potential, _, _, valid = true_target_problem()
+    module = DPGModule(LSTMPolicy(16, 1, dropout=0.0), proposal(seed=2, hidden=16), potential,
+                       small_schedule(normalise="running_z"), symbols_per_seq=7, ce_valid_proposal=1.0)
+    module._w_count = 1024  # one draw, every weight 0
+    assert module.log_z_running == 0.0

@@ -40,7 +40,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
-from gam_rl.config import NORMALISE, SWAP_GATES
+from gam_rl.config import KL_GATE_MIN_ESS, NORMALISE, SWAP_GATES
 from gam_rl.estimators import effective_sample_size, rejection_log_bound, rejection_sample, thin_by_weight
 from gam_rl.metrics import eval_mode
 from gam_rl.policy import LSTMPolicy
@@ -52,7 +52,6 @@ from gam_rl.tokens import pad_cat
 log = logging.getLogger("gam_rl")
 
 DPG_ALGORITHMS = ("dpg_off", "dpg_on", "pg")
-KL_GATE_MIN_ESS = 30.0  # kl_is gate: fewer effective samples than this never swap
 
 
 @dataclass(frozen=True)
@@ -82,6 +81,10 @@ class DPGOptions:
             if value not in allowed:
                 raise ValueError(f"dpg.{name}={value!r}: choose one of {list(allowed)}")
         kept = self.keep_per_draw or self.minibatch
+        if self.swap_gate == "kl_is" and min(kept, self.proposal_batch or self.minibatch) < KL_GATE_MIN_ESS:
+            raise ValueError(f"dpg.swap_gate='kl_is' needs at least {KL_GATE_MIN_ESS:.0f} items per draw "
+                             f"(dpg.keep_per_draw / dpg.proposal_batch / dpg.minibatch): it swaps only on an "
+                             "effective sample size of that much")
         if self.replay and self.replay < max(kept, self.minibatch):
             # the buffer must hold at least one whole draw (the replay rescaling assumes it) and a minibatch
             raise ValueError(f"dpg.replay={self.replay} must be 0 or >= dpg.keep_per_draw ({kept}) "
@@ -101,17 +104,20 @@ class WeightedDraw:
     log_q: torch.Tensor  # float64, log q(x) of the proposal that drew x
     log_ht: torch.Tensor  # float64
     version: torch.Tensor  # long, which proposal drew x (increments at every swap)
+    share: torch.Tensor  # float64, 1 / (items its draw contributed): summed over a buffer, the number of draws in it
+
+    FIELDS = ("log_w", "log_q", "log_ht", "version", "share")  # per-item tensors besides tokens
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def index(self, idx: torch.Tensor) -> WeightedDraw:
-        return WeightedDraw(self.tokens[idx], self.log_w[idx], self.log_q[idx], self.log_ht[idx], self.version[idx])
+        return WeightedDraw(self.tokens[idx], *(getattr(self, k)[idx] for k in self.FIELDS))
 
     @staticmethod
     def cat(draws: list[WeightedDraw]) -> WeightedDraw:
-        return WeightedDraw(pad_cat([d.tokens for d in draws]), *(torch.cat([getattr(d, k) for d in draws])
-                                                                  for k in ("log_w", "log_q", "log_ht", "version")))
+        return WeightedDraw(pad_cat([d.tokens for d in draws]),
+                            *(torch.cat([getattr(d, k) for d in draws]) for k in WeightedDraw.FIELDS))
 
     def tail(self, size: int) -> WeightedDraw:
         return self.index(torch.arange(max(0, len(self) - size), len(self), device=self.log_w.device))
@@ -130,7 +136,8 @@ class DPGModule(pl.LightningModule):
         self.proposal_batch = max(o.proposal_batch or o.minibatch, o.minibatch)
         self.keep_per_draw = o.keep_per_draw or o.minibatch
         self.steps_per_draw = max(1, o.steps_per_draw)
-        if o.baseline and self.keep_per_draw < self.proposal_batch and not isinstance(potential, GAMPotential):
+        if (o.baseline and o.algorithm != "pg" and self.keep_per_draw < self.proposal_batch
+                and not isinstance(potential, GAMPotential)):
             # thinning keeps zero-weight items with probability 0, but the baseline term b pi/q is
             # nonzero on them: only a potential that is positive everywhere (the GAM) is safe
             raise ValueError("dpg.baseline=true with thinning needs a potential that is positive everywhere "
@@ -163,7 +170,8 @@ class DPGModule(pl.LightningModule):
 
     @property
     def log_z_running(self) -> float:
-        return self._log_w_sum - math.log(self._w_count) if self._w_count else 0.0
+        # 0 (Z taken as 1) until some draw has a nonzero weight: log 0 would turn w / Z-hat into 0 / 0
+        return self._log_w_sum - math.log(self._w_count) if math.isfinite(self._log_w_sum) else 0.0
 
     def _draw_weighted(self) -> WeightedDraw:
         """Sample the proposal, weight, thin without bias to ~keep_per_draw items."""
@@ -194,7 +202,8 @@ class DPGModule(pl.LightningModule):
             kept_w = log_w[keep]
             log_ht = torch.where(torch.isfinite(kept_w), thinned - kept_w, 0.0) - math.log(len(log_w))
             version = torch.full((len(keep),), self.q_version, dtype=torch.long, device=log_w.device)
-            return WeightedDraw(samples.tokens[keep], log_w[keep], log_q[keep], log_ht, version)
+            share = torch.full((len(keep),), 1.0 / len(keep), dtype=torch.float64, device=log_w.device)
+            return WeightedDraw(samples.tokens[keep], log_w[keep], log_q[keep], log_ht, version, share)
 
     def _replayed(self) -> WeightedDraw:
         """A random minibatch of the buffer, refreshed with a new draw every steps_per_draw updates."""
@@ -203,10 +212,13 @@ class DPGModule(pl.LightningModule):
             self._buffer = draw if self._buffer is None else WeightedDraw.cat([self._buffer, draw])
             self._buffer = self._buffer.tail(self.options.replay)
         # each draw's items sum to that draw's N-sample estimate; a random minibatch of the
-        # buffer, rescaled by (buffer items / minibatch) / (draws in buffer), estimates their average
+        # buffer, rescaled by (buffer items / minibatch) / (draws in buffer), estimates their average.
+        # Draws in buffer = sum of the items' shares: a draw counts 1 whatever it contributed (thinning
+        # keeps fewer items from a draw with few nonzero weights), a partly evicted one its fraction.
         pick = torch.randint(len(self._buffer), (self.options.minibatch,), device=self.device, generator=self._gen())
         batch = self._buffer.index(pick)
-        scale = len(self._buffer) / (self.options.minibatch * max(1.0, len(self._buffer) / self.keep_per_draw))
+        draws = float(self._buffer.share.sum())
+        scale = len(self._buffer) / (self.options.minibatch * draws)
         batch.log_ht = batch.log_ht + math.log(scale)
         return batch
 
@@ -234,7 +246,7 @@ class DPGModule(pl.LightningModule):
         self._val_sum += float(self.pi.log_prob(batch).sum())
         self._val_count += len(batch)
 
-    def _kl_gain(self) -> tuple[float, float]:
+    def _kl_gain(self) -> tuple[float, float, float]:
         """KL(p || q) - KL(p || pi) = E_p[log pi(x) - log q(x)], by self-normalised IS on a
         fresh draw of q (then used for training, so the gate costs no extra samples);
         returns (estimate, its standard error, the draw's effective sample size)."""
