@@ -189,7 +189,9 @@ def thin_by_weight(log_w: torch.Tensor, budget: int, generator: torch.Generator 
     Keep item i with probability p_i = min(1, w_i / c) and give it weight w_i / p_i, with c
     chosen so that sum_i p_i = budget. Then E[sum_kept (w_i / p_i) f(x_i)] = sum_i w_i f(x_i)
     for any f: heavy items are always kept with their own weight, light ones are kept at
-    random with weight c. Returns (indices kept, their new log-weights).
+    random with weight c. c is at most max_i w_i, so the heaviest item is always kept (never an
+    empty selection) and flat weights are not thinned below sum_i w_i / max_i w_i items: about
+    max(budget, sum w / max w) items are kept. Returns (indices kept, their new log-weights).
     """
     n = len(log_w)
     if budget >= n:

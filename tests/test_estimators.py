@@ -217,3 +217,6 @@ def test_thinning_is_unbiased_and_respects_the_budget():
     assert len(keep) == 1 and torch.isneginf(zero).all()
     with pytest.raises(EstimatorError, match="NaN"):
         thin_by_weight(torch.tensor([0.0, float("nan")] * 100), 100, gen)
+    # c <= max w: flat weights are kept whole (sum w / max w = 1000 items), one dominant weight always
+    assert len(thin_by_weight(torch.zeros(1000), 1, gen)[0]) == 1000
+    assert thin_by_weight(torch.cat([torch.zeros(1), torch.full((999,), -30.0)]), 1, gen)[0][0] == 0
