@@ -83,22 +83,31 @@ def _thins(dpg: DictConfig) -> bool:
     return all(isinstance(v, int) for v in (kept, drawn)) and kept < max(drawn, minibatch)
 
 
+def dpg_size_problems(*, minibatch: int, keep_per_draw: int | None, proposal_batch: int | None, replay: int,
+                      swap_gate: str) -> list[str]:
+    """Sizes of a DPG schedule that are fine alone but not together; shared by the config check
+    (before any work) and DPGOptions (for library callers)."""
+    kept, drawn = keep_per_draw or minibatch, proposal_batch or minibatch
+    problems = []
+    if replay and replay < max(minibatch, kept):
+        problems.append(f"dpg.replay={replay}: must be 0 or >= dpg.keep_per_draw ({kept}) and >= "
+                        f"dpg.minibatch ({minibatch}): the buffer holds at least one whole draw")
+    if swap_gate == "kl_is" and min(kept, drawn) < KL_GATE_MIN_ESS:
+        problems.append(f"dpg.swap_gate='kl_is' with {min(kept, drawn)} items per draw: the gate swaps only on an "
+                        f"effective sample size >= {KL_GATE_MIN_ESS:.0f}; raise dpg.keep_per_draw / dpg.minibatch")
+    return problems
+
+
 def _check_dpg_combinations(cfg: DictConfig, replay, problems: list[str]) -> None:
     """dpg.* values that are fine alone but not together (only for the DPG methods)."""
     method = cfg.get("method")
     algorithm = method.get("algorithm") if isinstance(method, DictConfig) else None
     if algorithm == "distill":
         return
-    minibatch, kept = cfg.dpg.get("minibatch"), cfg.dpg.get("keep_per_draw") or cfg.dpg.get("minibatch")
-    drawn = cfg.dpg.get("proposal_batch") or minibatch
-    if isinstance(replay, int) and replay > 0 and all(isinstance(v, int) for v in (minibatch, kept)) \
-            and replay < max(minibatch, kept):
-        problems.append(f"dpg.replay={replay}: must be 0 or >= dpg.keep_per_draw ({kept}) and >= "
-                        f"dpg.minibatch ({minibatch}): the buffer holds at least one whole draw")
-    if (cfg.dpg.get("swap_gate") == "kl_is" and all(isinstance(v, int) for v in (kept, drawn))
-            and min(kept, drawn) < KL_GATE_MIN_ESS):
-        problems.append(f"dpg.swap_gate='kl_is' with {min(kept, drawn)} items per draw: the gate swaps only on an "
-                        f"effective sample size >= {KL_GATE_MIN_ESS:.0f}; raise dpg.keep_per_draw / dpg.minibatch")
+    sizes = {key: cfg.dpg.get(key) for key in ("minibatch", "keep_per_draw", "proposal_batch")}
+    if isinstance(replay, int) and all(isinstance(v, int) or (v is None and k != "minibatch")
+                                       for k, v in sizes.items()):  # malformed values are reported above
+        problems += dpg_size_problems(**sizes, replay=replay, swap_gate=cfg.dpg.get("swap_gate"))
     if (cfg.dpg.get("baseline") is True and algorithm != "pg" and method.get("target") == "true"
             and _thins(cfg.dpg)):
         problems.append("dpg.baseline=true with thinning (dpg.keep_per_draw < dpg.proposal_batch) and "

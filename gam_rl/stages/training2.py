@@ -40,7 +40,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
-from gam_rl.config import KL_GATE_MIN_ESS, NORMALISE, SWAP_GATES
+from gam_rl.config import KL_GATE_MIN_ESS, NORMALISE, SWAP_GATES, dpg_size_problems
 from gam_rl.estimators import effective_sample_size, rejection_log_bound, rejection_sample, thin_by_weight
 from gam_rl.metrics import eval_mode
 from gam_rl.policy import LSTMPolicy
@@ -80,15 +80,10 @@ class DPGOptions:
                                      ("swap_gate", self.swap_gate, SWAP_GATES)):
             if value not in allowed:
                 raise ValueError(f"dpg.{name}={value!r}: choose one of {list(allowed)}")
-        kept = self.keep_per_draw or self.minibatch
-        if self.swap_gate == "kl_is" and min(kept, self.proposal_batch or self.minibatch) < KL_GATE_MIN_ESS:
-            raise ValueError(f"dpg.swap_gate='kl_is' needs at least {KL_GATE_MIN_ESS:.0f} items per draw "
-                             f"(dpg.keep_per_draw / dpg.proposal_batch / dpg.minibatch): it swaps only on an "
-                             "effective sample size of that much")
-        if self.replay and self.replay < max(kept, self.minibatch):
-            # the buffer must hold at least one whole draw (the replay rescaling assumes it) and a minibatch
-            raise ValueError(f"dpg.replay={self.replay} must be 0 or >= dpg.keep_per_draw ({kept}) "
-                             f"and >= dpg.minibatch ({self.minibatch})")
+        problems = dpg_size_problems(minibatch=self.minibatch, keep_per_draw=self.keep_per_draw,
+                                     proposal_batch=self.proposal_batch, replay=self.replay, swap_gate=self.swap_gate)
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass
