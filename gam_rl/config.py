@@ -54,8 +54,10 @@ def _positive_int(cfg: DictConfig, key: str, problems: list[str], allow_none: bo
         problems.append(f"{key}={value!r}: must be a positive integer")
 
 
-def _positive_number(cfg: DictConfig, key: str, problems: list[str]) -> None:
+def _positive_number(cfg: DictConfig, key: str, problems: list[str], allow_none: bool = False) -> None:
     value = _lookup(cfg, key)
+    if value is None and allow_none:
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         problems.append(f"{key}={value!r}: must be a positive number")
 
@@ -115,6 +117,14 @@ def _check_dpg_combinations(cfg: DictConfig, replay, problems: list[str]) -> Non
                         "term needs, which biases the gradient; turn one of them off")
 
 
+def _check_lr_decay(cfg: DictConfig, section: str, problems: list[str]) -> None:
+    decays, factor = cfg[section].get("lr_decays"), cfg[section].get("lr_decay_factor")
+    if isinstance(decays, bool) or not isinstance(decays, int) or decays < 0:
+        problems.append(f"{section}.lr_decays={decays!r}: must be a non-negative integer (0 = plain early stopping)")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+        problems.append(f"{section}.lr_decay_factor={factor!r}: must be in (0, 1)")
+
+
 def _check_schedules(cfg: DictConfig, features: str | None, problems: list[str]) -> None:
     for key in ("chunk", "samples_per_step", "buffer", "max_epochs", "patience"):
         _positive_int(cfg, f"training1.{key}", problems)
@@ -126,10 +136,12 @@ def _check_schedules(cfg: DictConfig, features: str | None, problems: list[str])
         _positive_int(cfg, f"distill.{key}", problems)
     for key in ("lr", "clip", "max_proposals"):
         _positive_number(cfg, f"distill.{key}", problems)
+    for section in ("r", "distill"):
+        _check_lr_decay(cfg, section, problems)
     for key in ("minibatch", "updates_per_epoch", "max_epochs", "patience", "max_len"):
         _positive_int(cfg, f"dpg.{key}", problems)
-    for key in ("lr", "clip"):
-        _positive_number(cfg, f"dpg.{key}", problems)
+    _positive_number(cfg, "dpg.lr", problems)
+    _positive_number(cfg, "dpg.clip", problems, allow_none=True)  # null: no clipping
     _positive_int(cfg, "dpg.proposal_batch", problems, allow_none=True)
     _positive_int(cfg, "dpg.steps_per_draw", problems)
     _positive_int(cfg, "dpg.keep_per_draw", problems, allow_none=True)

@@ -120,9 +120,10 @@ def stages_before_training2(cfg: DictConfig, run: Run, process: MotifProcess, sp
                         batch_size=r_batch_size(cfg),
                         max_epochs=cfg.r.max_epochs, patience=cfg.r.patience, clip=cfg.r.clip,
                         prefix="r", logger=logger, accelerator=accelerator, seed=cfg.seed,
-                        log_every=cfg.log_every)
+                        log_every=cfg.log_every, lr_decays=cfg.r.lr_decays, lr_decay_factor=cfg.r.lr_decay_factor)
         torch.save({"config": r.config(), "state_dict": r.state_dict()}, run_dir / "r.pt")
-        res.update(ce_valid_r=fit.best_val_ce, r_epochs=fit.epochs, r_best_epoch=fit.best_epoch)
+        res.update(ce_valid_r=fit.best_val_ce, r_epochs=fit.epochs, r_best_epoch=fit.best_epoch,
+                   r_lr_decay_epochs=fit.decay_epochs)
 
     evaluate_policy(cfg, run, r, "r", splits.test, process, logger)
     gam = training1(cfg, run, r, features, splits, logger, accelerator)
@@ -234,10 +235,12 @@ def training2(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotential, proce
                             max_len=sampling_max_len(cfg, d.max_len), proposal_batch=d.proposal_batch,
                             max_proposals=int(d.max_proposals), lr=d.lr, batch_size=d.batch_size,
                             max_epochs=d.max_epochs, patience=d.patience, clip=d.clip, symbols_per_seq=symbols,
-                            seed=cfg.seed + 3, logger=logger, accelerator=accelerator, log_every=cfg.log_every)
+                            seed=cfg.seed + 3, logger=logger, accelerator=accelerator, log_every=cfg.log_every,
+                            lr_decays=d.lr_decays, lr_decay_factor=d.lr_decay_factor)
         run.count_samples("training2", fit.proposals)
         res.update(ce_valid_pi=fit.best_val_ce, t2_epochs=fit.epochs, t2_best_epoch=fit.best_epoch,
-                   distill_acceptance_rate=fit.acceptance_rate, distill_proposals=fit.proposals)
+                   distill_acceptance_rate=fit.acceptance_rate, distill_proposals=fit.proposals,
+                   t2_lr_decay_epochs=fit.decay_epochs)
         return pi
     potential = TrueProcessPotential(process) if method.target == "true" else gam
     options = dpg_options(cfg)

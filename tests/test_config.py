@@ -68,6 +68,12 @@ def test_table1_values_by_name(motif, features, size):
     ("z.min_samples=0", "z.min_samples"),
     ("r.min_batches=0", "r.min_batches"),
     ("z.tail_hits=0", "z.tail_hits"),
+    ("r.lr_decays=-1", "r.lr_decays"),
+    ("distill.lr_decays=1.5", "distill.lr_decays"),
+    ("distill.lr_decay_factor=1", "distill.lr_decay_factor"),
+    ("r.lr_decay_factor=0", "r.lr_decay_factor"),
+    ("dpg.clip=0", "dpg.clip"),
+    ("distill.clip=null", "distill.clip"),
     ("dpg.replay=100", "dpg.replay"),  # smaller than a minibatch (500)
     ("dpg.swap_gate=kl_is dpg.keep_per_draw=16", "dpg.swap_gate"),  # the gate needs an ESS of 30
     ("method=dpg_true dpg.baseline=true dpg.proposal_batch=5000", "dpg.baseline"),  # thinning + zeros
@@ -144,4 +150,5 @@ def test_paper_profile_keeps_every_named_option_at_the_reference_value():
     assert cfg.dpg.swap_gate == "ce_valid" and cfg.dpg.updates_per_epoch == 4000 and cfg.dpg.lr == 0.01
     assert cfg.training1.reuse == "epoch" and cfg.z.rel_tol is None and cfg.z.samples == 1_000_000
     assert cfg.r.batch_size is None and cfg.r.min_batches == 1
+    assert cfg.r.lr_decays == 0 and cfg.distill.lr_decays == 0
     assert (cfg.model.hidden, cfg.model.layers) == (200, 2)

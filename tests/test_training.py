@@ -133,17 +133,17 @@ def test_dpg_off_with_replay_reaches_the_target_with_fewer_samples():
     assert fit.samples == 100 * 1024 and len(fit.swaps) >= 1
 
 
-@pytest.mark.parametrize("kept, baseline", [(128, False), (1024, True)], ids=["thinned", "baseline"])
-def test_dpg_off_named_options_together_reach_the_target(kept, baseline):
+@pytest.mark.parametrize("kept, baseline, clip", [(128, False, None), (1024, True, 1.0)], ids=["thinned", "baseline"])
+def test_dpg_off_named_options_together_reach_the_target(kept, baseline, clip):
     """Warm start, running-Z normalisation, replay and the KL-gated swap, with either thinning to
-    few items per draw or the pi/q baseline (together they are biased on a target with zeros):
-    the same threshold as the paper's DPG_off."""
+    few items per draw (and no grad clipping, as in the cpu profile) or the pi/q baseline
+    (together they are biased on a target with zeros): the same threshold as the paper's DPG_off."""
     _, potential, space, log_p, valid = true_target_problem()
     r = proposal(seed=2, hidden=16)
     pi = LSTMPolicy(16, 1, dropout=0.0)
     pi.load_state_dict(r.state_dict())  # init = r
     options = small_schedule(proposal_batch=1024, keep_per_draw=kept, replay=2048, steps_per_draw=4,
-                             normalise="running_z", baseline=baseline, swap_gate="kl_is")
+                             normalise="running_z", baseline=baseline, swap_gate="kl_is", clip=clip)
     fit = train_dpg(pi, r, potential, valid, options, symbols_per_seq=7,
                     ce_valid_proposal=-float(r.log_prob(valid).mean()) / 7, seed=4)
     assert policy_kl(log_p, pi, space) < 0.25

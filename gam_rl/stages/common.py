@@ -34,6 +34,10 @@ class KeepBest(pl.Callback):
                                else copy.deepcopy(target.state_dict()))
 
     def on_fit_end(self, trainer, module):
+        self.restore(module)
+
+    def restore(self, module) -> None:
+        """Put the best weights seen so far back into `module.<attr>`."""
         if self.best_state is None:
             return
         target = getattr(module, self.attr)
@@ -41,6 +45,44 @@ class KeepBest(pl.Callback):
             target.copy_(self.best_state)
         else:
             target.load_state_dict(self.best_state)
+
+
+class PlateauStop(pl.Callback):
+    """Early stopping with learning-rate decay on plateaus. After `patience` checks without a
+    new best of `keep.monitor`: while `decays` remain, put the best weights back and multiply
+    every learning rate by `factor` (lr_k = lr_0 factor^k), then count patience afresh;
+    otherwise stop. decays = 0 is plain early stopping. A non-finite value stops at once.
+    Put it after `keep` in the callback list, so that `keep` has seen the check first."""
+
+    def __init__(self, keep: KeepBest, patience: int, decays: int = 0, factor: float = 0.5):
+        self.keep, self.patience, self.decays_left, self.factor = keep, patience, decays, factor
+        self.bad_checks = 0
+        self.decay_epochs: list[int] = []
+
+    def on_validation_end(self, trainer, module):
+        value = trainer.callback_metrics.get(self.keep.monitor)
+        if value is None or trainer.sanity_checking:
+            return
+        if not math.isfinite(float(value)):
+            log.warning("%s = %s is not finite: stopping", self.keep.monitor, float(value))
+            trainer.should_stop = True
+            return
+        self.bad_checks = 0 if self.keep.best_epoch == trainer.current_epoch else self.bad_checks + 1
+        if self.bad_checks < self.patience:
+            return
+        if self.decays_left <= 0:
+            trainer.should_stop = True
+            return
+        self.keep.restore(module)
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] *= self.factor
+        self.decays_left -= 1
+        self.bad_checks = 0
+        self.decay_epochs.append(trainer.current_epoch)
+        log.info("[%s] no better %s for %d checks: best weights (epoch %d) back, lr x %g",
+                 self.keep.monitor.split("/")[0], self.keep.monitor, self.patience, self.keep.best_epoch + 1,
+                 self.factor)
 
 
 class ProgressLog(pl.Callback):

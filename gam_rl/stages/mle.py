@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
 
 from gam_rl.policy import LSTMPolicy
-from gam_rl.stages.common import KeepBest, ProgressLog, full_batch_loader, make_trainer
+from gam_rl.stages.common import KeepBest, PlateauStop, ProgressLog, full_batch_loader, make_trainer
 
 
 class MLEModule(pl.LightningModule):
@@ -47,16 +46,21 @@ class MLEResult:
     epochs: int
     best_epoch: int
     sequences_seen: int
+    decay_epochs: list[int]  # epochs (0-based) after which the lr was decayed
 
 
 def train_mle(policy: LSTMPolicy, train: torch.Tensor, valid: torch.Tensor, *, symbols_per_seq: int,
               lr: float, batch_size: int, max_epochs: int, patience: int, clip: float, prefix: str,
-              logger=None, accelerator: str = "cpu", seed: int = 0, log_every: int = 1) -> MLEResult:
-    """Fit `policy` in place; on return it holds the weights with the best CE(V)."""
+              logger=None, accelerator: str = "cpu", seed: int = 0, log_every: int = 1, lr_decays: int = 0,
+              lr_decay_factor: float = 0.5) -> MLEResult:
+    """Fit `policy` in place; on return it holds the weights with the best CE(V). With
+    lr_decays > 0 a plateau of `patience` epochs restarts from the best weights at lr x
+    lr_decay_factor (at most lr_decays times) before it stops (PlateauStop)."""
     module = MLEModule(policy, lr, symbols_per_seq, prefix)
     monitor = f"{prefix}/val_ce"
     keep = KeepBest(monitor, "policy")
-    callbacks = [EarlyStopping(monitor, patience=patience, mode="min", check_finite=True), keep,
+    stop = PlateauStop(keep, patience, lr_decays, lr_decay_factor)
+    callbacks = [keep, stop,
                  ProgressLog(prefix, [f"{prefix}/train_ce", monitor], every=log_every)]
     trainer = make_trainer(max_epochs, callbacks, logger, accelerator, gradient_clip_val=clip)
     train_loader = full_batch_loader(train, batch_size, shuffle=True, seed=seed)
@@ -64,4 +68,4 @@ def train_mle(policy: LSTMPolicy, train: torch.Tensor, valid: torch.Tensor, *, s
     trainer.fit(module, train_loader, valid_loader)
     policy.eval()
     epochs = trainer.current_epoch
-    return MLEResult(keep.best, epochs, keep.best_epoch, epochs * len(train))
+    return MLEResult(keep.best, epochs, keep.best_epoch, epochs * len(train), stop.decay_epochs)

@@ -349,12 +349,14 @@ class DistillResult:
     best_epoch: int
     proposals: int
     acceptance_rate: float
+    decay_epochs: list[int]
 
 
 def train_distill(pi: LSTMPolicy, gam: GAMPotential, train_extra: torch.Tensor, valid_extra: torch.Tensor, *,
                   size: int, valid_size: int, max_len: int, proposal_batch: int, max_proposals: int, lr: float,
                   batch_size: int, max_epochs: int, patience: int, clip: float, symbols_per_seq: int, seed: int = 0,
-                  logger=None, accelerator: str = "cpu", log_every: int = 1) -> DistillResult:
+                  logger=None, accelerator: str = "cpu", log_every: int = 1, lr_decays: int = 0,
+                  lr_decay_factor: float = 0.5) -> DistillResult:
     """Rejection-sample size + valid_size exact draws of p_lambda from r (proposal cost
     1 / acceptance rate each), then fit `pi` by MLE on draws + train_extra (D), validated on
     the other draws + valid_extra (V)."""
@@ -367,5 +369,7 @@ def train_distill(pi: LSTMPolicy, gam: GAMPotential, train_extra: torch.Tensor, 
     valid = pad_cat([rs.tokens[size:], valid_extra])
     fit = train_mle(pi, train, valid, symbols_per_seq=symbols_per_seq, lr=lr, batch_size=batch_size,
                     max_epochs=max_epochs, patience=patience, clip=clip, prefix="distill", logger=logger,
-                    accelerator=accelerator, seed=seed + 1, log_every=log_every)
-    return DistillResult(fit.best_val_ce, fit.epochs, fit.best_epoch, rs.proposals, rs.acceptance_rate)
+                    accelerator=accelerator, seed=seed + 1, log_every=log_every, lr_decays=lr_decays,
+                    lr_decay_factor=lr_decay_factor)
+    return DistillResult(fit.best_val_ce, fit.epochs, fit.best_epoch, rs.proposals, rs.acceptance_rate,
+                         fit.decay_epochs)
