@@ -136,7 +136,7 @@ def test_dpg_off_with_replay_reaches_the_target_with_fewer_samples():
 @pytest.mark.parametrize("kept, baseline, clip", [(128, False, None), (1024, True, 1.0)], ids=["thinned", "baseline"])
 def test_dpg_off_named_options_together_reach_the_target(kept, baseline, clip):
     """Warm start, running-Z normalisation, replay and the KL-gated swap, with either thinning to
-    few items per draw (and no grad clipping, as in the cpu profile) or the pi/q baseline
+    few items per draw (and no grad clipping, dpg.clip=null) or the pi/q baseline
     (together they are biased on a target with zeros): the same threshold as the paper's DPG_off."""
     _, potential, space, log_p, valid = true_target_problem()
     r = proposal(seed=2, hidden=16)
