@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
 
 from gam_rl.estimators import EstimatorError, accept, check_unit_box, rejection_log_bound, snis_moments
 from gam_rl.features import Features
 from gam_rl.policy import LSTMPolicy
-from gam_rl.stages.common import KeepBest, ProgressLog, full_batch_loader, make_trainer
+from gam_rl.stages.common import KeepBest, PlateauStop, ProgressLog, full_batch_loader, make_trainer
 
 ESTIMATORS = ("snis_r", "rs")
 REUSE = ("epoch", "run")
@@ -130,7 +129,7 @@ def fit_lambda(r: LSTMPolicy, features: Features, train_tokens: torch.Tensor, *,
     module = MomentMatching(r, features, phi_data, estimator=estimator, lr=lr, samples_per_step=samples_per_step,
                             buffer=buffer, max_len=max_len, seed=seed, reuse=reuse)
     keep = KeepBest("t1/mismatch", "lam")
-    callbacks = [EarlyStopping("t1/mismatch", patience=patience, mode="min", check_finite=True), keep,
+    callbacks = [keep, PlateauStop(keep, patience),
                  ProgressLog("training1", ["t1/mismatch", "t1/epoch_ess"], every=log_every)]
     trainer = make_trainer(max_epochs, callbacks, logger, accelerator)
     # one lambda step per chunk of D (in order); validation is a single no-op batch per epoch
