@@ -1,9 +1,9 @@
 """`gam-rl-bench`: throughput of the hot paths against the machine's own matmul rate, as JSON.
 
 Everything is measured in the same run, through the library's own code paths
-(LSTMPolicy.sample / .log_prob, Features, snis_moments, importance_z, GAMPotential), so
-the figures are what runs get. One JSON object goes to stdout (and to --out); progress
-goes to stderr.
+(LSTMPolicy.sample / .log_prob, Features, the Training-1 estimator's step, the DPG draws and
+loss, importance_z on the GAM potential), so the figures are what runs get. One JSON object
+goes to stdout (and to --out); progress goes to stderr.
 
 FLOPs: an LSTM layer costs (input + hidden) 4 hidden multiply-adds, 2 (input + hidden) 4 hidden
 FLOPs, per token forward (input = 3 for layer 0, the one-hot symbols; hidden for the layers
@@ -32,10 +32,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from gam_rl.estimators import importance_z, snis_moments
+from gam_rl.estimators import importance_z
 from gam_rl.features import Features
 from gam_rl.policy import LSTMPolicy
-from gam_rl.potentials import GAMPotential
+from gam_rl.potentials import gam
+from gam_rl.stages.dpg import dpg_loss
+from gam_rl.stages.draws import ProposalDraws
+from gam_rl.stages.moment_matching import MomentMatchingConfig, SampledMoments
 from gam_rl.tokens import EOS, PAD, VOCAB
 
 MOTIF = "10001011111000"  # Table 1's 14-bit motif
@@ -199,55 +202,48 @@ def bench_features(timer: Timer, sizes: Sizes) -> dict:
 
 
 def bench_snis_step(timer: Timer, sizes: Sizes) -> float:
-    """One Training-1 step (snis_r): fresh r-samples, phi, the re-weighted buffer, SNIS moments,
-    the lambda move (stages/training1.MomentMatching.training_step, without Lightning)."""
+    """One Training-1 step (snis_r, stages/moment_matching.py): SampledMoments.step (fresh r-samples,
+    phi, the re-weighted buffer, SNIS moments) and the lambda move, on a full buffer."""
     dev = timer.device
     r = full_length_policy(*PAPER, dev, seed=5)
     features = Features("1001111", MOTIF)
-    generator = torch.Generator(device=dev).manual_seed(6)
+    cfg = MomentMatchingConfig(samples_per_step=sizes.snis_samples, buffer=sizes.snis_buffer, heldout=1)
+    estimator = SampledMoments(r, features, cfg, SYMBOLS, torch.Generator(device=dev).manual_seed(6))
     lam = torch.tensor(LAMBDA_1001111, device=dev)
     moments_data = torch.full((len(features),), 0.5, device=dev)
+    state = {"lam": lam}
     with torch.no_grad():  # a full buffer, as from the second half of an epoch on
-        seed_phi = features(r.sample(sizes.snis_samples, SYMBOLS, generator).tokens)
-    reps = math.ceil(sizes.snis_buffer / sizes.snis_samples)
-    state = {"buffer": seed_phi.repeat(reps, 1)[-sizes.snis_buffer:], "lam": lam}
+        for _ in range(math.ceil(sizes.snis_buffer / sizes.snis_samples)):
+            estimator.step(lam)
 
     def step():
         with torch.no_grad():
-            samples = r.sample(sizes.snis_samples, SYMBOLS, generator)
-            phi = torch.cat([state["buffer"], features(samples.tokens)])[-sizes.snis_buffer:]
-            estimate = snis_moments(phi @ state["lam"], phi)
-            state["buffer"], state["lam"] = phi, state["lam"] + 10.0 * (moments_data - estimate.moments)
+            estimate = estimator.step(state["lam"])
+            state["lam"] = state["lam"] + 10.0 * (moments_data - estimate.moments)
 
     return timer.best(step, sizes.repeats, sizes.warmup)
 
 
 def bench_dpg_update(timer: Timer, sizes: Sizes, q_is_r: bool) -> float:
-    """One DPG_off update at the paper's schedule (minibatch = proposal batch, Z = 1, no thinning):
-    x ~ q with log q(x) from the sampler; w = P_lambda(x) / q(x) / N (P_lambda scored with r's
-    dropout off, or exp(lambda . phi) alone while q is r, as DPGModule does); loss
-    -sum w log pi(x); backward through pi in training mode; grad-norm clip 0.25; Adam step."""
+    """One DPG_off update at the paper's schedule (minibatch = proposal batch, Z = 1, no thinning),
+    through the stage's own pieces: ProposalDraws.next_batch (x ~ q with log q(x) from the sampler,
+    w = P_lambda(x) / q(x): exp(lambda . phi) alone while q is r, else P_lambda scored with r's
+    dropout off), dpg_loss, backward through pi in training mode, grad-norm clip 0.25, Adam."""
     dev = timer.device
     r = full_length_policy(*PAPER, dev, seed=7)
     q = r if q_is_r else full_length_policy(*PAPER, dev, seed=8)
     torch.manual_seed(9)
     pi = LSTMPolicy(*PAPER, 0.2).to(dev).train()
-    gam = GAMPotential(r, Features("1001111", MOTIF), torch.tensor(LAMBDA_1001111))
+    target = gam(r, Features("1001111", MOTIF), torch.tensor(LAMBDA_1001111))
+    draws = ProposalDraws(q, target, minibatch=sizes.dpg_minibatch, proposal_batch=None, keep_per_draw=None,
+                          replay=0, steps_per_draw=1, updates_per_epoch=1, max_len=SYMBOLS,
+                          generator=torch.Generator(device=dev).manual_seed(10))
     optimiser = torch.optim.Adam(pi.parameters(), lr=0.01)
-    generator = torch.Generator(device=dev).manual_seed(10)
-    m = sizes.dpg_minibatch
 
     def update():
-        with torch.no_grad():
-            samples = q.sample(m, SYMBOLS, generator)
-            if q_is_r:
-                log_w = gam.log_tilt(samples.tokens).double()
-            else:
-                log_w = gam.log_potential(samples.tokens).double() - samples.log_prob.double()
-            weights = torch.exp(log_w - math.log(m)).float()
+        draw = draws.next_batch()
         optimiser.zero_grad(set_to_none=True)
-        loss = -(weights * pi.log_prob(samples.tokens)).sum()
-        loss.backward()
+        dpg_loss(pi.log_prob(draw.tokens), draw).backward()
         torch.nn.utils.clip_grad_norm_(pi.parameters(), 0.25)
         optimiser.step()
 
@@ -255,20 +251,15 @@ def bench_dpg_update(timer: Timer, sizes: Sizes, q_is_r: bool) -> float:
 
 
 def bench_z(timer: Timer, sizes: Sizes) -> float:
-    """r-samples per second through importance_z (sample, phi, log w = lambda . phi), as the
-    pipeline's Z stage draws them."""
+    """r-samples per second through importance_z on P_lambda = r exp(lambda . phi) (sample, phi,
+    log w = lambda . phi), as the pipeline's Z stage draws them."""
     dev = timer.device
     r = full_length_policy(*PAPER, dev, seed=11)
-    features = Features("1001111", MOTIF)
-    lam = torch.tensor(LAMBDA_1001111, device=dev)
+    target = gam(r, Features("1001111", MOTIF), torch.tensor(LAMBDA_1001111))
     generator = torch.Generator(device=dev).manual_seed(12)
-
-    def draw(k: int):
-        samples = r.sample(k, SYMBOLS, generator)
-        return samples, features(samples.tokens) @ lam
-
     # the sampler is warm by now: best of 2 calls, no warm-up call (each call is many batches)
-    seconds = timer.best(lambda: importance_z(draw, sizes.z_samples, sizes.sampler_batch), 2, 0)
+    seconds = timer.best(lambda: importance_z(r, target, sizes.z_samples, sizes.sampler_batch, SYMBOLS, generator),
+                         2, 0)
     return sizes.z_samples / seconds
 
 

@@ -1,32 +1,199 @@
-"""`gam-rl`: the Hydra application. One run, or a sweep with -m."""
+"""`gam-rl`: the Hydra application. One run, or a sweep with -m.
+
+Before Hydra starts anything, the command line is checked as a whole (`preflight`): every job
+of a sweep is composed and checked against the schema (gam_rl/schema.py), and any problem
+(unknown key, with or without +; wrong type; value out of range; unknown group option) is
+printed once, all together, and the command exits 2 with no folder written.
+
+Exit codes: 0 ok; 1 a run (or a job of a sweep) failed; 2 a configuration error;
+128 + signal when interrupted (130 Ctrl-C, 143 SIGTERM).
+"""
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
+import re
 import signal
 import sys
 import threading
 import time
 import traceback
 import warnings
+from importlib import resources
 from pathlib import Path
 
 import hydra
 import torch
+from hydra import compose, initialize_config_module
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from gam_rl.config import ConfigError, validate
+from gam_rl import schema
 from gam_rl.run_io import RunLogger, atomic_write_json
-from gam_rl.sweep import complete_results, folder_conflict, remove_stale_files, sweep_key_problems
+from gam_rl.schema import ConfigError
+from gam_rl.sweep import complete_results, folder_conflict, remove_stale_files
 
 log = logging.getLogger("gam_rl")
 
 SUMMARY_KEYS = ("entropy_true", "ce_test_r", "motif_freq_r", "avg_len_r", "ce_test_p_lambda",
                 "ce_test_pi", "motif_freq_pi", "avg_len_pi")
+AXES = {"motif": "pattern", "features": "name", "dataset_size": "size"}  # group -> the value its files set
 
+
+# ---- the command line -------------------------------------------------------------------------------
+
+def axis_options(axis: str) -> set[str]:
+    """The files of one Table 1 axis group (conf/<axis>/*.yaml), by name."""
+    folder = resources.files("gam_rl.conf") / axis
+    return {p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def rewrite_axes(args: list[str]) -> list[str]:
+    """motif=, features= and dataset_size= name files (conf/<axis>/<value>.yaml): quote their values,
+    so that Hydra does not read 1001111 or 5000 as numbers, and turn an off-grid value into
+    <axis>=custom <axis>.<key>=<value> (dataset_size=750 -> dataset_size=custom dataset_size.size=750)."""
+    out = []
+    for arg in args:
+        match = re.fullmatch(r"(motif|features|dataset_size)=([^'\"\[\](){}$=]+)", arg)
+        if not match:
+            out.append(arg)
+            continue
+        axis, values = match[1], match[2].split(",")
+        known = axis_options(axis)
+        on_grid = [v in known for v in values]
+        if all(on_grid):
+            out.append(f"{axis}=" + ",".join(f"'{v}'" for v in values))
+        elif not any(on_grid):
+            quoted = values if axis == "dataset_size" else [f"'{v}'" for v in values]
+            out += [f"{axis}=custom", f"{axis}.{AXES[axis]}=" + ",".join(quoted)]
+        else:
+            raise ConfigError([f"{arg}: mixes files of conf/{axis}/ ({[v for v in values if v in known]}) with "
+                               f"other values; sweep {axis}=custom {axis}.{AXES[axis]}={match[2]} instead"])
+    return out
+
+
+def _is_group(override, groups: set[str]) -> bool:
+    key = override.key_or_group.split("@")[0]
+    return key in groups or key.startswith("hydra")
+
+
+def _apply(container: dict, override) -> str | None:
+    """Set (or delete) one value override in a plain config; a problem, or None."""
+    *parents, leaf = override.key_or_group.split(".")
+    node = container
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            return f"{'.'.join(parents[:i + 1])}: not a section, so {override.key_or_group} cannot be set"
+    if override.is_delete():
+        node.pop(leaf, None)
+    else:
+        node[leaf] = override.value()
+    return None
+
+
+_COMPOSED: dict[tuple, DictConfig] = {}  # the package's config files do not change while a process runs
+
+
+class Preflight:
+    """Composes each job's configuration the way Hydra will, and checks it."""
+
+    def __init__(self):
+        self.parser = OverridesParser.create()
+        base = self.compose(())
+        self.groups = {k.split("@")[0] for k in base.hydra.runtime.choices}
+
+    @staticmethod
+    def compose(group_overrides: tuple) -> DictConfig:
+        if group_overrides not in _COMPOSED:
+            _COMPOSED[group_overrides] = compose("config", overrides=list(group_overrides), return_hydra_config=True)
+        return _COMPOSED[group_overrides]
+
+    def jobs(self, overrides: list[str], multirun: bool) -> list[list[str]]:
+        """Every job's overrides: one job, or a sweep's product (the preset's params, then the command line)."""
+        if not multirun:
+            return [overrides]
+        parsed = self.parser.parse_overrides(overrides)
+        plain = tuple(o.input_line for o in parsed if _is_group(o, self.groups) and not o.is_sweep_override())
+        params = [f"{k}={v}" for k, v in (self.compose(plain).hydra.sweeper.params or {}).items()]
+        [batch] = BasicSweeper.split_arguments(self.parser.parse_overrides(params + overrides), None)
+        return batch
+
+    def problems(self, job: list[str]) -> list[str]:
+        parsed = self.parser.parse_overrides(job)
+        try:
+            cfg = self.compose(tuple(o.input_line for o in parsed if _is_group(o, self.groups)))
+        except (HydraException, ValueError) as err:
+            return [describe_hydra_error(err)]
+        container = OmegaConf.to_container(cfg, resolve=False)
+        container.pop("hydra")
+        found = [p for o in parsed if not _is_group(o, self.groups) for p in [_apply(container, o)] if p]
+        previous = HydraConfig.instance().cfg
+        HydraConfig.instance().set_config(cfg)  # ${hydra:...} interpolations resolve as in the job
+        try:
+            resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+        except OmegaConfBaseException as err:
+            return found + [f"{getattr(err, 'full_key', '') or 'interpolation'}: {str(err).splitlines()[0]}"]
+        finally:
+            HydraConfig.instance().cfg = previous
+        return found + schema.problems(resolved)
+
+
+def describe_hydra_error(err: Exception) -> str:
+    """A composition error in one line, with a did-you-mean for an unknown group option."""
+    text = str(err)
+    match = re.search(r"Could not find '([^/']+)/([^']*)'", text)
+    options = re.search(r"Available options in '[^']*':\s*\n((?:[ \t]+\S+\n?)+)", text)
+    if match and options:
+        group, value = match[1], match[2]
+        choices = [line.strip() for line in options[1].splitlines() if line.strip()]
+        close = difflib.get_close_matches(value, choices, n=1)
+        return (f"{group}={value}: no such option; choose one of {choices}"
+                + (f"; did you mean {group}={close[0]}?" if close else ""))
+    return " ".join(text.split())
+
+
+def check_command_line(args: list[str]) -> tuple[list[str], list[str]]:
+    """The command line as Hydra will get it (rewrite_axes), and every problem of every job it
+    would run ([] for --help and friends)."""
+    try:
+        args = rewrite_axes(args)
+        return args, preflight(args)
+    except ConfigError as err:
+        return args, err.problems
+
+
+def preflight(args: list[str]) -> list[str]:
+    """Every problem of every job of a (rewritten) command line."""
+    ns = get_args_parser().parse_args(args)
+    if ns.help or ns.hydra_help or ns.info or ns.shell_completion:
+        return []
+    with initialize_config_module("gam_rl.conf", version_base="1.3"):
+        try:
+            check = Preflight()
+            jobs = check.jobs(ns.overrides, ns.multirun)
+        except HydraException as err:
+            return [describe_hydra_error(err)]
+        found: dict[str, list[int]] = {}
+        for index, job in enumerate(jobs):
+            for problem in check.problems(job):
+                found.setdefault(problem, []).append(index)
+    if len(jobs) == 1:
+        return list(found)
+    return [p if len(idx) == len(jobs) else f"{p} (jobs {', '.join(f'#{i}' for i in idx[:5])}"
+            f"{', ...' if len(idx) > 5 else ''})" for p, idx in found.items()]
+
+
+# ---- one run ---------------------------------------------------------------------------------------
 
 def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -39,24 +206,51 @@ def _quiet_lightning() -> None:
 class RunFailed(RuntimeError):
     """A job of a multirun failed (its results.json says why). Raised out of the task function
     instead of sys.exit: Hydra's launchers (basic, joblib, submitit) record an Exception as that
-    job's failure and run the other jobs, and the sweep exits 1 once they are done; a SystemExit
-    would stop a serial sweep at the failing job."""
+    job's failure and run the other jobs, and the sweep exits 1 once they are done."""
 
 
-def _start_wandb(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None):
+class FolderConflict(RuntimeError):
+    """Two jobs of one sweep map to the same folder (see gam_rl.sweep.folder_conflict)."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: the run records itself as failed and the process exits 128 + signal.
+    Not an Exception, so that no launcher takes it for one failed job among others: a serial
+    sweep stops."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _signals_raise():
+    """Turn SIGINT and SIGTERM into Interrupted; returns the function restoring the old handlers.
+    (Lightning chains its own SIGTERM handler in front of this one during fit.)"""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+def _start_wandb(cfg: schema.Config, recorded: dict, run_dir: Path, sweep_name: str | None = None):
     if cfg.logger.kind != "wandb" or cfg.logger.mode == "disabled":
         return None
     import wandb
 
-    tags = [f"profile:{cfg.profile}", f"seed:{cfg.seed}", f"features:{cfg.features}", f"D:{cfg.dataset_size}"]
-    if sweep_name:
-        tags.append(f"sweep:{sweep_name}")
-    return wandb.init(
-        project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, dir=str(run_dir),
-        group=f"{cfg.motif}_{cfg.features}_D{cfg.dataset_size}", job_type=cfg.method.name,
-        name=run_dir.name, tags=tags,
-        config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
-    )
+    cell = f"{cfg.motif.pattern}_{cfg.features.name}_D{cfg.dataset_size.size}"
+    tags = [f"profile:{cfg.profile}", f"seed:{cfg.seed}", f"features:{cfg.features.name}",
+            f"D:{cfg.dataset_size.size}"] + ([f"sweep:{sweep_name}"] if sweep_name else [])
+    return wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, dir=str(run_dir),
+                      group=cell, job_type=cfg.method.name, name=run_dir.name, tags=tags, config=recorded,
+                      reinit="finish_previous")
 
 
 def wandb_summary(results: dict) -> dict:
@@ -71,8 +265,7 @@ def wandb_summary(results: dict) -> dict:
             summary.update({f"{key}/{name}": value for name, value in zip(names, values, strict=True)})
     for key in ("timings", "samples"):
         summary.update({f"{key}/{stage}": value for stage, value in (results.get(key) or {}).items()})
-    # Table 1's within-run ratios (CE pi/r, CE pi/H, mtf pi/r): a W&B runs table grouped by
-    # dataset_size and job_type averages them into the paper's columns for each method
+    # Table 1's within-run ratios (CE pi/r, CE pi/H, mtf pi/r), per run
     for name, num, den in (("ce_pi_over_r", "ce_test_pi", "ce_test_r"), ("ce_pi_over_h", "ce_test_pi", "entropy_true"),
                            ("mtf_pi_over_r", "motif_freq_pi", "motif_freq_r")):
         a, b = results.get(num), results.get(den)
@@ -94,52 +287,8 @@ def print_summary(results: dict) -> None:
     print(f"{'status':>18}: {results.get('status')}")
 
 
-def check(cfg: DictConfig) -> DictConfig:
-    """validate() plus the sweep and cache keys; every problem reported at once."""
-    problems: list[str] = []
-    try:
-        validate(cfg)
-    except ConfigError as err:
-        problems += err.problems
-    problems += sweep_key_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
-
-
-class FolderConflict(RuntimeError):
-    """Two jobs of one sweep map to the same folder (see gam_rl.sweep.folder_conflict)."""
-
-
-class Terminated(SystemExit):
-    """SIGTERM received: the run records itself as failed and the process exits with 143
-    (128 + SIGTERM). A SystemExit, like Lightning's own SIGTERMException, so that it is not
-    caught as one failed job: a serial sweep stops instead of going on to the next job."""
-
-    def __init__(self, message: str):
-        super().__init__(143)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def _sigterm_raises():
-    """Turn SIGTERM into an exception (so results.json says failed, with the reason) and
-    return the function that restores the previous handler. Lightning installs its own
-    handler during fit, which likewise raises; outside fit this one applies."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum, frame):
-        raise Terminated(f"terminated by signal {signum} (SIGTERM)")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
-
-
-def execute(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> dict:
-    """Validate, run, and write the artefacts of one run; returns results (raises on failure).
+def execute(cfg: DictConfig | dict, run_dir: Path, sweep_dir: Path | None = None) -> dict:
+    """Check, run, and write the artefacts of one run; returns results (raises on failure).
 
     A folder that already holds a complete run of this configuration is skipped (resume=true):
     its files are left untouched and its results returned with "skipped": true. In a sweep
@@ -147,42 +296,47 @@ def execute(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> di
     """
     from gam_rl.pipeline import Run, run_pipeline
 
+    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    container = {k: v for k, v in container.items() if k != "hydra"}
+    typed = schema.load(container)
+    recorded = schema.record(typed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    results_path = run_dir / "results.json"
-    try:
-        check(cfg)
-    except ConfigError as err:
-        atomic_write_json(results_path, {"status": "failed", "error": str(err), "stage": "config"})
-        raise
-    if cfg.resume:
-        previous = complete_results(run_dir, cfg)
+    if typed.resume:
+        previous = complete_results(run_dir, recorded)
         if previous is not None:
             log.info("skipping %s: its results are complete (status ok, same configuration)", run_dir)
             return {**previous, "skipped": True}
-    conflict = folder_conflict(run_dir, cfg, sweep_dir) if sweep_dir is not None else None
+    conflict = folder_conflict(run_dir, recorded, sweep_dir) if sweep_dir is not None else None
     if conflict:
         raise FolderConflict(conflict)
     remove_stale_files(run_dir)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run = Run(cfg)
+    OmegaConf.save(OmegaConf.create(recorded), run_dir / "config.yaml")
+    if typed.threads:
+        torch.set_num_threads(typed.threads)
+    run = Run(typed)
     run.results["run_dir"] = str(run_dir)
+    results_path = run_dir / "results.json"
     atomic_write_json(results_path, run.results)  # status "running" until the end: a killed run never looks done
     started = time.time()
     wandb_run = logger = None
-    restore_sigterm = _sigterm_raises()
+    restore_signals = _signals_raise()
     try:
-        wandb_run = _start_wandb(cfg, run_dir, sweep_dir.name if sweep_dir is not None else None)
+        wandb_run = _start_wandb(typed, recorded, run_dir, sweep_dir.name if sweep_dir is not None else None)
         logger = RunLogger(run_dir, wandb_run)
-        results = run_pipeline(cfg, run, logger, run_dir)
+        results = run_pipeline(typed, run, logger, run_dir)
         results["status"] = "ok"
     except BaseException as err:
-        run.results.update(status="failed", error=f"{type(err).__name__}: {err}",
-                           traceback=traceback.format_exc())
+        if isinstance(err, SIGTERMException):  # Lightning's own SIGTERM handler got there first
+            err = Interrupted(signal.SIGTERM)
+        stage = run.stage_now
+        message = (f"interrupted ({err.name}) during {stage or 'set-up'}" if isinstance(err, Interrupted)
+                   else f"{type(err).__name__}: {err}")
+        run.results.update(status="failed", error=message, stage=stage, traceback=traceback.format_exc())
+        if err is not sys.exc_info()[1]:
+            raise err from None
         raise
     finally:
-        restore_sigterm()
+        restore_signals()
         run.results["wall_time_s"] = round(time.time() - started, 3)
         atomic_write_json(results_path, run.results)
         if logger is not None:
@@ -196,23 +350,18 @@ def execute(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> di
 
 
 @hydra.main(config_path="pkg://gam_rl.conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_app(cfg: DictConfig) -> None:
     _quiet_lightning()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         results = execute(cfg, run_dir, Path(hydra_cfg.sweep.dir) if multirun else None)
-    except (Terminated, SIGTERMException):
-        # not one failed job among others: the whole process was asked to stop (a serial sweep ends here)
-        log.error("stopped by SIGTERM; %s records the run as failed", run_dir / "results.json")
-        sys.exit(143)
-    except ConfigError as err:
-        log.error("%s", err)
-        if multirun:
-            raise RunFailed(f"{run_dir}: {err}") from None
-        print(f"gam-rl: {err}", file=sys.stderr)
-        sys.exit(2)
+    except Interrupted as err:  # the whole process was asked to stop: a serial sweep ends here
+        log.error("%s; %s records the run as failed", err.name, run_dir / "results.json")
+        raise
+    except ConfigError:
+        raise  # checked by preflight already; here only when the configuration was composed elsewhere
     except Exception as err:
         log.error("run failed: %s\n%s", err, traceback.format_exc())
         message = f"run failed ({type(err).__name__}: {err})"
@@ -227,6 +376,31 @@ def main(cfg: DictConfig) -> None:
         return
     print_summary(results)
     print(f"results: {run_dir / 'results.json'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, problems = check_command_line(sys.argv[1:] if argv is None else list(argv))
+    if problems:
+        print("gam-rl: invalid configuration:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0], *args]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # errors come back here, printed once, with our exit codes
+    try:
+        hydra_app()
+    except Interrupted as err:
+        sys.exit(err.exit_code)
+    except RunFailed as err:  # the first failed job of a sweep (each one's results.json says why)
+        print(f"gam-rl: {err}", file=sys.stderr)
+        sys.exit(1)
+    except ConfigError as err:
+        print(f"gam-rl: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"gam-rl: invalid configuration: {describe_hydra_error(err)}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as err:  # Hydra's own command-line checks (e.g. -m with --cfg)
+        print(f"gam-rl: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gam_rl.config_fields import MISSING, setting
 from gam_rl.process import MotifProcess
 from gam_rl.tokens import encode
 
@@ -31,6 +32,31 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class PoolsConfig:
+    """Strings drawn per pool (paper: 20000 / 2000 / 5000); D and V are prefixes of their pools."""
+
+    train: int = setting(20000, ge=1)
+    valid: int = setting(2000, ge=1)
+    test: int = setting(5000, ge=1)
+
+
+@dataclass
+class DataConfig:
+    """`data` section: where the split files live and how large the pools are."""
+
+    cache_dir: str | None = None  # None: $GAM_RL_CACHE/data, else ~/.cache/gam_rl/data
+    pools: PoolsConfig = setting(factory=PoolsConfig)
+
+
+@dataclass
+class DatasetSizeConfig:
+    """`dataset_size` section (conf/dataset_size/<|D|>.yaml): |D| and |V|."""
+
+    size: int = setting(MISSING, ge=1)  # |D|: the first `size` strings of the train pool
+    valid_size: int | None = setting(None, ge=1)  # |V|; None: the paper's rule (valid_size_for)
 
 
 def default_cache_dir() -> Path:

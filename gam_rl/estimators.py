@@ -1,4 +1,7 @@
-"""Monte-Carlo estimators in log space: SNIS moments, rejection sampling, IS for Z.
+"""Monte-Carlo estimators in log space: SNIS moments, rejection sampling, IS for Z, thinning.
+
+Sampling estimators take a (proposal q, target P) pair of potentials (gam_rl.potentials) and
+ask the target for the importance weight P(x)/q(x) and, for rejection, its bound.
 
 Weights are handled as log-weights throughout; a batch whose weights are all zero or
 not finite raises EstimatorError instead of returning NaN.
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gam_rl.policy import LSTMPolicy, Samples
+from gam_rl.policy import Samples
 from gam_rl.tokens import pad_cat
 
 log = logging.getLogger("gam_rl")
@@ -39,45 +42,46 @@ def effective_sample_size(log_w: torch.Tensor) -> float:
 
 
 @dataclass
-class SNISEstimate:
-    moments: torch.Tensor  # (K,) E_p[phi] estimate
-    ess: float
+class MomentEstimate:
+    moments: torch.Tensor  # (K,) estimate of E_p[phi]
+    se: torch.Tensor  # (K,) its standard error
+    ess: float  # effective sample size (rejection sampling: the accepted count)
 
 
-def snis_moments(log_w: torch.Tensor, phi: torch.Tensor) -> SNISEstimate:
-    """E_p[phi] ~ sum_i w_i phi_i / sum_i w_i, with w_i = p~(x_i)/q(x_i), x_i ~ q."""
+def snis_moments(log_w: torch.Tensor, phi: torch.Tensor) -> MomentEstimate:
+    """E_p[phi] ~ sum_i w_i phi_i / sum_i w_i, with w_i = p~(x_i)/q(x_i), x_i ~ q.
+
+    Standard error by the delta method, Var ~ sum_i wbar_i^2 (phi_i - E_hat)^2 with wbar the
+    normalised weights: right for large N, too small while the heavy part is still unseen."""
     check_log_weights(log_w, "SNIS")
-    weights = torch.softmax(log_w.double(), dim=0)  # normalised weights w_i / sum_j w_j
-    return SNISEstimate((weights.unsqueeze(1) * phi.double()).sum(0).float(), effective_sample_size(log_w))
+    weights = torch.softmax(log_w.double(), dim=0).unsqueeze(1)  # normalised weights w_i / sum_j w_j
+    phi = phi.double()
+    moments = (weights * phi).sum(0)
+    se = torch.sqrt((weights**2 * (phi - moments) ** 2).sum(0))
+    return MomentEstimate(moments.float(), se.float(), effective_sample_size(log_w))
 
 
-def rejection_log_bound(lam: torch.Tensor) -> float:
-    """log beta = sum_k max(lambda_k, 0): bounds lambda . phi when every phi_k is in [0, 1],
-    so P_lambda(x) / r(x) = exp(lambda . phi(x)) <= beta."""
-    return float(lam.clamp(min=0).sum())
+def accept(log_w: torch.Tensor, log_bound: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Accept x ~ q with probability P(x) / (beta q(x)) = exp(log w - log beta): accepted x ~ P / Z."""
+    u = torch.rand(log_w.shape, device=log_w.device, generator=generator, dtype=torch.float64)
+    return torch.log(u) < (log_w.double() - log_bound)
 
 
-def check_unit_box(phi: torch.Tensor, names: list[str]) -> None:
-    """The rejection bound is only valid for features in [0, 1]: refuse anything else."""
-    outside = (phi < 0) | (phi > 1)
-    if outside.any():
-        k = int(outside.any(0).nonzero()[0])
-        raise EstimatorError(
-            f"rejection sampling needs every feature in [0, 1]; feature {names[k]!r} took value "
-            f"{float(phi[outside.any(1)][0, k]):.4g}. Cap the sampling length at the feature "
-            f"normaliser (feature_max_len) or use an estimator without a bound (snis_r)."
-        )
-
-
-def accept(log_tilt: torch.Tensor, log_bound: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Accept x ~ r with probability exp(lambda . phi(x) - log beta): accepted x ~ p_lambda."""
-    u = torch.rand(log_tilt.shape, device=log_tilt.device, generator=generator, dtype=torch.float64)
-    return torch.log(u) < (log_tilt.double() - log_bound)
+def rejection_moments(log_w: torch.Tensor, phi: torch.Tensor, log_bound: float,
+                      generator: torch.Generator | None = None) -> MomentEstimate | None:
+    """E_p[phi] as the mean phi of the accepted proposals (exact samples of p); None if none is."""
+    keep = accept(log_w, log_bound, generator)
+    count = int(keep.sum())
+    if not count:
+        return None
+    kept = phi[keep].double()
+    se = kept.std(0, unbiased=False) / math.sqrt(count)
+    return MomentEstimate(kept.mean(0).float(), se.float(), float(count))
 
 
 @dataclass
 class RejectionResult:
-    tokens: torch.Tensor  # (num, T) accepted sequences, exact samples of p_lambda
+    tokens: torch.Tensor  # (num, T) accepted sequences, exact samples of p = P / Z
     proposals: int
     accepted: int  # all accepted proposals, including the surplus of the last batch
 
@@ -86,12 +90,14 @@ class RejectionResult:
         return self.accepted / max(self.proposals, 1)
 
 
-def rejection_sample(proposal: LSTMPolicy, phi: Callable[[torch.Tensor], torch.Tensor], names: list[str],
-                     lam: torch.Tensor, log_bound: float, num: int, max_len: int, batch_size: int,
-                     max_proposals: int, generator: torch.Generator | None = None,
-                     progress: str = "rs") -> RejectionResult:
-    """Draw `num` exact samples of p ~ proposal * exp(lam . phi) by rejection from `proposal`
-    (phi is computed once per batch: it serves both the [0, 1] check and the tilt)."""
+def rejection_sample(proposal, target, num: int, max_len: int, batch_size: int, max_proposals: int,
+                     generator: torch.Generator | None = None, progress: str = "rs") -> RejectionResult:
+    """Draw `num` exact samples of p = P / Z by rejection from `proposal` q: accept x ~ q with
+    probability P(x) / (beta q(x)), log beta = target.log_weight_bound(q, max_len)."""
+    log_bound = target.log_weight_bound(proposal, max_len)
+    if log_bound is None:
+        raise EstimatorError(f"rejection sampling: {type(target).__name__} has no known bound on P/q for a "
+                             f"{type(proposal).__name__} proposal")
     accepted: list[torch.Tensor] = []
     have = proposals = 0
     next_report = 0.1
@@ -101,9 +107,7 @@ def rejection_sample(proposal: LSTMPolicy, phi: Callable[[torch.Tensor], torch.T
                 f"rejection sampling accepted {have} of {proposals} proposals (rate {have / proposals:.2e}), "
                 f"short of the {num} needed within max_proposals={max_proposals}")
         samples = proposal.sample(batch_size, max_len, generator)
-        features = phi(samples.tokens)
-        check_unit_box(features, names)
-        keep = accept(features @ lam, log_bound, generator)
+        keep = accept(target.log_weight(proposal, samples), log_bound, generator)
         proposals += batch_size
         if keep.any():
             accepted.append(samples.tokens[keep])
@@ -124,25 +128,34 @@ class ZEstimate:
     num: int
 
 
-def importance_z(draw: Callable[[int], tuple[Samples, torch.Tensor]], num: int, batch_size: int,
-                 rel_tol: float | None = None, min_samples: int = 0,
-                 tail_seen: Callable[[], bool] | None = None) -> ZEstimate:
-    """Z = E_q[P(x)/q(x)] ~ mean_i w_i, x_i ~ q. `draw(k)` returns k samples and their log w.
+def importance_z(proposal, target, num: int, batch_size: int, max_len: int,
+                 generator: torch.Generator | None = None, *, rel_tol: float | None = None,
+                 min_samples: int = 0, tail_hits: float | None = None,
+                 observe: Callable[[Samples, torch.Tensor], None] | None = None) -> ZEstimate:
+    """Z = E_q[P(x)/q(x)] ~ mean_i w_i, x_i ~ q, from batches of `batch_size` samples of q.
 
     rel_se = std(w) / (sqrt(N) mean(w)), the relative standard error of Z-hat (CLT).
     With `rel_tol`, sampling stops after the first batch (and at least `min_samples`) where
-    rel_se <= rel_tol and `tail_seen()` is true; `num` is then the cap. The empirical rel_se
-    cannot see heavy weights that have not been drawn yet (before the first one, the weights
-    look uniform and rel_se looks small while Z-hat is far too low): `tail_seen` is the
-    caller's test that the heavy part has been sampled often enough for rel_se to mean something.
+    rel_se <= rel_tol; `num` is then the cap. The empirical rel_se cannot see heavy weights that
+    have not been drawn yet (before the first one, the weights look uniform and rel_se looks
+    small while Z-hat is far too low): with `tail_hits`, the stop also waits until the draws
+    hold that many expected rejection-sampling accepts (ExpectedAccepts, with the target's
+    bound on P/q). observe(samples, log_w) sees every batch (e.g. for SNIS moments).
     """
+    log_bound = target.log_weight_bound(proposal, max_len) if tail_hits else None
+    accepts = ExpectedAccepts(log_bound, tail_hits) if log_bound is not None else None
     log_ws = []
     drawn = 0
     while drawn < num:
-        _, log_w = draw(min(batch_size, num - drawn))
-        log_ws.append(log_w.double())
+        samples = proposal.sample(min(batch_size, num - drawn), max_len, generator)
+        log_w = target.log_weight(proposal, samples).double()
+        if observe is not None:
+            observe(samples, log_w)
+        if accepts is not None:
+            accepts.add(log_w)
+        log_ws.append(log_w)
         drawn += len(log_w)
-        if rel_tol is not None and drawn >= min_samples and (tail_seen is None or tail_seen()):
+        if rel_tol is not None and drawn >= min_samples and (accepts is None or accepts()):
             current = torch.cat(log_ws)
             if torch.isfinite(current).any() and _z_from_log_w(current).rel_se <= rel_tol:
                 break
@@ -154,7 +167,7 @@ def importance_z(draw: Callable[[int], tuple[Samples, torch.Tensor]], num: int, 
 class ExpectedAccepts:
     """sum_i w_i / beta over every draw added so far (w_i / beta clipped at 1): the expected
     number of exact samples rejection sampling with bound beta would accept from them, n Z-hat /
-    beta. As a stopping test for importance_z (`tail_seen`) it is robust to the heavy tail that
+    beta. As a stopping test for importance_z (`tail_hits`) it is robust to the heavy tail that
     rel_se cannot see: while the heavy strings have not been drawn, Z-hat and the count stay low."""
 
     def __init__(self, log_beta: float, needed: float):

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from gam_rl.policy import LSTMPolicy
+from gam_rl.config_fields import setting
+from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.tokens import bit_lengths
 
+__all__ = ["EvalConfig", "PolicyEval", "eval_mode", "batched_log_prob", "policy_cross_entropy",
+           "sample_statistics", "evaluate_policy"]
 
-@contextlib.contextmanager
-def eval_mode(module: nn.Module):
-    """Run a block with dropout off and no autograd, restoring the module's mode after."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield module
-    finally:
-        module.train(was_training)
+
+@dataclass
+class EvalConfig:
+    """`eval` section: the sample statistics of r and pi (motif frequency, length)."""
+
+    samples: int = setting(5000, ge=1)
+    max_len: int = setting(500, ge=1)  # the paper's limit when sampling for motif frequency
+    batch_size: int = setting(5000, ge=1)
 
 
 def batched_log_prob(score: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
@@ -49,3 +49,25 @@ def sample_statistics(policy: LSTMPolicy, contains_motif: Callable[[torch.Tensor
         lengths += float(bit_lengths(samples.tokens).sum())
         truncated += float((~samples.finished).sum())
     return {"motif_freq": has_motif / num, "avg_len": lengths / num, "truncated_frac": truncated / num}
+
+
+@dataclass
+class PolicyEval:
+    """CE(T, policy) and the statistics of its samples."""
+
+    ce_test: float
+    motif_freq: float
+    avg_len: float
+    truncated_frac: float
+
+    def results(self, name: str) -> dict:
+        return {f"ce_test_{name}": self.ce_test, f"motif_freq_{name}": self.motif_freq,
+                f"avg_len_{name}": self.avg_len, f"truncated_frac_{name}": self.truncated_frac}
+
+
+def evaluate_policy(policy: LSTMPolicy, test: torch.Tensor, contains_motif: Callable[[torch.Tensor], torch.Tensor],
+                    cfg: EvalConfig, symbols_per_seq: int) -> PolicyEval:
+    """CE(T, policy), and motif frequency / average length over cfg.samples of its samples."""
+    ce = policy_cross_entropy(policy, test, symbols_per_seq)
+    stats = sample_statistics(policy, contains_motif, cfg.samples, cfg.max_len, cfg.batch_size)
+    return PolicyEval(ce, stats["motif_freq"], stats["avg_len"], stats["truncated_frac"])

@@ -1,43 +1,36 @@
-"""One run: data -> r -> (lambda -> pi) -> evaluation, with every artefact written.
+"""One run: data -> r -> lambda -> Z -> pi -> evaluation, composed from the stages.
 
-Each stage receives what it needs as arguments; the pipeline only composes them and
-records timings, sample counts and metrics into `results`.
+Each stage receives its typed configuration section and what it needs as arguments, and
+returns a typed result; the pipeline only composes them, times them and records their
+results into `results` (results.json). Training-1 (everything before Training-2) comes from the
+Training-1 cache when another method of the same cell has computed it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import fnmatch
 import logging
-import math
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig
 
-from gam_rl import cache as training1_cache
-from gam_rl.config import resolve_device
 from gam_rl.data import Splits, load_splits
-from gam_rl.estimators import (
-    ExpectedAccepts,
-    cross_entropy_p_lambda,
-    importance_z,
-    rejection_log_bound,
-    snis_moments,
-)
 from gam_rl.features import Features
-from gam_rl.metrics import batched_log_prob, eval_mode, policy_cross_entropy, sample_statistics
+from gam_rl.metrics import evaluate_policy
 from gam_rl.policy import LSTMPolicy
-from gam_rl.potentials import GAMPotential, TrueProcessPotential
+from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
-from gam_rl.run_io import RESULT_KEYS, RunLogger
+from gam_rl.run_io import RESULT_KEYS
+from gam_rl.schema import Config
+from gam_rl.stages.distill import distill
+from gam_rl.stages.dpg import train_dpg
 from gam_rl.stages.mle import train_mle
-from gam_rl.stages.training1 import fit_lambda
-from gam_rl.stages.training2 import DPGOptions, train_distill, train_dpg
+from gam_rl.stages.moment_matching import moment_matching
+from gam_rl.stages.partition import estimate_partition
+from gam_rl.training1_cache import STAGES, RecordingLogger, Training1, Training1Cache, default_dir, key_config
 
 log = logging.getLogger("gam_rl")
 
@@ -45,228 +38,163 @@ log = logging.getLogger("gam_rl")
 class Run:
     """Mutable record of one run: results plus per-stage timings and sample counts."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: Config):
         self.results: dict = {key: None for key in RESULT_KEYS}
-        self.results.update(status="running", motif=cfg.motif, features=cfg.features,
-                            dataset_size=cfg.dataset_size, seed=cfg.seed, method=cfg.method.name,
+        self.results.update(status="running", motif=cfg.motif.pattern, features=cfg.features.name,
+                            dataset_size=cfg.dataset_size.size, seed=cfg.seed, method=cfg.method.name,
                             profile=cfg.profile, timings={}, samples={})
+        self.stage_now: str | None = None  # the stage running now, for a failure's record
 
     @contextlib.contextmanager
     def stage(self, name: str):
         log.info("[%s] starting", name)
-        start = time.perf_counter()
+        self.stage_now, start = name, time.perf_counter()
         try:
             yield
-        finally:
-            elapsed = time.perf_counter() - start
-            self.results["timings"][name] = round(elapsed, 3)
-            log.info("[%s] done in %.1f s", name, elapsed)
+        finally:  # a stage that fails keeps its time and stays stage_now; it never logs "done"
+            self.results["timings"][name] = round(time.perf_counter() - start, 3)
+        self.stage_now = None
+        log.info("[%s] done in %.1f s", name, self.results["timings"][name])
 
     def count_samples(self, name: str, count: int) -> None:
         self.results["samples"][name] = self.results["samples"].get(name, 0) + int(count)
 
 
-def run_pipeline(cfg: DictConfig, run: Run, logger: RunLogger, run_dir: Path) -> dict:
+@dataclass
+class Data:
+    process: MotifProcess
+    splits: Splits
+    symbols: int  # n + 1: every CE is in nats per symbol over the n bits and EOS
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
     device = resolve_device(cfg.device)
     accelerator = "gpu" if device.type == "cuda" else "cpu"
-    pl.seed_everything(cfg.seed, workers=False, verbose=False)
     res = run.results
     res["device"] = str(device)
+    pl.seed_everything(cfg.seed, workers=False, verbose=False)
 
-    process, splits = load_data(cfg, run, device)
-    features = Features(cfg.features, cfg.motif, cfg.feature_max_len)
+    data = load_data(cfg, run, device)
+    features = Features.from_config(cfg.features, cfg.motif.pattern)
     res["feature_names"] = features.names
-    # r, lambda, Z: computed here, or taken from the Training-1 cache (another method of the same cell)
-    r, lam = training1_cache.training1_stages(
-        cfg, run, logger, run_dir, device,
-        compute=lambda stage_logger: stages_before_training2(cfg, run, process, splits, features, stage_logger,
-                                                             run_dir, device, accelerator),
-        build_r=lambda: LSTMPolicy(**cfg.model).to(device))
-    gam = GAMPotential(r, features, lam)
-    _injected_failure(run_dir)
+    t1 = training1_cached(cfg, run, data, features, logger, run_dir, device, accelerator)
+    res.update(t1.results())
 
+    # Training-2 starts from the same RNG state whether Training-1 ran here or came from the cache
+    pl.seed_everything(cfg.seed + 3, workers=False, verbose=False)
+    p_lambda = gam(t1.r, features, t1.lam)  # P_lambda = r exp(lambda . phi)
     with run.stage("training2"):
-        pi = training2(cfg, run, r, gam, process, splits, logger, accelerator)
+        pi = training2(cfg, run, t1, p_lambda, data, logger, accelerator)
         torch.save({"config": pi.config(), "state_dict": pi.state_dict()}, run_dir / "pi.pt")
-    evaluate_policy(cfg, run, pi, "pi", splits.test, process, logger)
+    with run.stage("eval_pi"):
+        evaluation = evaluate_policy(pi, data.splits.test, data.process.contains_motif, cfg.eval, data.symbols)
+        run.count_samples("eval_pi", cfg.eval.samples)
+        res.update(evaluation.results("pi"))
+        logger.log("eval", 0, ce_test_pi=evaluation.ce_test, motif_freq_pi=evaluation.motif_freq)
     return res
 
 
-def load_data(cfg: DictConfig, run: Run, device: torch.device) -> tuple[MotifProcess, Splits]:
+def load_data(cfg: Config, run: Run, device: torch.device) -> Data:
     with run.stage("data"):
-        process = MotifProcess(cfg.motif, cfg.n)
-        splits = load_splits(cfg.motif, cfg.n, cfg.dataset_size, cfg.data.valid_size,
-                             dict(cfg.data.pools), cfg.data.cache_dir, device)
+        process = MotifProcess(cfg.motif.pattern, cfg.n)
+        splits = load_splits(cfg.motif.pattern, cfg.n, cfg.dataset_size.size, cfg.dataset_size.valid_size,
+                             {"train": cfg.data.pools.train, "valid": cfg.data.pools.valid,
+                              "test": cfg.data.pools.test}, cfg.data.cache_dir, device)
         run.results.update(data_dir=str(splits.data_dir), valid_size=len(splits.valid), test_size=len(splits.test),
                            entropy_true=process.entropy_per_symbol, num_motif_strings=process.num_strings)
         log.info("H(p_true) = %.4f nats/symbol (%d strings of length %d contain %s)",
-                 process.entropy_per_symbol, process.num_strings, cfg.n, cfg.motif)
-    return process, splits
+                 process.entropy_per_symbol, process.num_strings, cfg.n, cfg.motif.pattern)
+    return Data(process, splits, cfg.n + 1)
 
 
-def stages_before_training2(cfg: DictConfig, run: Run, process: MotifProcess, splits: Splits, features: Features,
-                            logger, run_dir: Path, device: torch.device,
-                            accelerator: str) -> tuple[LSTMPolicy, torch.Tensor]:
-    """r = MLE(D), its test CE and sample statistics, lambda (Training-1), Z and CE(T, p_lambda).
+def training1_cached(cfg: Config, run: Run, data: Data, features: Features, logger, run_dir: Path,
+                     device: torch.device, accelerator: str) -> Training1:
+    """Training-1 from the cache, or computed here and stored; run.results["training1_cache"] says which."""
+    key_cfg = key_config(cfg, device)
+    record = run.results["training1_cache"] = {"enabled": cfg.cache.training1, "hit": False}
+    if not cfg.cache.training1:
+        return training1(cfg, run, data, features, logger, run_dir, device, accelerator)
+    cache = Training1Cache(Path(cfg.cache.training1_dir) if cfg.cache.training1_dir else default_dir())
+    with cache.entry(key_cfg) as entry:
+        record.update(key=entry.key, dir=str(entry.path), wait_s=round(entry.waited_s, 3))
+        t1 = entry.load(lambda: LSTMPolicy.from_config(cfg.model).to(device))
+        if t1 is None:
+            t1 = training1(cfg, run, data, features, logger, run_dir, device, accelerator)
+            entry.save(t1, run_dir / "r.pt", run_dir)
+            record["stored"] = True
+            log.info("Training-1 cache: stored entry %s", entry.path)
+            return t1
+    # a hit: the stages' results, curves and r as the computing job left them
+    log.info("Training-1 cache: reusing entry %s (computed by %s)", entry.path, entry.source_run_dir)
+    record.update(hit=True, stages=list(STAGES), source_run_dir=entry.source_run_dir, source_timings=t1.timings,
+                  source_samples=t1.samples)
+    for stage in STAGES:
+        run.results["timings"][stage], run.results["samples"][stage] = 0.0, 0
+    for step, metrics in t1.log_calls:
+        logger.log_metrics(metrics, step)
+    torch.save({"config": t1.r.config(), "state_dict": t1.r.state_dict()}, run_dir / "r.pt")
+    return t1
 
-    Everything here is determined by the keys of gam_rl.cache.key_config (never by the method),
-    which is what lets the Training-1 cache hand the same (r, lambda) to every method of a cell.
-    Writes run_dir/r.pt; returns (r, lambda).
-    """
-    res, symbols = run.results, cfg.n + 1  # every CE is in nats per symbol over n bits + EOS
+
+def training1(cfg: Config, run: Run, data: Data, features: Features, logger, run_dir: Path, device: torch.device,
+              accelerator: str) -> Training1:
+    """r = MLE(D), its evaluation, lambda by moment matching, then Z and CE(T, p_lambda)."""
+    recorder = RecordingLogger(logger)
+    splits = data.splits
     with run.stage("r"):
-        r = LSTMPolicy(**cfg.model).to(device)
-        fit = train_mle(r, splits.train, splits.valid, symbols_per_seq=symbols, lr=cfg.r.lr,
-                        batch_size=r_batch_size(cfg),
-                        max_epochs=cfg.r.max_epochs, patience=cfg.r.patience, clip=cfg.r.clip,
-                        prefix="r", logger=logger, accelerator=accelerator, seed=cfg.seed,
-                        log_every=cfg.log_every, lr_decays=cfg.r.lr_decays, lr_decay_factor=cfg.r.lr_decay_factor)
+        r = LSTMPolicy.from_config(cfg.model).to(device)
+        r_fit = train_mle(r, splits.train, splits.valid, cfg.r, symbols_per_seq=data.symbols, prefix="r",
+                          logger=recorder, accelerator=accelerator, seed=cfg.seed, log_every=cfg.log_every)
         torch.save({"config": r.config(), "state_dict": r.state_dict()}, run_dir / "r.pt")
-        res.update(ce_valid_r=fit.best_val_ce, r_epochs=fit.epochs, r_best_epoch=fit.best_epoch,
-                   r_lr_decay_epochs=fit.decay_epochs)
-
-    evaluate_policy(cfg, run, r, "r", splits.test, process, logger)
-    gam = training1(cfg, run, r, features, splits, logger, accelerator)
-    with run.stage("z"):
-        estimate_z_and_ce(cfg, run, r, gam, splits.test, splits.valid, logger)
-    return r, gam.lam
-
-
-def _injected_failure(run_dir: Path) -> None:
-    """Test hook: fail a run on purpose between Training-1 and Training-2 when its folder name
-    matches one of the comma-separated glob patterns in $GAM_RL_TEST_FAIL_RUNS (how the sweep
-    tests make exactly one job of a sweep fail after validation, with the others untouched)."""
-    patterns = [p for p in os.environ.get("GAM_RL_TEST_FAIL_RUNS", "").split(",") if p]
-    if any(fnmatch.fnmatch(run_dir.name, p) for p in patterns):
-        raise RuntimeError(f"failure injected before Training-2 (GAM_RL_TEST_FAIL_RUNS matches {run_dir.name})")
-
-
-def evaluate_policy(cfg: DictConfig, run: Run, policy: LSTMPolicy, name: str, test: torch.Tensor,
-                    process: MotifProcess, logger: RunLogger) -> None:
-    """CE(T, policy), and motif frequency / average length over eval.samples of its samples."""
-    with run.stage(f"eval_{name}"):
-        ce = policy_cross_entropy(policy, test, cfg.n + 1)
-        stats = sample_statistics(policy, process.contains_motif, cfg.eval.samples, cfg.eval.max_len,
-                                  cfg.eval.batch_size)
-        run.count_samples(f"eval_{name}", cfg.eval.samples)
-        run.results.update({f"ce_test_{name}": ce, f"motif_freq_{name}": stats["motif_freq"],
-                            f"avg_len_{name}": stats["avg_len"], f"truncated_frac_{name}": stats["truncated_frac"]})
-        logger.log("eval", 0, **{f"ce_test_{name}": ce, f"motif_freq_{name}": stats["motif_freq"]})
-
-
-def r_batch_size(cfg: DictConfig) -> int:
-    """r's MLE batch: r.batch_size, or the paper's min(|D|, 500); then at most
-    ceil(|D| / r.min_batches), so that a small D still gets several updates per epoch."""
-    batch = cfg.r.batch_size or min(cfg.dataset_size, 500)
-    return max(1, min(batch, math.ceil(cfg.dataset_size / cfg.r.min_batches)))
-
-
-def sampling_max_len(cfg: DictConfig, value) -> int:
-    """null -> 2n + 1 symbols, the reference's limit for SNIS, RS and Z."""
-    return int(value) if value else 2 * cfg.n + 1
-
-
-def training1(cfg: DictConfig, run: Run, r: LSTMPolicy, features: Features, splits: Splits,
-              logger: RunLogger, accelerator: str) -> GAMPotential:
-    """lambda by moment matching; returns P_lambda = r * exp(lambda . phi)."""
-    t1 = cfg.training1
+    with run.stage("eval_r"):
+        r_eval = evaluate_policy(r, splits.test, data.process.contains_motif, cfg.eval, data.symbols)
+        run.count_samples("eval_r", cfg.eval.samples)
+        recorder.log("eval", 0, ce_test_r=r_eval.ce_test, motif_freq_r=r_eval.motif_freq)
+        log.info("CE(T, r) = %.4f; motif frequency of r %.4f", r_eval.ce_test, r_eval.motif_freq)
     with run.stage("training1"):
-        fit = fit_lambda(r, features, splits.train, estimator=t1.estimator, lr=t1.lr, chunk=t1.chunk,
-                         samples_per_step=t1.samples_per_step, buffer=t1.buffer,
-                         max_len=sampling_max_len(cfg, t1.max_len), max_epochs=t1.max_epochs,
-                         patience=t1.patience, seed=cfg.seed + 1, reuse=t1.reuse, logger=logger,
-                         accelerator=accelerator, log_every=cfg.log_every)
-    run.count_samples("training1", fit.samples)
-    run.results.update(**{"lambda": fit.lam.tolist(), "moments_data": fit.moments_data.tolist(),
-                          "t1_best_mismatch": fit.best_mismatch, "t1_epochs": fit.epochs})
-    log.info("lambda = %s", dict(zip(features.names, [round(v, 3) for v in fit.lam.tolist()], strict=True)))
-    return GAMPotential(r, features, fit.lam)
+        moments = moment_matching(r, features, splits.train, cfg.training1, max_len=cfg.max_len, seed=cfg.seed + 1,
+                                  logger=recorder, log_every=cfg.log_every)
+        run.count_samples("training1", moments.samples)
+        log.info("lambda = %s", dict(zip(features.names, [round(v, 3) for v in moments.lam], strict=True)))
+    with run.stage("z"):
+        with torch.no_grad():
+            partition = estimate_partition(r, gam(r, features, torch.tensor(moments.lam, device=device)), features,
+                                           moments.moments_data, splits.test, splits.valid, cfg.z,
+                                           max_len=cfg.max_len, symbols_per_seq=data.symbols, seed=cfg.seed + 2,
+                                           logger=recorder)
+        run.count_samples("z", partition.z_samples)
+    timings = {s: run.results["timings"].get(s) for s in STAGES}
+    samples = {s: run.results["samples"].get(s, 0) for s in STAGES}
+    return Training1(r, r_fit, r_eval, moments, partition, timings, samples, recorder.calls)
 
 
-def estimate_z_and_ce(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotential, test: torch.Tensor,
-                      valid: torch.Tensor, logger: RunLogger) -> None:
-    """Z = E_r[exp(lambda . phi)] by importance sampling from r; the same samples give the
-    SNIS model moments E_{p_lambda}[phi] reported after Training-1."""
-    zc = cfg.z
-    max_len = sampling_max_len(cfg, zc.max_len)
-    generator = torch.Generator(device=r.device).manual_seed(cfg.seed + 2)
-    phis, log_ws = [], []
-    # the tolerance stop also waits for the heavy weights (estimators.ExpectedAccepts): before r has
-    # written the rare strings that carry p_lambda's mass (the motif, at small |D|), Z-hat is far
-    # too low while rel_se looks small
-    accepts = ExpectedAccepts(rejection_log_bound(gam.lam), zc.tail_hits)
-
-    def draw(k):
-        samples = r.sample(k, max_len, generator)
-        phis.append(gam.features(samples.tokens))
-        log_ws.append(phis[-1] @ gam.lam)  # P_lambda(x) / r(x) = exp(lambda . phi(x))
-        accepts.add(log_ws[-1])
-        return samples, log_ws[-1]
-
-    z = importance_z(draw, zc.samples, zc.batch_size, rel_tol=zc.rel_tol, min_samples=zc.min_samples,
-                     tail_seen=accepts)
-    run.count_samples("z", z.num)
-    moments_model = snis_moments(torch.cat(log_ws), torch.cat(phis)).moments
-    with eval_mode(r):
-        log_p_test = batched_log_prob(gam.log_potential, test.to(r.device))
-        log_p_valid = batched_log_prob(gam.log_potential, valid.to(r.device))
-    ce, ce_se = cross_entropy_p_lambda(log_p_test, z, cfg.n + 1)
-    ce_valid, _ = cross_entropy_p_lambda(log_p_valid, z, cfg.n + 1)  # the DPG runs' target line
-    res = run.results
-    res.update(z_hat=z.z, z_samples=z.num, log_z_hat=z.log_z, z_rel_se=z.rel_se, z_ess=z.ess, ce_test_p_lambda=ce,
-               ce_test_p_lambda_se=ce_se, ce_valid_p_lambda=ce_valid, moments_model=moments_model.tolist())
-    res["moment_mismatch_l1"] = float(sum(abs(a - b) for a, b in zip(res["moments_data"], res["moments_model"],
-                                                                      strict=True)))
-    logger.log("z", 0, log_z=z.log_z, rel_se=z.rel_se, ess=z.ess, ce_test_p_lambda=ce)
-    log.info("Z-hat = %.4g (rel. s.e. %.3g, ESS %.0f of %d); CE(T, p_lambda) = %.4f +- %.4f", z.z, z.rel_se,
-             z.ess, z.num, ce, ce_se)
-
-
-def training2(cfg: DictConfig, run: Run, r: LSTMPolicy, gam: GAMPotential, process: MotifProcess,
-              splits: Splits, logger: RunLogger, accelerator: str) -> LSTMPolicy:
-    method, symbols, res = cfg.method, cfg.n + 1, run.results
-    res["target"] = method.target
-    init = cfg.distill.init if method.algorithm == "distill" else cfg.dpg.init
-    pi = copy.deepcopy(r) if init == "r" else LSTMPolicy(**cfg.model).to(r.device)  # fresh: the paper
-    pi.train()
+def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger, accelerator: str) -> LSTMPolicy:
+    """pi by the configured method, from (proposal r, target P); fills the run's Training-2 results."""
+    method, res, splits = cfg.method, run.results, data.splits
+    init = LSTMPolicy.from_config(cfg.model).to(t1.r.device)  # fresh: the paper
+    if method.init == "r":
+        init.load_state_dict(t1.r.state_dict())
+    pi = init.train()
     if method.algorithm == "distill":
-        d = cfg.distill
-        fit = train_distill(pi, gam, splits.train, splits.valid, size=d.size, valid_size=d.valid_size,
-                            max_len=sampling_max_len(cfg, d.max_len), proposal_batch=d.proposal_batch,
-                            max_proposals=int(d.max_proposals), lr=d.lr, batch_size=d.batch_size,
-                            max_epochs=d.max_epochs, patience=d.patience, clip=d.clip, symbols_per_seq=symbols,
-                            seed=cfg.seed + 3, logger=logger, accelerator=accelerator, log_every=cfg.log_every,
-                            lr_decays=d.lr_decays, lr_decay_factor=d.lr_decay_factor)
+        fit = distill(pi, t1.r, p_lambda, splits.train, splits.valid, method, max_len=cfg.max_len,
+                      symbols_per_seq=data.symbols, seed=cfg.seed + 3, logger=logger, accelerator=accelerator,
+                      log_every=cfg.log_every)
         run.count_samples("training2", fit.proposals)
-        res.update(ce_valid_pi=fit.best_val_ce, t2_epochs=fit.epochs, t2_best_epoch=fit.best_epoch,
-                   distill_acceptance_rate=fit.acceptance_rate, distill_proposals=fit.proposals,
-                   t2_lr_decay_epochs=fit.decay_epochs)
-        return pi
-    potential = TrueProcessPotential(process) if method.target == "true" else gam
-    options = dpg_options(cfg)
-    fit = train_dpg(pi, r, potential, splits.valid, options, symbols_per_seq=symbols,
-                    ce_valid_proposal=res["ce_valid_r"], seed=cfg.seed + 3,  # r's best CE(V), from its training
-                    target_ce_valid=target_ce_valid(cfg, res), logger=logger, accelerator=accelerator,
-                    log_every=cfg.log_every)
-    run.count_samples("training2", fit.samples)
-    res.update(ce_valid_pi=fit.best_val_ce, t2_epochs=fit.epochs, t2_best_epoch=fit.best_epoch,
-               t2_updates=fit.updates, swaps=fit.swaps, swap_count=len(fit.swaps), dpg_log_z_running=fit.log_z_running,
-               dpg_target_ce_valid=target_ce_valid(cfg, res), dpg_reached_target=fit.reached_target)
+    else:
+        res["target"] = method.target
+        target = TrueProcess(data.process) if method.target == "true" else p_lambda
+        # (1 + margin) CE(V, p_lambda): the line whose first crossing by CE(V, pi) DPG records
+        target_ce = (1.0 + method.target_margin) * res["ce_valid_p_lambda"] if method.target == "gam" else None
+        res["dpg_target_ce_valid"] = target_ce
+        fit = train_dpg(pi, t1.r, target, splits.valid, method, max_len=cfg.max_len, symbols_per_seq=data.symbols,
+                        ce_valid_proposal=res["ce_valid_r"], seed=cfg.seed + 3, target_ce_valid=target_ce,
+                        logger=logger, accelerator=accelerator, log_every=cfg.log_every)
+        run.count_samples("training2", fit.samples)
+    res.update(fit.results())
     return pi
-
-
-def target_ce_valid(cfg: DictConfig, res: dict) -> float | None:
-    """(1 + dpg.target_margin) CE(V, p_lambda): the line whose first crossing by CE(V, pi)
-    DPG records (samples, seconds), to compare schedules on the same P_lambda."""
-    ce = res.get("ce_valid_p_lambda")
-    return None if ce is None or cfg.method.target != "gam" else (1.0 + cfg.dpg.target_margin) * ce
-
-
-def dpg_options(cfg: DictConfig) -> DPGOptions:
-    """The DPG schedule of cfg.dpg for cfg.method's algorithm."""
-    d = cfg.dpg
-    return DPGOptions(algorithm=cfg.method.algorithm, lr=d.lr, minibatch=d.minibatch,
-                      updates_per_epoch=d.updates_per_epoch, max_epochs=d.max_epochs, patience=d.patience,
-                      clip=d.clip, max_len=d.max_len, proposal_batch=d.proposal_batch, keep_per_draw=d.keep_per_draw,
-                      replay=d.replay, steps_per_draw=d.steps_per_draw, normalise=d.normalise,
-                      baseline=bool(d.baseline), swap_gate=d.swap_gate)

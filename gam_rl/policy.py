@@ -8,6 +8,7 @@ input, between layers and on the output (training only).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +16,31 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from gam_rl.config_fields import setting
 from gam_rl.lstm_kernel import StepLSTM, lstm_over_tokens, pack_tokens
+from gam_rl.potentials import Potential
 from gam_rl.tokens import BOS, EOS, PAD, VOCAB
+
+
+@dataclass
+class ModelConfig:
+    """`model` section: the LSTM of r, q and pi (the paper: 2 x 200, dropout 0.2)."""
+
+    hidden: int = setting(200, ge=1)
+    layers: int = setting(2, ge=1)
+    dropout: float = setting(0.2, ge=0, lt=1)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Run a block with dropout off and no autograd, restoring the module's mode after."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        module.train(was_training)
 
 
 @dataclass
@@ -31,7 +55,9 @@ class Samples:
         return self.tokens.shape[0]
 
 
-class LSTMPolicy(nn.Module):
+class LSTMPolicy(nn.Module, Potential):
+    """pi(x) as a module (log_prob, sample) and as a potential (P = pi, scored with dropout off)."""
+
     def __init__(self, hidden: int = 200, layers: int = 2, dropout: float = 0.2):
         super().__init__()
         if hidden < 1 or layers < 1 or not 0.0 <= dropout < 1.0:
@@ -51,6 +77,18 @@ class LSTMPolicy(nn.Module):
 
     def config(self) -> dict:
         return {"hidden": self.hidden, "layers": self.layers, "dropout": self.dropout_p}
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> LSTMPolicy:
+        return cls(cfg.hidden, cfg.layers, cfg.dropout)
+
+    # ---- as a potential ---------------------------------------------------------------
+    def log_potential(self, tokens: torch.Tensor) -> torch.Tensor:
+        with eval_mode(self):
+            return self.log_prob(tokens)
+
+    def log_upper_bound(self, max_len: int) -> float:
+        return 0.0  # a probability is at most 1
 
     # ---- teacher forcing ------------------------------------------------------------
     def log_prob(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,54 +1,128 @@
-"""Potentials: unnormalised scores P(x) >= 0, exposed as batched log P(x).
+"""Potentials: unnormalised scores P(x) >= 0 on token batches, as batched log P(x).
 
-Training-2 accepts any object with `log_potential(tokens) -> (B,)`; the GAM and the true
-process are two of them.
+They multiply, so the paper's model reads as its formula (naver/disco's `base * scorer`):
+
+    gam = r * Tilt(features, lam)          # P_lambda(x) = r(x) exp(lambda . phi(x))
+    true = TrueProcess(process)            # P(x) = 2^-n [x has n bits and contains the motif]
+
+An LSTMPolicy is a potential too (P = the policy's probability, scored with dropout off).
+Sampling code takes a (proposal q, target P) pair and asks the target for what it needs:
+
+    target.log_weight(q, samples)       log P(x) - log q(x), the importance weight of x ~ q
+    target.log_weight_bound(q, max_len) an upper bound of that over q's outputs (rejection
+                                        sampling), or None when there is none
+
+A product whose factors include q itself divides q out exactly: while q is r, the weight of
+P_lambda is exp(lambda . phi(x)) and r is never scored again.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
 
 import torch
 
 from gam_rl.features import Features
-from gam_rl.metrics import eval_mode
-from gam_rl.policy import LSTMPolicy
 from gam_rl.process import MotifProcess
 
 
-class Potential(Protocol):
-    def log_potential(self, tokens: torch.Tensor) -> torch.Tensor: ...
-
-
-class GAMPotential:
-    """log P_lambda(x) = log r(x) + lambda . phi(x), scored with r's dropout off."""
-
-    def __init__(self, r: LSTMPolicy, features: Features, lam: torch.Tensor):
-        self.r, self.features = r, features
-        self.lam = lam.detach().to(r.device, torch.float32)
-
-    def log_tilt(self, tokens: torch.Tensor) -> torch.Tensor:
-        """lambda . phi(x) = log P_lambda(x) - log r(x): the importance weight against r."""
-        return self.features(tokens) @ self.lam
+class Potential:
+    """log P(x) for a padded token batch (B, T) -> (B,), -inf where P(x) = 0."""
 
     def log_potential(self, tokens: torch.Tensor) -> torch.Tensor:
-        with eval_mode(self.r):
-            return self.r.log_prob(tokens) + self.log_tilt(tokens)
+        raise NotImplementedError
+
+    def log_upper_bound(self, max_len: int) -> float | None:
+        """An upper bound of log P(x) over strings of at most max_len symbols, or None."""
+        return None
+
+    def log_weight(self, proposal: Potential, samples) -> torch.Tensor:
+        """log P(x) - log q(x) for samples of q carrying their log q(x) (float64)."""
+        if proposal is self:
+            return torch.zeros(len(samples), dtype=torch.float64, device=samples.tokens.device)
+        return self.log_potential(samples.tokens).double() - samples.log_prob.double()
+
+    def log_weight_bound(self, proposal: Potential, max_len: int) -> float | None:
+        """An upper bound of log P(x)/q(x) over q's outputs, or None."""
+        return 0.0 if proposal is self else None
+
+    def __mul__(self, other: Potential) -> Product:
+        return Product(self, other)
 
 
-class TrueProcessPotential:
-    """P(x) = whitenoise(x) * [x has n bits and contains the motif] = 2^-n on the support."""
+class Product(Potential):
+    """P(x) = prod_k P_k(x)."""
+
+    def __init__(self, *factors: Potential):
+        self.factors: list[Potential] = []
+        for factor in factors:
+            self.factors += factor.factors if isinstance(factor, Product) else [factor]
+
+    def log_potential(self, tokens: torch.Tensor) -> torch.Tensor:
+        return sum(f.log_potential(tokens).double() for f in self.factors)
+
+    def log_upper_bound(self, max_len: int) -> float | None:
+        bounds = [f.log_upper_bound(max_len) for f in self.factors]
+        return None if any(b is None for b in bounds) else float(sum(bounds))
+
+    def _others(self, proposal: Potential) -> Product | None:
+        """The product without one factor that *is* the proposal, or None if none is."""
+        for k, factor in enumerate(self.factors):
+            if factor is proposal:
+                return Product(*self.factors[:k], *self.factors[k + 1 :])
+        return None
+
+    def log_weight(self, proposal: Potential, samples) -> torch.Tensor:
+        others = self._others(proposal)
+        if others is None:
+            return super().log_weight(proposal, samples)
+        # P / q = (q * others) / q = others: q is not scored
+        if not others.factors:
+            return torch.zeros(len(samples), dtype=torch.float64, device=samples.tokens.device)
+        return others.log_potential(samples.tokens).double()
+
+    def log_weight_bound(self, proposal: Potential, max_len: int) -> float | None:
+        others = self._others(proposal)
+        return None if others is None else others.log_upper_bound(max_len)
+
+
+class Tilt(Potential):
+    """exp(lambda . phi(x)): the log-linear factor of a GAM."""
+
+    def __init__(self, features: Features, lam: torch.Tensor):
+        self.features = features
+        self.lam = lam.detach().to(torch.float32)
+
+    def log_potential(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.features(tokens) @ self.lam.to(tokens.device)
+
+    def log_upper_bound(self, max_len: int) -> float:
+        # lambda . phi <= sum_k max(lambda_k lo_k, lambda_k hi_k) for phi_k in [lo_k, hi_k]
+        lo, hi = self.features.bounds(max_len)
+        lam = self.lam.cpu().double()
+        return float(torch.maximum(lam * lo.double(), lam * hi.double()).sum())
+
+
+class TrueProcess(Potential):
+    """P(x) = whitenoise(x) [x has n bits and contains the motif] = 2^-n on the support."""
 
     def __init__(self, process: MotifProcess):
         self.process = process
 
     def log_potential(self, tokens: torch.Tensor) -> torch.Tensor:
         support = self.process.well_formed(tokens) & self.process.contains_motif(tokens)
-        out = torch.full(support.shape, -math.inf, device=tokens.device)
+        out = torch.full(support.shape, -math.inf, device=tokens.device, dtype=torch.float64)
         out[support] = -self.process.n * math.log(2.0)
         return out
+
+    def log_upper_bound(self, max_len: int) -> float:
+        return -self.process.n * math.log(2.0)
 
     @property
     def log_z(self) -> float:
         return self.process.log_num_strings - self.process.n * math.log(2.0)
+
+
+def gam(r: Potential, features: Features, lam: torch.Tensor) -> Product:
+    """P_lambda = r * exp(lambda . phi)."""
+    return r * Tilt(features, lam)

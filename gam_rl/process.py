@@ -9,14 +9,23 @@ string has probability exactly 1/N(n): no rejection loop, no planted-motif bias.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from gam_rl.config_fields import MISSING, setting
 from gam_rl.patterns import occurs
 from gam_rl.tokens import EOS, ONE, PAD
 
 MAX_EXACT_N = 62  # counts stay below 2^63, so int64 arithmetic is exact
+
+
+@dataclass
+class MotifConfig:
+    """`motif` section: the motif of the data process (conf/motif/<pattern>.yaml)."""
+
+    pattern: str = setting(MISSING, bits=True)  # at most n bits
 
 
 def validate_motif(motif: str, n: int) -> None:

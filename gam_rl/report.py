@@ -186,11 +186,20 @@ def _read_config(run_dir: Path) -> dict:
     return {}
 
 
+# where the config holds each identity key: a section's value key (conf/motif/*.yaml sets motif.pattern)
+CONFIG_VALUE = {"motif": "pattern", "features": "name", "dataset_size": "size"}
+
+
+def _config_value(config: dict, key: str):
+    value = config.get(key)
+    return value.get(CONFIG_VALUE[key]) if isinstance(value, dict) and key in CONFIG_VALUE else value
+
+
 def _identity(results: dict, config: dict) -> dict:
     """Cell and method of a run, from results.json, falling back to the config."""
     method_cfg = config.get("method")
     method_name = method_cfg.get("name") if isinstance(method_cfg, dict) else method_cfg
-    pick = {key: results.get(key) if results.get(key) is not None else config.get(key)
+    pick = {key: results.get(key) if results.get(key) is not None else _config_value(config, key)
             for key in ("profile", "motif", "features", "dataset_size", "seed")}
     method = _as_bits(results.get("method") or method_name)
     target = results.get("target") or (method_cfg.get("target") if isinstance(method_cfg, dict) else None)

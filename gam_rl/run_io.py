@@ -8,11 +8,27 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
+
+from gam_rl.config_fields import setting
+
+LOGGER_KINDS = ("wandb", "csv")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class LoggerConfig:
+    """`logger` section (conf/logger/): metrics.csv, results.json and config.yaml are always written."""
+
+    kind: str = setting("wandb", choices=LOGGER_KINDS)  # wandb: also a W&B run | csv: the files only
+    mode: str = setting("offline", choices=WANDB_MODES)
+    project: str = "gam_rl"
+    entity: str | None = None
 
 RESULT_KEYS = (
     "status", "motif", "features", "dataset_size", "seed", "method", "profile", "entropy_true",

@@ -17,40 +17,24 @@ import logging
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 log = logging.getLogger("gam_rl")
 
 # execution-only keys: a run is not redone because the launcher gave it another thread count or
 # because the Training-1 cache lives elsewhere
-RESUME_IGNORED = ("threads", "resume", "cache")
+RESUME_IGNORED = ("threads", "resume", "cache", "log_every")
 # what a redo removes first, so that a redo killed halfway never shows the previous attempt's files
 STALE_FILES = ("results.json", "metrics.csv", "r.pt", "pi.pt")
-
-
-def sweep_key_problems(cfg: DictConfig) -> list[str]:
-    """Problems with the keys of this module and of gam_rl.cache (reported with validate's)."""
-    problems = []
-    if not isinstance(cfg.get("resume"), bool):
-        problems.append(f"resume={cfg.get('resume')!r}: must be true or false")
-    cache = cfg.get("cache")
-    if not isinstance(cache, DictConfig):
-        problems.append(f"cache={cache!r}: must hold training1 and training1_dir")
-        return problems
-    if not isinstance(cache.get("training1"), bool):
-        problems.append(f"cache.training1={cache.get('training1')!r}: must be true or false")
-    where = cache.get("training1_dir")
-    if where is not None and (not isinstance(where, str) or not where):
-        problems.append(f"cache.training1_dir={where!r}: must be a folder path or null")
-    return problems
 
 
 def _comparable(container: dict) -> dict:
     return {k: v for k, v in container.items() if k not in RESUME_IGNORED}
 
 
-def complete_results(run_dir: Path, cfg: DictConfig) -> dict | None:
-    """The folder's results when it already holds a complete run of cfg, else None."""
+def complete_results(run_dir: Path, recorded: dict) -> dict | None:
+    """The folder's results when it already holds a complete run of the recorded configuration
+    (gam_rl.schema.record), else None."""
     results_path, config_path = run_dir / "results.json", run_dir / "config.yaml"
     if not results_path.is_file() or not config_path.is_file():
         return None
@@ -63,7 +47,7 @@ def complete_results(run_dir: Path, cfg: DictConfig) -> dict | None:
     if results.get("status") != "ok":
         log.info("previous run in %s has status %r: recomputing it", run_dir, results.get("status"))
         return None
-    current = OmegaConf.to_container(cfg, resolve=True)
+    current = recorded
     if _comparable(saved) != _comparable(current):
         changed = sorted(k for k in set(saved) | set(current)
                          if k not in RESUME_IGNORED and saved.get(k) != current.get(k))
@@ -73,7 +57,7 @@ def complete_results(run_dir: Path, cfg: DictConfig) -> dict | None:
     return results
 
 
-def folder_conflict(run_dir: Path, cfg: DictConfig, sweep_dir: Path) -> str | None:
+def folder_conflict(run_dir: Path, recorded: dict, sweep_dir: Path) -> str | None:
     """Why this job must not use run_dir, or None.
 
     hydra.sweep.subdir names a job folder by the cell and the method only. A sweep over any
@@ -90,13 +74,14 @@ def folder_conflict(run_dir: Path, cfg: DictConfig, sweep_dir: Path) -> str | No
         saved = _comparable(OmegaConf.to_container(OmegaConf.load(config_path), resolve=True))
     except Exception:
         return None
-    current = _comparable(OmegaConf.to_container(cfg, resolve=True))
+    current = _comparable(recorded)
     if saved == current:
         return None
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     return (f"another job of this sweep already uses {run_dir} with another configuration ({', '.join(changed)} "
             f"differ): hydra.sweep.subdir does not tell the jobs apart; add the swept key to it, e.g. "
-            "hydra.sweep.subdir='${motif}_${features}_D${dataset_size}_s${seed}_${method.name}_lr${dpg.lr}'")
+            "hydra.sweep.subdir='${motif.pattern}_${features.name}_D${dataset_size.size}_s${seed}_${method.name}"
+            "_lr${method.lr}'")
 
 
 def remove_stale_files(run_dir: Path) -> None:

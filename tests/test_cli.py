@@ -1,8 +1,12 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from gam_rl.run_io import RESULT_KEYS
 
@@ -42,16 +46,17 @@ def test_smoke_run_writes_complete_results(tmp_path):
     assert "ce_test_r" in proc.stdout and "entropy_true" in proc.stdout
 
 
-def test_bad_override_fails_before_any_work_and_names_the_key(tmp_path):
+def test_bad_override_fails_before_any_work_names_the_key_and_leaves_nothing(tmp_path):
     run_dir = tmp_path / "bad"
-    proc = gam_rl("motif=10a01", "logger=csv", f"hydra.run.dir={run_dir}", tmp_path=tmp_path, check=False)
+    proc = gam_rl("motif=10a01", "+foo=1", "logger=csv", f"hydra.run.dir={run_dir}", tmp_path=tmp_path, check=False)
     assert proc.returncode == 2
-    assert "motif='10a01'" in proc.stderr
-    assert not (run_dir / "metrics.csv").exists() and not (run_dir / "r.pt").exists()
+    assert "motif.pattern='10a01'" in proc.stderr and "foo: unknown key" in proc.stderr
+    assert proc.stderr.count("invalid configuration") == 1  # printed once
+    assert not run_dir.exists() and not (tmp_path / "outputs").exists()
     assert not Path(os.environ["GAM_RL_CACHE"], "data").exists() or not any(
         "10a01" in p.name for p in Path(os.environ["GAM_RL_CACHE"], "data").iterdir())
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "failed" and "motif" in results["error"]
+    unknown = gam_rl("method=nosuch", tmp_path=tmp_path, check=False)
+    assert unknown.returncode == 2 and "method=nosuch: no such option" in unknown.stderr
 
 
 def test_offline_wandb_run_files_exist(tmp_path):
@@ -75,35 +80,35 @@ def test_distill_run_reports_acceptance(tmp_path):
 def test_run_failing_midway_records_why_and_exits_nonzero(tmp_path):
     run_dir = tmp_path / "fail"
     proc = gam_rl("profile=smoke", "logger=csv", "method=distill", f"hydra.run.dir={run_dir}", "dataset_size=100",
-                  "distill.max_proposals=10", "distill.proposal_batch=5", tmp_path=tmp_path, check=False)
+                  "method.max_proposals=10", "method.proposal_batch=5", tmp_path=tmp_path, check=False)
     assert proc.returncode == 1
-    assert "max_proposals" in proc.stderr
+    assert "max_proposals" in proc.stderr and "[training2] done" not in proc.stdout + proc.stderr
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "failed" and "max_proposals" in results["error"]
+    assert results["status"] == "failed" and "max_proposals" in results["error"] and results["stage"] == "training2"
     assert results["ce_test_pi"] is None and "training2" in results["timings"]
 
 
-def test_sigterm_leaves_a_failed_run_that_says_why(tmp_path):
-    import signal
-    import time
-
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_leaves_a_failed_run_that_says_why(tmp_path, sig, code):
     run_dir = tmp_path / "run"
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
-    # a long DPG stage (many updates) so the signal lands mid-run
+    # a long DPG stage (many updates) so the signal lands in Training-2
     proc = subprocess.Popen([sys.executable, "-m", "gam_rl.cli", "profile=smoke", "logger=csv",
-                             f"hydra.run.dir={run_dir}", "dataset_size=200", "dpg.max_epochs=1000",
-                             "dpg.patience=1000", "cache.training1=false"],
+                             f"hydra.run.dir={run_dir}", "dataset_size=200", "method.max_epochs=1000",
+                             "method.patience=1000", "cache.training1=false"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
+    out, deadline = "", time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        path = run_dir / "results.json"
-        if path.exists() and json.loads(path.read_text())["status"] == "running":
-            break  # written at the start: a run that is killed outright never looks finished
-        time.sleep(0.2)
-    time.sleep(3)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, out  # 128 + SIGTERM, whichever handler caught it
+        line = proc.stdout.readline()
+        out += line
+        if "[training2] starting" in line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=120)
+    out += rest
+    assert proc.returncode == code, out  # 128 + the signal
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "failed", results.get("status")
-    assert "SIGTERM" in results["error"] or "SystemExit" in results["error"], results["error"]
+    assert results["status"] == "failed" and results["stage"] == "training2"
+    assert results["error"] == f"interrupted ({sig.name}) during training2", results["error"]
+    assert "[training2] done" not in out

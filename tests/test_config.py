@@ -1,12 +1,26 @@
+"""The typed configuration: the card's config groups, the schema, and the command-line check."""
+
 import itertools
+import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
-from gam_rl.config import ConfigError, validate
+from gam_rl import schema
+from gam_rl.cli import check_command_line, rewrite_axes
+from gam_rl.data import valid_size_for
+from gam_rl.features import mask_names
+from gam_rl.process import MotifProcess
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+TABLE1 = {"motif": ["1000101000101", "1011100111001", "10001011111000"], "features": ["1001111", "Mv1001111"],
+          "dataset_size": ["500", "1000", "5000", "10000", "20000"]}
+
+
+def preflight(args: list[str]) -> list[str]:
+    return check_command_line(args)[1]
 
 
 def group_options(group: str) -> list[str]:
@@ -14,141 +28,175 @@ def group_options(group: str) -> list[str]:
 
 
 def make(overrides=()):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    with initialize_config_module("gam_rl.conf", version_base="1.3"):
+        return compose("config", overrides=rewrite_axes(list(overrides)))
 
 
-def test_every_option_of_every_group_composes_and_validates():
-    groups = {g: group_options(g) for g in ("method", "profile", "logger")}
+def typed(overrides=()) -> schema.Config:
+    return schema.load(make(overrides))
+
+
+def test_every_method_profile_and_logger_composes_and_validates():
+    groups = {g: group_options(g) for g in ("method", "profile")}
     assert set(groups["profile"]) >= {"paper", "cpu", "smoke"}
-    assert set(groups["method"]) >= {"distill", "dpg_off"}
-    for combo in itertools.product(*groups.values()):
-        overrides = [f"{g}={o}" for g, o in zip(groups, combo, strict=True)]
-        cfg = validate(make(overrides))
-        assert cfg.method.name == combo[0] and cfg.profile == combo[1] and cfg.logger.kind == combo[2]
+    assert set(groups["method"]) == {"distill", "dpg_off", "dpg_on", "pg", "dpg_true"}
+    for method, profile in itertools.product(*groups.values()):
+        cfg = typed([f"method={method}", f"profile={profile}"])
+        assert cfg.method.name == method and cfg.profile == profile
+    for logger in group_options("logger"):
+        assert typed([f"logger={logger}"]).logger.kind == logger
 
 
-@pytest.mark.parametrize("motif", ["1000101000101", "1011100111001", "10001011111000"])
-@pytest.mark.parametrize("features", ["1001111", "Mv1001111", "0111111"])
-@pytest.mark.parametrize("size", [500, 1000, 5000, 10000, 20000])
-def test_table1_values_by_name(motif, features, size):
-    # bit strings typed on the command line arrive as ints; they come back as strings
-    cfg = validate(make([f"motif={motif}", f"features={features}", f"dataset_size={size}", "seed=4444"]))
-    assert cfg.motif == motif and cfg.features == features and cfg.dataset_size == size and cfg.seed == 4444
+def test_the_table1_command_line_composes_each_value_from_its_file():
+    cfg = typed(["motif=10001011111000", "features=Mv1001111", "dataset_size=5000", "seed=4444", "method=dpg_off"])
+    assert (cfg.motif.pattern, cfg.features.name, cfg.dataset_size.size, cfg.seed) == ("10001011111000", "Mv1001111",
+                                                                                         5000, 4444)
+    for axis, values in TABLE1.items():
+        for value in values:
+            cfg = typed([f"{axis}={value}"])
+            assert str(getattr(getattr(cfg, axis), {"motif": "pattern", "features": "name", "dataset_size": "size"}[
+                axis])) == value
+    assert set(TABLE1["motif"]) < set(group_options("motif")) and set(TABLE1["dataset_size"]) < set(
+        group_options("dataset_size"))
+
+
+def test_group_files_say_what_their_name_says():
+    for name in TABLE1["features"]:  # a feature set's list is what its mask string selects
+        assert OmegaConf.load(CONF / "features" / f"{name}.yaml").use == mask_names(name)
+    for name in TABLE1["dataset_size"]:  # |V| by the paper's rule
+        node = OmegaConf.load(CONF / "dataset_size" / f"{name}.yaml")
+        assert node.size == int(name) and node.valid_size == valid_size_for(int(name))
+    for name in TABLE1["motif"]:  # the count and H in each motif file's comment are exact
+        text = (CONF / "motif" / f"{name}.yaml").read_text()
+        process = MotifProcess(name, 30)
+        assert OmegaConf.load(CONF / "motif" / f"{name}.yaml").pattern == name
+        assert f"Exactly {process.num_strings} of" in text
+        assert f"= {process.entropy_per_symbol:.4f} nats/symbol" in text
+
+
+def test_off_grid_values_are_one_override_away():
+    cfg = typed(["motif=1101", "features=0111111", "dataset_size=750"])
+    assert cfg.motif.pattern == "1101" and cfg.features.name == "0111111" and cfg.features.use is None
+    assert cfg.dataset_size.size == 750 and cfg.dataset_size.valid_size is None  # None: the paper's rule
+    assert rewrite_axes(["dataset_size=750,1500"]) == ["dataset_size=custom", "dataset_size.size=750,1500"]
+    assert rewrite_axes(["dataset_size=500,1000"]) == ["dataset_size='500','1000'"]
+    own = typed(["features=custom", "features.name=mine", "features.use=[motif,submotif,absent:0000]"])
+    assert own.features.use == ["motif", "submotif", "absent:0000"]
+    assert preflight(["dataset_size=500,750"])[0].startswith("dataset_size=500,750: mixes")
+
+
+def test_a_run_carries_only_the_keys_its_method_uses():
+    distill = schema.record(typed(["method=distill"]))
+    assert "replay" not in distill["method"] and distill["method"]["mle"]["lr_decays"] == 2  # the cpu profile's
+    dpg = schema.record(typed(["method=dpg_off"]))
+    assert "mle" not in dpg["method"] and dpg["method"]["replay"] == 32768
+    assert not {"dpg", "distill", "feature_max_len"} & set(dpg)
 
 
 @pytest.mark.parametrize("override, key", [
-    ("motif=10a01", "motif"),
-    ("motif=" + "1" * 31, "motif"),
-    ("features=Xv1001111", "features"),
-    ("features=100111", "features"),
-    ("dataset_size=0", "dataset_size"),
-    ("dataset_size=20001", "dataset_size"),
+    ("motif=10a01", "motif.pattern"),  # not a file name: off-grid, then refused as bits
+    ("motif=" + "1" * 31, "motif.pattern"),
+    ("features=Xv1001111", "features.name"),
+    ("features=100111", "features.name"),
+    ("dataset_size=0", "dataset_size.size"),
+    ("dataset_size=20001", "dataset_size.size"),
     ("seed=-1", "seed"),
+    ("seed=abc", "seed"),
     ("model.hidden=0", "model.hidden"),
     ("model.dropout=1.5", "model.dropout"),
     ("r.lr=-1", "r.lr"),
+    ("r.batch_size=2.5", "r.batch_size"),
     ("device=tpu", "device"),
-    ("data.valid_size=5000", "data.valid_size"),
-    ("distill.size=-5", "distill.size"),
-    ("dpg.minibatch=0", "dpg.minibatch"),
-    ("dpg.proposal_batch=-1", "dpg.proposal_batch"),
+    ("dataset_size.valid_size=5000", "dataset_size.valid_size"),
+    ("method=distill method.size=-5", "method.size"),
+    ("method=distill method.init=warm", "method.init"),
+    ("method=distill method.mle.lr_decays=1.5", "method.mle.lr_decays"),
+    ("method=distill method.mle.lr_decay_factor=1", "method.mle.lr_decay_factor"),
+    ("method.minibatch=0", "method.minibatch"),
+    ("method.proposal_batch=-1", "method.proposal_batch"),
     ("training1.estimator=mcmc", "training1.estimator"),
     ("method.algorithm=ppo", "method.algorithm"),
     ("method.target=other", "method.target"),
-    ("dpg.init=warm", "dpg.init"),
-    ("distill.init=warm", "distill.init"),
-    ("dpg.normalise=batch", "dpg.normalise"),
-    ("dpg.swap_gate=always", "dpg.swap_gate"),
-    ("dpg.baseline=3", "dpg.baseline"),
-    ("dpg.keep_per_draw=0", "dpg.keep_per_draw"),
-    ("dpg.target_margin=-0.1", "dpg.target_margin"),
+    ("method.init=warm", "method.init"),
+    ("method.normalise=batch", "method.normalise"),
+    ("method.swap_gate=always", "method.swap_gate"),
+    ("method.baseline=3", "method.baseline"),
+    ("method.keep_per_draw=0", "method.keep_per_draw"),
+    ("method.target_margin=-0.1", "method.target_margin"),
+    ("method.clip=0", "method.clip"),
     ("training1.reuse=forever", "training1.reuse"),
+    ("training1.heldout=0", "training1.heldout"),
     ("z.rel_tol=-1", "z.rel_tol"),
     ("z.min_samples=0", "z.min_samples"),
-    ("r.min_batches=0", "r.min_batches"),
     ("z.tail_hits=0", "z.tail_hits"),
     ("r.lr_decays=-1", "r.lr_decays"),
-    ("distill.lr_decays=1.5", "distill.lr_decays"),
-    ("distill.lr_decay_factor=1", "distill.lr_decay_factor"),
     ("r.lr_decay_factor=0", "r.lr_decay_factor"),
-    ("dpg.clip=0", "dpg.clip"),
-    ("distill.clip=null", "distill.clip"),
-    ("dpg.replay=100", "dpg.replay"),  # smaller than a minibatch (500)
-    ("dpg.swap_gate=kl_is dpg.keep_per_draw=16", "dpg.swap_gate"),  # the gate needs an ESS of 30
-    ("method=dpg_true dpg.baseline=true dpg.proposal_batch=5000", "dpg.baseline"),  # thinning + zeros
-])
-def test_bad_values_name_their_key(override, key):
-    with pytest.raises(ConfigError) as err:
-        validate(make(override.split()))
-    assert any(p.startswith(f"{key}=") for p in err.value.problems), err.value.problems
-
-
-def test_all_problems_are_reported_together():
-    with pytest.raises(ConfigError) as err:
-        validate(make(["motif=12", "dataset_size=-5"]))
-    assert len(err.value.problems) == 2
-
-
-def test_rejection_sampling_with_length_features_beyond_unit_interval_fails():
-    # M = |x| / 100 exceeds 1 once samples may be longer than 100 symbols: the RS bound is invalid
-    with pytest.raises(ConfigError) as err:
-        validate(make(["features=Mv1001111", "training1.estimator=rs", "training1.max_len=150"]))
-    assert any(p.startswith("training1.max_len=150") for p in err.value.problems)
-    with pytest.raises(ConfigError) as err:
-        validate(make(["features=Mv1001111", "method=distill", "distill.max_len=101"]))
-    assert any(p.startswith("distill.max_len=101") for p in err.value.problems)
-    # within the cap (the default 2n + 1 = 61) both are valid, and binary features never fail
-    validate(make(["features=Mv1001111", "training1.estimator=rs", "method=distill"]))
-    validate(make(["features=1001111", "training1.estimator=rs", "training1.max_len=400"]))
-
-
-def test_dpg_combinations_only_bind_the_dpg_methods():
-    validate(make(["method=distill", "dpg.replay=100", "dpg.swap_gate=kl_is", "dpg.keep_per_draw=16"]))
-    validate(make(["method=pg", "method.target='true'", "dpg.baseline=true", "dpg.proposal_batch=5000"]))
-    validate(make(["profile=paper", "method=dpg_true", "dpg.baseline=true"]))  # no thinning: unbiased
-
-
-def test_distillation_refuses_the_true_target():
-    with pytest.raises(ConfigError, match="method.target"):
-        validate(make(["method=distill", "method.target=true"]))
-
-
-def test_unknown_method_is_a_hydra_error_naming_the_group():
-    from hydra.errors import MissingConfigException
-
-    with pytest.raises(MissingConfigException, match="method/nope"):
-        make(["method=nope"])
-
-
-@pytest.mark.parametrize("override, key", [
+    ("max_len=30", "max_len"),  # n bits and EOS need n + 1 symbols
+    ("method.replay=100", "method.replay"),  # smaller than a minibatch (256)
+    ("method.swap_gate=kl_is method.keep_per_draw=16 method.minibatch=16 method.replay=0", "method.swap_gate"),
+    ("method=dpg_true method.baseline=true", "method.baseline"),  # thinning + zeros of the true target
     ("resume=maybe", "resume"),
     ("cache.training1=2", "cache.training1"),
-    ("cache.training1_dir=''", "cache.training1_dir"),
+    ("logger.mode=sometimes", "logger.mode"),
 ])
-def test_bad_sweep_and_cache_keys_name_their_key(override, key):
-    from gam_rl.cli import check
-
-    with pytest.raises(ConfigError) as err:
-        check(make([override, "dataset_size=-5"]))
-    assert any(p.startswith(f"{key}=") for p in err.value.problems), err.value.problems
-    assert any(p.startswith("dataset_size=") for p in err.value.problems)  # reported together with validate's
+def test_bad_values_fail_before_any_work_and_name_their_key(override, key):
+    problems = preflight(override.split())
+    assert any(p.startswith(f"{key}=") for p in problems), problems
 
 
-def test_launcher_and_sweep_groups_have_their_options():
-    assert set(group_options("launcher")) >= {"basic", "joblib", "submitit_local", "slurm"}
-    assert set(group_options("sweep")) >= {"table1", "table1_smoke", "true_target"}
-    cfg = make()
-    assert cfg.resume is True and cfg.cache.training1 is True and cfg.cache.training1_dir is None
+@pytest.mark.parametrize("override, problem", [
+    ("+foo=1", "foo: unknown key"),
+    ("+experiment=x", "experiment: unknown key"),
+    ("dpg.lrr=0.1", "dpg.lrr: unknown key"),
+    ("+method.lrr=0.1", "method.lrr: unknown key; did you mean method.lr?"),
+    ("method.lrr=0.1", "method.lrr: unknown key; did you mean method.lr?"),
+    ("dpg.minibatch=5", "dpg.minibatch: unknown key; did you mean method.minibatch?"),
+    ("training1.samples_per_stp=5", "training1.samples_per_stp: unknown key; did you mean training1.samples_per_step?"),
+    ("method=distill method.replay=0", "method.replay: not a key of this method"),
+    ("method=dpg_of", "method=dpg_of: no such option; choose one of"),
+    ("method=dpg_of", "did you mean method=dpg_off?"),
+    ("profile=gpu", "profile=gpu: no such option"),
+    ("training1.estimator=snis", "did you mean snis_r?"),
+])
+def test_unknown_keys_and_options_are_refused_with_a_did_you_mean(override, problem):
+    problems = preflight(override.split())
+    assert any(problem in p for p in problems), problems
+
+
+def test_all_problems_are_reported_together_and_every_job_of_a_sweep_is_checked():
+    problems = preflight(["motif=12", "dataset_size=-5", "+foo=1", "method.lr=0"])
+    assert len(problems) == 4, problems
+    # a sweep: only the job whose value is bad is named, before any job runs
+    problems = preflight(["-m", "method.lr=0.1,-1", "dataset_size=500,1000"])
+    assert len(problems) == 1 and problems[0].startswith("method.lr=-1") and "(jobs #2, #3)" in problems[0]
+    assert preflight(["-m", "sweep=table1", "motif=10001011111000", "features=1001111", "seed=1234"]) == []
+    assert preflight(["--help"]) == []
 
 
 def test_paper_profile_keeps_every_named_option_at_the_reference_value():
-    cfg = make(["profile=paper"])
-    assert cfg.dpg.init == "fresh" and cfg.distill.init == "fresh"
-    assert cfg.dpg.proposal_batch is None and cfg.dpg.keep_per_draw is None and cfg.dpg.replay == 0
-    assert cfg.dpg.steps_per_draw == 1 and cfg.dpg.normalise == "none" and cfg.dpg.baseline is False
-    assert cfg.dpg.swap_gate == "ce_valid" and cfg.dpg.updates_per_epoch == 4000 and cfg.dpg.lr == 0.01
+    cfg = typed(["profile=paper"])
+    m = cfg.method
+    assert (m.init, m.proposal_batch, m.keep_per_draw, m.replay, m.steps_per_draw) == ("fresh", None, None, 0, 1)
+    assert (m.normalise, m.baseline, m.swap_gate, m.updates_per_epoch, m.lr, m.minibatch, m.clip) == (
+        "none", False, "ce_valid", 4000, 0.01, 500, 0.25)
     assert cfg.training1.reuse == "epoch" and cfg.z.rel_tol is None and cfg.z.samples == 1_000_000
-    assert cfg.r.batch_size is None and cfg.r.min_batches == 1
-    assert cfg.r.lr_decays == 0 and cfg.distill.lr_decays == 0
-    assert (cfg.model.hidden, cfg.model.layers) == (200, 2)
+    assert cfg.training1.samples_per_step == 1000 and cfg.training1.buffer == 10000
+    assert cfg.r.batch_size == 500 and cfg.r.lr_decays == 0
+    assert (cfg.model.hidden, cfg.model.layers) == (200, 2) and cfg.max_len == 61
+    distill = typed(["profile=paper", "method=distill"]).method
+    assert (distill.init, distill.size, distill.valid_size, distill.mle.lr_decays) == ("fresh", 20000, 2000, 0)
+
+
+def test_profile_overrides_reach_every_method_of_the_family():
+    for method in ("dpg_on", "pg", "dpg_true"):
+        cfg = typed([f"method={method}"])
+        assert cfg.method.name == method and cfg.method.replay == 32768 and cfg.method.init == "r"  # cpu schedule
+    assert typed(["method=dpg_true"]).method.target == "true"
+
+
+def test_the_schema_is_registered_with_hydra():
+    text = (CONF / "config.yaml").read_text()
+    assert re.search(r"^\s+- gam_rl_schema$", text, re.M)
+    for method in group_options("method"):
+        assert OmegaConf.load(CONF / "method" / f"{method}.yaml")  # every method file parses
+    assert OmegaConf.get_type(make(["method=distill"]).method) is schema.METHODS["distill"]

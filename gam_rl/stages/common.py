@@ -1,10 +1,12 @@
-"""Pieces every stage's Trainer shares: best-weights keeping, progress lines, the Trainer."""
+"""What the stages share: the plateau rule that stops them, its Lightning callback, progress
+lines and the Trainer."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import math
+import time
 
 import lightning.pytorch as pl
 import torch
@@ -12,32 +14,75 @@ import torch
 log = logging.getLogger("gam_rl")
 
 
-class KeepBest(pl.Callback):
-    """Remember `module.<attr>` (a submodule's weights or a tensor) at the lowest monitored
-    value; put it back when fit ends."""
+class Plateau:
+    """The stopping rule of every stage, checked once per epoch on a value to minimise.
 
-    def __init__(self, monitor: str, attr: str):
-        self.monitor, self.attr = monitor, attr
-        self.best = math.inf
-        self.best_epoch = -1
+    A value below the best so far is a new best. After `patience` checks without one: while
+    `decays` remain, the stage restarts from its best state with every learning rate times
+    `factor` (lr_k = lr_0 factor^k) and counts patience afresh; otherwise it stops. decays = 0
+    is plain early stopping. A non-finite value stops at once, or (stop_on_nonfinite=False)
+    counts as a check without a new best.
+    """
+
+    BEST, WAIT, DECAY, STOP = "best", "wait", "decay", "stop"
+
+    def __init__(self, patience: int, decays: int = 0, factor: float = 0.5, stop_on_nonfinite: bool = True):
+        self.patience, self.decays_left, self.factor = patience, decays, factor
+        self.stop_on_nonfinite = stop_on_nonfinite
+        self.best, self.best_epoch, self.bad_checks = math.inf, -1, 0
+        self.decay_epochs: list[int] = []
+
+    def update(self, value: float, epoch: int) -> str:
+        if not math.isfinite(value) and self.stop_on_nonfinite:
+            log.warning("monitored value %s is not finite: stopping", value)
+            return self.STOP
+        if value < self.best:
+            self.best, self.best_epoch, self.bad_checks = value, epoch, 0
+            return self.BEST
+        self.bad_checks += 1
+        if self.bad_checks < self.patience:
+            return self.WAIT
+        if self.decays_left <= 0:
+            return self.STOP
+        self.decays_left -= 1
+        self.bad_checks = 0
+        self.decay_epochs.append(epoch)
+        return self.DECAY
+
+
+class KeepBestPlateau(pl.Callback):
+    """Plateau on `monitor`, with the stage's state `module.<attr>` (a submodule's weights or
+    a tensor) snapshotted at every new best, put back on a decay and when fit ends."""
+
+    def __init__(self, monitor: str, attr: str, plateau: Plateau):
+        self.monitor, self.attr, self.plateau = monitor, attr, plateau
         self.best_state = None
 
     def on_validation_end(self, trainer, module):
         value = trainer.callback_metrics.get(self.monitor)
         if value is None or trainer.sanity_checking:
             return
-        value = float(value)
-        if value < self.best:
-            self.best, self.best_epoch = value, trainer.current_epoch
+        action = self.plateau.update(float(value), trainer.current_epoch)
+        if action == Plateau.BEST:
             target = getattr(module, self.attr)
             self.best_state = (target.detach().clone() if isinstance(target, torch.Tensor)
                                else copy.deepcopy(target.state_dict()))
+        elif action == Plateau.DECAY:
+            self.restore(module)
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] *= self.plateau.factor
+            log.info("[%s] no better %s for %d checks: best weights (epoch %d) back, lr x %g",
+                     self.monitor.split("/")[0], self.monitor, self.plateau.patience, self.plateau.best_epoch + 1,
+                     self.plateau.factor)
+        elif action == Plateau.STOP:
+            trainer.should_stop = True
 
     def on_fit_end(self, trainer, module):
         self.restore(module)
 
     def restore(self, module) -> None:
-        """Put the best weights seen so far back into `module.<attr>`."""
+        """Put the best state seen so far back into `module.<attr>`."""
         if self.best_state is None:
             return
         target = getattr(module, self.attr)
@@ -47,68 +92,32 @@ class KeepBest(pl.Callback):
             target.load_state_dict(self.best_state)
 
 
-class PlateauStop(pl.Callback):
-    """Early stopping with learning-rate decay on plateaus. After `patience` checks without a
-    new best of `keep.monitor`: while `decays` remain, put the best weights back and multiply
-    every learning rate by `factor` (lr_k = lr_0 factor^k), then count patience afresh;
-    otherwise stop. decays = 0 is plain early stopping. A non-finite value stops at once.
-    Put it after `keep` in the callback list, so that `keep` has seen the check first."""
-
-    def __init__(self, keep: KeepBest, patience: int, decays: int = 0, factor: float = 0.5):
-        self.keep, self.patience, self.decays_left, self.factor = keep, patience, decays, factor
-        self.bad_checks = 0
-        self.decay_epochs: list[int] = []
-
-    def on_validation_end(self, trainer, module):
-        value = trainer.callback_metrics.get(self.keep.monitor)
-        if value is None or trainer.sanity_checking:
-            return
-        if not math.isfinite(float(value)):
-            log.warning("%s = %s is not finite: stopping", self.keep.monitor, float(value))
-            trainer.should_stop = True
-            return
-        self.bad_checks = 0 if self.keep.best_epoch == trainer.current_epoch else self.bad_checks + 1
-        if self.bad_checks < self.patience:
-            return
-        if self.decays_left <= 0:
-            trainer.should_stop = True
-            return
-        self.keep.restore(module)
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] *= self.factor
-        self.decays_left -= 1
-        self.bad_checks = 0
-        self.decay_epochs.append(trainer.current_epoch)
-        log.info("[%s] no better %s for %d checks: best weights (epoch %d) back, lr x %g",
-                 self.keep.monitor.split("/")[0], self.keep.monitor, self.patience, self.keep.best_epoch + 1,
-                 self.factor)
-
-
 class ProgressLog(pl.Callback):
-    """One log line every `every` epochs (and the last), readable in a terminal or a log file."""
+    """A progress line on every new best of the plateau's value, every `every` epochs and at the
+    last epoch: readable in a terminal or a log file, never one line per epoch."""
 
-    def __init__(self, stage: str, keys: list[str], every: int = 1):
-        self.stage, self.keys, self.every = stage, keys, max(1, every)
+    def __init__(self, stage: str, keys: list[str], plateau: Plateau, every: int = 10):
+        self.stage, self.keys, self.plateau, self.every = stage, keys, plateau, max(1, every)
+        self.started = time.perf_counter()
 
     def on_validation_end(self, trainer, module):
         if trainer.sanity_checking:
             return
         epoch = trainer.current_epoch
-        last = epoch + 1 >= (trainer.max_epochs or 0)
-        if epoch % self.every and not last:
+        improved = self.plateau.best_epoch == epoch
+        if not (improved or (epoch + 1) % self.every == 0 or trainer.should_stop
+                or epoch + 1 >= (trainer.max_epochs or 0)):
             return
-        values = ", ".join(
-            f"{k}={float(trainer.callback_metrics[k]):.4f}" for k in self.keys if k in trainer.callback_metrics
-        )
-        log.info("[%s] epoch %d/%s %s", self.stage, epoch + 1, trainer.max_epochs, values)
+        values = ", ".join(f"{k.split('/')[-1]}={float(trainer.callback_metrics[k]):.4f}"
+                           for k in self.keys if k in trainer.callback_metrics)
+        log.info("[%s] epoch %d/%s %s%s (%.0f s)", self.stage, epoch + 1, trainer.max_epochs, values,
+                 " *" if improved else "", time.perf_counter() - self.started)
 
 
 def make_trainer(max_epochs: int, callbacks: list, logger=None, accelerator: str = "cpu",
-                 gradient_clip_val: float | None = None, max_steps: int = -1) -> pl.Trainer:
+                 gradient_clip_val: float | None = None) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=max_epochs,
-        max_steps=max_steps,
         accelerator=accelerator,
         devices=1,
         logger=logger if logger is not None else False,
@@ -124,7 +133,7 @@ def make_trainer(max_epochs: int, callbacks: list, logger=None, accelerator: str
     )
 
 
-def full_batch_loader(tokens: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
+def token_loader(tokens: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
     """DataLoader over a token tensor (each batch a (B, T) tensor)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(

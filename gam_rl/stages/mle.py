@@ -7,8 +7,24 @@ from dataclasses import dataclass
 import lightning.pytorch as pl
 import torch
 
+from gam_rl.config_fields import setting
 from gam_rl.policy import LSTMPolicy
-from gam_rl.stages.common import KeepBest, PlateauStop, ProgressLog, full_batch_loader, make_trainer
+from gam_rl.stages.common import KeepBestPlateau, Plateau, ProgressLog, make_trainer, token_loader
+
+
+@dataclass
+class MLEConfig:
+    """An MLE schedule: `r` (r on D) and `method.mle` (distillation). The paper: Adam 1e-3,
+    batch min(|D|, 500) (a batch larger than the data is one batch of all of it), grad-norm
+    clip 0.25, up to 99 epochs, patience 8 on CE(V)."""
+
+    lr: float = setting(1e-3, gt=0)
+    batch_size: int = setting(500, ge=1)
+    max_epochs: int = setting(99, ge=1)
+    patience: int = setting(8, ge=1)
+    lr_decays: int = setting(0, ge=0)  # > 0: on a plateau, restart from the best weights at lr x lr_decay_factor,
+    lr_decay_factor: float = setting(0.5, gt=0, lt=1)  # at most lr_decays times, before stopping (0: the paper)
+    clip: float = setting(0.25, gt=0)  # grad-norm clip
 
 
 class MLEModule(pl.LightningModule):
@@ -49,23 +65,19 @@ class MLEResult:
     decay_epochs: list[int]  # epochs (0-based) after which the lr was decayed
 
 
-def train_mle(policy: LSTMPolicy, train: torch.Tensor, valid: torch.Tensor, *, symbols_per_seq: int,
-              lr: float, batch_size: int, max_epochs: int, patience: int, clip: float, prefix: str,
-              logger=None, accelerator: str = "cpu", seed: int = 0, log_every: int = 1, lr_decays: int = 0,
-              lr_decay_factor: float = 0.5) -> MLEResult:
-    """Fit `policy` in place; on return it holds the weights with the best CE(V). With
-    lr_decays > 0 a plateau of `patience` epochs restarts from the best weights at lr x
-    lr_decay_factor (at most lr_decays times) before it stops (PlateauStop)."""
-    module = MLEModule(policy, lr, symbols_per_seq, prefix)
+def train_mle(policy: LSTMPolicy, train: torch.Tensor, valid: torch.Tensor, cfg: MLEConfig, *,
+              symbols_per_seq: int, prefix: str, logger=None, accelerator: str = "cpu", seed: int = 0,
+              log_every: int = 10) -> MLEResult:
+    """Fit `policy` in place; on return it holds the weights with the best CE(V) (Plateau)."""
+    module = MLEModule(policy, cfg.lr, symbols_per_seq, prefix)
     monitor = f"{prefix}/val_ce"
-    keep = KeepBest(monitor, "policy")
-    stop = PlateauStop(keep, patience, lr_decays, lr_decay_factor)
-    callbacks = [keep, stop,
-                 ProgressLog(prefix, [f"{prefix}/train_ce", monitor], every=log_every)]
-    trainer = make_trainer(max_epochs, callbacks, logger, accelerator, gradient_clip_val=clip)
-    train_loader = full_batch_loader(train, batch_size, shuffle=True, seed=seed)
-    valid_loader = full_batch_loader(valid, max(batch_size, 1000), shuffle=False)
+    plateau = Plateau(cfg.patience, cfg.lr_decays, cfg.lr_decay_factor)
+    callbacks = [KeepBestPlateau(monitor, "policy", plateau),
+                 ProgressLog(prefix, [f"{prefix}/train_ce", monitor], plateau, every=log_every)]
+    trainer = make_trainer(cfg.max_epochs, callbacks, logger, accelerator, gradient_clip_val=cfg.clip)
+    train_loader = token_loader(train, cfg.batch_size, shuffle=True, seed=seed)
+    valid_loader = token_loader(valid, max(cfg.batch_size, 1000), shuffle=False)
     trainer.fit(module, train_loader, valid_loader)
     policy.eval()
     epochs = trainer.current_epoch
-    return MLEResult(keep.best, epochs, keep.best_epoch, epochs * len(train), stop.decay_epochs)
+    return MLEResult(plateau.best, epochs, plateau.best_epoch, epochs * len(train), plateau.decay_epochs)

@@ -1,0 +1,248 @@
+"""The typed run configuration: its sections, their registration with Hydra, and the check.
+
+Each section is a dataclass beside the code that reads it (config_fields.setting gives its
+fields their ranges and choices); `Config` puts them together and `METHODS` says which schema
+a `method` file follows. `check(container)` checks a composed, resolved configuration:
+unknown keys (with a did-you-mean), types, ranges, choices, then the few rules that relate
+several keys. It reports every problem at once, and a clean configuration comes back as the
+typed objects the stages receive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
+
+from gam_rl.config_fields import MISSING, constraint_problem, setting
+from gam_rl.data import DataConfig, DatasetSizeConfig, valid_size_for
+from gam_rl.features import FeatureMaskError, Features, FeaturesConfig
+from gam_rl.metrics import EvalConfig
+from gam_rl.policy import ModelConfig
+from gam_rl.process import MAX_EXACT_N, MotifConfig
+from gam_rl.run_io import LoggerConfig
+from gam_rl.stages import dpg
+from gam_rl.stages.distill import DistillConfig
+from gam_rl.stages.dpg import DPGConfig
+from gam_rl.stages.mle import MLEConfig
+from gam_rl.stages.moment_matching import MomentMatchingConfig
+from gam_rl.stages.partition import ZConfig
+from gam_rl.training1_cache import CacheConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+METHODS: dict[str, type] = {"distill": DistillConfig, **{name: DPGConfig for name in dpg.ALGORITHMS}}
+
+
+@dataclass
+class Config:
+    """One run: a Table 1 cell (motif, features, dataset_size, seed) and one method."""
+
+    motif: MotifConfig = MISSING
+    features: FeaturesConfig = MISSING
+    dataset_size: DatasetSizeConfig = MISSING
+    method: Any = MISSING  # the schema METHODS[method.algorithm]
+    seed: int = setting(1234, ge=0)  # model initialisation and sampling; the data depend on the motif only
+    profile: str = setting(MISSING)  # the name of the profile that set the sizes (conf/profile/)
+    n: int = setting(30, ge=1, le=MAX_EXACT_N)  # string length of the data process
+    max_len: int = setting(61, ge=1)  # symbols when sampling r, q, pi or P_lambda in training (2n + 1)
+    device: str = setting("auto", choices=DEVICES)
+    threads: int | None = setting(None, ge=1)  # torch intra-op threads; None: torch's default
+    log_every: int = setting(10, ge=1)  # a progress line every k epochs (and on every new best)
+    resume: bool = True  # skip a run whose folder holds complete results of this configuration
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    r: MLEConfig = field(default_factory=MLEConfig)
+    training1: MomentMatchingConfig = field(default_factory=MomentMatchingConfig)
+    z: ZConfig = field(default_factory=ZConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+def register() -> None:
+    """The schemas in Hydra's ConfigStore: conf/config.yaml starts from `gam_rl_schema`, and each
+    method file from its algorithm's schema (/schema/method/dpg or distill)."""
+    store = ConfigStore.instance()
+    store.store(name="gam_rl_schema", node=Config)
+    store.store(group="schema/method", name="dpg", node=DPGConfig)
+    store.store(group="schema/method", name="distill", node=DistillConfig)
+
+
+register()
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+# ---- types, ranges, unknown keys ---------------------------------------------------------------
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _section_type(hint: Any) -> type | None:
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def _type_words(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    origin = typing.get_origin(base) or base
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+             dict: "a mapping"}.get(origin, str(base))
+    return words + (" or null" if type(None) in typing.get_args(hint) else "")
+
+
+def _paths(cls: type, prefix: str = "") -> list[str]:
+    """Every leaf path of a schema (the method section as every method schema has it)."""
+    out = []
+    for name, hint in _hints(cls).items():
+        if name == "method" and cls is Config:
+            out += sorted({f"method.{p}" for schema in set(METHODS.values()) for p in _paths(schema)})
+        elif _section_type(hint):
+            out += _paths(hint, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def _leaves(value: Any, path: str) -> list[str]:
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{path}.{k}")]
+    return [path]
+
+
+def _unknown(path: str, siblings: list[str], prefix: str) -> str:
+    """An unknown key, with the closest known one: a sibling, a key of the same name elsewhere,
+    or a close path; a key of another method's schema says so."""
+    every = _paths(Config)
+    if path in every:  # e.g. method.replay under method=distill
+        owners = sorted({name for name, cls in METHODS.items() if path[len("method."):] in _paths(cls)})
+        return f"{path}: not a key of this method (it belongs to {owners})"
+    leaf = path.rsplit(".", 1)[-1]
+    direct = path == prefix + leaf  # not a leaf inside an unknown section
+    close = [prefix + c for c in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)] if direct else []
+    close = close or [p for p in every if p.rsplit(".", 1)[-1] == leaf][:1]
+    close = close or difflib.get_close_matches(path, every, n=1, cutoff=0.6)
+    return f"{path}: unknown key" + (f"; did you mean {close[0]}?" if close else "")
+
+
+@functools.cache
+def _typed_node(cls: type) -> DictConfig:
+    """One typed node per section class, reused for the type checks of every leaf assigned to it."""
+    return OmegaConf.structured(cls)
+
+
+def _check_section(cls: type, values: Any, prefix: str, out: list[str]) -> Any:
+    """Check one section's values against its dataclass; the typed instance, or None on a problem."""
+    if not isinstance(values, dict):
+        out.append(f"{prefix[:-1]}={values!r}: must be a section with the keys {list(_hints(cls))}")
+        return None
+    hints, found = _hints(cls), len(out)
+    for key, value in values.items():
+        if key not in hints:
+            out += [_unknown(path, list(hints), prefix) for path in _leaves(value, prefix + key)]
+    typed, kwargs = _typed_node(cls), {}
+    for f in dataclasses.fields(cls):
+        path, hint = prefix + f.name, hints[f.name]
+        value = values.get(f.name, f.default)
+        if isinstance(value, str) and value == MISSING:  # "???" in a file, or a schema field without a default
+            out.append(f"{path}: missing; give it a value ({path}=...)")
+            continue
+        if f.name not in values:
+            continue  # the dataclass default
+        if cls is Config and f.name == "method":
+            algorithm = value.get("algorithm") if isinstance(value, dict) else None
+            if algorithm not in METHODS:
+                out.append(f"method.algorithm={algorithm!r}: choose one of {list(METHODS)}")
+            else:
+                kwargs[f.name] = _check_section(METHODS[algorithm], value, "method.", out)
+        elif _section_type(hint):
+            kwargs[f.name] = _check_section(hint, value, path + ".", out)
+        else:
+            try:
+                if hint is bool and not isinstance(value, bool):  # OmegaConf would read 3 as true
+                    raise ValidationError(f"{value!r} is not a boolean")
+                typed[f.name] = value  # OmegaConf's own type check and conversion
+            except ValidationError:
+                out.append(f"{path}={value!r}: must be {_type_words(hint)}")
+                continue
+            converted = typed[f.name]
+            if OmegaConf.is_config(converted):
+                converted = OmegaConf.to_container(converted)
+            problem = constraint_problem(converted, f.metadata)
+            if problem:
+                close = difflib.get_close_matches(str(value), [str(c) for c in f.metadata.get("choices", ())], 1)
+                out.append(f"{path}={value!r}: {problem}" + (f"; did you mean {close[0]}?" if close else ""))
+            kwargs[f.name] = converted
+    return cls(**kwargs) if len(out) == found else None
+
+
+# ---- rules that relate several keys --------------------------------------------------------------
+
+def cross_field_problems(cfg: Config) -> list[str]:
+    out = []
+    motif, n = cfg.motif.pattern, cfg.n
+    if len(motif) > n:
+        out.append(f"motif.pattern={motif!r}: {len(motif)} bits, longer than n={n}")
+    try:
+        Features.from_config(cfg.features, motif)
+    except FeatureMaskError as err:
+        key = "features.name" if cfg.features.use is None else "features.use"
+        out.append(f"{key}={getattr(cfg.features, key.split('.')[1])!r}: {err}")
+    pools, size = cfg.data.pools, cfg.dataset_size.size
+    if size > pools.train:
+        out.append(f"dataset_size.size={size}: above the train pool of {pools.train} strings (data.pools.train)")
+    valid_size = cfg.dataset_size.valid_size or valid_size_for(size)
+    if valid_size > pools.valid:
+        out.append(f"dataset_size.valid_size={valid_size}: above the validation pool (data.pools.valid="
+                   f"{pools.valid})")
+    if cfg.max_len <= n:
+        out.append(f"max_len={cfg.max_len}: the sampling limit must exceed n={n} (n bits and EOS)")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        out.append("device='cuda': CUDA is not available on this machine (use device=auto or cpu)")
+    if hasattr(cfg.method, "problems"):
+        out += cfg.method.problems()
+    return out
+
+
+# ---- entry points ---------------------------------------------------------------------------------
+
+def check(container: dict) -> tuple[Config | None, list[str]]:
+    """The typed configuration of a resolved container (a plain dict without Hydra's own `hydra`
+    key) and every problem found in it; the configuration is None when there is a problem."""
+    out: list[str] = []
+    cfg = _check_section(Config, container, "", out)
+    if cfg is not None:
+        out += cross_field_problems(cfg)
+    return (cfg if not out else None), out
+
+
+def problems(container: dict) -> list[str]:
+    return check(container)[1]
+
+
+def record(cfg: Config) -> dict:
+    """What a run records and resumes on: the checked configuration with every default filled in."""
+    return dataclasses.asdict(cfg)
+
+
+def load(cfg: DictConfig | dict) -> Config:
+    """Check a composed configuration and return it typed; ConfigError lists every problem."""
+    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    typed, found = check({k: v for k, v in container.items() if k != "hydra"})
+    if found:
+        raise ConfigError(found)
+    return typed

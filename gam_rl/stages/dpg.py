@@ -1,0 +1,248 @@
+"""Training-2 by distributional policy gradient: pi_theta -> p = P / Z for any potential P.
+
+    dpg_off  x ~ q:  theta += alpha (P(x)/q(x)) grad log pi(x)   (paper Algorithm 1; q starts as
+             r and becomes a copy of pi only when a swap gate says pi is the better proposal)
+    dpg_on   x ~ pi: theta += alpha (P(x)/pi(x)) grad log pi(x)  (q = pi at every update)
+    pg       x ~ pi: theta += alpha P(x) grad log pi(x)          (REINFORCE with reward P: RL as
+             optimisation, which maximises E_pi[P] and collapses onto its mode)
+
+The update is `dpg_loss`; the draws it trains on (weights, thinning, replay, running Z) are
+stages/draws.py; a check ("epoch") every `updates_per_epoch` updates measures CE(V, pi), runs
+the swap gate and feeds the plateau rule (stages/common.py), and the best pi is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import torch
+
+from gam_rl.config_fields import MISSING, setting
+from gam_rl.estimators import effective_sample_size
+from gam_rl.policy import LSTMPolicy, eval_mode
+from gam_rl.potentials import Potential
+from gam_rl.stages.common import KeepBestPlateau, Plateau, ProgressLog, make_trainer, token_loader
+from gam_rl.stages.draws import ProposalDraws, WeightedDraw
+
+log = logging.getLogger("gam_rl")
+
+ALGORITHMS = ("dpg_off", "dpg_on", "pg")
+ON_POLICY = ("dpg_on", "pg")  # sample pi itself
+TARGETS = ("gam", "true")  # gam: P = P_lambda | true: P = the true process (paper Supp. A.3)
+INITS = ("fresh", "r")  # fresh: a new LSTM (the paper) | r: pi starts as a copy of r
+NORMALISE = ("none", "running_z")  # none: Z taken as 1 (the paper) | running_z: w / running Z-hat
+KL_GATE_MIN_ESS = 30.0  # swap_gate=kl_is: fewer effective samples than this never swap
+
+
+def dpg_loss(log_pi: torch.Tensor, draw: WeightedDraw, *, log_norm: float = 0.0, reward: bool = False,
+             baseline: float | None = None) -> torch.Tensor:
+    """One update of Algorithm 1 (DPG_off, Parshakova et al. 2019) as a loss for autograd:
+
+        theta <- theta + alpha sum_i c_i grad log pi_theta(x_i),   x_i ~ q,
+        c_i = h_i P(x_i) / (Z q(x_i)),   h_i = 1/N for a plain draw of N (thinning, replay: draws.py)
+
+    sum_i c_i grad log pi estimates E_q[(P / (Z q)) grad log pi] = E_p[grad log pi] = -grad CE(p, pi).
+    The loss is -sum_i c_i log pi(x_i), with no gradient through c.
+      log_norm  log Z-hat (normalise=running_z), or 0: Z taken as 1 (the paper; it only scales the step)
+      reward    pg: c_i = h_i P(x_i) pi(x_i) / (Z q(x_i)), i.e. E_pi[(P/Z) grad log pi] (REINFORCE with
+                reward P/Z) from a draw of q; pi/q = 1 when q is the current pi
+      baseline  b: c_i -= h_i b pi(x_i) / q(x_i). E_q[(pi/q) grad log pi] = E_pi[grad log pi] = 0, so the
+                expected update is unchanged and the part of w that pi already explains is removed
+                (under thinning, items kept for their weight carry the baseline term at random: more
+                variance, not bias, as long as P > 0 wherever q > 0)
+    """
+    log_c = draw.log_w + draw.log_h - log_norm  # log c_i, with log w_i = log P(x_i) - log q(x_i)
+    if reward:
+        log_c = log_c + log_pi.detach().double()  # P pi / q
+    coef = torch.exp(log_c)
+    if baseline is not None:
+        coef = coef - baseline * torch.exp(log_pi.detach().double() - draw.log_q + draw.log_h)
+    return -(coef.float() * log_pi).sum()
+
+
+def ce_valid_gate(module: DPGModule, ce_pi: float) -> dict | None:
+    """The paper's gate: q <- pi when CE(V, pi) < CE(V, q) (only ever to a better policy)."""
+    return {} if ce_pi < module.ce_valid_q else None
+
+
+def kl_is_gate(module: DPGModule, ce_pi: float) -> dict | None:
+    """q <- pi when KL(p || q) - KL(p || pi) = E_p[log pi(x) - log q(x)] > 2 standard errors, by
+    self-normalised IS on a fresh draw of q (the next update trains on it: no extra samples),
+    on an effective sample size of at least KL_GATE_MIN_ESS (else its s.e. is not trusted)."""
+    draw = module.draws.peek()
+    log_c = draw.log_w + draw.log_h
+    if not torch.isfinite(log_c).any():  # no sample of q in the support of P: nothing to compare on
+        gain, gain_se, ess = 0.0, math.inf, 0.0
+    else:
+        with eval_mode(module.pi):
+            diff = module.pi.log_prob(draw.tokens).double() - draw.log_q
+        weights = torch.softmax(log_c, 0)
+        gain = float((weights * diff).sum())
+        gain_se, ess = float(torch.sqrt((weights**2 * (diff - gain) ** 2).sum())), effective_sample_size(log_c)
+    module.log("dpg/kl_gain", gain)
+    module.log("dpg/kl_gate_ess", ess)
+    better = ess >= KL_GATE_MIN_ESS and gain > 2.0 * gain_se
+    return {"kl_gain": gain, "kl_gain_se": gain_se, "kl_gate_ess": ess} if better else None
+
+
+SWAP_GATES = {"ce_valid": ce_valid_gate, "kl_is": kl_is_gate}
+
+
+@dataclass
+class DPGConfig:
+    """`method` section of the DPG family (conf/method/dpg_off.yaml, dpg_on, pg, dpg_true): the
+    paper's schedule by default; every other value is a named option (docs/methods.md)."""
+
+    name: str = setting(MISSING)  # names the run folder and results.json's `method`
+    algorithm: str = setting("dpg_off", choices=ALGORITHMS)
+    target: str = setting("gam", choices=TARGETS)
+    init: str = setting("fresh", choices=INITS)
+    lr: float = setting(0.01, gt=0)  # Adam
+    minibatch: int = setting(500, ge=1)  # items backpropagated per update
+    proposal_batch: int | None = setting(None, ge=1)  # samples per fresh draw; None: = minibatch (the paper)
+    keep_per_draw: int | None = setting(None, ge=1)  # items kept by unbiased thinning; None: = minibatch
+    replay: int = setting(0, ge=0)  # > 0: train on a buffer of the last `replay` items (0: the paper)
+    steps_per_draw: int = setting(1, ge=1)  # with replay: updates per fresh draw
+    normalise: str = setting("none", choices=NORMALISE)
+    baseline: bool = False  # subtract Z-hat pi(x)/q(x) from each weight (zero-mean control variate)
+    swap_gate: str = setting("ce_valid", choices=SWAP_GATES)  # dpg_off: ce_valid (the paper) | kl_is
+    updates_per_epoch: int = setting(4000, ge=1)  # one check (CE(V), swap gate, plateau) per "epoch"
+    max_epochs: int = setting(100, ge=1)
+    patience: int = setting(10, ge=1)  # on CE(V, pi)
+    clip: float | None = setting(0.25, gt=0)  # grad-norm clip; None: none
+    target_margin: float = setting(0.01, gt=0)  # results record when CE(V, pi) first reaches (1 + margin) CE(V, p)
+
+    def thins(self) -> bool:
+        """Whether a draw keeps fewer items than it samples."""
+        kept, drawn = self.keep_per_draw or self.minibatch, self.proposal_batch or self.minibatch
+        return kept < max(drawn, self.minibatch)
+
+    def problems(self) -> list[str]:
+        """Values that are fine alone but not together."""
+        kept, drawn = self.keep_per_draw or self.minibatch, self.proposal_batch or self.minibatch
+        out = []
+        if self.replay and self.replay < max(self.minibatch, kept):
+            out.append(f"method.replay={self.replay}: must be 0 or >= method.keep_per_draw ({kept}) and >= "
+                       f"method.minibatch ({self.minibatch}): the buffer holds at least one whole draw")
+        if self.swap_gate == "kl_is" and min(kept, drawn) < KL_GATE_MIN_ESS:
+            out.append(f"method.swap_gate='kl_is' with {min(kept, drawn)} items per draw: the gate swaps only on an "
+                       f"effective sample size >= {KL_GATE_MIN_ESS:.0f}; raise method.keep_per_draw / "
+                       "method.minibatch")
+        if self.baseline and self.algorithm == "pg":
+            out.append("method.baseline=true: the pi/q baseline is a control variate of the importance-weighted "
+                       "DPG update, not of pg's reward")
+        if self.baseline and self.target == "true" and self.thins():
+            out.append("method.baseline=true with thinning (method.keep_per_draw < method.proposal_batch) and "
+                       "method.target='true': thinning drops the zero-weight samples that the baseline term "
+                       "needs, which biases the gradient; turn one of them off")
+        return out
+
+
+class DPGModule(pl.LightningModule):
+    def __init__(self, pi: LSTMPolicy, draws: ProposalDraws, cfg: DPGConfig, *, symbols_per_seq: int,
+                 ce_valid_proposal: float, target_ce_valid: float | None = None):
+        super().__init__()
+        self.pi, self.draws, self.cfg, self.symbols = pi, draws, cfg, symbols_per_seq
+        self.gate = SWAP_GATES[cfg.swap_gate] if cfg.algorithm == "dpg_off" else None
+        self.ce_valid_q = ce_valid_proposal
+        self._val_sum, self._val_count = 0.0, 0
+        self.swaps: list[dict] = []
+        # first check where CE(V, pi) <= target_ce_valid: samples, updates and seconds spent until then
+        self.target_ce_valid, self.reached_target = target_ce_valid, None
+        self._started = time.perf_counter()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.pi.parameters(), lr=self.cfg.lr)
+
+    def training_step(self, draw: WeightedDraw, batch_idx):
+        log_pi = self.pi.log_prob(draw.tokens)
+        log_norm = self.draws.running_z.log_z if self.cfg.normalise == "running_z" else 0.0
+        # b = Z-hat in the weights' units: Z-hat unnormalised, 1 once the weights are divided by Z-hat
+        baseline = math.exp(self.draws.running_z.log_z - log_norm) if self.cfg.baseline else None
+        loss = dpg_loss(log_pi, draw, log_norm=log_norm, reward=self.cfg.algorithm == "pg", baseline=baseline)
+        self.log("dpg/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(draw))
+        self.log("dpg/ess", self.draws.last_ess, on_step=True, on_epoch=False, batch_size=len(draw))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._val_sum += float(self.pi.log_prob(batch).sum())
+        self._val_count += len(batch)
+
+    def on_validation_epoch_end(self):
+        ce_pi = -self._val_sum / (self._val_count * self.symbols)  # CE(V, pi) in nats per symbol
+        self._val_sum, self._val_count = 0.0, 0
+        if self.gate is not None:
+            swap = self.gate(self, ce_pi)
+            if swap is not None:
+                self._swap(ce_pi, swap)
+        if self.target_ce_valid is not None and self.reached_target is None and ce_pi <= self.target_ce_valid:
+            self.reached_target = {"samples": self.draws.samples_drawn, "updates": int(self.global_step),
+                                   "seconds": round(time.perf_counter() - self._started, 3), "ce_valid_pi": ce_pi}
+            log.info("[dpg] CE(V, pi) %.4f <= target %.4f after %d samples", ce_pi, self.target_ce_valid,
+                     self.draws.samples_drawn)
+        self.log("dpg/val_ce_pi", ce_pi)
+        if self.gate is not None:
+            self.log("dpg/val_ce_q", self.ce_valid_q)
+        self.log("dpg/log_z_running", self.draws.running_z.log_z)
+
+    def _swap(self, ce_pi: float, details: dict) -> None:
+        swap = {"step": int(self.global_step), "epoch": int(self.current_epoch), "gate": self.cfg.swap_gate,
+                "ce_valid_pi": ce_pi, "ce_valid_q": self.ce_valid_q, "kl_gain": None, "kl_gain_se": None,
+                "kl_gate_ess": None, **details}
+        self.swaps.append(swap)
+        log.info("[dpg] step %d: q <- pi (CE(V, pi) %.4f, CE(V, q) %.4f%s)", swap["step"], ce_pi, self.ce_valid_q,
+                 "" if swap["kl_gain"] is None else f", KL gain {swap['kl_gain']:.4f} +- {swap['kl_gain_se']:.4f}")
+        if self.swaps[:-1]:  # q is already our frozen copy of pi
+            self.draws.proposal.load_state_dict(self.pi.state_dict())
+        else:  # q was the proposal we were given (r): from now on a frozen copy of pi
+            self.draws.proposal = copy.deepcopy(self.pi).eval().requires_grad_(False)
+        self.ce_valid_q = ce_pi
+        self.log("dpg/swap", 1.0)
+
+
+@dataclass
+class DPGResult:
+    best_val_ce: float
+    epochs: int
+    best_epoch: int
+    updates: int
+    samples: int
+    swaps: list[dict] = field(default_factory=list)
+    log_z_running: float | None = None
+    reached_target: dict | None = None  # {samples, updates, seconds, ce_valid_pi} at the first check under target
+
+    def results(self) -> dict:
+        return {"ce_valid_pi": self.best_val_ce, "t2_epochs": self.epochs, "t2_best_epoch": self.best_epoch,
+                "t2_updates": self.updates, "swaps": self.swaps, "swap_count": len(self.swaps),
+                "dpg_log_z_running": self.log_z_running, "dpg_reached_target": self.reached_target}
+
+
+def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, valid: torch.Tensor, cfg: DPGConfig, *,
+              max_len: int, symbols_per_seq: int, ce_valid_proposal: float, seed: int = 0,
+              target_ce_valid: float | None = None, logger=None, accelerator: str = "cpu",
+              log_every: int = 10) -> DPGResult:
+    """Train `pi` in place towards p = P / Z from draws of `proposal` (dpg_off) or of pi itself
+    (dpg_on, pg); on return pi holds the best-CE(V) weights."""
+    generator = torch.Generator(device=pi.device).manual_seed(seed)
+    draws = ProposalDraws(pi if cfg.algorithm in ON_POLICY else proposal.eval(), target,
+                          minibatch=cfg.minibatch, proposal_batch=cfg.proposal_batch,
+                          keep_per_draw=cfg.keep_per_draw, replay=cfg.replay, steps_per_draw=cfg.steps_per_draw,
+                          updates_per_epoch=cfg.updates_per_epoch, max_len=max_len, generator=generator)
+    module = DPGModule(pi, draws, cfg, symbols_per_seq=symbols_per_seq, ce_valid_proposal=ce_valid_proposal,
+                       target_ce_valid=target_ce_valid)
+    # a CE(V, pi) that is not finite (pg's collapse) is a check without progress, not a reason to stop
+    plateau = Plateau(cfg.patience, stop_on_nonfinite=False)
+    keys = ["dpg/val_ce_pi"] + (["dpg/val_ce_q"] if module.gate is not None else [])
+    callbacks = [KeepBestPlateau("dpg/val_ce_pi", "pi", plateau),
+                 ProgressLog(cfg.algorithm, keys, plateau, every=log_every)]
+    trainer = make_trainer(cfg.max_epochs, callbacks, logger, accelerator, gradient_clip_val=cfg.clip)
+    trainer.fit(module, torch.utils.data.DataLoader(draws, batch_size=None), token_loader(valid, 1000, shuffle=False))
+    pi.eval()
+    return DPGResult(plateau.best, trainer.current_epoch, plateau.best_epoch, int(trainer.global_step),
+                     draws.samples_drawn, module.swaps, draws.running_z.log_z if draws.running_z.count else None,
+                     module.reached_target)

@@ -1,0 +1,154 @@
+"""Weighted proposal draws for the DPG family: sample q, weight against P, thin, replay.
+
+An update of the family is sum_i c_i grad log pi(x_i) over items x_i (stages/dpg.py). This
+module makes the items: a fresh draw of N samples x ~ q, each with its importance weight
+w = P(x)/q(x) and its share h = 1/N of the N-sample estimate
+
+    (1/N) sum_i w_i g(x_i)  ~  E_q[(P/q) g] = sum_x P(x) g(x).
+
+Thinning (`keep_per_draw` < N) keeps item i with probability p_i = min(1, w_i/c) and divides
+its share by p_i (estimators.thin_by_weight): the same estimate in expectation (unbiased),
+with every heavy sample kept and only ~keep_per_draw items to backpropagate.
+
+Replay (`replay` > 0) keeps the last `replay` items in a buffer, draws afresh every
+`steps_per_draw` updates and trains each update on a random minibatch of the buffer, rescaled
+so that it estimates the average of the draws in the buffer. Each item keeps the weight of the
+proposal that drew it, so the estimate stays a valid importance-sampling estimate of the
+gradient, but not an independent one: a draw reused for many updates (and a grad-norm clip
+that binds) trades bias in the optimisation for variance. A fresh draw per update (replay 0,
+the paper) is the unbiased stochastic gradient.
+
+The running Z-hat is the mean of every weight drawn so far: E_q[P/q] = Z for any q, so the
+draws of every proposal count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from gam_rl.estimators import effective_sample_size, thin_by_weight
+from gam_rl.policy import LSTMPolicy
+from gam_rl.potentials import Potential
+from gam_rl.tokens import pad_cat
+
+
+@dataclass
+class WeightedDraw:
+    """Items of the proposal with what every later update needs to re-weight them: item i
+    stands for exp(log_w + log_h) of its draw's estimate."""
+
+    tokens: torch.Tensor
+    log_w: torch.Tensor  # float64: log P(x) - log q(x), q the proposal that drew x
+    log_q: torch.Tensor  # float64: log q(x)
+    log_h: torch.Tensor  # float64: log of the item's share: -log N - log(keep probability) (+ replay rescale)
+    share: torch.Tensor  # float64: 1 / (items its draw contributed); summed over a buffer: the draws in it
+
+    FIELDS = ("log_w", "log_q", "log_h", "share")  # per-item tensors besides tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def index(self, idx: torch.Tensor) -> WeightedDraw:
+        return WeightedDraw(self.tokens[idx], *(getattr(self, k)[idx] for k in self.FIELDS))
+
+    @staticmethod
+    def cat(draws: list[WeightedDraw]) -> WeightedDraw:
+        return WeightedDraw(pad_cat([d.tokens for d in draws]),
+                            *(torch.cat([getattr(d, k) for d in draws]) for k in WeightedDraw.FIELDS))
+
+    def tail(self, size: int) -> WeightedDraw:
+        return self.index(torch.arange(max(0, len(self) - size), len(self), device=self.log_w.device))
+
+
+class RunningZ:
+    """Z-hat = mean of every importance weight P/q drawn so far (zero weights included)."""
+
+    def __init__(self):
+        self.log_sum, self.count = -math.inf, 0
+
+    def add(self, log_w: torch.Tensor) -> None:
+        self.count += len(log_w)
+        if torch.isfinite(log_w).any():
+            self.log_sum = float(torch.logaddexp(torch.tensor(self.log_sum, dtype=torch.float64),
+                                                 torch.logsumexp(log_w.double(), 0)))
+
+    @property
+    def log_z(self) -> float:
+        # 0 (Z taken as 1) until some draw has a nonzero weight: log 0 would turn w / Z-hat into 0 / 0
+        return self.log_sum - math.log(self.count) if math.isfinite(self.log_sum) else 0.0
+
+
+class ProposalDraws(torch.utils.data.IterableDataset):
+    """The DPG stage's data: `updates_per_epoch` minibatches of weighted items per pass.
+
+    `proposal` is the policy that samples: r (then copies of pi, at swaps) for dpg_off, pi
+    itself for dpg_on and pg (sampling runs without gradient and dropout)."""
+
+    def __init__(self, proposal: LSTMPolicy, target: Potential, *, minibatch: int, proposal_batch: int | None,
+                 keep_per_draw: int | None, replay: int, steps_per_draw: int, updates_per_epoch: int,
+                 max_len: int, generator: torch.Generator):
+        super().__init__()
+        self.proposal, self.target, self.max_len, self.generator = proposal, target, max_len, generator
+        self.minibatch, self.replay, self.updates_per_epoch = minibatch, replay, updates_per_epoch
+        self.proposal_batch = max(proposal_batch or minibatch, minibatch)
+        self.keep_per_draw = keep_per_draw or minibatch
+        self.steps_per_draw = max(1, steps_per_draw)
+        self.running_z = RunningZ()
+        self.samples_drawn, self.last_ess = 0, math.nan
+        self._buffer: WeightedDraw | None = None
+        self._pending: WeightedDraw | None = None  # drawn (and looked at) by a swap gate, not yet trained on
+        self._updates = 0
+
+    def fresh(self) -> WeightedDraw:
+        """Sample the proposal, weight, thin without bias to ~keep_per_draw items."""
+        if self._pending is not None:
+            draw, self._pending = self._pending, None
+            return draw
+        with torch.no_grad():
+            samples = self.proposal.sample(self.proposal_batch, self.max_len, self.generator)  # carries log q(x)
+            self.samples_drawn += len(samples)
+            log_w = self.target.log_weight(self.proposal, samples).double()  # log P(x) - log q(x)
+            self.running_z.add(log_w)
+            if torch.isfinite(log_w).any():
+                self.last_ess = effective_sample_size(log_w)
+            keep, thinned = thin_by_weight(log_w, self.keep_per_draw, self.generator)
+            kept_w = log_w[keep]
+            # share of item i: (w_i / p_i) / (N w_i) = 1 / (N p_i); zero weights are never thinned (p_i = 1)
+            log_h = torch.where(torch.isfinite(kept_w), thinned - kept_w, 0.0) - math.log(len(log_w))
+            share = torch.full((len(keep),), 1.0 / len(keep), dtype=torch.float64, device=log_w.device)
+            return WeightedDraw(samples.tokens[keep], kept_w, samples.log_prob.double()[keep], log_h, share)
+
+    def peek(self) -> WeightedDraw:
+        """A fresh draw of the current proposal that the next update will train on."""
+        self._pending = None  # an older pending draw may be of another proposal
+        self._pending = self.fresh()
+        return self._pending
+
+    def replayed(self) -> WeightedDraw:
+        """A random minibatch of the buffer, refreshed with a new draw every steps_per_draw updates."""
+        if self._buffer is None or self._updates % self.steps_per_draw == 0:
+            draw = self.fresh()
+            self._buffer = draw if self._buffer is None else WeightedDraw.cat([self._buffer, draw])
+            self._buffer = self._buffer.tail(self.replay)
+        # each draw's items sum to that draw's N-sample estimate: a random minibatch of the buffer,
+        # rescaled by (buffer items / minibatch) / (draws in buffer), estimates their average. Draws
+        # in buffer = sum of the shares: a draw counts 1 whatever it contributed, a partly evicted one
+        # its fraction.
+        pick = torch.randint(len(self._buffer), (self.minibatch,), device=self._buffer.log_w.device,
+                             generator=self.generator)
+        batch = self._buffer.index(pick)
+        scale = len(self._buffer) / (self.minibatch * float(self._buffer.share.sum()))
+        batch.log_h = batch.log_h + math.log(scale)
+        return batch
+
+    def next_batch(self) -> WeightedDraw:
+        batch = self.replayed() if self.replay else self.fresh()
+        self._updates += 1
+        return batch
+
+    def __iter__(self):
+        for _ in range(self.updates_per_epoch):
+            yield self.next_batch()

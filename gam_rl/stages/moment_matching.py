@@ -1,0 +1,181 @@
+"""Training-1: fit lambda so that E_{p_lambda}[phi] matches mean_D phi, with r frozen.
+
+The log-likelihood of D under p_lambda = r exp(lambda . phi) / Z has gradient
+|D| (mean_D phi - E_{p_lambda} phi) in lambda, so each step moves
+
+    lambda += lr_e (mean_D phi - E_hat_{p_lambda} phi),    lr_e = lr / epoch,
+
+with ceil(|D| / chunk) steps per epoch (the paper's one step per 500-string chunk; the data
+moment is always the mean over all of D, paper.md section 5). E_hat comes from samples of r:
+  snis_r: E_hat = sum_i w_i phi_i / sum_i w_i, w_i = exp(lambda . phi_i) = P_lambda(x_i) / r(x_i);
+          each step adds `samples_per_step` fresh r-samples to a buffer of the last `buffer`,
+          re-weighted with the current lambda (valid because r does not change): within the
+          epoch (reuse=epoch, the reference) or across epochs too (reuse=run).
+  rs:     E_hat = mean phi over the buffer samples accepted with probability
+          exp(lambda . phi - log beta), i.e. exact samples of p_lambda.
+
+Selection and stopping use an estimate the steps never saw: `heldout` r-samples drawn once,
+re-weighted by SNIS at the end of every epoch. Its L1 mismatch |mean_D phi - E_held phi|_1
+feeds the plateau rule (patience, best lambda kept), and the fit stops early once every
+feature's held-out mismatch is within 2 of its own standard errors (on an effective sample
+size of at least MIN_HELDOUT_ESS): what is left is noise, and more epochs would only fit it.
+The step buffer's own estimate, which lambda was fitted to, would flatter the kept lambda;
+the pipeline reports a third, independent estimate (the Z stage's fresh draw) beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from gam_rl.config_fields import setting
+from gam_rl.estimators import EstimatorError, MomentEstimate, rejection_moments, snis_moments
+from gam_rl.features import Features
+from gam_rl.policy import LSTMPolicy
+from gam_rl.potentials import Tilt
+from gam_rl.stages.common import Plateau
+
+log = logging.getLogger("gam_rl")
+
+REUSE = ("epoch", "run")
+MIN_HELDOUT_ESS = 100.0  # fewer effective held-out samples: their standard errors are not trusted to stop on
+CONVERGED_Z = 2.0  # |mean_D phi_k - E_held phi_k| < 2 s.e. for every k: converged within noise
+
+
+def _snis_step(phi: torch.Tensor, lam: torch.Tensor, features: Features, max_len: int, generator):
+    return snis_moments(phi @ lam, phi)
+
+
+def _rs_step(phi: torch.Tensor, lam: torch.Tensor, features: Features, max_len: int, generator):
+    log_bound = Tilt(features, lam).log_upper_bound(max_len)  # P_lambda / r <= beta
+    return rejection_moments(phi @ lam, phi, log_bound, generator)
+
+
+ESTIMATORS = {"snis_r": _snis_step, "rs": _rs_step}
+
+
+@dataclass
+class MomentMatchingConfig:
+    """`training1` section (paper.md section 5: lr 10, chunks of 500, 1000 fresh samples per
+    step, a buffer of 10000 within the epoch, patience 8)."""
+
+    estimator: str = setting("snis_r", choices=ESTIMATORS)
+    lr: float = setting(10.0, gt=0)  # lr_e = lr / epoch
+    chunk: int = setting(500, ge=1)  # one lambda step per `chunk` strings of D
+    samples_per_step: int = setting(1000, ge=1)  # fresh r-samples per step
+    buffer: int = setting(10000, ge=1)  # the last samples reused, re-weighted with the current lambda
+    reuse: str = setting("epoch", choices=REUSE)  # epoch: buffer emptied each epoch (the paper) | run: kept
+    heldout: int = setting(10000, ge=1)  # r-samples drawn once, never stepped on: selection and stopping
+    max_epochs: int = setting(100, ge=1)
+    patience: int = setting(8, ge=1)  # on the held-out L1 mismatch
+
+
+class SampledMoments:
+    """E_hat_{p_lambda}[phi] from samples of the frozen r: the steps' buffer, and the held-out set."""
+
+    def __init__(self, r: LSTMPolicy, features: Features, cfg: MomentMatchingConfig, max_len: int,
+                 generator: torch.Generator):
+        self.r, self.features, self.cfg, self.max_len, self.generator = r, features, cfg, max_len, generator
+        self.step_estimate = ESTIMATORS[cfg.estimator]
+        self.buffer = torch.empty(0, len(features), device=r.device)
+        self.samples = 0
+        self.heldout_phi = self._draw(cfg.heldout)
+
+    def _draw(self, num: int) -> torch.Tensor:
+        samples = self.r.sample(num, self.max_len, self.generator)
+        self.samples += num
+        return self.features(samples.tokens)
+
+    def new_epoch(self) -> None:
+        if self.cfg.reuse == "epoch":
+            self.buffer = self.buffer[:0]  # the reference keeps samples within an epoch only
+
+    def step(self, lam: torch.Tensor) -> MomentEstimate | None:
+        """Fresh samples into the buffer, then the estimate on the buffer (None: rs accepted nothing)."""
+        self.buffer = torch.cat([self.buffer, self._draw(self.cfg.samples_per_step)])[-self.cfg.buffer:]
+        return self.step_estimate(self.buffer, lam, self.features, self.max_len, self.generator)
+
+    def heldout(self, lam: torch.Tensor) -> MomentEstimate:
+        return snis_moments(self.heldout_phi @ lam, self.heldout_phi)
+
+
+@dataclass
+class MomentMatchingResult:
+    lam: list[float]
+    moments_data: list[float]
+    best_mismatch: float  # held-out L1 mismatch of the kept lambda (the estimate it was selected on)
+    best_mismatch_se: float  # its standard error (sqrt of the summed per-feature variances)
+    best_max_z: float  # max_k |mean_D phi_k - E_held phi_k| / se_k of the kept lambda
+    best_epoch: int  # 1-based
+    epochs: int
+    converged: bool  # stopped because every feature was within CONVERGED_Z standard errors
+    samples: int
+
+    def results(self) -> dict:
+        return {"lambda": self.lam, "moments_data": self.moments_data, "t1_best_mismatch": self.best_mismatch,
+                "t1_best_mismatch_se": self.best_mismatch_se, "t1_best_max_z": self.best_max_z,
+                "t1_best_epoch": self.best_epoch, "t1_epochs": self.epochs, "t1_converged": self.converged}
+
+
+def fit_lambda(moments_data: torch.Tensor, estimator, cfg: MomentMatchingConfig, steps_per_epoch: int, *,
+               names: list[str], logger=None, log_every: int = 10) -> MomentMatchingResult:
+    """The moment-matching loop over any estimator with new_epoch(), step(lam) and heldout(lam)."""
+    lam = torch.zeros(len(moments_data), device=moments_data.device)
+    plateau = Plateau(cfg.patience)
+    best = None  # (lam, estimate) at the best held-out mismatch
+    converged, started = False, time.perf_counter()
+    for epoch in range(1, cfg.max_epochs + 1):
+        estimator.new_epoch()
+        lr = cfg.lr / epoch  # lr_e = lr / epoch
+        step_ess = math.nan
+        for _ in range(steps_per_epoch):
+            moments = estimator.step(lam)
+            if moments is None:  # rs accepted nothing in this step: no information, no move
+                continue
+            lam = lam + lr * (moments_data - moments.moments)  # the log-likelihood gradient / |D|
+            step_ess = moments.ess
+        held = estimator.heldout(lam)
+        diff = moments_data - held.moments
+        mismatch, mismatch_se = float(diff.abs().sum()), float(held.se.pow(2).sum().sqrt())
+        # |z_k| = |d_k| / se_k; a feature constant over the held-out set (se_k = 0) that misses is infinitely off
+        z = torch.where(held.se > 0, diff.abs() / held.se.clamp(min=1e-30), torch.where(diff != 0, math.inf, 0.0))
+        max_z = float(z.max())
+        converged = held.ess >= MIN_HELDOUT_ESS and max_z < CONVERGED_Z
+        action = plateau.update(mismatch, epoch)
+        if action == Plateau.BEST:
+            best = (lam.clone(), mismatch, mismatch_se, max_z)
+        if logger is not None:
+            logger.log("t1", epoch - 1, mismatch=mismatch, mismatch_se=mismatch_se, max_z=max_z,
+                       heldout_ess=held.ess, step_ess=step_ess,
+                       **{f"lambda_{n}": v for n, v in zip(names, lam.tolist(), strict=True)})
+        stop = converged or action == Plateau.STOP
+        if action == Plateau.BEST or epoch % log_every == 0 or stop or epoch == cfg.max_epochs:
+            log.info("[training1] epoch %d/%d held-out mismatch %.4f +- %.4f, max |z| %.1f, ESS %.0f%s (%.0f s)",
+                     epoch, cfg.max_epochs, mismatch, mismatch_se, max_z, held.ess,
+                     " *" if action == Plateau.BEST else "", time.perf_counter() - started)
+        if stop:
+            break
+    if best is None:
+        raise EstimatorError("Training-1: no epoch gave a finite held-out moment mismatch")
+    lam_best, mismatch, mismatch_se, max_z = best
+    if converged:
+        log.info("[training1] converged: every feature's held-out mismatch is within %g standard errors",
+                 CONVERGED_Z)
+    return MomentMatchingResult(lam_best.tolist(), moments_data.tolist(), mismatch, mismatch_se, max_z,
+                                plateau.best_epoch, epoch, converged, getattr(estimator, "samples", 0))
+
+
+def moment_matching(r: LSTMPolicy, features: Features, train_tokens: torch.Tensor, cfg: MomentMatchingConfig, *,
+                    max_len: int, seed: int, logger=None, log_every: int = 10) -> MomentMatchingResult:
+    """Training-1 on samples of r: lambda for P_lambda = r exp(lambda . phi)."""
+    with torch.no_grad():
+        moments_data = features(train_tokens).mean(0)  # mean_D phi, the target of every step
+        generator = torch.Generator(device=r.device).manual_seed(seed)
+        estimator = SampledMoments(r.eval(), features, cfg, max_len, generator)
+        steps = math.ceil(len(train_tokens) / cfg.chunk)
+        return fit_lambda(moments_data, estimator, cfg, steps, names=features.names, logger=logger,
+                          log_every=log_every)

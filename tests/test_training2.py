@@ -1,0 +1,173 @@
+"""Training-2 (DPG family, distillation) on problems small enough to enumerate every output."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gam_rl.features import Features
+from gam_rl.policy import LSTMPolicy, eval_mode
+from gam_rl.potentials import TrueProcess, gam
+from gam_rl.process import MotifProcess
+from gam_rl.stages.distill import DistillConfig, distill
+from gam_rl.stages.dpg import DPGConfig, dpg_loss, train_dpg
+from gam_rl.stages.draws import ProposalDraws, RunningZ
+from gam_rl.stages.mle import MLEConfig
+from gam_rl.tokens import encode
+from tests.exact import all_outputs, entropy, exact_distribution, kl
+
+
+def proposal(seed=0, hidden=8):
+    torch.manual_seed(seed)
+    r = LSTMPolicy(hidden, 1, dropout=0.0).eval()
+    with torch.no_grad():
+        r.head.bias.copy_(torch.tensor([0.9, 0.9, -0.9]))  # long-ish sequences
+    return r
+
+
+def true_target_problem():
+    process = MotifProcess("11", 6)  # p uniform over 43 strings
+    potential = TrueProcess(process)
+    space = all_outputs(8)
+    log_p, _ = exact_distribution(potential.log_potential(space))
+    valid = encode(process.sample_strings(400, np.random.default_rng(5)))
+    return process, potential, space, log_p, valid
+
+
+def small_schedule(**options) -> DPGConfig:
+    """DPG_off on the 43-string problem: 25 updates of 256 sequences per check."""
+    base = dict(name="dpg_off", algorithm="dpg_off", lr=0.02, minibatch=256, updates_per_epoch=25, max_epochs=16,
+                patience=16, clip=1.0)
+    return DPGConfig(**{**base, **options})
+
+
+def ce_valid(policy, valid):
+    with eval_mode(policy):
+        return -float(policy.log_prob(valid).mean()) / 7
+
+
+def policy_kl(log_p, pi, space):
+    with eval_mode(pi):
+        return kl(log_p, pi.log_prob(space))
+
+
+def run_dpg(cfg, pi=None, r=None, seed=4):
+    _, potential, space, log_p, valid = true_target_problem()
+    r = r or proposal(seed=2, hidden=16)
+    if pi is None:
+        torch.manual_seed(3)
+        pi = LSTMPolicy(16, 1, dropout=0.0)
+    fit = train_dpg(pi, r, potential, valid, cfg, max_len=8, symbols_per_seq=7, ce_valid_proposal=ce_valid(r, valid),
+                    seed=seed)
+    return fit, pi, r, potential, space, log_p
+
+
+def test_dpg_off_learns_the_target_and_swaps_only_to_better_policies():
+    fit, pi, r, _, space, log_p = run_dpg(small_schedule())
+    kl_r, kl_pi = policy_kl(log_p, r, space), policy_kl(log_p, pi, space)
+    # Threshold: from KL(p || r) of several nats, DPG must get within 0.25 nats of p
+    # (a policy putting 78% of its mass on p's support in the right proportions).
+    assert kl_r > 2.0 and kl_pi < 0.25, (kl_r, kl_pi)
+    assert len(fit.swaps) >= 1
+    ce_q = [s["ce_valid_q"] for s in fit.swaps]
+    assert all(s["ce_valid_pi"] < s["ce_valid_q"] for s in fit.swaps)  # never to a worse policy
+    assert all(a > b for a, b in zip(ce_q, ce_q[1:], strict=False))
+    assert fit.samples == fit.updates * 256
+
+
+def test_pg_concentrates_its_mass_below_the_target_entropy():
+    _, pi, _, _, space, log_p = run_dpg(small_schedule(algorithm="pg", max_epochs=12, patience=12))
+    with eval_mode(pi):
+        pi_entropy = entropy(pi.log_prob(space).double())
+    assert pi_entropy < entropy(log_p) - 0.5, (pi_entropy, entropy(log_p))
+
+
+def test_distill_reaches_small_kl_to_p_lambda():
+    max_len = 7
+    r = proposal(seed=6, hidden=8)
+    p_lambda = gam(r, Features("1000000", "11"), torch.tensor([-5.0]))
+    space = all_outputs(max_len)
+    with torch.no_grad():
+        log_p, _ = exact_distribution(p_lambda.log_potential(space))
+    torch.manual_seed(7)
+    pi = LSTMPolicy(16, 1, dropout=0.0)
+    empty = torch.empty(0, 1, dtype=torch.long)
+    cfg = DistillConfig(name="distill", size=6000, valid_size=1000, proposal_batch=5000, max_proposals=1e7,
+                        mle=MLEConfig(lr=0.02, batch_size=500, max_epochs=40, patience=5, clip=1.0))
+    fit = distill(pi, r, p_lambda, empty, empty, cfg, max_len=max_len, symbols_per_seq=max_len, seed=8)
+    kl_pi, kl_r = policy_kl(log_p, pi, space), policy_kl(log_p, r, space)
+    # Threshold: MLE on 6000 exact draws over ~250 outcomes; the sampling noise alone costs about
+    # (#outcomes / 2N) ~ 0.02 nats, so 0.1 nats means the fit itself is close.
+    assert kl_pi < 0.1 and kl_r > 0.4, (kl_pi, kl_r)
+    assert 0 < fit.acceptance_rate < 1
+
+
+def test_dpg_off_with_replay_reaches_the_target_with_fewer_samples():
+    fit, pi, _, _, space, log_p = run_dpg(small_schedule(proposal_batch=1024, replay=2048, steps_per_draw=4))
+    # the same threshold as plain DPG_off, with a quarter of its 102400 proposal draws
+    assert policy_kl(log_p, pi, space) < 0.25
+    assert fit.samples == 100 * 1024 and len(fit.swaps) >= 1
+
+
+@pytest.mark.parametrize("kept, baseline, clip", [(128, False, None), (1024, True, 1.0)], ids=["thinned", "baseline"])
+def test_dpg_off_named_options_together_reach_the_target(kept, baseline, clip):
+    """Warm start, running-Z normalisation, replay and the KL-gated swap, with either thinning to
+    few items per draw (and no grad clipping) or the pi/q baseline (together they are biased on a
+    target with zeros): the same threshold as the paper's DPG_off."""
+    r = proposal(seed=2, hidden=16)
+    pi = LSTMPolicy(16, 1, dropout=0.0)
+    pi.load_state_dict(r.state_dict())  # init = r
+    cfg = small_schedule(proposal_batch=1024, keep_per_draw=kept, replay=2048, steps_per_draw=4,
+                         normalise="running_z", baseline=baseline, swap_gate="kl_is", clip=clip)
+    assert cfg.problems() == []
+    fit, pi, _, potential, space, log_p = run_dpg(cfg, pi=pi, r=r)
+    assert policy_kl(log_p, pi, space) < 0.25
+    assert len(fit.swaps) >= 1
+    # the KL gate swaps only on an estimated gain beyond two standard errors, on >= 30 effective samples
+    assert all(s["gate"] == "kl_is" and s["kl_gain"] > 2 * s["kl_gain_se"] > 0 and s["kl_gate_ess"] >= 30
+               for s in fit.swaps)
+    # running Z-hat = mean of P/q over every draw: E_q[P/q] = Z for each proposal q
+    assert fit.log_z_running == pytest.approx(potential.log_z, abs=0.1)
+
+
+def test_dpg_option_combinations_that_cannot_work_are_named():
+    assert any(p.startswith("method.replay=100") for p in small_schedule(replay=100).problems())  # < a minibatch
+    assert any(p.startswith("method.swap_gate='kl_is'") for p in small_schedule(swap_gate="kl_is", minibatch=16)
+               .problems())
+    thinned = small_schedule(proposal_batch=1024, baseline=True, target="true")  # drops the zeros it needs
+    assert any(p.startswith("method.baseline=true with thinning") for p in thinned.problems())
+    assert small_schedule(proposal_batch=1024, baseline=True).problems() == []  # the GAM: P > 0 everywhere
+    assert any("pg" in p for p in small_schedule(algorithm="pg", baseline=True).problems())
+
+
+def test_running_z_is_one_until_a_draw_has_a_nonzero_weight():
+    # true target: a draw of q may miss the support entirely; log Z-hat = log 0 would make w / Z-hat NaN
+    running = RunningZ()
+    running.add(torch.full((1024,), -math.inf, dtype=torch.float64))
+    assert running.log_z == 0.0 and running.count == 1024
+    running.add(torch.zeros(1024, dtype=torch.float64))  # 1024 weights of 1 among 2048 draws
+    assert running.log_z == pytest.approx(math.log(0.5))
+
+
+def test_the_loss_of_a_plain_draw_is_the_papers_update():
+    """No thinning, no replay, Z = 1: loss = -(1/N) sum_i P(x_i)/q(x_i) log pi(x_i), x_i ~ q, with q = r
+    scored only through exp(lambda . phi) (P_lambda / r), and pg's coefficient P(x) pi(x) / q(x) / N."""
+    r = proposal(seed=1)
+    features = Features("1001111", "101")
+    p_lambda = gam(r, features, torch.tensor([-2.0, 0.7, -0.5, 1.0, 0.3]))
+    draws = ProposalDraws(r, p_lambda, minibatch=64, proposal_batch=None, keep_per_draw=None, replay=0,
+                          steps_per_draw=1, updates_per_epoch=1, max_len=8,
+                          generator=torch.Generator().manual_seed(0))
+    draw = draws.next_batch()
+    assert len(draw) == 64 and draws.samples_drawn == 64
+    torch.manual_seed(5)
+    pi = LSTMPolicy(8, 1, dropout=0.0)
+    log_pi = pi.log_prob(draw.tokens)
+    with torch.no_grad():
+        weights = torch.exp(p_lambda.log_potential(draw.tokens) - r.log_prob(draw.tokens).double())
+    expected = -(weights.float() * log_pi).sum() / 64
+    assert float(dpg_loss(log_pi, draw).detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    reward = weights * torch.exp(log_pi.detach().double())  # P / q * pi
+    expected_pg = -(reward.float() * log_pi).sum() / 64
+    assert float(dpg_loss(log_pi, draw, reward=True).detach()) == pytest.approx(float(expected_pg.detach()), rel=1e-5)
