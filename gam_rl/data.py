@@ -161,11 +161,7 @@ def ensure_split_files(motif: str, n: int, sizes: dict[str, int], cache_dir: Pat
 
 def load_splits(motif: str, n: int, dataset_size: int, valid_size: int | None, pool_sizes: dict[str, int],
                 cache_dir: Path | None = None, device: torch.device | str = "cpu") -> Splits:
-    if not 1 <= dataset_size <= pool_sizes["train"]:
-        raise ValueError(f"dataset_size={dataset_size} must be in [1, {pool_sizes['train']}] (the train pool)")
-    valid_size = valid_size or valid_size_for(dataset_size)
-    if not 1 <= valid_size <= pool_sizes["valid"]:
-        raise ValueError(f"valid_size={valid_size} must be in [1, {pool_sizes['valid']}] (the validation pool)")
+    valid_size = valid_size or valid_size_for(dataset_size)  # the sizes were checked with the configuration
     folder = ensure_split_files(motif, n, pool_sizes, cache_dir)
 
     def read(split: str, count: int) -> torch.Tensor:

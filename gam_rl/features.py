@@ -160,11 +160,6 @@ class Features:
     def __len__(self) -> int:
         return len(self.specs)
 
-    @property
-    def binary(self) -> bool:
-        """True when every feature takes values in {0, 1} (no length features)."""
-        return all(s.kind in ("absent", "first_bit") for s in self.specs)
-
     def bounds(self, sample_max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(lo, hi): every phi_k(x) lies in [lo_k, hi_k] for outputs of a sampler with a limit of
         sample_max_len symbols (at most sample_max_len bits: a truncated row has no EOS)."""

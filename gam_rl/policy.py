@@ -60,8 +60,6 @@ class LSTMPolicy(nn.Module, Potential):
 
     def __init__(self, hidden: int = 200, layers: int = 2, dropout: float = 0.2):
         super().__init__()
-        if hidden < 1 or layers < 1 or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"bad LSTM sizes: hidden={hidden}, layers={layers}, dropout={dropout}")
         self.hidden, self.layers, self.dropout_p = hidden, layers, dropout
         self.lstm = nn.LSTM(VOCAB, hidden, num_layers=layers, batch_first=True,
                             dropout=dropout if layers > 1 else 0.0)

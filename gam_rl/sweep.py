@@ -61,7 +61,7 @@ def folder_conflict(run_dir: Path, recorded: dict, sweep_dir: Path) -> str | Non
     """Why this job must not use run_dir, or None.
 
     hydra.sweep.subdir names a job folder by the cell and the method only. A sweep over any
-    other key (dpg.lr=0.01,0.001) would send several jobs to one folder, each overwriting the
+    other key (method.lr=0.01,0.001) would send several jobs to one folder, each overwriting the
     last: a folder whose config.yaml differs from this job's and was written after the sweep
     started (after the sweep's multirun.yaml) belongs to another job of this very sweep.
     """

@@ -52,8 +52,3 @@ def test_cache_that_does_not_match_its_key_is_rebuilt(tmp_path, tamper):
     rebuilt = ensure_split_files(MOTIF, 12, POOLS, tmp_path)
     assert rebuilt == folder and (rebuilt / "train.txt").read_text() == original
     assert (rebuilt / "test.txt").exists()
-
-
-def test_dataset_size_above_pool_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="dataset_size"):
-        load_splits(MOTIF, 12, 301, None, POOLS, tmp_path)

@@ -58,7 +58,6 @@ def test_features_ignore_padding_width_and_truncation():
 def test_mask_names_and_order():
     assert [s.name for s in parse_mask("Mv1001111", MOTIF)] == [
         "M", "v", "motif", "first_bit", "distractor_10101", "distractor_1001001", "distractor_00110011"]
-    assert Features("1001111", MOTIF).binary and not Features("Mv1001111", MOTIF).binary
 
 
 @pytest.mark.parametrize("mask, fragment", [
