@@ -14,10 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_module
 
 from gam_rl import schema
-from gam_rl.cli import check_command_line
+from gam_rl.cli import _quiet_lightning, check_command_line
 from gam_rl.features import Features
 from gam_rl.pipeline import Run, load_data, resolve_device, training1
 
@@ -29,12 +30,15 @@ class _NoLogger:
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    _quiet_lightning()
     args, problems = check_command_line(argv)
     if problems:
         sys.exit("invalid configuration:\n  - " + "\n  - ".join(problems))
     with initialize_config_module("gam_rl.conf", version_base="1.3"):
         cfg = schema.load(compose("config", overrides=args))
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     import lightning.pytorch as pl
 
     pl.seed_everything(cfg.seed, workers=False, verbose=False)

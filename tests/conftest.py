@@ -14,5 +14,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("GAM_RL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+def long_proposal(seed: int = 0, hidden: int = 8):
+    """A small untrained one-layer LSTMPolicy whose EOS is made unlikely: long-ish sequences."""
+    from gam_rl.policy import LSTMPolicy
+
+    torch.manual_seed(seed)
+    r = LSTMPolicy(hidden, 1, dropout=0.0).eval()
+    with torch.no_grad():
+        r.head.bias.copy_(torch.tensor([0.9, 0.9, -0.9]))
+    return r
+
+
 def all_bit_strings(n: int) -> list[str]:
     return [format(i, f"0{n}b") for i in range(2**n)] if n else [""]

@@ -6,22 +6,14 @@ import torch
 
 from gam_rl.estimators import MomentEstimate
 from gam_rl.features import Features
-from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import gam
 from gam_rl.process import MotifProcess
 from gam_rl.stages.moment_matching import MomentMatchingConfig, fit_lambda, moment_matching
 from gam_rl.tokens import encode
+from tests.conftest import long_proposal
 from tests.exact import all_outputs, exact_distribution
 
 N, MOTIF, MAX_LEN = 7, "110", 9
-
-
-def proposal(seed=0, hidden=8):
-    torch.manual_seed(seed)
-    r = LSTMPolicy(hidden, 1, dropout=0.0).eval()
-    with torch.no_grad():
-        r.head.bias.copy_(torch.tensor([0.9, 0.9, -0.9]))  # long-ish sequences
-    return r
 
 
 def exact_moments(r, features, lam, space):
@@ -33,7 +25,7 @@ def exact_moments(r, features, lam, space):
 @pytest.mark.parametrize("estimator,reuse", [("snis_r", "epoch"), ("rs", "epoch"), ("snis_r", "run")])
 def test_training1_matches_data_moments_exactly_enumerated(estimator, reuse):
     data = encode(MotifProcess(MOTIF, N).sample_strings(1000, np.random.default_rng(0)))
-    r = proposal()
+    r = long_proposal()
     features = Features("0001111", MOTIF)  # first bit + distractors: finite lambdas fit them
     cfg = MomentMatchingConfig(estimator=estimator, lr=4.0, chunk=500, samples_per_step=4000, buffer=40000,
                                reuse=reuse, heldout=20000, max_epochs=40, patience=40)
@@ -74,7 +66,7 @@ class ExactMoments:
 def test_each_step_moves_lambda_towards_the_mean_over_all_of_d():
     """With exact model moments, the step lambda += lr_e (mean_D phi - E phi) has the exact MLE as
     its fixed point, reached to 1e-4; a step on the chunk's mean would chase each chunk in turn."""
-    r = proposal()
+    r = long_proposal()
     features = Features(["first_bit", "distractor_10101", "supermotif"], MOTIF)  # a finite MLE
     strings = MotifProcess(MOTIF, N).sample_strings(1000, np.random.default_rng(2))
     # two chunks of 500 with very different first-bit means
@@ -92,7 +84,7 @@ def test_each_step_moves_lambda_towards_the_mean_over_all_of_d():
 def test_training1_stops_once_the_mismatch_is_within_its_own_noise():
     """stop_within_noise: a noisy held-out estimate (se 0.05 per feature) stops the fit at the
     first epoch whose mismatch is within two of its standard errors, long before patience would."""
-    r, features = proposal(), Features("0001111", MOTIF)
+    r, features = long_proposal(), Features("0001111", MOTIF)
     data = encode(MotifProcess(MOTIF, N).sample_strings(1000, np.random.default_rng(3)))
     target = features(data).mean(0)
 

@@ -15,15 +15,8 @@ from gam_rl.stages.dpg import DPGConfig, dpg_loss, train_dpg
 from gam_rl.stages.draws import ProposalDraws, RunningZ
 from gam_rl.stages.mle import MLEConfig
 from gam_rl.tokens import encode
+from tests.conftest import long_proposal
 from tests.exact import all_outputs, entropy, exact_distribution, kl
-
-
-def proposal(seed=0, hidden=8):
-    torch.manual_seed(seed)
-    r = LSTMPolicy(hidden, 1, dropout=0.0).eval()
-    with torch.no_grad():
-        r.head.bias.copy_(torch.tensor([0.9, 0.9, -0.9]))  # long-ish sequences
-    return r
 
 
 def true_target_problem():
@@ -54,7 +47,7 @@ def policy_kl(log_p, pi, space):
 
 def run_dpg(cfg, pi=None, r=None, seed=4):
     _, potential, space, log_p, valid = true_target_problem()
-    r = r or proposal(seed=2, hidden=16)
+    r = r or long_proposal(seed=2, hidden=16)
     if pi is None:
         torch.manual_seed(3)
         pi = LSTMPolicy(16, 1, dropout=0.0)
@@ -85,7 +78,7 @@ def test_pg_concentrates_its_mass_below_the_target_entropy():
 
 def test_distill_reaches_small_kl_to_p_lambda():
     max_len = 7
-    r = proposal(seed=6, hidden=8)
+    r = long_proposal(seed=6, hidden=8)
     p_lambda = gam(r, Features("1000000", "11"), torch.tensor([-5.0]))
     space = all_outputs(max_len)
     with torch.no_grad():
@@ -115,7 +108,7 @@ def test_dpg_off_named_options_together_reach_the_target(kept, baseline, clip):
     """Warm start, running-Z normalisation, replay and the KL-gated swap, with either thinning to
     few items per draw (and no grad clipping) or the pi/q baseline (together they are biased on a
     target with zeros): the same threshold as the paper's DPG_off."""
-    r = proposal(seed=2, hidden=16)
+    r = long_proposal(seed=2, hidden=16)
     pi = LSTMPolicy(16, 1, dropout=0.0)
     pi.load_state_dict(r.state_dict())  # init = r
     cfg = small_schedule(proposal_batch=1024, keep_per_draw=kept, replay=2048, steps_per_draw=4,
@@ -153,7 +146,7 @@ def test_running_z_is_one_until_a_draw_has_a_nonzero_weight():
 def test_the_loss_of_a_plain_draw_is_the_papers_update():
     """No thinning, no replay, Z = 1: loss = -(1/N) sum_i P(x_i)/q(x_i) log pi(x_i), x_i ~ q, with q = r
     scored only through exp(lambda . phi) (P_lambda / r), and pg's coefficient P(x) pi(x) / q(x) / N."""
-    r = proposal(seed=1)
+    r = long_proposal(seed=1)
     features = Features("1001111", "101")
     p_lambda = gam(r, features, torch.tensor([-2.0, 0.7, -0.5, 1.0, 0.3]))
     draws = ProposalDraws(r, p_lambda, minibatch=64, proposal_batch=None, keep_per_draw=None, replay=0,
