@@ -40,12 +40,10 @@ from omegaconf.errors import OmegaConfBaseException
 from gam_rl import schema
 from gam_rl.run_io import RunLogger, atomic_write_json
 from gam_rl.schema import ConfigError
-from gam_rl.sweep import complete_results, folder_conflict, remove_stale_files
+from gam_rl.sweep import SweepSummary, complete_results, folder_conflict, remove_stale_files, sweep_summary
 
 log = logging.getLogger("gam_rl")
 
-SUMMARY_KEYS = ("entropy_true", "ce_test_r", "motif_freq_r", "avg_len_r", "ce_test_p_lambda",
-                "ce_test_pi", "motif_freq_pi", "avg_len_pi")
 AXES = {"motif": "pattern", "features": "name", "dataset_size": "size"}  # group -> the value its files set
 
 
@@ -250,7 +248,7 @@ def _start_wandb(cfg: schema.Config, recorded: dict, run_dir: Path, sweep_name: 
             f"D:{cfg.dataset_size.size}"] + ([f"sweep:{sweep_name}"] if sweep_name else [])
     return wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, dir=str(run_dir),
                       group=cell, job_type=cfg.method.name, name=run_dir.name, tags=tags, config=recorded,
-                      reinit="finish_previous")
+                      reinit="finish_previous", settings=wandb.Settings(silent=not cfg.logger.verbose))
 
 
 def wandb_summary(results: dict) -> dict:
@@ -277,14 +275,26 @@ def wandb_summary(results: dict) -> dict:
     return {k: v for k, v in summary.items() if v is not None}
 
 
-def print_summary(results: dict) -> None:
-    print("\n=== gam_rl run summary ===")
-    for key in SUMMARY_KEYS:
+def run_summary(results: dict, run_dir: Path) -> str:
+    """What a finished run printed last: the cell, the headline numbers, the time, the files."""
+    def num(key: str, digits: int = 4) -> str:
         value = results.get(key)
-        if value is not None:
-            print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
-    print(f"{'timings (s)':>18}: {results.get('timings')}")
-    print(f"{'status':>18}: {results.get('status')}")
+        return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+    timings = results.get("timings") or {}
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if v >= 0.5)
+    wall = results.get("wall_time_s") or sum(timings.values())
+    return "\n".join([
+        f"\n=== gam_rl: {results.get('motif')} / {results.get('features')} / |D| {results.get('dataset_size')} / "
+        f"seed {results.get('seed')} / {results.get('method')} / profile {results.get('profile')}: "
+        f"{results.get('status')} ===",
+        f"  H(p_true)        {num('entropy_true')}   nats per symbol over {results.get('symbols', 31)} symbols",
+        f"  CE(T, r)         {num('ce_test_r')}   motif frequency of r  {num('motif_freq_r', 3)}",
+        f"  CE(T, p_lambda)  {num('ce_test_p_lambda')} +- {num('ce_test_p_lambda_se')}",
+        f"  CE(T, pi)        {num('ce_test_pi')}   motif frequency of pi {num('motif_freq_pi', 3)}",
+        f"  wall time        {wall / 60:.1f} min ({stages})",
+        f"  files            {run_dir}/ (results.json, metrics.csv, config.yaml, r.pt, pi.pt)",
+    ])
 
 
 def execute(cfg: DictConfig | dict, run_dir: Path, sweep_dir: Path | None = None) -> dict:
@@ -355,6 +365,9 @@ def hydra_app(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:  # every log line of a sweep's job says whose it is (parallel jobs share the console)
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(f"[%(asctime)s][{run_dir.name}] %(message)s", "%H:%M:%S"))
     try:
         results = execute(cfg, run_dir, Path(hydra_cfg.sweep.dir) if multirun else None)
     except Interrupted as err:  # the whole process was asked to stop: a serial sweep ends here
@@ -374,8 +387,7 @@ def hydra_app(cfg: DictConfig) -> None:
     if results.get("skipped"):
         print(f"skipped (complete): {run_dir / 'results.json'}")
         return
-    print_summary(results)
-    print(f"results: {run_dir / 'results.json'}")
+    print(run_summary(results, run_dir))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -391,6 +403,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(err.exit_code)
     except RunFailed as err:  # the first failed job of a sweep (each one's results.json says why)
         print(f"gam-rl: {err}", file=sys.stderr)
+        if SweepSummary.current:
+            print(sweep_summary(*SweepSummary.current))
         sys.exit(1)
     except ConfigError as err:
         print(f"gam-rl: {err}", file=sys.stderr)
@@ -401,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:  # Hydra's own command-line checks (e.g. -m with --cfg)
         print(f"gam-rl: {err}", file=sys.stderr)
         sys.exit(2)
+    if SweepSummary.current:
+        print(sweep_summary(*SweepSummary.current))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 
 from gam_rl.config_fields import MISSING, setting
 from gam_rl.process import MotifProcess
+from gam_rl.run_io import shared_mode
 from gam_rl.tokens import encode
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def ensure_split_files(motif: str, n: int, sizes: dict[str, int], cache_dir: Pat
     cache_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(key["data_seed"])
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
+    shared_mode(tmp, directory=True)
     sha = {}
     for split in SPLITS:  # order matters: one generator stream, train then valid then test
         lines = process.sample_strings(sizes[split], rng)

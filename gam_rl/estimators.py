@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from gam_rl.policy import Samples
+from gam_rl.progress import Progress
 from gam_rl.tokens import pad_cat
 
 log = logging.getLogger("gam_rl")
@@ -100,7 +101,7 @@ def rejection_sample(proposal, target, num: int, max_len: int, batch_size: int, 
                              f"{type(proposal).__name__} proposal")
     accepted: list[torch.Tensor] = []
     have = proposals = 0
-    next_report = 0.1
+    bar = Progress(progress, num, "accepted")
     while have < num:
         if proposals >= max_proposals:
             raise EstimatorError(
@@ -112,10 +113,8 @@ def rejection_sample(proposal, target, num: int, max_len: int, batch_size: int, 
         if keep.any():
             accepted.append(samples.tokens[keep])
             have += int(keep.sum())
-        if have >= next_report * num:
-            log.info("[%s] %d/%d accepted from %d proposals (rate %.2e)", progress, min(have, num), num,
-                     proposals, have / proposals)
-            next_report += 0.1
+        bar.update(min(have, num), f"{proposals:,} proposals, acceptance {have / proposals:.2e}")
+    bar.close()
     return RejectionResult(pad_cat(accepted)[:num], proposals, have)
 
 

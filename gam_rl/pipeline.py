@@ -82,7 +82,7 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
 
     data = load_data(cfg, run, device)
     features = Features.from_config(cfg.features, cfg.motif.pattern)
-    res["feature_names"] = features.names
+    res["feature_names"], res["training1_estimator"] = features.names, cfg.training1.estimator
     t1 = training1_cached(cfg, run, data, features, logger, run_dir, device, accelerator)
     res.update(t1.results())
 
@@ -107,6 +107,7 @@ def load_data(cfg: Config, run: Run, device: torch.device) -> Data:
                              {"train": cfg.data.pools.train, "valid": cfg.data.pools.valid,
                               "test": cfg.data.pools.test}, cfg.data.cache_dir, device)
         run.results.update(data_dir=str(splits.data_dir), valid_size=len(splits.valid), test_size=len(splits.test),
+                           symbols=cfg.n + 1,
                            entropy_true=process.entropy_per_symbol, num_motif_strings=process.num_strings)
         log.info("H(p_true) = %.4f nats/symbol (%d strings of length %d contain %s)",
                  process.entropy_per_symbol, process.num_strings, cfg.n, cfg.motif.pattern)
@@ -150,7 +151,7 @@ def training1(cfg: Config, run: Run, data: Data, features: Features, logger, run
     with run.stage("r"):
         r = LSTMPolicy.from_config(cfg.model).to(device)
         r_fit = train_mle(r, splits.train, splits.valid, cfg.r, symbols_per_seq=data.symbols, prefix="r",
-                          logger=recorder, accelerator=accelerator, seed=cfg.seed, log_every=cfg.log_every)
+                          logger=recorder, accelerator=accelerator, seed=cfg.seed)
         torch.save({"config": r.config(), "state_dict": r.state_dict()}, run_dir / "r.pt")
     with run.stage("eval_r"):
         r_eval = evaluate_policy(r, splits.test, data.process.contains_motif, cfg.eval, data.symbols)
@@ -159,7 +160,7 @@ def training1(cfg: Config, run: Run, data: Data, features: Features, logger, run
         log.info("CE(T, r) = %.4f; motif frequency of r %.4f", r_eval.ce_test, r_eval.motif_freq)
     with run.stage("training1"):
         moments = moment_matching(r, features, splits.train, cfg.training1, max_len=cfg.max_len, seed=cfg.seed + 1,
-                                  logger=recorder, log_every=cfg.log_every)
+                                  logger=recorder)
         run.count_samples("training1", moments.samples)
         log.info("lambda = %s", dict(zip(features.names, [round(v, 3) for v in moments.lam], strict=True)))
     with run.stage("z"):
@@ -183,8 +184,7 @@ def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger
     pi = init.train()
     if method.algorithm == "distill":
         fit = distill(pi, t1.r, p_lambda, splits.train, splits.valid, method, max_len=cfg.max_len,
-                      symbols_per_seq=data.symbols, seed=cfg.seed + 3, logger=logger, accelerator=accelerator,
-                      log_every=cfg.log_every)
+                      symbols_per_seq=data.symbols, seed=cfg.seed + 3, logger=logger, accelerator=accelerator)
         run.count_samples("training2", fit.proposals)
     else:
         res["target"] = method.target
@@ -194,7 +194,7 @@ def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger
         res["dpg_target_ce_valid"] = target_ce
         fit = train_dpg(pi, t1.r, target, splits.valid, method, max_len=cfg.max_len, symbols_per_seq=data.symbols,
                         ce_valid_proposal=res["ce_valid_r"], seed=cfg.seed + 3, target_ce_valid=target_ce,
-                        logger=logger, accelerator=accelerator, log_every=cfg.log_every)
+                        logger=logger, accelerator=accelerator)
         run.count_samples("training2", fit.samples)
     res.update(fit.results())
     return pi

@@ -29,6 +29,7 @@ class LoggerConfig:
     mode: str = setting("offline", choices=WANDB_MODES)
     project: str = "gam_rl"
     entity: str | None = None
+    verbose: bool = False  # false: W&B prints nothing on the console (its files are the same)
 
 RESULT_KEYS = (
     "status", "motif", "features", "dataset_size", "seed", "method", "profile", "entropy_true",
@@ -49,10 +50,25 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def umask() -> int:
+    """The process's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shared_mode(path: Path, directory: bool = False) -> None:
+    """Give a file made by tempfile (0600, or 0700 for a folder) the mode the user's umask gives a
+    new file (0666 & ~umask, or 0777 & ~umask): a sweep folder on a shared file system stays
+    readable by the group when the umask allows it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
 def atomic_write_json(path: Path, obj: dict) -> None:
     """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    shared_mode(Path(tmp))
     with os.fdopen(fd, "w") as f:
         json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
         f.write("\n")

@@ -55,7 +55,6 @@ class Config:
     max_len: int = setting(61, ge=1)  # symbols when sampling r, q, pi or P_lambda in training (2n + 1)
     device: str = setting("auto", choices=DEVICES)
     threads: int | None = setting(None, ge=1)  # torch intra-op threads; None: torch's default
-    log_every: int = setting(10, ge=1)  # a progress line every k epochs (and on every new best)
     resume: bool = True  # skip a run whose folder holds complete results of this configuration
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -15,15 +15,17 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("gam_rl")
 
 # execution-only keys: a run is not redone because the launcher gave it another thread count or
 # because the Training-1 cache lives elsewhere
-RESUME_IGNORED = ("threads", "resume", "cache", "log_every")
+RESUME_IGNORED = ("threads", "resume", "cache")
 # what a redo removes first, so that a redo killed halfway never shows the previous attempt's files
 STALE_FILES = ("results.json", "metrics.csv", "r.pt", "pi.pt")
 
@@ -105,6 +107,29 @@ def job_status(job_dir: Path) -> tuple[str, str]:
     except ValueError as err:
         return "unreadable", str(err)
     return str(results.get("status")), str(results.get("error") or "")
+
+
+class SweepSummary(Callback):
+    """Hydra callback (conf/config.yaml): remembers a sweep's folder and start, so that gam-rl can
+    end a sweep with its count of jobs and the report command, whatever the launcher. (It lives
+    here, not in gam_rl.cli, which runs as __main__ under `python -m gam_rl.cli`: a second copy.)"""
+
+    current: tuple[Path, float] | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        SweepSummary.current = (Path(config.hydra.sweep.dir), time.time())
+
+
+def sweep_summary(sweep_dir: Path, started: float) -> str:
+    counts = {"ok": 0, "skipped (complete)": 0, "failed": 0, "missing": 0}
+    for job in job_dirs(sweep_dir):
+        status, _ = job_status(job)
+        if status == "ok" and (job / "results.json").stat().st_mtime < started:
+            status = "skipped (complete)"
+        counts[status if status in counts else "failed"] += 1
+    jobs = sum(counts.values())
+    counted = ", ".join(f"{v} {k}" for k, v in counts.items())
+    return f"sweep {sweep_dir}: {jobs} job{'' if jobs == 1 else 's'}: {counted}\nreport: gam-rl-report {sweep_dir}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ import gam_rl
 from gam_rl.config_fields import setting
 from gam_rl.metrics import PolicyEval
 from gam_rl.policy import LSTMPolicy
+from gam_rl.run_io import shared_mode
 from gam_rl.stages.mle import MLEResult
 from gam_rl.stages.moment_matching import MomentMatchingResult
 from gam_rl.stages.partition import PartitionResult
@@ -184,6 +185,7 @@ class Entry:
         for stale in self.root.glob(f".tmp-{self.key}-*"):  # left by a writer that crashed
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.key}-", dir=self.root))
+        shared_mode(tmp, directory=True)
         try:
             shutil.copyfile(r_file, tmp / "r.pt")
             (tmp / "log.json").write_text(json.dumps(t1.log_calls))

@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -13,10 +14,14 @@ from gam_rl.run_io import RESULT_KEYS
 ROOT = Path(__file__).resolve().parents[1]
 
 
+UMASK = 0o002  # a group-writable umask, as on a shared cluster folder
+
+
 def gam_rl(*args, tmp_path: Path, check=True):
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    env.pop("WANDB_SILENT", None)  # the quiet console must not depend on the caller's environment
     proc = subprocess.run([sys.executable, "-m", "gam_rl.cli", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(UMASK))
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -43,7 +48,12 @@ def test_smoke_run_writes_complete_results(tmp_path):
     assert (run_dir / "config.yaml").exists() and (run_dir / "r.pt").exists() and (run_dir / "pi.pt").exists()
     header = (run_dir / "metrics.csv").read_text().splitlines()[0]
     assert header == "time,stage,step,name,value"
-    assert "ce_test_r" in proc.stdout and "entropy_true" in proc.stdout
+    assert "CE(T, p_lambda)" in proc.stdout and "H(p_true)" in proc.stdout and str(run_dir) in proc.stdout
+    # files follow the umask (a shared sweep folder stays readable by the group when it allows)
+    assert stat.S_IMODE((run_dir / "results.json").stat().st_mode) == 0o666 & ~UMASK
+    entry = Path(results["training1_cache"]["dir"])
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o777 & ~UMASK
+    assert stat.S_IMODE(Path(results["data_dir"]).stat().st_mode) == 0o777 & ~UMASK
 
 
 def test_bad_override_fails_before_any_work_names_the_key_and_leaves_nothing(tmp_path):
@@ -61,8 +71,9 @@ def test_bad_override_fails_before_any_work_names_the_key_and_leaves_nothing(tmp
 
 def test_offline_wandb_run_files_exist(tmp_path):
     run_dir = tmp_path / "wb"
-    gam_rl("profile=smoke", "logger=wandb", f"hydra.run.dir={run_dir}", "dataset_size=100",
-           "data.pools.train=100", tmp_path=tmp_path)
+    proc = gam_rl("profile=smoke", "logger=wandb", f"hydra.run.dir={run_dir}", "dataset_size=100",
+                  "data.pools.train=100", tmp_path=tmp_path)
+    assert "wandb:" not in proc.stdout + proc.stderr  # W&B is quiet unless logger.verbose=true
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert list(offline[0].glob("*.wandb"))
@@ -93,9 +104,9 @@ def test_a_signal_leaves_a_failed_run_that_says_why(tmp_path, sig, code):
     run_dir = tmp_path / "run"
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     # a long DPG stage (many updates) so the signal lands in Training-2
-    proc = subprocess.Popen([sys.executable, "-m", "gam_rl.cli", "profile=smoke", "logger=csv",
-                             f"hydra.run.dir={run_dir}", "dataset_size=200", "method.max_epochs=1000",
-                             "method.patience=1000", "cache.training1=false"],
+    args = ["profile=smoke", "logger=csv", f"hydra.run.dir={run_dir}", "dataset_size=200", "method.max_epochs=1000",
+            "method.patience=1000", f"cache.training1_dir={tmp_path / 'cache'}"]
+    proc = subprocess.Popen([sys.executable, "-m", "gam_rl.cli", *args],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, deadline = "", time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -112,3 +123,7 @@ def test_a_signal_leaves_a_failed_run_that_says_why(tmp_path, sig, code):
     assert results["status"] == "failed" and results["stage"] == "training2"
     assert results["error"] == f"interrupted ({sig.name}) during training2", results["error"]
     assert "[training2] done" not in out
+    if sig == signal.SIGINT:  # the re-run resumes from the Training-1 cache the interrupted run stored
+        rerun = gam_rl(*args[:-3], "method.max_epochs=1", args[-1], tmp_path=tmp_path)
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["status"] == "ok" and results["training1_cache"]["hit"] is True, rerun.stdout

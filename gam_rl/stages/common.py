@@ -1,15 +1,16 @@
 """What the stages share: the plateau rule that stops them, its Lightning callback, progress
-lines and the Trainer."""
+and the Trainer."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import math
-import time
 
 import lightning.pytorch as pl
 import torch
+
+from gam_rl.progress import Progress
 
 log = logging.getLogger("gam_rl")
 
@@ -92,26 +93,33 @@ class KeepBestPlateau(pl.Callback):
             target.load_state_dict(self.best_state)
 
 
-class ProgressLog(pl.Callback):
-    """A progress line on every new best of the plateau's value, every `every` epochs and at the
-    last epoch: readable in a terminal or a log file, never one line per epoch."""
+class StageProgress(pl.Callback):
+    """Progress of a Lightning stage (gam_rl.progress): optimiser steps done out of max_epochs x
+    steps_per_epoch (an upper bound: the plateau rule may stop earlier), with the epoch, the
+    monitored values and the best so far; a closing line says where and why it stopped."""
 
-    def __init__(self, stage: str, keys: list[str], plateau: Plateau, every: int = 10):
-        self.stage, self.keys, self.plateau, self.every = stage, keys, plateau, max(1, every)
-        self.started = time.perf_counter()
+    def __init__(self, stage: str, keys: list[str], plateau: Plateau, steps_per_epoch: int, max_epochs: int,
+                 unit: str = "steps", monitor: str | None = None):
+        self.stage, self.keys, self.plateau, self.max_epochs = stage, keys, plateau, max_epochs
+        self.monitor = (monitor or keys[-1]).split("/")[-1]  # the plateau's value
+        self.progress = Progress(stage, steps_per_epoch * max_epochs, unit, upper_bound=True)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.progress.update(trainer.global_step)
 
     def on_validation_end(self, trainer, module):
         if trainer.sanity_checking:
             return
-        epoch = trainer.current_epoch
-        improved = self.plateau.best_epoch == epoch
-        if not (improved or (epoch + 1) % self.every == 0 or trainer.should_stop
-                or epoch + 1 >= (trainer.max_epochs or 0)):
-            return
-        values = ", ".join(f"{k.split('/')[-1]}={float(trainer.callback_metrics[k]):.4f}"
+        values = ", ".join(f"{k.split('/')[-1]} {float(trainer.callback_metrics[k]):.4f}"
                            for k in self.keys if k in trainer.callback_metrics)
-        log.info("[%s] epoch %d/%s %s%s (%.0f s)", self.stage, epoch + 1, trainer.max_epochs, values,
-                 " *" if improved else "", time.perf_counter() - self.started)
+        best = f"best {self.plateau.best:.4f} at epoch {self.plateau.best_epoch + 1}"
+        self.progress.update(trainer.global_step, f"epoch {trainer.current_epoch + 1}/{self.max_epochs}: {values}; "
+                                                  f"{best}")
+
+    def on_fit_end(self, trainer, module):
+        self.progress.close()
+        log.info("[%s] stopped after epoch %d of %d: best %s %.4f at epoch %d", self.stage, trainer.current_epoch,
+                 self.max_epochs, self.monitor, self.plateau.best, self.plateau.best_epoch + 1)
 
 
 def make_trainer(max_epochs: int, callbacks: list, logger=None, accelerator: str = "cpu",

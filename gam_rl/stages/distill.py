@@ -57,7 +57,7 @@ class DistillResult:
 
 def distill(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, train_extra: torch.Tensor,
             valid_extra: torch.Tensor, cfg: DistillConfig, *, max_len: int, symbols_per_seq: int, seed: int = 0,
-            logger=None, accelerator: str = "cpu", log_every: int = 10) -> DistillResult:
+            logger=None, accelerator: str = "cpu") -> DistillResult:
     """Fit `pi` in place on size + valid_size exact draws of P / Z and the extra data."""
     generator = torch.Generator(device=proposal.device).manual_seed(seed)
     rs = rejection_sample(proposal, target, cfg.size + cfg.valid_size, max_len, cfg.proposal_batch,
@@ -67,6 +67,6 @@ def distill(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, train_extra
     train = pad_cat([rs.tokens[: cfg.size], train_extra])
     valid = pad_cat([rs.tokens[cfg.size :], valid_extra])
     fit = train_mle(pi, train, valid, cfg.mle, symbols_per_seq=symbols_per_seq, prefix="distill", logger=logger,
-                    accelerator=accelerator, seed=seed + 1, log_every=log_every)
+                    accelerator=accelerator, seed=seed + 1)
     return DistillResult(fit.best_val_ce, fit.epochs, fit.best_epoch, rs.proposals, rs.acceptance_rate,
                          fit.decay_epochs)

@@ -26,7 +26,7 @@ from gam_rl.config_fields import MISSING, setting
 from gam_rl.estimators import effective_sample_size
 from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.potentials import Potential
-from gam_rl.stages.common import KeepBestPlateau, Plateau, ProgressLog, make_trainer, token_loader
+from gam_rl.stages.common import KeepBestPlateau, Plateau, StageProgress, make_trainer, token_loader
 from gam_rl.stages.draws import ProposalDraws, WeightedDraw
 
 log = logging.getLogger("gam_rl")
@@ -224,8 +224,7 @@ class DPGResult:
 
 def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, valid: torch.Tensor, cfg: DPGConfig, *,
               max_len: int, symbols_per_seq: int, ce_valid_proposal: float, seed: int = 0,
-              target_ce_valid: float | None = None, logger=None, accelerator: str = "cpu",
-              log_every: int = 10) -> DPGResult:
+              target_ce_valid: float | None = None, logger=None, accelerator: str = "cpu") -> DPGResult:
     """Train `pi` in place towards p = P / Z from draws of `proposal` (dpg_off) or of pi itself
     (dpg_on, pg); on return pi holds the best-CE(V) weights."""
     generator = torch.Generator(device=pi.device).manual_seed(seed)
@@ -239,7 +238,8 @@ def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, valid: to
     plateau = Plateau(cfg.patience, stop_on_nonfinite=False)
     keys = ["dpg/val_ce_pi"] + (["dpg/val_ce_q"] if module.gate is not None else [])
     callbacks = [KeepBestPlateau("dpg/val_ce_pi", "pi", plateau),
-                 ProgressLog(cfg.algorithm, keys, plateau, every=log_every)]
+                 StageProgress(cfg.algorithm, keys, plateau, cfg.updates_per_epoch, cfg.max_epochs, unit="updates",
+                               monitor="dpg/val_ce_pi")]
     trainer = make_trainer(cfg.max_epochs, callbacks, logger, accelerator, gradient_clip_val=cfg.clip)
     trainer.fit(module, torch.utils.data.DataLoader(draws, batch_size=None), token_loader(valid, 1000, shuffle=False))
     pi.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -9,7 +10,7 @@ import torch
 
 from gam_rl.config_fields import setting
 from gam_rl.policy import LSTMPolicy
-from gam_rl.stages.common import KeepBestPlateau, Plateau, ProgressLog, make_trainer, token_loader
+from gam_rl.stages.common import KeepBestPlateau, Plateau, StageProgress, make_trainer, token_loader
 
 
 @dataclass
@@ -66,14 +67,14 @@ class MLEResult:
 
 
 def train_mle(policy: LSTMPolicy, train: torch.Tensor, valid: torch.Tensor, cfg: MLEConfig, *,
-              symbols_per_seq: int, prefix: str, logger=None, accelerator: str = "cpu", seed: int = 0,
-              log_every: int = 10) -> MLEResult:
+              symbols_per_seq: int, prefix: str, logger=None, accelerator: str = "cpu", seed: int = 0) -> MLEResult:
     """Fit `policy` in place; on return it holds the weights with the best CE(V) (Plateau)."""
     module = MLEModule(policy, cfg.lr, symbols_per_seq, prefix)
     monitor = f"{prefix}/val_ce"
     plateau = Plateau(cfg.patience, cfg.lr_decays, cfg.lr_decay_factor)
     callbacks = [KeepBestPlateau(monitor, "policy", plateau),
-                 ProgressLog(prefix, [f"{prefix}/train_ce", monitor], plateau, every=log_every)]
+                 StageProgress(prefix, [f"{prefix}/train_ce", monitor], plateau, math.ceil(len(train) / cfg.batch_size),
+                               cfg.max_epochs, unit="batches")]
     trainer = make_trainer(cfg.max_epochs, callbacks, logger, accelerator, gradient_clip_val=cfg.clip)
     train_loader = token_loader(train, cfg.batch_size, shuffle=True, seed=seed)
     valid_loader = token_loader(valid, max(cfg.batch_size, 1000), shuffle=False)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +36,7 @@ from gam_rl.estimators import EstimatorError, MomentEstimate, rejection_moments,
 from gam_rl.features import Features
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import Tilt
+from gam_rl.progress import Progress
 from gam_rl.stages.common import Plateau
 
 log = logging.getLogger("gam_rl")
@@ -123,17 +123,18 @@ class MomentMatchingResult:
 
 
 def fit_lambda(moments_data: torch.Tensor, estimator, cfg: MomentMatchingConfig, steps_per_epoch: int, *,
-               names: list[str], logger=None, log_every: int = 10) -> MomentMatchingResult:
+               names: list[str], logger=None) -> MomentMatchingResult:
     """The moment-matching loop over any estimator with new_epoch(), step(lam) and heldout(lam)."""
     lam = torch.zeros(len(moments_data), device=moments_data.device)
     plateau = Plateau(cfg.patience)
     best = None  # (lam, estimate) at the best held-out mismatch
-    started = time.perf_counter()
+    progress = Progress("training1", cfg.max_epochs * steps_per_epoch, "steps", upper_bound=True)
     for epoch in range(1, cfg.max_epochs + 1):
         estimator.new_epoch()
         lr = cfg.lr / epoch  # lr_e = lr / epoch
         step_ess = math.nan
-        for _ in range(steps_per_epoch):
+        for step in range(steps_per_epoch):
+            progress.update((epoch - 1) * steps_per_epoch + step)
             moments = estimator.step(lam)
             if moments is None:  # rs accepted nothing in this step: no information, no move
                 continue
@@ -153,13 +154,14 @@ def fit_lambda(moments_data: torch.Tensor, estimator, cfg: MomentMatchingConfig,
             logger.log("t1", epoch - 1, mismatch=mismatch, mismatch_se=mismatch_se, max_z=max_z,
                        heldout_ess=held.ess, step_ess=step_ess,
                        **{f"lambda_{n}": v for n, v in zip(names, lam.tolist(), strict=True)})
-        stop = (cfg.stop_within_noise and converged) or action == Plateau.STOP
-        if action == Plateau.BEST or epoch % log_every == 0 or stop or epoch == cfg.max_epochs:
-            log.info("[training1] epoch %d/%d held-out mismatch %.4f +- %.4f, max |z| %.1f, ESS %.0f%s (%.0f s)",
-                     epoch, cfg.max_epochs, mismatch, mismatch_se, max_z, held.ess,
-                     " *" if action == Plateau.BEST else "", time.perf_counter() - started)
-        if stop:
+        progress.update(epoch * steps_per_epoch, f"epoch {epoch}: held-out mismatch {mismatch:.4f} +- {mismatch_se:.4f}"
+                        f" (ESS {held.ess:.0f}); best {plateau.best:.4f} at epoch {plateau.best_epoch}")
+        if (cfg.stop_within_noise and converged) or action == Plateau.STOP:
             break
+    progress.close()
+    log.info("[training1] stopped after epoch %d of %d: best held-out mismatch %.4f +- %.4f at epoch %d%s", epoch,
+             cfg.max_epochs, plateau.best, best[2] if best else math.nan, plateau.best_epoch,
+             " (within its noise)" if best and best[4] else "")
     if best is None:
         raise EstimatorError("Training-1: no epoch gave a finite held-out moment mismatch")
     lam_best, mismatch, mismatch_se, max_z, converged = best
@@ -168,12 +170,11 @@ def fit_lambda(moments_data: torch.Tensor, estimator, cfg: MomentMatchingConfig,
 
 
 def moment_matching(r: LSTMPolicy, features: Features, train_tokens: torch.Tensor, cfg: MomentMatchingConfig, *,
-                    max_len: int, seed: int, logger=None, log_every: int = 10) -> MomentMatchingResult:
+                    max_len: int, seed: int, logger=None) -> MomentMatchingResult:
     """Training-1 on samples of r: lambda for P_lambda = r exp(lambda . phi)."""
     with torch.no_grad():
         moments_data = features(train_tokens).mean(0)  # mean_D phi, the target of every step
         generator = torch.Generator(device=r.device).manual_seed(seed)
         estimator = SampledMoments(r.eval(), features, cfg, max_len, generator)
         steps = math.ceil(len(train_tokens) / cfg.chunk)
-        return fit_lambda(moments_data, estimator, cfg, steps, names=features.names, logger=logger,
-                          log_every=log_every)
+        return fit_lambda(moments_data, estimator, cfg, steps, names=features.names, logger=logger)

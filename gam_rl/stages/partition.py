@@ -14,6 +14,7 @@ from gam_rl.features import Features
 from gam_rl.metrics import batched_log_prob
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import Potential
+from gam_rl.progress import Progress
 
 log = logging.getLogger("gam_rl")
 
@@ -52,13 +53,16 @@ def estimate_partition(r: LSTMPolicy, target: Potential, features: Features, mom
     """Z = E_r[P(x)/r(x)] (for P_lambda = r exp(lambda . phi): E_r[exp(lambda . phi(x))])."""
     generator = torch.Generator(device=r.device).manual_seed(seed)
     phis, log_ws = [], []
+    progress = Progress("z", cfg.samples, "samples", upper_bound=cfg.rel_tol is not None)
 
     def observe(samples, log_w):
         phis.append(features(samples.tokens))
         log_ws.append(log_w)
+        progress.update(progress.done + len(samples))
 
     z = importance_z(r, target, cfg.samples, cfg.batch_size, max_len, generator, rel_tol=cfg.rel_tol,
                      min_samples=cfg.min_samples, tail_hits=cfg.tail_hits, observe=observe)
+    progress.close()
     moments = snis_moments(torch.cat(log_ws), torch.cat(phis)).moments
     log_p_test = batched_log_prob(target.log_potential, test.to(r.device))
     log_p_valid = batched_log_prob(target.log_potential, valid.to(r.device))
