@@ -4,21 +4,24 @@ A *run folder* is any folder under the given folders that holds `results.json` o
 `.hydra/config.yaml` (a folder with only the latter is a run that never finished: "missing").
 A *cell* is (motif, features, |D|, seed) within one profile; each cell has one run per method.
 
-Table 1 (the paper's seven columns), one row per |D|; dpg = the cell's `dpg_off` run,
-dis = its `distill` run, CE = CE(T, pi) (`ce_test_pi`), mtf = motif frequency of pi
-(`motif_freq_pi`), r = the same run's `ce_test_r` / `motif_freq_r`, H = the same run's own
-`entropy_true` (never one motif's H for all runs: paper.md sections 8 and 9):
+Table 1 (the paper's seven columns), one row per |D|, computed as the paper computes them:
+ratios of per-method means over the runs of that |D|. dpg = the `dpg_off` runs, dis = the
+`distill` runs, <x> = the mean of x over those runs, CE = CE(T, pi) (`ce_test_pi`), mtf =
+motif frequency of pi (`motif_freq_pi`), r = the same runs' `ce_test_r` / `motif_freq_r`, H =
+the same runs' own `entropy_true` (never one motif's H for all runs: paper.md sections 8, 9):
 
-    CE dpg/dis   = CE_pi(dpg) / CE_pi(dis)      mtf dpg/dis = mtf_pi(dpg) / mtf_pi(dis)
-    CE dpg/r     = CE_pi(dpg) / CE_r(dpg)       CE dpg/H    = CE_pi(dpg) / H(dpg)
-    mtf dpg/r    = mtf_pi(dpg) / mtf_r(dpg)     CE dis/r    = CE_pi(dis) / CE_r(dis)
-    mtf dis/r    = mtf_pi(dis) / mtf_r(dis)
+    CE dpg/dis   = <CE_pi(dpg)> / <CE_pi(dis)>
+    mtf dpg/dis  = (<mtf_pi(dpg)> / <mtf_r(dpg)>) / (<mtf_pi(dis)> / <mtf_r(dis)>)
+    CE dpg/r     = <CE_pi(dpg)> / <CE_r(dpg)>       CE dpg/H  = <CE_pi(dpg)> / <H(dpg)>
+    mtf dpg/r    = <mtf_pi(dpg)> / <mtf_r(dpg)>     CE dis/r  = <CE_pi(dis)> / <CE_r(dis)>
+    mtf dis/r    = <mtf_pi(dis)> / <mtf_r(dis)>
 
-Each ratio is computed per cell; a cell contributes only when every run the ratio needs has
-status `ok`. The table reports the mean over the cells (motif x features x seed) of that |D|,
-the sample standard deviation (ddof = 1, blank for one cell) and the count n, beside the
-paper's value and ours/paper. A ratio that is not finite (a zero denominator such as
-mtf r = 0, or a non-finite input) is excluded from the mean and counted in a footnote.
+(the paper's mtf dpg/dis at |D| = 500 is 281.51 / 224.94 = 1.252). A column over both methods
+averages over the cells where both runs are `ok`; a column of one method over its `ok` runs.
+A second table gives, as an extra, the mean +- std over cells of the per-cell ratios (a
+ratio that is not finite there, e.g. mtf r = 0, is excluded and counted in a footnote).
+Only `profile=paper` runs are set against the paper's numbers; the other profiles use other
+network sizes and schedules, and their tables say so instead.
 
 Failed, missing and running runs, and cells without a dpg_off or distill run (including
 combinations absent from the grid of motifs x features x |D| x seeds that was found), are
@@ -56,6 +59,7 @@ from pathlib import Path
 import yaml
 
 PAPER_METHODS = ("dpg_off", "distill")
+PAPER_PROFILE = "paper"  # the only profile compared with the paper's Table 1
 GAM_TARGET_METHODS = ("distill", "dpg_off", "dpg_on", "pg")  # methods whose config targets P_lambda
 METHOD_ORDER = ("dpg_off", "distill", "dpg_on", "pg", "dpg_true")
 METRICS = ("entropy_true", "ce_test_r", "ce_test_p_lambda", "ce_test_pi", "motif_freq_r", "motif_freq_pi",
@@ -68,13 +72,30 @@ SHORT = {"entropy_true": "H", "ce_test_r": "CE r", "ce_test_pi": "CE pi", "motif
 class Column:
     key: str
     label: str
-    num: tuple[str, str]  # (method, results.json field)
+    num: tuple[str, str]  # (method, results.json field) of the per-cell ratio
     den: tuple[str, str]
+    # Table 1's value: prod <num> / prod <den> over per-method means; default: the per-cell ratio's num / den
+    num_means: tuple[tuple[str, str], ...] = ()
+    den_means: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def numerator(self) -> tuple[tuple[str, str], ...]:
+        return self.num_means or (self.num,)
+
+    @property
+    def denominator(self) -> tuple[tuple[str, str], ...]:
+        return self.den_means or (self.den,)
+
+    @property
+    def methods(self) -> set[str]:
+        return {m for m, _ in (*self.numerator, *self.denominator)}
 
 
 COLUMNS = (
     Column("ce_dpg_dis", "CE dpg/dis", ("dpg_off", "ce_test_pi"), ("distill", "ce_test_pi")),
-    Column("mtf_dpg_dis", "mtf dpg/dis", ("dpg_off", "motif_freq_pi"), ("distill", "motif_freq_pi")),
+    Column("mtf_dpg_dis", "mtf dpg/dis", ("dpg_off", "motif_freq_pi"), ("distill", "motif_freq_pi"),
+           num_means=(("dpg_off", "motif_freq_pi"), ("distill", "motif_freq_r")),
+           den_means=(("dpg_off", "motif_freq_r"), ("distill", "motif_freq_pi"))),
     Column("ce_dpg_r", "CE dpg/r", ("dpg_off", "ce_test_pi"), ("dpg_off", "ce_test_r")),
     Column("ce_dpg_h", "CE dpg/H", ("dpg_off", "ce_test_pi"), ("dpg_off", "entropy_true")),
     Column("mtf_dpg_r", "mtf dpg/r", ("dpg_off", "motif_freq_pi"), ("dpg_off", "motif_freq_r")),
@@ -206,6 +227,10 @@ def _identity(results: dict, config: dict) -> dict:
     if method in GAM_TARGET_METHODS and target not in (None, "gam"):
         # e.g. method=dpg_off method.target=true: not the paper's dpg_off (nor its own cell's), so its own method
         method = f"{method}@target={target}"
+    training1 = config.get("training1") if isinstance(config.get("training1"), dict) else {}
+    estimator = results.get("training1_estimator") or training1.get("estimator")
+    if method and estimator not in (None, "snis_r"):  # e.g. distill on a P_lambda fitted by rs (Figure 3)
+        method = f"{method}@estimator={estimator}"
     return {"profile": _as_bits(pick["profile"]), "motif": _as_bits(pick["motif"]),
             "features": _as_bits(pick["features"]), "dataset_size": _as_int(pick["dataset_size"]),
             "seed": _as_int(pick["seed"]), "method": method}
@@ -335,8 +360,44 @@ def group_by_profile(chosen: dict[tuple, RunRecord]) -> dict[str, ProfileData]:
     return {p: ProfileData(p, dict(cells)) for p, cells in sorted(grouped.items())}
 
 
+@dataclass
+class RatioOfMeans:
+    """A Table 1 entry: a ratio of per-method means over n runs (or matched cells)."""
+    value: float | None
+    n: int
+    note: str | None = None  # why there is no value
+
+
+def ratio_of_means(data: ProfileData, size: int, column: Column) -> RatioOfMeans:
+    """Column value at |D| = size as the paper computes it (prod of <num> / prod of <den>)."""
+    fields = (*column.numerator, *column.denominator)
+    cells = []
+    for cell in data.cells_of_size(size):
+        runs = data.cells[cell]
+        if all(m in runs and runs[m].ok for m in column.methods) and all(
+                _finite(runs[m].values.get(f)) for m, f in fields):
+            cells.append(cell)
+    if not cells:
+        return RatioOfMeans(None, 0, "no run with every value it needs")
+    means = {mf: statistics.fmean(data.cells[c][mf[0]].values[mf[1]] for c in cells) for mf in fields}
+    num, den = math.prod(means[mf] for mf in column.numerator), math.prod(means[mf] for mf in column.denominator)
+    if den == 0:
+        zero = [f"<{SHORT.get(f, f)} ({m})>" for m, f in column.denominator if means[(m, f)] == 0]
+        return RatioOfMeans(None, len(cells), f"{', '.join(zero)} = 0")
+    return RatioOfMeans(num / den, len(cells))
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def table1_values(data: ProfileData) -> dict[int, dict[str, RatioOfMeans]]:
+    """{|D|: {column key: RatioOfMeans}}: Table 1."""
+    return {size: {c.key: ratio_of_means(data, size, c) for c in COLUMNS} for size in data.sizes}
+
+
 def table1_stats(data: ProfileData) -> dict[int, dict[str, Stat]]:
-    """{|D|: {column key: Stat over the cells of that |D|}}."""
+    """{|D|: {column key: Stat of the per-cell ratios over the cells of that |D|}} (an extra)."""
     table = {}
     for size in data.sizes:
         row = {column.key: Stat() for column in COLUMNS}
@@ -418,8 +479,16 @@ def paper_value(size: int, column: Column) -> float | None:
     return row[COLUMNS.index(column)] if row else None
 
 
-def ours_over_paper(stat: Stat, paper: float | None) -> float | None:
-    return stat.mean / paper if stat.mean is not None and paper else None
+def ours_over_paper(value: float | None, paper: float | None) -> float | None:
+    return value / paper if value is not None and paper else None
+
+
+def compared_with_paper(data: ProfileData) -> bool:
+    return data.profile == PAPER_PROFILE
+
+
+NOT_COMPARED = ("Profile `{}` is not set against the paper's Table 1: it uses another network size and other "
+                "schedules than the paper's (only `profile=paper` runs are).")
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -427,17 +496,27 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def table1_md(data: ProfileData, table: dict[int, dict[str, Stat]]) -> list[str]:
-    rows = []
-    for size, row in table.items():
+def table1_md(data: ProfileData, values: dict[int, dict[str, RatioOfMeans]]) -> list[str]:
+    """Table 1: ratios of per-method means, beside the paper's values for profile paper."""
+    compare, rows, notes = compared_with_paper(data), [], []
+    for size, row in values.items():
         cells = []
         for column in COLUMNS:
-            stat, paper = row[column.key], paper_value(size, column)
-            text = fmt_stat(stat)
-            if paper is not None:
-                text += f" · paper {fmt(paper)} · ×{fmt(ours_over_paper(stat, paper), 3)}"
+            entry, paper = row[column.key], paper_value(size, column)
+            text = f"{fmt(entry.value)} (n={entry.n})"
+            if compare and paper is not None:
+                text += f" · paper {fmt(paper)} · ×{fmt(ours_over_paper(entry.value, paper), 3)}"
+            if entry.note:
+                notes.append(f"- {column.label}, \\|D\\| = {size}: no value ({entry.note})")
             cells.append(text)
         rows.append([str(size), *cells])
+    lines = md_table(["\\|D\\|", *(c.label for c in COLUMNS)], rows) + [""] + notes
+    return lines + ([] if compare else [NOT_COMPARED.format(data.profile)])
+
+
+def cell_ratios_md(table: dict[int, dict[str, Stat]]) -> list[str]:
+    """The extra table: mean +- std over cells of each column's per-cell ratio."""
+    rows = [[str(size), *(fmt_stat(row[column.key]) for column in COLUMNS)] for size, row in table.items()]
     lines = md_table(["\\|D\\|", *(c.label for c in COLUMNS)], rows)
     notes = [f"- {column.label}, \\|D\\| = {size}: {len(row[column.key].excluded)} cell(s) excluded from the mean: "
              + "; ".join(f"{cell} ({reason})" for cell, reason in row[column.key].excluded)
@@ -466,19 +545,24 @@ def raw_md(raw: dict[tuple[int, str], tuple[int, dict[str, Stat]]]) -> list[str]
     return lines
 
 
-def report_md(profiles: dict[str, ProfileData], tables: dict, raws: dict, notes: list[str],
-              unidentified: list[RunRecord], figures: dict[str, list[str]], roots: list[Path]) -> str:
+def report_md(profiles: dict[str, ProfileData], values: dict, tables: dict, raws: dict, notes: list[str],
+              unidentified: list[RunRecord], figures: dict[str, list[str]], skipped: dict[str, list[str]],
+              roots: list[Path]) -> str:
     lines = ["# gam-rl report: Table 1", "",
              "Runs under: " + ", ".join(f"`{r}`" for r in roots) + ".",
-             "Each entry: mean ± std over cells (motif x features x seed) of the per-cell ratio (n = cells), "
-             "the paper's value, and ours/paper. H is each run's own entropy_true.", ""]
+             "Table 1 entries are ratios of per-method means over the runs of a \\|D\\| (n = runs, or cells "
+             "where both methods ran), as the paper computes them; H is each run's own entropy_true.", ""]
     for name, data in profiles.items():
-        lines += [f"## Profile `{name}`", "", "### Table 1 (ours vs paper)", "",
-                  *table1_md(data, tables[name]), "",
+        title = "Table 1 (ours vs the paper)" if compared_with_paper(data) else "Table 1"
+        lines += [f"## Profile `{name}`", "", f"### {title}", "", *table1_md(data, values[name]), "",
+                  "### Per-cell ratios (an extra: mean ± std over cells of each cell's ratio)", "",
+                  *cell_ratios_md(tables[name]), "",
                   "### Raw means per \\|D\\| and method (ok runs; mean ± std)", "", *raw_md(raws[name]), "",
                   "### Missing or failed", ""]
         lines += [f"- {line}" for line in problems(data)] or ["none"]
-        lines += ["", "Figures: " + ", ".join(f"`{f}`" for f in figures[name]), ""]
+        lines += ["", "Figures: " + (", ".join(f"`{f}`" for f in figures[name]) or "none"), ""]
+        lines += [f"- not drawn: {reason}" for reason in skipped[name]]
+        lines += [""] if skipped[name] else []
     if unidentified or notes:
         lines += ["## Other run folders", ""]
         lines += [f"- unidentified (no cell/method in results.json or config): {r.path}: {r.status}"
@@ -494,20 +578,25 @@ def _csv_num(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 
-def write_table1_csv(path: Path, profiles: dict[str, ProfileData], tables: dict) -> None:
+def write_table1_csv(path: Path, profiles: dict[str, ProfileData], values: dict, tables: dict) -> None:
+    """One row per (profile, |D|): per column the Table 1 value (ratio of means) and n, the paper's
+    value and ours/paper (profile paper only), and the per-cell ratios' mean, std, n, excluded."""
     header = ["profile", "dataset_size"]
     for column in COLUMNS:
-        header += [f"{column.key}_{s}" for s in ("mean", "std", "n", "excluded", "paper", "ours_over_paper")]
+        header += [column.key] + [f"{column.key}_{s}" for s in ("n", "paper", "ours_over_paper", "cell_mean",
+                                                                  "cell_std", "cell_n", "cell_excluded")]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
-        for name in profiles:
-            for size, row in tables[name].items():
+        for name, data in profiles.items():
+            for size, row in values[name].items():
                 out = [name, size]
                 for column in COLUMNS:
-                    stat, paper = row[column.key], paper_value(size, column)
-                    out += [_csv_num(stat.mean), _csv_num(stat.std), stat.n, len(stat.excluded), _csv_num(paper),
-                            _csv_num(ours_over_paper(stat, paper))]
+                    entry, stat = row[column.key], tables[name][size][column.key]
+                    paper = paper_value(size, column) if compared_with_paper(data) else None
+                    out += [_csv_num(entry.value), entry.n, _csv_num(paper),
+                            _csv_num(ours_over_paper(entry.value, paper)), _csv_num(stat.mean), _csv_num(stat.std),
+                            stat.n, len(stat.excluded)]
                 writer.writerow(out)
 
 
@@ -560,34 +649,35 @@ def _tex_escape(text: str) -> str:
     return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
 
 
-def table1_tex(profiles: dict[str, ProfileData], tables: dict) -> str:
-    """One booktabs table per profile: mean ± std with the paper's value in parentheses."""
+def table1_tex(profiles: dict[str, ProfileData], values: dict) -> str:
+    """One booktabs table per profile: the ratios of means, with the paper's value in parentheses
+    for profile paper."""
     parts = ["% gam-rl-report: Table 1, needs \\usepackage{booktabs}; per-entry counts are in table1.csv"]
     for name in profiles:
         parts += [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{r" + "c" * len(COLUMNS) + "}",
                   r"\toprule", "$|D|$ & " + " & ".join(_tex_escape(c.label) for c in COLUMNS) + r" \\",
                   r"\midrule"]
-        for size, row in tables[name].items():
+        compare = compared_with_paper(profiles[name])
+        for size, row in values[name].items():
             cells = []
             for column in COLUMNS:
-                stat, paper = row[column.key], paper_value(size, column)
-                ours = "--" if stat.n == 0 else fmt(stat.mean) + (
-                    f"$\\pm${fmt(stat.std, 2)}" if stat.std is not None else "")
-                cells.append(f"{ours} ({fmt(paper)})" if paper is not None else ours)
+                entry, paper = row[column.key], paper_value(size, column)
+                ours = "--" if entry.value is None else fmt(entry.value)
+                cells.append(f"{ours} ({fmt(paper)})" if compare and paper is not None else ours)
             parts.append(f"{size} & " + " & ".join(cells) + r" \\")
+        paper_note = "the paper's value in parentheses" if compare else "not comparable with the paper's values"
         parts += [r"\bottomrule", r"\end{tabular}",
-                  rf"\caption{{Profile {_tex_escape(name)}: mean $\pm$ std over cells of the per-cell ratio; "
-                  r"the paper's value in parentheses. CE/H divides each run by its own $H(p_{\mathrm{true}})$.}",
+                  rf"\caption{{Profile {_tex_escape(name)}: ratios of per-method means over the runs of each $|D|$; "
+                  rf"{paper_note}. H is each run's own $H(p_{{\mathrm{{true}}}})$.}}",
                   r"\end{table}", ""]
     return "\n".join(parts)
 
 
 # ---- driver --------------------------------------------------------------------------------------
 
-def figure_names(profiles: list[str]) -> dict[str, tuple[str, str]]:
-    if len(profiles) == 1:
-        return {profiles[0]: ("figure2.png", "dpg_vs_distill.png")}
-    return {p: (f"figure2_{p}.png", f"dpg_vs_distill_{p}.png") for p in profiles}
+def figure_file(figure: str, profile: str, several: bool) -> str:
+    """figure2.png, or figure2_<profile>.png when the report has several profiles."""
+    return f"{figure}_{profile}.png" if several else f"{figure}.png"
 
 
 def collect(roots: list[Path], profile: str | None) -> tuple[list[RunRecord], list[RunRecord]]:
@@ -610,23 +700,31 @@ def collect(roots: list[Path], profile: str | None) -> tuple[list[RunRecord], li
 
 def write_report(roots: list[Path], out: Path, profile: str | None = None) -> str:
     """Read the runs under the roots, write every file into out; returns the Markdown report."""
-    from gam_rl.report_figures import dpg_vs_distill_figure, figure2
+    from gam_rl.report_figures import FIGURES
 
     identified, unidentified = collect(roots, profile)
     chosen, notes = choose_runs(identified)
     profiles = group_by_profile(chosen)
+    values = {name: table1_values(data) for name, data in profiles.items()}
     tables = {name: table1_stats(data) for name, data in profiles.items()}
     raws = {name: raw_stats(data) for name, data in profiles.items()}
     out.mkdir(parents=True, exist_ok=True)
-    names = figure_names(list(profiles))
+    drawn: dict[str, list[str]] = {name: [] for name in profiles}
+    skipped: dict[str, list[str]] = {name: [] for name in profiles}
     for name, data in profiles.items():
-        figure2(data, out / names[name][0])
-        dpg_vs_distill_figure(data, out / names[name][1])
-    write_table1_csv(out / "table1.csv", profiles, tables)
+        for figure, draw in FIGURES.items():
+            file = figure_file(figure, name, len(profiles) > 1)
+            reason = draw(data, out / file)
+            if reason is None:
+                drawn[name].append(file)
+            else:
+                skipped[name].append(f"{file}: {reason}")
+                print(f"gam-rl-report: {name}: not drawn: {file}: {reason}", file=sys.stderr)
+    write_table1_csv(out / "table1.csv", profiles, values, tables)
     write_raw_csv(out / "raw_means.csv", raws)
-    (out / "table1.tex").write_text(table1_tex(profiles, tables))
+    (out / "table1.tex").write_text(table1_tex(profiles, values))
     write_cells(out, profiles)
-    text = report_md(profiles, tables, raws, notes, unidentified, {p: list(n) for p, n in names.items()}, roots)
+    text = report_md(profiles, values, tables, raws, notes, unidentified, drawn, skipped, roots)
     (out / "table1.md").write_text(text)
     return text
 
@@ -654,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(2)
     print(text)
     print(f"gam-rl-report: wrote {out}/table1.md, table1.csv, table1.tex, raw_means.csv, cells.md, cells.csv "
-          "and the figures")
+          "and the figures it had runs for")
     return 0
 
 

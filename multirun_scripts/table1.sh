@@ -2,7 +2,8 @@
 # Table 1 of the paper on this machine: 3 motifs x {1001111, Mv1001111} x |D| in {500, 1000,
 # 5000, 10000, 20000} x seeds {1234, 4444} = 60 cells x {distill, dpg_off} = 120 jobs
 # (conf/sweep/table1.yaml), in parallel with the joblib launcher (one job per core, one torch
-# thread each), then the report into <sweep dir>/report.
+# thread each), then the report into <sweep dir>/report: Table 1, Figure 2 and Figure 5 (the
+# length features off and on: 1001111 against Mv1001111).
 #
 #   multirun_scripts/table1.sh [HYDRA_ARGS...]
 #   multirun_scripts/table1.sh profile=paper hydra.sweep.dir=multirun/table1_paper

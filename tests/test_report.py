@@ -1,5 +1,6 @@
-"""gam-rl-report on fabricated run folders (no training): Table 1 means/std/counts, each run's own H,
-failed/missing runs listed and excluded, infinite ratios counted, files and CLI behaviour."""
+"""gam-rl-report on fabricated run folders (no training): Table 1 as ratios of per-method means (the
+paper's aggregates reproduced), the per-cell ratios, each run's own H, failed/missing runs listed and
+excluded, infinite ratios counted, the paper compared only with profile paper, figures, CLI."""
 
 import csv
 import json
@@ -95,6 +96,24 @@ def sweep(tmp_path) -> Path:
     return root
 
 
+def ok_values(size: int, methods: set[str]) -> list[dict[str, dict]]:
+    """{method: values} of the cells of |D| = size where every one of the methods ran ok."""
+    out = []
+    for motif in (M1, M2):
+        for seed in SEEDS:
+            if any((motif, seed, size, m) in (FAILED, MISSING) for m in methods):
+                continue
+            values = {m: run_values(motif, seed, size, m) for m in methods}
+            if (motif, seed, size, "dpg_off") == ZERO_MTF_R and "dpg_off" in values:
+                values["dpg_off"]["motif_freq_r"] = 0.0
+            out.append(values)
+    return out
+
+
+def mean_of(cells: list[dict], method: str, key: str) -> float:
+    return statistics.fmean(c[method][key] for c in cells)
+
+
 def expected_column(num: tuple[str, str], den: tuple[str, str], size: int) -> list[float]:
     """Per-cell ratios straight from the fabricated values, skipping failed/missing/infinite cells."""
     ratios = []
@@ -118,7 +137,54 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_table1_means_std_counts(sweep, capsys):
+def test_table1_is_ratios_of_per_method_means(sweep):
+    main([str(sweep)])
+    rows = {int(r["dataset_size"]): r for r in read_csv(sweep / "report" / "table1.csv")}
+    for size in SIZES:
+        dpg, dis = ok_values(size, {"dpg_off"}), ok_values(size, {"distill"})
+        both = ok_values(size, {"dpg_off", "distill"})
+        expected = {
+            "ce_dpg_dis": mean_of(both, "dpg_off", "ce_test_pi") / mean_of(both, "distill", "ce_test_pi"),
+            "mtf_dpg_dis": (mean_of(both, "dpg_off", "motif_freq_pi") / mean_of(both, "dpg_off", "motif_freq_r"))
+            / (mean_of(both, "distill", "motif_freq_pi") / mean_of(both, "distill", "motif_freq_r")),
+            "ce_dpg_r": mean_of(dpg, "dpg_off", "ce_test_pi") / mean_of(dpg, "dpg_off", "ce_test_r"),
+            "ce_dpg_h": mean_of(dpg, "dpg_off", "ce_test_pi") / mean_of(dpg, "dpg_off", "entropy_true"),
+            "mtf_dpg_r": mean_of(dpg, "dpg_off", "motif_freq_pi") / mean_of(dpg, "dpg_off", "motif_freq_r"),
+            "ce_dis_r": mean_of(dis, "distill", "ce_test_pi") / mean_of(dis, "distill", "ce_test_r"),
+            "mtf_dis_r": mean_of(dis, "distill", "motif_freq_pi") / mean_of(dis, "distill", "motif_freq_r")}
+        for key, value in expected.items():
+            assert float(rows[size][key]) == pytest.approx(value, rel=1e-12), (size, key)
+        assert int(rows[size]["ce_dpg_dis_n"]) == len(both) and int(rows[size]["ce_dpg_r_n"]) == len(dpg)
+    # a run with mtf r = 0 is kept in the ratio of means (only a zero mean would be undefined)
+    assert int(rows[500]["mtf_dpg_r_n"]) == 4
+
+
+def test_the_papers_aggregates_are_reproduced_from_per_run_values(tmp_path):
+    """Runs whose per-method means are the paper's: CE(T, r) 1.0 on average, CE(T, pi) / CE(T, r)
+    and motif frequencies / r's as in Table 1 at |D| = 500; the dpg/dis columns come out as the
+    paper's ratios of those means (mtf dpg/dis 281.51 / 224.94 = 1.2515)."""
+    root = tmp_path / "paper"
+    for seed, wobble in zip(SEEDS, (-1, 1), strict=True):  # two runs per method whose means are the targets
+        for method, ce_ratio, mtf_ratio in (("dpg_off", 0.76, 281.51), ("distill", 0.758, 224.94)):
+            mtf_r = 0.003 * (1 + 0.1 * wobble)
+            values = {"ce_test_r": 1.0 + 0.01 * wobble, "ce_test_pi": ce_ratio * (1.0 + 0.02 * wobble),
+                      "entropy_true": 0.644, "motif_freq_r": mtf_r,
+                      "motif_freq_pi": mtf_ratio * 0.003 * (1 + 0.05 * wobble)}
+            write_run(root / f"{method}_{seed}", {**ok_results(M2, seed, 500, method, profile="paper"), **values})
+    main([str(root)])
+    row = read_csv(root / "report" / "table1.csv")[0]
+    assert float(row["mtf_dpg_r"]) == pytest.approx(281.51) and float(row["mtf_dis_r"]) == pytest.approx(224.94)
+    assert float(row["mtf_dpg_dis"]) == pytest.approx(281.51 / 224.94) == pytest.approx(1.2515, abs=1e-4)
+    assert float(row["ce_dpg_r"]) == pytest.approx(0.76) and float(row["ce_dis_r"]) == pytest.approx(0.758)
+    assert float(row["ce_dpg_dis"]) == pytest.approx(0.76 / 0.758)
+    assert float(row["ce_dpg_h"]) == pytest.approx(0.76 / 0.644)
+    assert float(row["mtf_dpg_dis_paper"]) == 1.252 and float(row["mtf_dpg_dis_ours_over_paper"]) == pytest.approx(
+        281.51 / 224.94 / 1.252)
+    text = (root / "report" / "table1.md").read_text()
+    assert "· paper 1.252 ·" in text and "not set against the paper" not in text
+
+
+def test_per_cell_ratios_means_std_counts(sweep, capsys):
     out = sweep / "report"
     assert main([str(sweep)]) == 0
     rows = {int(r["dataset_size"]): r for r in read_csv(out / "table1.csv")}
@@ -134,27 +200,29 @@ def test_table1_means_std_counts(sweep, capsys):
         for key, (num, den) in columns.items():
             ratios = expected_column(num, den, size)
             row = rows[size]
-            assert int(row[f"{key}_n"]) == len(ratios), (size, key)
-            assert float(row[f"{key}_mean"]) == pytest.approx(sum(ratios) / len(ratios), rel=1e-12), (size, key)
-            assert float(row[f"{key}_std"]) == pytest.approx(statistics.stdev(ratios), rel=1e-12), (size, key)
+            assert int(row[f"{key}_cell_n"]) == len(ratios), (size, key)
+            assert float(row[f"{key}_cell_mean"]) == pytest.approx(sum(ratios) / len(ratios), rel=1e-12), (size, key)
+            assert float(row[f"{key}_cell_std"]) == pytest.approx(statistics.stdev(ratios), rel=1e-12), (size, key)
     # counts, by hand: |D| = 1000 lacks the dpg_off run of (M1, 4444) and the distill run of (M2, 4444)
-    assert [int(rows[1000][f"{k}_n"]) for k in columns] == [2, 2, 3, 3, 3, 3, 3]
-    assert [int(rows[500][f"{k}_n"]) for k in columns] == [4, 4, 4, 4, 3, 4, 4]
-    # the paper's value beside ours, and ours/paper
-    assert float(rows[500]["mtf_dpg_r_paper"]) == 281.51
-    assert float(rows[1000]["ce_dpg_h_ours_over_paper"]) == pytest.approx(
-        float(rows[1000]["ce_dpg_h_mean"]) / 1.178, rel=1e-12)
-    assert "| 500 |" in capsys.readouterr().out
+    assert [int(rows[1000][f"{k}_cell_n"]) for k in columns] == [2, 2, 3, 3, 3, 3, 3]
+    assert [int(rows[500][f"{k}_cell_n"]) for k in columns] == [4, 4, 4, 4, 3, 4, 4]
+    # profile cpu is not set against the paper
+    assert rows[500]["mtf_dpg_r_paper"] == "" and rows[500]["mtf_dpg_r_ours_over_paper"] == ""
+    printed = capsys.readouterr().out
+    assert "| 500 |" in printed and "Profile `cpu` is not set against the paper" in printed and "· paper" not in printed
 
 
 def test_ce_over_h_uses_each_runs_own_entropy(sweep):
     main([str(sweep)])
     row = next(r for r in read_csv(sweep / "report" / "table1.csv") if r["dataset_size"] == "500")
     # CE(T, pi) = H_own * k with k = 1.1 (seed 1234) or 1.2 (seed 4444) for both motifs at |D| = 500
-    assert float(row["ce_dpg_h_mean"]) == pytest.approx(1.15, rel=1e-12)
-    assert float(row["ce_dpg_h_std"]) == pytest.approx(statistics.stdev([1.1, 1.2, 1.1, 1.2]), rel=1e-12)
+    assert float(row["ce_dpg_h_cell_mean"]) == pytest.approx(1.15, rel=1e-12)
+    assert float(row["ce_dpg_h_cell_std"]) == pytest.approx(statistics.stdev([1.1, 1.2, 1.1, 1.2]), rel=1e-12)
     single_h = statistics.fmean([H[m] * k / H[M2] for m in (M1, M2) for k in (1.1, 1.2)])
-    assert abs(float(row["ce_dpg_h_mean"]) - single_h) > 0.05
+    assert abs(float(row["ce_dpg_h_cell_mean"]) - single_h) > 0.05
+    # the ratio of means: <H k> / <H> over the four runs, each with its own H
+    assert float(row["ce_dpg_h"]) == pytest.approx(statistics.fmean([H[m] * k for m in (M1, M2) for k in (1.1, 1.2)])
+                                                   / statistics.fmean([H[M1], H[M1], H[M2], H[M2]]), rel=1e-12)
 
 
 def test_failed_missing_and_infinite_are_listed_not_averaged(sweep, capsys):
@@ -169,8 +237,8 @@ def test_failed_missing_and_infinite_are_listed_not_averaged(sweep, capsys):
     assert "Missing or failed" in capsys.readouterr().out
     # the infinite ratio is counted in the table and explained in a footnote
     row = next(r for r in read_csv(sweep / "report" / "table1.csv") if r["dataset_size"] == "500")
-    assert row["mtf_dpg_r_excluded"] == "1" and row["mtf_dpg_r_n"] == "3"
-    assert math.isfinite(float(row["mtf_dpg_r_mean"]))
+    assert row["mtf_dpg_r_cell_excluded"] == "1" and row["mtf_dpg_r_cell_n"] == "3"
+    assert math.isfinite(float(row["mtf_dpg_r_cell_mean"]))
     assert "n=3, 1 excl.*" in text
     assert f"{M1}/1001111/D500/s1234 (mtf r (dpg_off) = 0 (infinite ratio))" in text
     # the "inf" string in results.json is read as a non-finite value and kept out of the raw mean
@@ -199,8 +267,28 @@ def test_files_exist_and_pngs_are_images(sweep):
         image = imread(out / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     tex = (out / "table1.tex").read_text()
-    assert r"\begin{tabular}" in tex and r"\end{table}" in tex and "(281.5)" in tex
+    assert r"\begin{tabular}" in tex and r"\end{table}" in tex and "not comparable" in tex and "(281.5)" not in tex
     assert not (sweep / "report").exists()
+    # figures 3-5 need runs this sweep does not have: not drawn, and the report says why
+    text = (out / "table1.md").read_text()
+    for name in ("figure3.png", "figure4.png", "figure5.png"):
+        assert not (out / name).exists() and f"not drawn: {name}:" in text
+
+
+def test_figures_3_4_5_are_drawn_from_the_runs_they_need(tmp_path):
+    root = tmp_path / "runs"
+    for size in SIZES:
+        for seed in SEEDS:
+            for features in ("1001111", "Mv1001111"):
+                for method in ("dpg_off", "distill"):
+                    write_run(root / f"{features}_{method}_{size}_{seed}",
+                              ok_results(M2, seed, size, method, features=features))
+            write_run(root / f"rs_{size}_{seed}", ok_results(M2, seed, size, "distill", training1_estimator="rs"))
+            write_run(root / f"true_{size}_{seed}", ok_results(M2, seed, size, "dpg_true", target="true"))
+    main([str(root)])
+    for name in ("figure2", "dpg_vs_distill", "figure3", "figure4", "figure5"):
+        assert imread(root / "report" / f"{name}.png").shape[0] > 100, name
+    assert "not drawn" not in (root / "report" / "table1.md").read_text()
 
 
 def test_duplicate_prefers_ok_run_and_notes_it(sweep):
@@ -217,7 +305,7 @@ def test_a_paper_method_on_another_target_is_kept_out_of_the_table1_columns(swee
     write_run(sweep / "true_target", ok_results(M1, 1234, 500, "dpg_off", target="true", ce_test_pi=99.0))
     main([str(sweep)])
     row = next(r for r in read_csv(sweep / "report" / "table1.csv") if r["dataset_size"] == "500")
-    assert float(row["ce_dpg_dis_mean"]) == pytest.approx(statistics.mean(
+    assert float(row["ce_dpg_dis_cell_mean"]) == pytest.approx(statistics.mean(
         expected_column(("dpg_off", "ce_test_pi"), ("distill", "ce_test_pi"), 500)))
     assert "dpg_off@target=true" in (sweep / "report" / "table1.md").read_text()
 
@@ -230,7 +318,7 @@ def test_profiles_are_reported_separately(tmp_path):
     main([str(root)])
     rows = read_csv(root / "report" / "table1.csv")
     assert [(r["profile"], r["ce_dpg_dis_n"]) for r in rows] == [("cpu", "1"), ("smoke", "1")]
-    assert rows[0]["ce_dpg_dis_std"] == ""  # one cell: no standard deviation
+    assert rows[0]["ce_dpg_dis_cell_std"] == ""  # one cell: no standard deviation
     for name in ("figure2_cpu.png", "figure2_smoke.png", "dpg_vs_distill_smoke.png"):
         assert (root / "report" / name).read_bytes()[:8] == PNG_MAGIC
     text = (root / "report" / "table1.md").read_text()
