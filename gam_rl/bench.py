@@ -13,7 +13,7 @@ and the elementwise gate math are left out. A roofline ratio divides the achieve
 the fp32 matrix-multiply rate measured here at the shapes one LSTM step uses,
 (B, in + H) @ (in + H, 4H) for every layer at the same batch size B.
 
-  gam-rl-bench --quick --threads 1   # about a minute on a 2-core CPU
+  gam-rl-bench --quick --threads 1   # about 25 s on a 2-core CPU: a summary, the JSON with --json
   gam-rl-bench --device cuda --out bench.json
 """
 
@@ -367,6 +367,25 @@ def run_bench(mode: str, device: torch.device) -> dict:
     return out
 
 
+def summary(r: dict) -> str:
+    """The figures a person reads, with the machine and its load."""
+    return "\n".join([
+        f"gam-rl-bench ({r['mode']}): {r['device']}, {r['threads']} thread(s), torch {r['torch']}, "
+        f"load {r['load_avg_1min_start']} -> {r['load_avg_1min_end']}, {r['wall_s']} s",
+        f"  matmul reference      {r['gemm_gflops']:8.1f} GFLOP/s (2 x 200 step shapes)",
+        f"  sampler 2 x 200       {r['sampler_seq_per_s']:8.0f} seq/s   {r['sampler_roofline_ratio']:.2f}"
+        " of the matmul rate",
+        f"  train step 2 x 200    {r['train_seq_per_s']:8.0f} seq/s   {r['train_roofline_ratio']:.2f}",
+        f"  sampler 2 x 64        {r['sampler_seq_per_s_2x64']:8.0f} seq/s   {r['sampler_roofline_ratio_2x64']:.2f}",
+        f"  train step 2 x 64     {r['train_seq_per_s_2x64']:8.0f} seq/s   {r['train_roofline_ratio_2x64']:.2f}",
+        f"  features 1001111      {r['features_seq_per_s'] / 1e6:8.2f} M seq/s",
+        f"  Training-1 SNIS step  {r['snis_step_s']:8.3f} s",
+        f"  DPG_off update        {r['dpg_update_s']:8.3f} s ({r['dpg_update_s_q_is_r']:.3f} s while q = r)",
+        f"  Z                     {r['z_samples_per_s']:8.0f} r-samples/s",
+        "  (all figures: --json; --out FILE also writes them)",
+    ])
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -381,7 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: seconds, figures meaningless
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="also write the JSON to this file")
+    parser.add_argument("--out", default=None, help="also write the full JSON to this file")
+    parser.add_argument("--json", action="store_true", help="print the full JSON instead of the summary")
     args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -394,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
-    print(text)
+    print(text if args.json else summary(results))
 
 
 if __name__ == "__main__":

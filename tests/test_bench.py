@@ -23,7 +23,7 @@ RATIOS = [k for k in FIGURES if "roofline_ratio" in k]
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "gam_rl.bench", "--tiny", "--device", "cpu", "--threads", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--out", str(out), "--json"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, out
 
@@ -51,6 +51,13 @@ def test_bench_reports_every_figure_as_a_positive_finite_number(tiny_run):
     fwd = (2 * (3 + 200) * 800 + 2 * (200 + 200) * 800) * 31
     assert result["flops_per_seq"]["sampler_seq_per_s"] == fwd
     assert result["flops_per_seq"]["train_seq_per_s"] == 3 * fwd
+
+
+def test_bench_prints_a_summary_without_json(tiny_run):
+    from gam_rl.bench import summary
+
+    text = summary(json.loads(tiny_run[0].stdout))
+    assert "sampler 2 x 64" in text and "of the matmul rate" in text and "--json" in text
 
 
 def test_bench_console_script_is_declared():
