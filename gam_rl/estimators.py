@@ -9,7 +9,6 @@ not finite raises EstimatorError instead of returning NaN.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +18,6 @@ import torch
 from gam_rl.policy import Samples
 from gam_rl.progress import Progress
 from gam_rl.tokens import pad_cat
-
-log = logging.getLogger("gam_rl")
 
 
 class EstimatorError(RuntimeError):

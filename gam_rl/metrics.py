@@ -11,9 +11,6 @@ from gam_rl.config_fields import setting
 from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.tokens import bit_lengths
 
-__all__ = ["EvalConfig", "PolicyEval", "eval_mode", "batched_log_prob", "policy_cross_entropy",
-           "sample_statistics", "evaluate_policy"]
-
 
 @dataclass
 class EvalConfig:

@@ -105,6 +105,17 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path)
 
 
+def _ce_panel(ax, data: ProfileData, sizes: list[int], title: str, ylabel: str = "CE(T, .) (nats per symbol)",
+              xlabel: bool = True, legend: int = 8) -> None:
+    """The cross-entropy panel's furniture: H(p_true), labels, title, legend, grid, the |D| axis."""
+    _entropy_line(ax, data)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=legend)
+    ax.grid(alpha=0.3)
+    _size_axis(ax, sizes, label=xlabel)
+
+
 def figure2(data: ProfileData, path: Path) -> str | None:
     sizes = data.sizes
     if not any(_stat(data, s, m, "ce_test_pi").n for s in sizes for m in ("dpg_off", "distill")):
@@ -119,12 +130,8 @@ def figure2(data: ProfileData, path: Path) -> str | None:
             COLOURS["r"], MARKERS[2])
     _series(ax2, sizes, [_runs_stat(data, s, ("dpg_off", "distill"), "motif_freq_r") for s in sizes], "r",
             COLOURS["r"], MARKERS[2])
-    _entropy_line(ax, data)
-    ax.set_ylabel("CE(T, .) (nats per symbol)")
-    ax.set_title(f"Figure 2: cross-entropy on the test set against |D| (profile {data.profile})")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    _size_axis(ax, sizes, label=False)
+    _ce_panel(ax, data, sizes, f"Figure 2: cross-entropy on the test set against |D| (profile {data.profile})",
+              xlabel=False)
     _motif_axis(ax2)
     ax2.set_title("motif frequency of the models' samples")
     ax2.legend(fontsize=8)
@@ -171,21 +178,18 @@ def figure3(data: ProfileData, path: Path) -> str | None:
     if not sizes:
         return ("figure 3 needs distill runs with Training-1 by snis_r and by rs at the same |D| "
                 "(multirun_scripts/figure3.sh)")
-    fig, (ax,) = _figure(7.5, 5)
+    fig, (ax, zoom) = _figure(7.5, 8, rows=2)
     for k, method in enumerate(methods):
         name = "rs" if "rs" in method else "snis_r"
-        colour = COLOURS[method]
-        _series(ax, sizes, [_stat(data, s, method, "ce_test_p_lambda") for s in sizes], f"p_lambda, Training-1 {name}",
-                colour, MARKERS[k], dashed=True)
-        _series(ax, sizes, [_stat(data, s, method, "ce_test_pi") for s in sizes], f"pi distilled, Training-1 {name}",
-                colour, MARKERS[k])
+        for panel in (ax, zoom):  # the bottom panel without r: the two estimators are close
+            _series(panel, sizes, [_stat(data, s, method, "ce_test_p_lambda") for s in sizes],
+                    f"p_lambda, Training-1 {name}", COLOURS[method], MARKERS[k], dashed=True)
+            _series(panel, sizes, [_stat(data, s, method, "ce_test_pi") for s in sizes],
+                    f"pi distilled, Training-1 {name}", COLOURS[method], MARKERS[k])
     _series(ax, sizes, [_runs_stat(data, s, methods, "ce_test_r") for s in sizes], "r", COLOURS["r"], MARKERS[2])
-    _entropy_line(ax, data)
-    ax.set_ylabel("CE(T, .) (nats per symbol)")
-    ax.set_title(f"Figure 3: Training-1 by SNIS or by rejection sampling (profile {data.profile})", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    _size_axis(ax, sizes)
+    _ce_panel(ax, data, sizes, f"Figure 3: Training-1 by SNIS or by rejection sampling (profile {data.profile})",
+              xlabel=False)
+    _ce_panel(zoom, data, sizes, "the same without r")
     _save(fig, path)
     return None
 
@@ -201,12 +205,7 @@ def figure4(data: ProfileData, path: Path) -> str | None:
             COLOURS["p_lambda"], MARKERS[1], dashed=True)
     _series(ax, sizes, [_stat(data, s, "dpg_true", "ce_test_pi") for s in sizes], "pi: DPG on the true process",
             COLOURS["dpg_true"], MARKERS[3])
-    _entropy_line(ax, data)
-    ax.set_ylabel("CE(T, .) (nats per symbol)")
-    ax.set_title(f"Figure 4: DPG on P_lambda and on the true process (profile {data.profile})", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    _size_axis(ax, sizes)
+    _ce_panel(ax, data, sizes, f"Figure 4: DPG on P_lambda and on the true process (profile {data.profile})")
     _save(fig, path)
     return None
 
@@ -228,12 +227,8 @@ def figure5(data: ProfileData, path: Path) -> str | None:
             _series(ax2, sizes, [_stat(data, s, method, "motif_freq_pi", f) for s in sizes], label,
                     COLOURS[method], MARKERS[k], dashed=dashed)
             k += 1
-    _entropy_line(ax, data)
-    ax.set_ylabel("CE(T, pi) (nats per symbol)")
-    ax.set_title(f"Figure 5: the length features off and on (profile {data.profile})", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    _size_axis(ax, sizes, label=False)
+    _ce_panel(ax, data, sizes, f"Figure 5: the length features off and on (profile {data.profile})",
+              ylabel="CE(T, pi) (nats per symbol)", xlabel=False, legend=7)
     _motif_axis(ax2)
     ax2.set_title("motif frequency of pi")
     _size_axis(ax2, sizes)
