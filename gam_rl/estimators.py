@@ -1,4 +1,5 @@
-"""Monte-Carlo estimators in log space: SNIS moments, rejection sampling, IS for Z, thinning.
+"""Monte-Carlo estimators in log space: SNIS moments, rejection and quasi-rejection sampling, IS
+for Z, thinning.
 
 Sampling estimators take a (proposal q, target P) pair of potentials (gam_rl.potentials) and
 ask the target for the importance weight P(x)/q(x) and, for rejection, its bound.
@@ -60,9 +61,10 @@ def snis_moments(log_w: torch.Tensor, phi: torch.Tensor) -> MomentEstimate:
 
 
 def accept(log_w: torch.Tensor, log_bound: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Accept x ~ q with probability P(x) / (beta q(x)) = exp(log w - log beta): accepted x ~ P / Z."""
+    """Accept x ~ q with probability min(1, P(x) / (beta q(x))) = exp(min(0, log w - log beta)):
+    accepted x ~ P / Z when beta bounds P/q (rejection), x ~ p_beta below that (quasi-rejection)."""
     u = torch.rand(log_w.shape, device=log_w.device, generator=generator, dtype=torch.float64)
-    return torch.log(u) < (log_w.double() - log_bound)
+    return torch.log(u) < (log_w.double() - log_bound).clamp(max=0.0)  # log u < 0: the clamp changes no decision
 
 
 def rejection_moments(log_w: torch.Tensor, phi: torch.Tensor, log_bound: float,
@@ -96,23 +98,170 @@ def rejection_sample(proposal, target, num: int, max_len: int, batch_size: int, 
     if log_bound is None:
         raise EstimatorError(f"rejection sampling: {type(target).__name__} has no known bound on P/q for a "
                              f"{type(proposal).__name__} proposal")
+    return RejectionResult(*_accepted_draws(proposal, target, num, max_len, batch_size, max_proposals, log_bound,
+                                            generator, progress, "rejection sampling"))
+
+
+def _accepted_draws(proposal, target, num: int, max_len: int, batch_size: int, max_proposals: int, log_beta: float,
+                    generator: torch.Generator | None, progress: str, what: str) -> tuple[torch.Tensor, int, int]:
+    """x ~ q in batches of `batch_size`, each kept by `accept` at log beta, until `num` are kept:
+    (the first `num` kept, proposals drawn, proposals kept). The loop of rejection and QRS."""
     accepted: list[torch.Tensor] = []
     have = proposals = 0
     bar = Progress(progress, num, "accepted")
     while have < num:
         if proposals >= max_proposals:
             raise EstimatorError(
-                f"rejection sampling accepted {have} of {proposals} proposals (rate {have / proposals:.2e}), "
+                f"{what} accepted {have} of {proposals} proposals (rate {have / max(proposals, 1):.2e}), "
                 f"short of the {num} needed within max_proposals={max_proposals}")
         samples = proposal.sample(batch_size, max_len, generator)
-        keep = accept(target.log_weight(proposal, samples), log_bound, generator)
+        keep = accept(target.log_weight(proposal, samples), log_beta, generator)
         proposals += batch_size
         if keep.any():
             accepted.append(samples.tokens[keep])
             have += int(keep.sum())
         bar.update(min(have, num), f"{proposals:,} proposals, acceptance {have / proposals:.2e}")
     bar.close()
-    return RejectionResult(pad_cat(accepted)[:num], proposals, have)
+    return pad_cat(accepted)[:num], proposals, have
+
+
+# ---- quasi-rejection sampling (Eikema et al. 2022) ------------------------------------------------
+# Accept x ~ q with probability min(1, w(x) / beta), w = P/q, for any beta > 0: the accepted x
+# follow p_beta(x) = min(q(x), P(x) / beta) / a(beta), a(beta) = E_q[min(1, w / beta)] the
+# acceptance rate; p_beta = p = P / Z once beta >= max P/q (rejection sampling). A lower beta
+# costs fewer proposals per sample and moves p_beta towards q; one batch of q estimates how far.
+
+@dataclass
+class QRSDiagnostics:
+    """Quasi-rejection sampling at one beta, estimated from one batch x_i ~ q (self-normalised)."""
+
+    log_beta: float
+    acceptance: float  # a(beta) = E_q[min(1, w / beta)]
+    tv: float  # TV(p, p_beta) = 1/2 E_q[|w / Z - min(1, w / beta) / a|]
+    kl: float  # KL(p || p_beta) = E_q[(w / Z) (log a - log Z + max(log beta, log w))]
+
+
+@dataclass
+class QRSResult(RejectionResult):
+    """tokens: samples of p_beta (of p when beta >= max P/q); accepted / proposals estimates a(beta)."""
+
+    log_beta: float
+
+
+def _qrs_curves(log_w: torch.Tensor, log_betas: torch.Tensor, cells: int = 1 << 21
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log a, TV, KL) at each log beta from log-weights x_i ~ q, as the distance between the two
+    weighted samples p-hat_i = w_i / sum w and p_beta-hat_i = m_i / sum m, m_i = min(1, w_i / beta);
+    about `cells` (beta, x_i) pairs at a time."""
+    log_w = log_w.double().flatten()
+    log_betas = log_betas.double().to(log_w.device).flatten()
+    n = len(log_w)
+    log_s = torch.logsumexp(log_w, 0)  # log sum_i w_i = log (n Z-hat)
+    w_bar = torch.exp(log_w - log_s)  # p-hat_i
+    log_a, tv, kl = [], [], []
+    for b in log_betas.split(max(1, cells // n)):
+        b = b.unsqueeze(1)
+        log_m = (log_w - b).clamp(max=0.0)  # log m_i = min(0, log w_i - log beta)
+        log_sm = torch.logsumexp(log_m, 1)  # log sum_i m_i = log (n a-hat)
+        m_bar = torch.exp(log_m - log_sm.unsqueeze(1))  # p_beta-hat_i
+        log_a.append(log_sm - math.log(n))
+        tv.append(0.5 * (w_bar - m_bar).abs().sum(1))
+        # log p/p_beta = log w - log m + log a - log Z = max(log w, log beta) + log (n a) - log (n Z)
+        kl.append(((w_bar * torch.maximum(log_w, b)).sum(1) + log_sm - log_s).clamp(min=0.0))
+    log_a, tv, kl = torch.cat(log_a), torch.cat(tv), torch.cat(kl)
+    # beta >= max w: m_i = w_i / beta, p_beta-hat = p-hat exactly (rejection sampling), a = Z-hat / beta
+    exact = log_betas >= log_w.max()
+    log_a = torch.where(exact, log_s - math.log(n) - log_betas, log_a)
+    return log_a, tv.masked_fill(exact, 0.0), kl.masked_fill(exact, 0.0)
+
+
+def qrs_diagnostics(log_w: torch.Tensor, log_betas) -> list[QRSDiagnostics]:
+    """Acceptance a(beta), TV(p, p_beta) and KL(p || p_beta) at each log beta (a 1-D tensor or a
+    list), estimated from one batch of log-weights log w_i = log P(x_i) - log q(x_i), x_i ~ q.
+
+    Self-normalised (Z-hat = mean w), so TV and KL are those of the weighted samples p-hat and
+    p_beta-hat: >= 0, and exactly 0 once beta >= max_i w_i. Like Z-hat they cannot see heavy
+    weights that the batch has not drawn: a beta above every drawn weight looks exact."""
+    check_log_weights(log_w, "quasi-rejection diagnostics")
+    log_betas = torch.as_tensor(log_betas, dtype=torch.float64).reshape(-1)
+    if not torch.isfinite(log_betas).all():
+        raise ValueError(f"quasi-rejection diagnostics: log beta must be finite, got {log_betas.tolist()}")
+    log_a, tv, kl = _qrs_curves(log_w, log_betas)
+    return [QRSDiagnostics(float(b), math.exp(float(la)), float(t), float(k))
+            for b, la, t, k in zip(log_betas, log_a, tv, kl, strict=True)]
+
+
+def choose_log_beta(log_w: torch.Tensor, *, beta: float | None = None, target_acceptance: float | None = None,
+                    max_tv: float | None = None, rounds: int = 10, points: int = 16) -> QRSDiagnostics:
+    """Beta for quasi-rejection sampling from a pilot batch of log-weights (x_i ~ q), given exactly one of:
+    `beta` (fixed), `target_acceptance` (the beta whose estimated a(beta) is that value) or `max_tv`
+    (the smallest beta, i.e. the cheapest sampler, whose estimated TV(p, p_beta) <= max_tv).
+    Returns the pilot's diagnostics at that beta.
+
+    a(beta) decreases and TV(p, p_beta) does not increase with beta: each is searched on a grid of
+    `points` + 1 log betas between min and max log w_i, refined `rounds` times around the crossing.
+    Past max w, a = Z-hat / beta in closed form (and TV = KL = 0)."""
+    given = {k: v for k, v in (("beta", beta), ("target_acceptance", target_acceptance), ("max_tv", max_tv))
+             if v is not None}
+    if len(given) != 1:
+        raise ValueError(f"quasi-rejection beta: give exactly one of beta, target_acceptance, max_tv (got "
+                         f"{sorted(given) or 'none'})")
+    check_log_weights(log_w, "quasi-rejection beta")
+    log_w = log_w.double().flatten()
+    finite = log_w[torch.isfinite(log_w)]
+    lo, hi = float(finite.min()), float(finite.max())
+    if beta is not None:
+        if not (0 < beta < math.inf):
+            raise ValueError(f"quasi-rejection beta: beta={beta} must be a positive number")
+        return qrs_diagnostics(log_w, [math.log(beta)])[0]
+    if target_acceptance is not None:
+        if not 0 < target_acceptance <= 1:
+            raise ValueError(f"quasi-rejection beta: target_acceptance={target_acceptance} must be in (0, 1]")
+        reachable = len(finite) / len(log_w)  # a(beta) -> share of w_i > 0 as beta -> 0
+        if target_acceptance > reachable:
+            raise EstimatorError(f"quasi-rejection beta: target_acceptance={target_acceptance} is above the highest "
+                                 f"acceptance any beta reaches, {reachable:.4g} (the share of pilot proposals with "
+                                 "P(x) > 0)")
+        log_target = math.log(target_acceptance)
+        log_beta_exact = float(torch.logsumexp(log_w, 0)) - math.log(len(log_w)) - log_target  # Z-hat / a
+        if log_beta_exact >= hi:  # beyond max w: rejection sampling at the target's rate
+            return qrs_diagnostics(log_w, [log_beta_exact])[0]
+        if target_acceptance == reachable:
+            return qrs_diagnostics(log_w, [lo])[0]
+        return _crossing(log_w, lo, hi, lambda log_a, tv: log_a <= log_target, rounds, points)
+    if not 0 < max_tv < 1:
+        raise ValueError(f"quasi-rejection beta: max_tv={max_tv} must be in (0, 1)")
+    at_lo = qrs_diagnostics(log_w, [lo])[0]  # beta <= min w: p_beta = q, acceptance 1 on P > 0
+    if at_lo.tv <= max_tv:
+        return at_lo
+    return _crossing(log_w, lo, hi, lambda log_a, tv: tv <= max_tv, rounds, points)
+
+
+def _crossing(log_w: torch.Tensor, lo: float, hi: float, holds: Callable, rounds: int, points: int
+              ) -> QRSDiagnostics:
+    """The smallest log beta in (lo, hi] where holds(log a, TV), a condition false at lo and true
+    from some log beta on (true at hi), to (hi - lo) / points^rounds; the diagnostics there."""
+    for _ in range(rounds):
+        grid = torch.linspace(lo, hi, points + 1, dtype=torch.float64)
+        log_a, tv, _ = _qrs_curves(log_w, grid)
+        ok = holds(log_a, tv)
+        ok[-1] = True  # hi holds (recomputed values can differ in the last bit)
+        first = max(int(ok.nonzero()[0]), 1)
+        lo, hi = float(grid[first - 1]), float(grid[first])
+    return qrs_diagnostics(log_w, [hi])[0]
+
+
+def quasi_rejection_sample(proposal, target, num: int, max_len: int, batch_size: int, max_proposals: int,
+                           log_beta: float, generator: torch.Generator | None = None,
+                           progress: str = "qrs") -> QRSResult:
+    """Draw `num` samples of p_beta = min(q, P / beta) / a(beta) by quasi-rejection from `proposal`
+    q (Eikema et al. 2022): accept x ~ q with probability min(1, P(x) / (beta q(x))). Any beta > 0
+    works; at beta >= max P/q (e.g. target.log_weight_bound) it is rejection_sample, draw for draw.
+    choose_log_beta picks beta from a pilot batch and says how far p_beta is from p."""
+    if not math.isfinite(log_beta):
+        raise ValueError(f"quasi-rejection sampling: log beta must be finite, got {log_beta}")
+    return QRSResult(*_accepted_draws(proposal, target, num, max_len, batch_size, max_proposals, log_beta,
+                                      generator, progress, "quasi-rejection sampling"), float(log_beta))
 
 
 @dataclass

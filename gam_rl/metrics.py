@@ -19,6 +19,7 @@ class EvalConfig:
     samples: int = setting(5000, ge=1)
     max_len: int = setting(500, ge=1)  # the paper's limit when sampling for motif frequency
     batch_size: int = setting(5000, ge=1)
+    exact: bool = False  # true: exact Z, KLs and TV by enumerating every output (small max_len only: gam_rl/exact.py)
 
 
 def batched_log_prob(score: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,

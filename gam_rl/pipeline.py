@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,10 @@ import lightning.pytorch as pl
 import torch
 
 from gam_rl.data import Splits, load_splits
+from gam_rl.exact import ExactCurve, ExactTarget, OutputSpace, exact_results
 from gam_rl.features import Features
-from gam_rl.metrics import evaluate_policy
-from gam_rl.policy import LSTMPolicy
+from gam_rl.metrics import batched_log_prob, evaluate_policy, policy_cross_entropy
+from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
 from gam_rl.run_io import RESULT_KEYS
@@ -89,15 +91,40 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
     # Training-2 starts from the same RNG state whether Training-1 ran here or came from the cache
     pl.seed_everything(cfg.seed + 3, workers=False, verbose=False)
     p_lambda = gam(t1.r, features, t1.lam)  # P_lambda = r exp(lambda . phi)
+    exact_target = None
+    if cfg.eval.exact:  # every output of the sampler scored once: p_lambda and p_true exactly
+        with run.stage("exact_target"):
+            exact_target = ExactTarget.of(p_lambda, OutputSpace(cfg.max_len), device, data.process.log_prob)
+            log.info("exact: log Z = %.4f over %d outputs (importance-sampled %.4f)", exact_target.log_z,
+                     exact_target.space.size, res["log_z_hat"])
     with run.stage("training2"):
-        pi = training2(cfg, run, t1, p_lambda, data, logger, accelerator)
+        pi = training2(cfg, run, t1, p_lambda, data, logger, accelerator, exact_target)
         torch.save({"config": pi.config(), "state_dict": pi.state_dict()}, run_dir / "pi.pt")
     with run.stage("eval_pi"):
         evaluation = evaluate_policy(pi, data.splits.test, data.process.contains_motif, cfg.eval, data.symbols)
         run.count_samples("eval_pi", cfg.eval.samples)
         res.update(evaluation.results("pi"))
         logger.log("eval", 0, ce_test_pi=evaluation.ce_test, motif_freq_pi=evaluation.motif_freq)
+    if exact_target is not None:
+        with run.stage("exact"):
+            res["exact"] = exact_evaluation(exact_target, t1.r, pi, p_lambda, data, res)
+            logger.log("exact", 0, **res["exact"])
+            log.info("exact: KL(p_lambda || pi) %.4f, KL(pi || p_lambda) %.4f, TV %.4f (r: %.4f, %.4f, %.4f); "
+                     "Z-hat off by %.2f s.e.", *(res["exact"].get(k, math.nan) for k in (
+                         "kl_p_pi", "kl_pi_p", "tv_p_pi", "kl_p_r", "kl_r_p", "tv_p_r", "z_hat_error_se")))
     return res
+
+
+def exact_evaluation(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy, p_lambda, data: Data, res: dict) -> dict:
+    """results.json's `exact` section: the exact numbers of this run (gam_rl/exact.py)."""
+    test = data.splits.test.to(r.device)
+
+    def on_test(policy: LSTMPolicy) -> torch.Tensor:
+        with eval_mode(policy):
+            return batched_log_prob(policy.log_prob, test)
+
+    return exact_results(target, r, pi, batched_log_prob(p_lambda.log_potential, test), on_test(r), on_test(pi),
+                         data.symbols, res)
 
 
 def load_data(cfg: Config, run: Run, device: torch.device) -> Data:
@@ -175,7 +202,8 @@ def training1(cfg: Config, run: Run, data: Data, features: Features, logger, run
     return Training1(r, r_fit, r_eval, moments, partition, timings, samples, recorder.calls)
 
 
-def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger, accelerator: str) -> LSTMPolicy:
+def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger, accelerator: str,
+              exact_target: ExactTarget | None = None) -> LSTMPolicy:
     """pi by the configured method, from (proposal r, target P); fills the run's Training-2 results."""
     method, res, splits = cfg.method, run.results, data.splits
     init = LSTMPolicy.from_config(cfg.model).to(t1.r.device)  # fresh: the paper
@@ -186,6 +214,11 @@ def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger
         fit = distill(pi, t1.r, p_lambda, splits.train, splits.valid, method, max_len=cfg.max_len,
                       symbols_per_seq=data.symbols, seed=cfg.seed + 3, logger=logger, accelerator=accelerator)
         run.count_samples("training2", fit.proposals)
+        # distillation's own validation mixes its samples into V: the target line is checked on V alone, at the end
+        target_ce = res["distill_target_ce_valid"] = (1.0 + method.target_margin) * res["ce_valid_p_lambda"]
+        ce_v = policy_cross_entropy(pi, splits.valid, data.symbols)
+        res["distill_reached_target"] = ({"samples": fit.proposals, "ce_valid_pi": ce_v} if ce_v <= target_ce
+                                         else None)
     else:
         res["target"] = method.target
         target = TrueProcess(data.process) if method.target == "true" else p_lambda
@@ -194,7 +227,8 @@ def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger
         res["dpg_target_ce_valid"] = target_ce
         fit = train_dpg(pi, t1.r, target, splits.valid, method, max_len=cfg.max_len, symbols_per_seq=data.symbols,
                         ce_valid_proposal=res["ce_valid_r"], seed=cfg.seed + 3, target_ce_valid=target_ce,
-                        logger=logger, accelerator=accelerator)
+                        logger=logger, accelerator=accelerator,
+                        callbacks=[ExactCurve(exact_target, "dpg")] if exact_target is not None else [])
         run.count_samples("training2", fit.samples)
     res.update(fit.results())
     return pi

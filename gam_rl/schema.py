@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
+from gam_rl import exact
 from gam_rl.config_fields import MISSING, constraint_problem, setting
 from gam_rl.data import DataConfig, DatasetSizeConfig, valid_size_for
 from gam_rl.features import FeatureMaskError, Features, FeaturesConfig
@@ -31,14 +32,15 @@ from gam_rl.process import MAX_EXACT_N, MotifConfig
 from gam_rl.run_io import LoggerConfig
 from gam_rl.stages import dpg
 from gam_rl.stages.distill import DistillConfig
-from gam_rl.stages.dpg import DPGConfig
+from gam_rl.stages.dpg import DPGConfig, FDPGConfig
 from gam_rl.stages.mle import MLEConfig
 from gam_rl.stages.moment_matching import MomentMatchingConfig
 from gam_rl.stages.partition import ZConfig
 from gam_rl.training1_cache import CacheConfig
 
 DEVICES = ("auto", "cpu", "cuda")
-METHODS: dict[str, type] = {"distill": DistillConfig, **{name: DPGConfig for name in dpg.ALGORITHMS}}
+METHODS: dict[str, type] = {"distill": DistillConfig, **{name: DPGConfig for name in dpg.ALGORITHMS},
+                            "fdpg": FDPGConfig}
 
 
 @dataclass
@@ -73,6 +75,7 @@ def register() -> None:
     store.store(name="gam_rl_schema", node=Config)
     store.store(group="schema/method", name="dpg", node=DPGConfig)
     store.store(group="schema/method", name="distill", node=DistillConfig)
+    store.store(group="schema/method", name="fdpg", node=FDPGConfig)
 
 
 register()
@@ -210,6 +213,8 @@ def cross_field_problems(cfg: Config) -> list[str]:
                    f"{pools.valid})")
     if cfg.max_len <= n:
         out.append(f"max_len={cfg.max_len}: the sampling limit must exceed n={n} (n bits and EOS)")
+    if cfg.eval.exact and exact.max_len_problem(cfg.max_len):
+        out.append(exact.max_len_problem(cfg.max_len))
     if cfg.device == "cuda" and not torch.cuda.is_available():
         out.append("device='cuda': CUDA is not available on this machine (use device=auto or cpu)")
     if hasattr(cfg.method, "problems"):

@@ -39,10 +39,13 @@ def typed(overrides=()) -> schema.Config:
 def test_every_method_profile_and_logger_composes_and_validates():
     groups = {g: group_options(g) for g in ("method", "profile")}
     assert set(groups["profile"]) >= {"paper", "cpu", "smoke"}
-    assert set(groups["method"]) == {"distill", "dpg_off", "dpg_on", "pg", "dpg_true"}
+    assert set(groups["profile"]) >= {"paper", "cpu", "smoke", "toy"}
+    assert set(groups["method"]) == {"distill", "distill_qrs", "dpg_off", "dpg_on", "pg", "dpg_true", "fdpg",
+                                     "fdpg_rkl", "fdpg_js", "fdpg_tv", "kl_control"}
     for method, profile in itertools.product(*groups.values()):
         cfg = typed([f"method={method}", f"profile={profile}"])
-        assert cfg.method.name == method and cfg.profile == profile
+        # method=fdpg is named for its divergence (fdpg_kl unless method.divergence says otherwise)
+        assert cfg.method.name == ("fdpg_kl" if method == "fdpg" else method) and cfg.profile == profile
     for logger in group_options("logger"):
         assert typed([f"logger={logger}"]).logger.kind == logger
 

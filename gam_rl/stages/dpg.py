@@ -5,6 +5,9 @@
     dpg_on   x ~ pi: theta += alpha (P(x)/pi(x)) grad log pi(x)  (q = pi at every update)
     pg       x ~ pi: theta += alpha P(x) grad log pi(x)          (REINFORCE with reward P: RL as
              optimisation, which maximises E_pi[P] and collapses onto its mode)
+    fdpg     x ~ q (or pi): theta -= alpha (pi(x)/q(x)) f'(pi(x)/p(x)) grad log pi(x), descent on an
+             f-divergence D_f(pi || p) (stages/fdpg.py); divergence=kl is dpg_off's update, and
+             on-policy rkl with a baseline is KL-control (method=kl_control)
 
 The update is `dpg_loss`; the draws it trains on (weights, thinning, replay, running Z) are
 stages/draws.py; a check ("epoch") every `updates_per_epoch` updates measures CE(V, pi), runs
@@ -28,11 +31,12 @@ from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.potentials import Potential
 from gam_rl.stages.common import KeepBestPlateau, Plateau, StageProgress, make_trainer, token_loader
 from gam_rl.stages.draws import ProposalDraws, WeightedDraw
+from gam_rl.stages.fdpg import DIVERGENCES, fdpg_loss
 
 log = logging.getLogger("gam_rl")
 
 ALGORITHMS = ("dpg_off", "dpg_on", "pg")
-ON_POLICY = ("dpg_on", "pg")  # sample pi itself
+ON_POLICY = ("dpg_on", "pg")  # sample pi itself (fdpg: its on_policy key)
 TARGETS = ("gam", "true")  # gam: P = P_lambda | true: P = the true process (paper Supp. A.3)
 INITS = ("fresh", "r")  # fresh: a new LSTM (the paper) | r: pi starts as a copy of r
 NORMALISE = ("none", "running_z")  # none: Z taken as 1 (the paper) | running_z: w / running Z-hat
@@ -143,12 +147,43 @@ class DPGConfig:
         return out
 
 
+@dataclass
+class FDPGConfig(DPGConfig):
+    """`method` section of f-DPG (conf/method/fdpg.yaml, kl_control.yaml): DPGConfig's draws and
+    schedule, a divergence, and where the draws come from."""
+
+    algorithm: str = setting("fdpg", choices=("fdpg",))
+    divergence: str = setting("kl", choices=DIVERGENCES)  # kl | rkl | js | tv: D_f(pi || p) (stages/fdpg.py)
+    on_policy: bool = False  # true: x ~ pi at every update (no swaps); false: x ~ q with dpg_off's swap gate
+    baseline: bool = False  # subtract the draw's self-normalised mean of f'(pi/p) (stages/fdpg.py, fdpg_loss)
+    normalise: str = setting("running_z", choices=NORMALISE)  # p = P / Z-hat: every divergence but kl needs Z
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.divergence != "kl" and self.normalise != "running_z":
+            out.append(f"method.normalise={self.normalise!r} with method.divergence={self.divergence!r}: f'(pi/p) "
+                       "needs p = P / Z, so Z-hat; use method.normalise=running_z (only kl ignores Z)")
+        if DIVERGENCES[self.divergence].full_support and self.target == "true":
+            out.append(f"method.divergence={self.divergence!r} with method.target='true': KL(pi || p) is infinite "
+                       "while pi puts mass off the true process's support; use kl, js or tv")
+        if self.target == "true" and self.thins() and self.divergence != "kl":
+            out.append(f"method.divergence={self.divergence!r} with method.target='true' and thinning "
+                       "(method.keep_per_draw < method.proposal_batch): thinning by P/q drops the samples with "
+                       "P = 0, whose f-DPG coefficient is not 0; turn thinning off")
+        return out
+
+
+def on_policy(cfg: DPGConfig) -> bool:
+    """Whether the draws come from pi itself (dpg_on, pg, fdpg with on_policy) rather than q."""
+    return cfg.algorithm in ON_POLICY or getattr(cfg, "on_policy", False)
+
+
 class DPGModule(pl.LightningModule):
     def __init__(self, pi: LSTMPolicy, draws: ProposalDraws, cfg: DPGConfig, *, symbols_per_seq: int,
                  ce_valid_proposal: float, target_ce_valid: float | None = None):
         super().__init__()
         self.pi, self.draws, self.cfg, self.symbols = pi, draws, cfg, symbols_per_seq
-        self.gate = SWAP_GATES[cfg.swap_gate] if cfg.algorithm == "dpg_off" else None
+        self.gate = None if on_policy(cfg) else SWAP_GATES[cfg.swap_gate]
         self.ce_valid_q = ce_valid_proposal
         self._val_sum, self._val_count = 0.0, 0
         self.swaps: list[dict] = []
@@ -162,6 +197,13 @@ class DPGModule(pl.LightningModule):
     def training_step(self, draw: WeightedDraw, batch_idx):
         log_pi = self.pi.log_prob(draw.tokens)
         log_norm = self.draws.running_z.log_z if self.cfg.normalise == "running_z" else 0.0
+        if self.cfg.algorithm == "fdpg":
+            # on-policy without replay, q is pi with these very weights: pi/q = 1, without dropout's noise
+            exact_ratio = self.cfg.on_policy and not self.cfg.replay
+            loss = fdpg_loss(log_pi, draw, self.cfg.divergence, log_z=log_norm, baseline=self.cfg.baseline,
+                             log_pi_coef=draw.log_q if exact_ratio else None)
+            self.log("dpg/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(draw))
+            return loss
         # b = Z-hat in the weights' units: Z-hat unnormalised, 1 once the weights are divided by Z-hat
         baseline = math.exp(self.draws.running_z.log_z - log_norm) if self.cfg.baseline else None
         loss = dpg_loss(log_pi, draw, log_norm=log_norm, reward=self.cfg.algorithm == "pg", baseline=baseline)
@@ -189,6 +231,7 @@ class DPGModule(pl.LightningModule):
         if self.gate is not None:
             self.log("dpg/val_ce_q", self.ce_valid_q)
         self.log("dpg/log_z_running", self.draws.running_z.log_z)
+        self.log("dpg/draws", float(self.draws.samples_drawn))  # proposals drawn so far: the x-axis of the curves
 
     def _swap(self, ce_pi: float, details: dict) -> None:
         swap = {"step": int(self.global_step), "epoch": int(self.current_epoch), "gate": self.cfg.swap_gate,
@@ -224,11 +267,12 @@ class DPGResult:
 
 def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, valid: torch.Tensor, cfg: DPGConfig, *,
               max_len: int, symbols_per_seq: int, ce_valid_proposal: float, seed: int = 0,
-              target_ce_valid: float | None = None, logger=None, accelerator: str = "cpu") -> DPGResult:
+              target_ce_valid: float | None = None, logger=None, accelerator: str = "cpu",
+              callbacks: list | None = None) -> DPGResult:
     """Train `pi` in place towards p = P / Z from draws of `proposal` (dpg_off) or of pi itself
     (dpg_on, pg); on return pi holds the best-CE(V) weights."""
     generator = torch.Generator(device=pi.device).manual_seed(seed)
-    draws = ProposalDraws(pi if cfg.algorithm in ON_POLICY else proposal.eval(), target,
+    draws = ProposalDraws(pi if on_policy(cfg) else proposal.eval(), target,
                           minibatch=cfg.minibatch, proposal_batch=cfg.proposal_batch,
                           keep_per_draw=cfg.keep_per_draw, replay=cfg.replay, steps_per_draw=cfg.steps_per_draw,
                           updates_per_epoch=cfg.updates_per_epoch, max_len=max_len, generator=generator)
@@ -237,7 +281,8 @@ def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, valid: to
     # a CE(V, pi) that is not finite (pg's collapse) is a check without progress, not a reason to stop
     plateau = Plateau(cfg.patience, stop_on_nonfinite=False)
     keys = ["dpg/val_ce_pi"] + (["dpg/val_ce_q"] if module.gate is not None else [])
-    callbacks = [KeepBestPlateau("dpg/val_ce_pi", "pi", plateau),
+    # extra callbacks (e.g. exact.ExactCurve) first: they see the weights just checked, before a restore
+    callbacks = list(callbacks or []) + [KeepBestPlateau("dpg/val_ce_pi", "pi", plateau),
                  StageProgress(cfg.algorithm, keys, plateau, cfg.updates_per_epoch, cfg.max_epochs, unit="updates",
                                monitor="dpg/val_ce_pi")]
     trainer = make_trainer(cfg.max_epochs, callbacks, logger, accelerator, gradient_clip_val=cfg.clip)

@@ -1,0 +1,209 @@
+"""Exact evaluation on small problems: every output of the sampler, enumerated.
+
+A sampler with the limit max_len (symbols, EOS included) writes k < max_len bits then EOS, or
+max_len bits and stops without EOS (truncated): 2^(max_len + 1) - 1 outputs in all, and an
+LSTM policy's probabilities sum to exactly 1 over them. On that space, with the potential
+P_lambda = r exp(lambda . phi) scored on every output:
+
+    Z = sum_x P_lambda(x),   p_lambda = P_lambda / Z,   p_true = uniform over the n-bit strings
+    that contain the motif (then EOS), and for a policy pi:
+    KL(p || pi) = sum_x p (log p - log pi),   TV(p, pi) = 1/2 sum_x |p - pi|.
+
+KLs are in nats per sequence; cross-entropies in nats per symbol (n + 1), as everywhere else.
+`eval.exact=true` puts these numbers in results.json under `exact` (pipeline.py) and, for the
+DPG family, logs KL(p || pi), KL(pi || p) and TV at every check (`ExactCurve`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from gam_rl.policy import LSTMPolicy, eval_mode
+from gam_rl.potentials import Potential, Product
+from gam_rl.tokens import EOS, PAD, VOCAB
+
+MAX_OUTPUTS = 2**20  # the largest enumerated space: max_len <= 19
+
+
+def num_outputs(max_len: int) -> int:
+    """sum_{k < max_len} 2^k finished strings + 2^max_len truncated ones."""
+    return 2 ** (max_len + 1) - 1
+
+
+def max_len_problem(max_len: int) -> str | None:
+    """Why eval.exact cannot run at this max_len, or None."""
+    if num_outputs(max_len) <= MAX_OUTPUTS:
+        return None
+    largest = int(math.log2(MAX_OUTPUTS + 1)) - 1
+    return (f"eval.exact=true with max_len={max_len}: the sampler has 2^{max_len + 1} - 1 outputs, above the "
+            f"exact-evaluation cap of 2^{int(math.log2(MAX_OUTPUTS))} (max_len <= {largest}); lower max_len "
+            "(and n), e.g. profile=toy, or set eval.exact=false")
+
+
+def output_batches(max_len: int, batch_size: int = 65536) -> Iterator[torch.Tensor]:
+    """Every output as a (B, max_len) token batch: for each bit count k the integers 0 .. 2^k - 1
+    written in k bits (then EOS and PAD for k < max_len), in chunks of at most batch_size rows."""
+    for k in range(max_len + 1):
+        for start in range(0, 2**k, batch_size):
+            ints = torch.arange(start, min(start + batch_size, 2**k))
+            rows = torch.full((len(ints), max_len), PAD, dtype=torch.long)
+            if k:
+                shifts = torch.arange(k - 1, -1, -1)
+                rows[:, :k] = (ints.unsqueeze(1) >> shifts) & 1  # most significant bit first
+            if k < max_len:
+                rows[:, k] = EOS
+            yield rows
+
+
+class OutputSpace:
+    """The enumerated outputs of one max_len, kept as int8 batches to score any policy on."""
+
+    def __init__(self, max_len: int, batch_size: int = 65536):
+        problem = max_len_problem(max_len)
+        if problem:
+            raise ValueError(problem)
+        self.max_len = max_len
+        self.batches = [b.to(torch.int8) for b in output_batches(max_len, batch_size)]
+        self.size = sum(len(b) for b in self.batches)
+
+    def score(self, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+        """fn(tokens) on every output, concatenated as float64 (no autograd)."""
+        with torch.no_grad():
+            return torch.cat([fn(b.long().to(device)).double().cpu() for b in self.batches])
+
+    def log_prob(self, policy: LSTMPolicy) -> torch.Tensor:
+        """log pi(x) of every output, in output_batches' order (tree_log_prob)."""
+        return tree_log_prob(policy, self.max_len)
+
+    def log_potential(self, potential: Potential, device: torch.device | str = "cpu") -> torch.Tensor:
+        """log P(x) of every output: a policy factor through the prefix tree, the rest per batch."""
+        if isinstance(potential, LSTMPolicy):
+            return self.log_prob(potential)
+        if isinstance(potential, Product):
+            return sum(self.log_potential(factor, device) for factor in potential.factors)
+        return self.score(potential.log_potential, device)
+
+
+def tree_log_prob(policy: LSTMPolicy, max_len: int) -> torch.Tensor:
+    """log pi(x) of every output by one LSTM step per prefix of the binary tree (2^k prefixes at
+    depth k) instead of one pass per output: 2^max_len - 1 steps in max_len batched calls.
+
+    A prefix s of k bits has log pi(s) = sum of its bits' log-probabilities; the output s EOS has
+    log pi(s) + log pi(EOS | s), and a prefix of max_len bits is the truncated output s itself.
+    Prefix i at depth k has children 2i (bit 0) and 2i + 1 (bit 1): output_batches' order."""
+    with eval_mode(policy):
+        dev, layers, hidden = policy.device, policy.layers, policy.hidden
+        dtype = policy.head.weight.dtype
+        state = (torch.zeros(layers, 1, hidden, device=dev, dtype=dtype),) * 2
+        inputs = torch.zeros(1, 1, VOCAB, device=dev, dtype=dtype)  # BOS: the zero vector
+        log_prefix = torch.zeros(1, dtype=torch.float64, device=dev)
+        ended = []
+        for k in range(max_len):
+            out, state = policy.lstm(inputs, state)
+            logp = torch.log_softmax(policy.head(out[:, 0]), dim=-1).double()  # (2^k, 3): next-symbol log-probs
+            ended.append(log_prefix + logp[:, EOS])  # s EOS, for every k-bit prefix s
+            log_prefix = (log_prefix.unsqueeze(1) + logp[:, :EOS]).reshape(-1)  # children s0, s1
+            if k + 1 < max_len:
+                state = tuple(t.repeat_interleave(2, dim=1) for t in state)
+                bits = torch.arange(2 ** (k + 1), device=dev) % 2  # the child's last bit
+                inputs = F.one_hot(bits, VOCAB).to(dtype).unsqueeze(1)
+        return torch.cat(ended + [log_prefix]).cpu()  # then the max_len-bit truncated outputs
+
+
+# ---- divergences between distributions given as log-probabilities over the same space -----------
+
+def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """KL(p || q) = sum_{p > 0} p (log p - log q) (inf where q = 0 < p)."""
+    log_p, log_q = log_p.double(), log_q.double()
+    support = torch.isfinite(log_p)
+    p = log_p[support].exp()
+    return float((p * (log_p[support] - log_q[support])).sum())
+
+
+def tv(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """TV(p, q) = 1/2 sum_x |p(x) - q(x)|."""
+    return 0.5 * float((log_p.double().exp() - log_q.double().exp()).abs().sum())
+
+
+def entropy(log_p: torch.Tensor) -> float:
+    log_p = log_p.double()
+    support = torch.isfinite(log_p)
+    return float(-(log_p[support].exp() * log_p[support]).sum())
+
+
+def divergences(name: str, log_p: torch.Tensor, log_pi: torch.Tensor, log_p_true: torch.Tensor | None) -> dict:
+    """KL both ways and TV between p_lambda and a policy; KL(p_true || policy) when given."""
+    out = {f"kl_p_{name}": kl(log_p, log_pi), f"kl_{name}_p": kl(log_pi, log_p), f"tv_p_{name}": tv(log_p, log_pi)}
+    if log_p_true is not None:
+        out[f"kl_true_{name}"] = kl(log_p_true, log_pi)
+    return out
+
+
+@dataclass
+class ExactTarget:
+    """p = P / Z over the enumerated space, with the space kept to score policies on."""
+
+    space: OutputSpace
+    log_p: torch.Tensor  # (outputs,) float64, log p(x)
+    log_z: float  # log sum_x P(x)
+    log_p_true: torch.Tensor | None  # (outputs,) log p_true(x), -inf off its support
+
+    @classmethod
+    def of(cls, target: Potential, space: OutputSpace, device, true_log_prob=None) -> ExactTarget:
+        log_unnorm = space.log_potential(target, device)
+        log_z = float(torch.logsumexp(log_unnorm, 0))  # log Z = log sum_x P(x)
+        log_p_true = space.score(true_log_prob, device) if true_log_prob is not None else None
+        return cls(space, log_unnorm - log_z, log_z, log_p_true)
+
+    def policy_divergences(self, policy: LSTMPolicy, name: str = "pi") -> dict:
+        return divergences(name, self.log_p, self.space.log_prob(policy), self.log_p_true)
+
+
+def exact_results(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy | None, log_p_test: torch.Tensor,
+                  test_log_r: torch.Tensor, test_log_pi: torch.Tensor | None, symbols: int,
+                  is_estimate: dict) -> dict:
+    """results.json's `exact` section.
+
+    log_p_test: log P_lambda on T (unnormalised); test_log_r / test_log_pi: log r, log pi on T;
+    is_estimate: the importance-sampled {z_hat, z_rel_se, ce_test_p_lambda, ce_test_p_lambda_se}
+    of the Z stage, whose errors are given in its own standard errors."""
+    ce_p = -float((log_p_test.double() - target.log_z).mean()) / symbols  # CE(T, p_lambda) with the exact Z
+    out = {"outputs": target.space.size, "max_len": target.space.max_len, "log_z": target.log_z,
+           "z": math.exp(target.log_z), "ce_test_r": -float(test_log_r.double().mean()) / symbols,
+           "ce_test_p_lambda": ce_p, "h_p_lambda": entropy(target.log_p) / symbols,
+           "mass_truncated_p_lambda": float(target.log_p[-2**target.space.max_len:].exp().sum())}
+    if target.log_p_true is not None:
+        out["kl_true_p"] = kl(target.log_p_true, target.log_p)
+    out.update(target.policy_divergences(r, "r"))
+    if pi is not None:
+        out["ce_test_pi"] = -float(test_log_pi.double().mean()) / symbols
+        out.update(target.policy_divergences(pi, "pi"))
+    z_hat, rel_se = is_estimate.get("z_hat"), is_estimate.get("z_rel_se")
+    if z_hat and rel_se:  # (Z-hat - Z) / s.e.(Z-hat), s.e. = rel_se Z-hat
+        out["z_hat_error_se"] = (z_hat - out["z"]) / (rel_se * z_hat)
+    ce_hat, ce_se = is_estimate.get("ce_test_p_lambda"), is_estimate.get("ce_test_p_lambda_se")
+    if ce_hat is not None and ce_se:
+        out["ce_test_p_lambda_error_se"] = (ce_hat - ce_p) / ce_se
+    return out
+
+
+class ExactCurve(pl.Callback):
+    """At every check of a Training-2 stage: exact KL(p || pi), KL(pi || p) and TV(p, pi), logged
+    as <stage>/exact_* with the stage's own values of that check (one pass over the prefix tree)."""
+
+    def __init__(self, target: ExactTarget, stage: str, attr: str = "pi"):
+        self.target, self.stage, self.attr = target, stage, attr
+        self.last: dict = {}
+
+    def on_validation_epoch_end(self, trainer, module):
+        if trainer.sanity_checking:
+            return
+        self.last = divergences("pi", self.target.log_p, self.target.space.log_prob(getattr(module, self.attr)), None)
+        for key, value in self.last.items():
+            module.log(f"{self.stage}/exact_{key}", value)

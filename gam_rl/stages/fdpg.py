@@ -1,0 +1,86 @@
+"""f-DPG (Go et al. 2023): pi_theta -> p = P / Z by minimising an f-divergence D_f(pi || p).
+
+    D_f(pi || p) = E_p[f(pi/p)],   grad D_f = E_p[f'(pi/p) (pi/p) grad log pi]
+                                            = E_q[(pi/q) f'(pi/p) grad log pi]     for any proposal q.
+
+The update is that last expectation over the same weighted draws as DPG (stages/draws.py:
+proposal swaps, thinning, replay, running Z-hat for p = P / Z-hat). Each divergence is one f' (and
+its f, used by the exact tests and the docs):
+
+    kl   KL(p || pi)   f = -log t             f' = -1/t       c = -(p/q): DPG's update, exactly
+    rkl  KL(pi || p)   f = t log t            f' = 1 + log t  on-policy with a baseline: KL-control
+    js   JS(pi, p)     f = (t log(2t/(1+t)) + log(2/(1+t))) / 2         f' = log(2t/(1+t)) / 2
+    tv   TV(pi, p)     f = |t - 1| / 2        f' = sign(t - 1) / 2
+
+t = pi(x)/p(x) is computed as log t, which is +inf where P(x) = 0 (f' of kl, js and tv stay finite
+there; rkl is infinite, so it needs a target with full support).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gam_rl.stages.draws import WeightedDraw
+
+
+@dataclass(frozen=True)
+class Divergence:
+    f: Callable[[torch.Tensor], torch.Tensor]  # f(t) from log t
+    fprime: Callable[[torch.Tensor], torch.Tensor]  # f'(t) from log t
+    full_support: bool  # infinite unless p > 0 wherever pi > 0
+
+
+def _js_f(log_t: torch.Tensor) -> torch.Tensor:
+    # log(2t/(1+t)) = log 2 - softplus(-log t);  log(2/(1+t)) = log 2 - softplus(log t)
+    t = log_t.exp()
+    return 0.5 * (t * (math.log(2.0) - F.softplus(-log_t)) + math.log(2.0) - F.softplus(log_t))
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    "kl": Divergence(lambda log_t: -log_t, lambda log_t: -torch.exp(-log_t), False),
+    "rkl": Divergence(lambda log_t: log_t.exp() * log_t, lambda log_t: 1.0 + log_t, True),
+    "js": Divergence(_js_f, lambda log_t: 0.5 * (math.log(2.0) - F.softplus(-log_t)), False),
+    "tv": Divergence(lambda log_t: 0.5 * (log_t.exp() - 1.0).abs(), lambda log_t: 0.5 * torch.sign(log_t), False),
+}
+
+
+def fdpg_loss(log_pi: torch.Tensor, draw: WeightedDraw, divergence: str, *, log_z: float = 0.0,
+              baseline: bool = False, log_pi_coef: torch.Tensor | None = None) -> torch.Tensor:
+    """One f-DPG update as a loss for autograd: its gradient is
+
+        sum_i c_i grad log pi(x_i),   c_i = h_i (pi(x_i)/q(x_i)) f'(pi(x_i)/p(x_i)),   p = P / Z-hat,
+
+    an estimate of grad D_f(pi || p) (h_i: the item's share of its draw, as in dpg_loss), with no
+    gradient through c. For kl, c_i = -h_i P(x_i)/(Z-hat q(x_i)): minus DPG's coefficient.
+      log_z        log Z-hat (p = P / Z-hat; only the kl update does not depend on it beyond a scale)
+      baseline     f'_i -= b, b = sum_i h_i (pi/q) f'_i / sum_i h_i (pi/q), the draw's self-normalised
+                   estimate of E_pi[f']: E_q[(pi/q) grad log pi] = E_pi[grad log pi] = 0, so only the
+                   variance changes (on-policy with N equal shares: the batch-mean baseline, whose
+                   expected update is (N - 1)/N of the plain one)
+      log_pi_coef  log pi for the coefficients (default: log_pi); on-policy, log q of the same weights
+                   (pi/q = 1 exactly, without the training pass's dropout)
+    """
+    log_pi_c = (log_pi if log_pi_coef is None else log_pi_coef).detach().double()
+    log_p = draw.log_w + draw.log_q - log_z  # log p(x) = log P(x) - log Z-hat, with log P = log w + log q
+    log_t = log_pi_c - log_p  # log pi/p (+inf where P = 0)
+    fprime = DIVERGENCES[divergence].fprime(log_t)
+    ratio = torch.exp(log_pi_c - draw.log_q + draw.log_h)  # h_i pi(x_i)/q(x_i)
+    if baseline:
+        fprime = fprime - (ratio * fprime).sum() / ratio.sum()
+    return ((ratio * fprime).float() * log_pi).sum()
+
+
+def f_divergence(divergence: str, log_pi: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """D_f(pi || p) = sum_x p(x) f(pi(x)/p(x)) over an enumerated space (differentiable in log_pi);
+    where p = 0, the limit p f(pi/p) -> pi f'(inf) (0 for kl, pi log 2 / 2 for js, pi / 2 for tv)."""
+    div = DIVERGENCES[divergence]
+    support = torch.isfinite(log_p)
+    inside = (log_p[support].exp() * div.f(log_pi[support] - log_p[support])).sum()
+    outside_slope = {"kl": 0.0, "js": 0.5 * math.log(2.0), "tv": 0.5, "rkl": math.inf}[divergence]
+    outside = log_pi[~support].exp().sum() * outside_slope if (~support).any() else 0.0
+    return inside + outside

@@ -1,0 +1,151 @@
+"""f-DPG and KL-control against exact answers: every f' gives the exact gradient of its
+divergence, kl is DPG's update, and KL-control is on-policy reverse-KL f-DPG."""
+
+import math
+
+import pytest
+import torch
+
+from gam_rl.exact import OutputSpace, kl, tv
+from gam_rl.features import Features
+from gam_rl.policy import LSTMPolicy, eval_mode
+from gam_rl.potentials import TrueProcess, gam
+from gam_rl.process import MotifProcess
+from gam_rl.stages.dpg import FDPGConfig, dpg_loss
+from gam_rl.stages.draws import ProposalDraws, WeightedDraw
+from gam_rl.stages.fdpg import DIVERGENCES, f_divergence, fdpg_loss
+from tests.exact import all_outputs
+
+MAX_LEN = 6
+
+
+def policy(seed: int, hidden: int = 8) -> LSTMPolicy:
+    torch.manual_seed(seed)
+    return LSTMPolicy(hidden, 1, dropout=0.0)
+
+
+def gam_target(r: LSTMPolicy):
+    features = Features(["motif", "first_bit", "M"], "101", max_len=MAX_LEN)
+    return gam(r, features, torch.tensor([-2.0, 0.7, 1.5])), features
+
+
+def grads(loss: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    module.zero_grad()
+    loss.backward()
+    return torch.cat([p.grad.flatten().clone() for p in module.parameters()])
+
+
+def full_space_draw(space: torch.Tensor, q: LSTMPolicy, log_potential: torch.Tensor) -> WeightedDraw:
+    """Every output once, with share h(x) = q(x): sum_x h(x) g(x) = E_q[g], exactly."""
+    with eval_mode(q):
+        log_q = q.log_prob(space).double()
+    return WeightedDraw(space, log_potential.double() - log_q, log_q, log_q.clone(), torch.ones(len(space)))
+
+
+# every divergence on P_lambda; on a target with zeros (the true process) all but rkl, which is
+# infinite there (FDPGConfig.problems refuses it)
+CASES = [(d, "gam") for d in sorted(DIVERGENCES)] + [(d, "true") for d in sorted(DIVERGENCES)
+                                                    if not DIVERGENCES[d].full_support]
+
+
+@pytest.mark.parametrize("divergence, target_kind", CASES)
+def test_each_fprime_gives_the_exact_gradient_of_its_divergence(divergence, target_kind):
+    """E_q[(pi/q) f'(pi/p) grad log pi] over every output (h = q) = grad_theta D_f(pi || p), by autograd
+    on the enumerated D_f."""
+    space = all_outputs(MAX_LEN)
+    r, pi, q = policy(0), policy(1), policy(2)
+    if target_kind == "gam":
+        potential = gam_target(r)[0]
+    else:
+        potential = TrueProcess(MotifProcess("11", 4))
+    log_potential = potential.log_potential(space).double()
+    log_z = float(torch.logsumexp(log_potential, 0))
+    log_p = log_potential - log_z
+
+    exact = f_divergence(divergence, pi.log_prob(space).double(), log_p)
+    g_exact = grads(exact, pi)
+    draw = full_space_draw(space, q, log_potential)
+    g_fdpg = grads(fdpg_loss(pi.log_prob(space), draw, divergence, log_z=log_z), pi)
+    assert torch.allclose(g_fdpg, g_exact.float(), rtol=1e-4, atol=1e-6)
+    assert g_exact.abs().max() > 1e-3  # not a vacuous comparison
+
+
+def test_f_divergence_values_are_the_named_divergences():
+    space = all_outputs(MAX_LEN)
+    r, pi = policy(0), policy(1)
+    log_potential = gam_target(r)[0].log_potential(space).double()
+    log_p = log_potential - torch.logsumexp(log_potential, 0)
+    with torch.no_grad():
+        log_pi = pi.log_prob(space).double()
+    m = torch.logaddexp(log_p, log_pi) - math.log(2.0)  # log of the mixture (p + pi) / 2
+    expected = {"kl": kl(log_p, log_pi), "rkl": kl(log_pi, log_p), "tv": tv(log_p, log_pi),
+                "js": 0.5 * kl(log_pi, m) + 0.5 * kl(log_p, m)}
+    for name, value in expected.items():
+        assert float(f_divergence(name, log_pi, log_p)) == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+def test_kl_fdpg_is_dpg_off_exactly():
+    """The same weighted draw (sampled, thinned, with a running Z-hat): f-DPG with divergence kl
+    and DPG_off give the same loss and the same gradient."""
+    r, pi = policy(0, 16), policy(1, 16)
+    potential = gam_target(r)[0]
+    draws = ProposalDraws(r, potential, minibatch=64, proposal_batch=400, keep_per_draw=64, replay=0,
+                          steps_per_draw=1, updates_per_epoch=1, max_len=MAX_LEN,
+                          generator=torch.Generator().manual_seed(0))
+    draw = draws.fresh()
+    log_z = draws.running_z.log_z
+    dpg = dpg_loss(pi.log_prob(draw.tokens), draw, log_norm=log_z)
+    g_dpg = grads(dpg, pi)
+    fdpg = fdpg_loss(pi.log_prob(draw.tokens), draw, "kl", log_z=log_z)
+    g_fdpg = grads(fdpg, pi)
+    assert float(fdpg.detach()) == pytest.approx(float(dpg.detach()), rel=1e-6)
+    assert torch.allclose(g_fdpg, g_dpg, rtol=1e-5, atol=1e-8)
+
+
+def test_kl_control_is_reinforce_on_the_kl_regularised_reward():
+    """On pi's own samples, rkl f-DPG with the baseline = REINFORCE on R(x) = lambda . phi(x) -
+    log pi(x)/r(x) with the batch-mean baseline, written here from its definition; log Z-hat cancels."""
+    r, pi = policy(0, 16), policy(1, 16)
+    potential, features = gam_target(r)
+    lam = torch.tensor([-2.0, 0.7, 1.5])
+    samples = pi.sample(300, MAX_LEN, torch.Generator().manual_seed(1))
+    log_w = potential.log_weight(pi, samples).double()
+    n = len(samples)
+    draw = WeightedDraw(samples.tokens, log_w, samples.log_prob.double(), torch.full((n,), -math.log(n),
+                        dtype=torch.float64), torch.full((n,), 1.0 / n, dtype=torch.float64))
+    with torch.no_grad():
+        reward = (features(samples.tokens) @ lam).double() - samples.log_prob.double() + r.log_prob(samples.tokens)
+    reinforce = -(((reward - reward.mean()) / n).float() * pi.log_prob(samples.tokens)).sum()  # ascent on E_pi[R]
+    g_reinforce = grads(reinforce, pi)
+    for log_z in (0.0, 3.7):
+        loss = fdpg_loss(pi.log_prob(samples.tokens), draw, "rkl", log_z=log_z, baseline=True,
+                         log_pi_coef=draw.log_q)
+        assert torch.allclose(grads(loss, pi), g_reinforce, rtol=1e-4, atol=1e-7)
+
+
+def test_kl_control_objective_is_log_z_minus_reverse_kl():
+    """E_pi[lambda . phi - log pi/r] = log Z - KL(pi || p_lambda) exactly: its maximiser is p_lambda."""
+    space = OutputSpace(MAX_LEN)
+    r, pi = policy(0), policy(1)
+    potential, features = gam_target(r)
+    tokens = torch.cat([b.long() for b in space.batches])
+    log_potential = space.log_potential(potential)
+    log_z = float(torch.logsumexp(log_potential, 0))
+    log_pi, log_r = space.log_prob(pi), space.log_prob(r)
+    reward = (features(tokens) @ torch.tensor([-2.0, 0.7, 1.5])).double() - log_pi + log_r
+    objective = float((log_pi.exp() * reward).sum())
+    assert objective == pytest.approx(log_z - kl(log_pi, log_potential - log_z), abs=1e-6)
+
+
+@pytest.mark.parametrize("options, key", [
+    (dict(divergence="rkl", target="true"), "method.divergence='rkl' with method.target='true'"),
+    (dict(divergence="js", normalise="none"), "method.normalise='none' with method.divergence='js'"),
+    (dict(divergence="tv", target="true", proposal_batch=1000, keep_per_draw=100), "thinning"),
+])
+def test_fdpg_refuses_combinations_that_cannot_work(options, key):
+    cfg = FDPGConfig(name="fdpg", **options)
+    assert any(key in problem for problem in cfg.problems())
+
+
+def test_fdpg_kl_without_z_is_allowed():
+    assert FDPGConfig(name="fdpg", divergence="kl", normalise="none").problems() == []
