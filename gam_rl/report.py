@@ -36,9 +36,10 @@ Runs of different profiles are never mixed: every table and figure is per profil
 `dpg_vs_distill.png`; with several, `figure2_<profile>.png` and `dpg_vs_distill_<profile>.png`.
 
 Files written to --out (default `<first SWEEP_DIR>/report`): table1.md (all tables, the
-missing list, footnotes), table1.csv (one row per profile and |D|: `<col>_mean, _std, _n,
-_excluded, _paper, _ours_over_paper` for each column), table1.tex, raw_means.csv, cells.md,
-cells.csv, and the PNG figures. Exit code 0 when written (failed cells are listed), 2 when a
+missing list, the Training-2 methods table of report_methods.py, footnotes), table1.csv (one
+row per profile and |D|: `<col>_mean, _std, _n, _excluded, _paper, _ours_over_paper` for each
+column), table1.tex, raw_means.csv, methods.csv, cells.md, cells.csv, and the PNG figures.
+Exit code 0 when written (failed cells are listed), 2 when a
 folder does not exist or no run folder is found.
 """
 
@@ -548,6 +549,8 @@ def raw_md(raw: dict[tuple[int, str], tuple[int, dict[str, Stat]]]) -> list[str]
 def report_md(profiles: dict[str, ProfileData], values: dict, tables: dict, raws: dict, notes: list[str],
               unidentified: list[RunRecord], figures: dict[str, list[str]], skipped: dict[str, list[str]],
               roots: list[Path]) -> str:
+    from gam_rl.report_methods import methods_md, methods_rows
+
     lines = ["# gam-rl report: Table 1", "",
              "Runs under: " + ", ".join(f"`{r}`" for r in roots) + ".",
              "Table 1 entries are ratios of per-method means over the runs of a \\|D\\| (n = runs, or cells "
@@ -560,6 +563,8 @@ def report_md(profiles: dict[str, ProfileData], values: dict, tables: dict, raws
                   "### Raw means per \\|D\\| and method (ok runs; mean ± std)", "", *raw_md(raws[name]), "",
                   "### Missing or failed", ""]
         lines += [f"- {line}" for line in problems(data)] or ["none"]
+        lines += ["", "### Training-2 methods (gam_rl/report_methods.py: draws to CE(V, pi) <= 1.01 CE(V, p_lambda), "
+                  "final CE(T, pi); exact divergences with eval.exact)", "", *methods_md(methods_rows(data))]
         lines += ["", "Figures: " + (", ".join(f"`{f}`" for f in figures[name]) or "none"), ""]
         lines += [f"- not drawn: {reason}" for reason in skipped[name]]
         lines += [""] if skipped[name] else []
@@ -701,6 +706,7 @@ def collect(roots: list[Path], profile: str | None) -> tuple[list[RunRecord], li
 def write_report(roots: list[Path], out: Path, profile: str | None = None) -> str:
     """Read the runs under the roots, write every file into out; returns the Markdown report."""
     from gam_rl.report_figures import FIGURES
+    from gam_rl.report_methods import write_methods_csv
 
     identified, unidentified = collect(roots, profile)
     chosen, notes = choose_runs(identified)
@@ -722,6 +728,7 @@ def write_report(roots: list[Path], out: Path, profile: str | None = None) -> st
                 print(f"gam-rl-report: {name}: not drawn: {file}: {reason}", file=sys.stderr)
     write_table1_csv(out / "table1.csv", profiles, values, tables)
     write_raw_csv(out / "raw_means.csv", raws)
+    write_methods_csv(out / "methods.csv", profiles)
     (out / "table1.tex").write_text(table1_tex(profiles, values))
     write_cells(out, profiles)
     text = report_md(profiles, values, tables, raws, notes, unidentified, drawn, skipped, roots)
@@ -751,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gam-rl-report: {err}", file=sys.stderr)
         sys.exit(2)
     print(text)
-    print(f"gam-rl-report: wrote {out}/table1.md, table1.csv, table1.tex, raw_means.csv, cells.md, cells.csv "
+    print(f"gam-rl-report: wrote {out}/table1.md, table1.csv, table1.tex, raw_means.csv, methods.csv, cells.md, "
+          "cells.csv "
           "and the figures it had runs for")
     return 0
 

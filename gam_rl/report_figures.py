@@ -13,6 +13,7 @@ a standard-deviation bar.
   dpg_true, CE(T, p_lambda) and H (sweep preset true_target).
 - figure5: DPG against distillation with the length features M, v off (1001111) and on
   (Mv1001111): CE(T, pi) and the motif frequency of pi (the Table 1 grid).
+- methods: every Training-2 method's CE(V, pi) (or exact KL) against draws (report_methods.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gam_rl.report import ProfileData, Stat
+from gam_rl.report_methods import methods_figure
 
 COLOURS = {"dpg_off": "tab:blue", "distill": "tab:orange", "r": "tab:gray", "p_lambda": "tab:green",
            "dpg_true": "tab:red", "distill@estimator=rs": "tab:purple"}
@@ -238,4 +240,4 @@ def figure5(data: ProfileData, path: Path) -> str | None:
 
 FIGURES: dict[str, Callable[[ProfileData, Path], str | None]] = {
     "figure2": figure2, "dpg_vs_distill": dpg_vs_distill_figure, "figure3": figure3, "figure4": figure4,
-    "figure5": figure5}
+    "figure5": figure5, "methods": methods_figure}

@@ -352,3 +352,37 @@ def test_cli_exit_2_without_runs(tmp_path):
     assert proc.returncode == 2 and "no run folder" in proc.stderr
     proc = run_cli(str(tmp_path / "nope"), cwd=tmp_path)
     assert proc.returncode == 2 and "no such folder" in proc.stderr
+
+
+def test_methods_table_draws_to_target_and_exact_divergences(tmp_path):
+    """The methods table: mean draws to target over the runs that reached it, k/n reached, the ratio to
+    dpg_off's draws at the same |D|, exact means; the figure draws the exact KL curves of metrics.csv."""
+    root = tmp_path / "runs"
+    draws = {"dpg_off": (1000, 3000), "kl_control": (250, None), "distill": (5000, 5000)}
+    for seed in SEEDS:
+        for method, (first, second) in draws.items():
+            hit = first if seed == SEEDS[0] else second
+            line, reached = ("distill_target_ce_valid", "distill_reached_target") if method == "distill" else (
+                "dpg_target_ce_valid", "dpg_reached_target")
+            folder = write_run(root / f"{method}_{seed}", ok_results(
+                M2, seed, 500, method, profile="toy", samples={"training2": 8000}, timings={"training2": 20.0},
+                exact={"kl_p_pi": 0.1 * SEEDS.index(seed) + 0.05, "kl_pi_p": 0.2, "tv_p_pi": 0.3},
+                **{line: 0.5, reached: ({"samples": hit} if method == "distill" else {"samples": hit, "seconds": 4.0})
+                   if hit else None}))
+            if method != "distill":
+                rows = ["time,stage,step,name,value"] + [f"0,dpg,{s},{name},{v}" for s in (9, 19) for name, v in (
+                    ("draws", 1000 * (s + 1)), ("val_ce_pi", 0.6 - 0.001 * s), ("exact_kl_p_pi", 0.5 - 0.01 * s))]
+                (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
+        write_run(root / f"true_{seed}", ok_results(M2, seed, 500, "dpg_true", profile="toy", target="true",
+                                                    dpg_target_ce_valid=None, dpg_reached_target=None))
+    main([str(root)])
+    rows = {r["method"]: r for r in read_csv(root / "report" / "methods.csv")}
+    assert (rows["dpg_off"]["reached"], float(rows["dpg_off"]["draws_to_target"])) == ("2", 2000.0)
+    assert (rows["kl_control"]["reached"], rows["kl_control"]["recorded"]) == ("1", "2")
+    assert float(rows["kl_control"]["x_dpg_off"]) == pytest.approx(250 / 2000)
+    assert float(rows["distill"]["seconds_to_target"]) == 20.0  # distillation: its whole Training-2
+    assert float(rows["dpg_off"]["kl_p_pi"]) == pytest.approx(0.1)
+    assert rows["dpg_true"]["recorded"] == "0" and rows["dpg_true"]["draws_to_target"] == ""
+    text = (root / "report" / "table1.md").read_text()
+    assert "| 500 | kl_control | 1/2 | 250 | 0.125 |" in text and "KL(p\\|\\|pi)" in text
+    assert imread(root / "report" / "methods.png").shape[0] > 100

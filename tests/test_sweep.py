@@ -125,9 +125,12 @@ def test_table1_preset_is_the_paper_grid_and_the_command_line_narrows_it():
         "table1_smoke", [])} == {"100", "200"}
     true_target = sweep_jobs("true_target", [])
     assert len(true_target) == 60 and {j["method"] for j in true_target} == {"dpg_true", "dpg_off"}
+    methods = sweep_jobs("methods", ["profile=toy"])
+    assert [j["method"] for j in methods] == ["dpg_off", "distill", "distill_qrs", "dpg_on", "pg", "kl_control",
+                                              "fdpg", "fdpg_rkl", "fdpg_js", "fdpg_tv"]
 
 
-@pytest.mark.parametrize("preset", ["table1", "table1_smoke", "true_target"])
+@pytest.mark.parametrize("preset", ["table1", "table1_smoke", "true_target", "methods"])
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "slurm"])
 def test_presets_and_launchers_compose_and_validate(preset, launcher):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -1,0 +1,197 @@
+"""The methods table and figure of `gam-rl-report`: every Training-2 method of a profile side by
+side, judged by what it spent to reach the target and where it ended.
+
+Per profile, |D| and method, over the ok runs (mean; draws and seconds over the runs that
+reached the target, with k/n saying how many did):
+
+- target: CE(V, pi) <= (1 + margin) CE(V, p_lambda) (margin 0.01 by default). The DPG family
+  records its first check under the line (`dpg_reached_target`); distillation checks its final
+  pi on V (`distill_reached_target`, draws = every proposal of its sampler). `reached` is k/n
+  over the runs with a target line ("without a line": dpg_true, whose target is not p_lambda,
+  and distillation runs older than this table).
+- draws to target and `x dpg_off`: mean draws to target over dpg_off's at the same |D|;
+  seconds to target; Training-2 draws and seconds in all; CE(T, pi); motif frequency of pi.
+- with `eval.exact` (profile toy): exact KL(p_lambda || pi), KL(pi || p_lambda), TV.
+
+methods.png: one panel per |D|, one curve per run: CE(V, pi) against draws at every check
+(with the target line), or the exact KL(p_lambda || pi) when every run has it; distillation is
+one point at its proposals.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from gam_rl.report import ProfileData, RunRecord, Stat, as_float, fmt, md_table
+
+EXACT_COLUMNS = (("kl_p_pi", "KL(p\\|\\|pi)"), ("kl_pi_p", "KL(pi\\|\\|p)"), ("tv_p_pi", "TV(p, pi)"))
+
+
+def run_results(run: RunRecord) -> dict:
+    try:
+        loaded = json.loads((run.path / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def reached(results: dict) -> dict | None:
+    value = results.get("dpg_reached_target") or results.get("distill_reached_target")
+    return value if isinstance(value, dict) else None
+
+
+def method_values(results: dict) -> dict[str, float | None]:
+    """The figures of one run that the methods table averages."""
+    hit = reached(results)
+    samples = results.get("samples") if isinstance(results.get("samples"), dict) else {}
+    timings = results.get("timings") if isinstance(results.get("timings"), dict) else {}
+    exact = results.get("exact") if isinstance(results.get("exact"), dict) else {}
+    # a target line to reach: not for the true target (dpg_true), nor in distillation runs older than the table
+    line = results.get("dpg_target_ce_valid") is not None or results.get("distill_target_ce_valid") is not None
+    values = {"reached": (1.0 if hit else 0.0) if line else None,
+              "draws_to_target": as_float(hit.get("samples")) if hit else None,
+              "seconds_to_target": as_float(hit.get("seconds")) if hit else None,
+              "t2_draws": as_float(samples.get("training2")), "t2_seconds": as_float(timings.get("training2")),
+              "ce_test_pi": as_float(results.get("ce_test_pi")),
+              "motif_freq_pi": as_float(results.get("motif_freq_pi"))}
+    if hit and values["seconds_to_target"] is None:  # distillation: its whole Training-2
+        values["seconds_to_target"] = values["t2_seconds"]
+    values.update({key: as_float(exact.get(key)) for key, _ in EXACT_COLUMNS})
+    return values
+
+
+def _mean(stat: Stat) -> float | None:
+    return stat.mean if stat.n else None
+
+
+def methods_rows(data: ProfileData) -> list[dict]:
+    """One row per (|D|, method): counts and means over the ok runs."""
+    rows = []
+    for size in data.sizes:
+        by_method: dict[str, list[dict]] = {}
+        for cell in data.cells_of_size(size):
+            for method, run in data.cells[cell].items():
+                if run.ok:
+                    by_method.setdefault(method, []).append(method_values(run_results(run)))
+        dpg_draws = _column_mean(by_method.get("dpg_off", []), "draws_to_target")
+        for method in data.methods:
+            runs = by_method.get(method)
+            if not runs:
+                continue
+            known = [r["reached"] for r in runs if r["reached"] is not None]
+            row = {"size": size, "method": method, "runs": len(runs), "recorded": len(known),
+                   "reached": int(sum(known))}
+            for key in ("draws_to_target", "seconds_to_target", "t2_draws", "t2_seconds", "ce_test_pi",
+                        "motif_freq_pi", *(k for k, _ in EXACT_COLUMNS)):
+                row[key] = _column_mean(runs, key)
+            row["x_dpg_off"] = (row["draws_to_target"] / dpg_draws if row["draws_to_target"] is not None
+                                and dpg_draws else None)
+            rows.append(row)
+    return rows
+
+
+def _column_mean(runs: list[dict], key: str) -> float | None:
+    stat = Stat()
+    stat.values = [r[key] for r in runs if r.get(key) is not None and math.isfinite(r[key])]
+    return _mean(stat)
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def methods_md(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["no ok run"]
+    exact = any(row[k] is not None for row in rows for k, _ in EXACT_COLUMNS)
+    header = ["\\|D\\|", "method", "reached", "draws to target", "x dpg_off", "s to target", "T2 draws", "T2 s",
+              "CE(T,pi)", "mtf pi"] + ([label for _, label in EXACT_COLUMNS] if exact else [])
+    table = []
+    for row in rows:
+        reached = f"{row['reached']}/{row['recorded']}" + (f" ({row['runs'] - row['recorded']} without a line)"
+                                                            if row["recorded"] < row["runs"] else "")
+        line = [str(row["size"]), row["method"], reached, _count(row["draws_to_target"]),
+                fmt(row["x_dpg_off"], 3), _count(row["seconds_to_target"]), _count(row["t2_draws"]),
+                _count(row["t2_seconds"]), fmt(row["ce_test_pi"]), fmt(row["motif_freq_pi"], 3)]
+        table.append(line + ([fmt(row[k]) for k, _ in EXACT_COLUMNS] if exact else []))
+    return md_table(header, table)
+
+
+def write_methods_csv(path: Path, profiles: dict[str, ProfileData]) -> None:
+    keys = ["profile", "size", "method", "runs", "recorded", "reached", "draws_to_target", "x_dpg_off",
+            "seconds_to_target", "t2_draws", "t2_seconds", "ce_test_pi", "motif_freq_pi",
+            *(k for k, _ in EXACT_COLUMNS)]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(keys)
+        for name, data in profiles.items():
+            for row in methods_rows(data):
+                writer.writerow([name] + ["" if row[k] is None else row[k] for k in keys[1:]])
+
+
+# ---- curves ----------------------------------------------------------------------------------------
+
+def curve(run: RunRecord) -> list[dict[str, float]]:
+    """The DPG family's checks from metrics.csv: draws, val_ce_pi and (eval.exact) exact_kl_p_pi per step."""
+    checks: dict[int, dict[str, float]] = {}
+    try:
+        with open(run.path / "metrics.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("stage") == "dpg" and row.get("name") in ("draws", "val_ce_pi", "exact_kl_p_pi"):
+                    value = as_float(row.get("value"))
+                    if value is not None:
+                        checks.setdefault(int(float(row["step"])), {})[row["name"]] = value
+    except (OSError, ValueError, KeyError):
+        return []
+    return [checks[step] for step in sorted(checks) if "draws" in checks[step]]
+
+
+def methods_figure(data: ProfileData, path: Path) -> str | None:
+    from gam_rl.report_figures import MARKERS, _figure, _save
+
+    runs = [(cell, method, run) for cell, by_method in sorted(data.cells.items())
+            for method, run in sorted(by_method.items()) if run.ok]
+    if not runs:
+        return "no ok run"
+    results = {run.path: run_results(run) for _, _, run in runs}
+    exact = all(isinstance(results[run.path].get("exact"), dict) for _, _, run in runs)
+    sizes = data.sizes
+    fig, axes = _figure(6.5, 4.2 * len(sizes), rows=len(sizes))
+    methods = data.methods
+    for ax, size in zip(axes, sizes, strict=True):
+        for cell, method, run in runs:
+            if cell[2] != size:
+                continue
+            res = results[run.path]
+            colour, marker = f"C{methods.index(method) % 10}", MARKERS[methods.index(method) % len(MARKERS)]
+            points = curve(run)
+            key = "exact_kl_p_pi" if exact else "val_ce_pi"
+            xs = [p["draws"] for p in points if key in p]
+            ys = [p[key] for p in points if key in p]
+            if not xs:  # distillation: one point at its proposals
+                final = (res.get("exact") or {}).get("kl_p_pi") if exact else (
+                    (res.get("distill_reached_target") or {}).get("ce_valid_pi") or res.get("ce_valid_pi"))
+                draws = as_float((res.get("samples") or {}).get("training2"))
+                if draws and as_float(final) is not None:
+                    xs, ys = [draws], [as_float(final)]
+            ax.plot(xs, ys, color=colour, marker=marker, markersize=4, linewidth=1.2, label=method)
+        targets = [results[run.path].get("dpg_target_ce_valid") or results[run.path].get("distill_target_ce_valid")
+                   for cell, _, run in runs if cell[2] == size]
+        line = [v for v in map(as_float, targets) if v is not None]
+        if line and not exact:
+            ax.axhline(line[0], color="black", linestyle="--", linewidth=0.8, label="target: 1.01 CE(V, p_lambda)")
+        ax.set_xscale("log")
+        if exact:
+            ax.set_yscale("log")
+        ax.set_xlabel("draws of Training-2 (proposals)")
+        ax.set_ylabel("exact KL(p_lambda || pi) (nats)" if exact else "CE(V, pi) (nats per symbol)")
+        ax.set_title(f"Training-2 methods, |D| = {size} (profile {data.profile})")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    return None
