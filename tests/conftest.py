@@ -14,14 +14,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("GAM_RL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def long_proposal(seed: int = 0, hidden: int = 8):
-    """A small untrained one-layer LSTMPolicy whose EOS is made unlikely: long-ish sequences."""
+def long_proposal(seed: int = 0, hidden: int = 8, bias: float = 0.9):
+    """A small untrained one-layer LSTMPolicy whose EOS is made unlikely (head bias [b, b, -b]):
+    long-ish sequences."""
     from gam_rl.policy import LSTMPolicy
 
     torch.manual_seed(seed)
     r = LSTMPolicy(hidden, 1, dropout=0.0).eval()
     with torch.no_grad():
-        r.head.bias.copy_(torch.tensor([0.9, 0.9, -0.9]))
+        r.head.bias.copy_(torch.tensor([bias, bias, -bias]))
     return r
 
 

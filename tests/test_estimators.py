@@ -20,6 +20,7 @@ from gam_rl.features import Features
 from gam_rl.policy import LSTMPolicy, Samples
 from gam_rl.potentials import Potential, Tilt, TrueProcess, gam
 from gam_rl.process import MotifProcess
+from tests.conftest import long_proposal
 from tests.exact import all_outputs, exact_distribution
 
 MAX_LEN, MOTIF = 8, "101"
@@ -27,10 +28,7 @@ MAX_LEN, MOTIF = 8, "101"
 
 @pytest.fixture(scope="module")
 def problem():
-    torch.manual_seed(0)
-    r = LSTMPolicy(8, 1, dropout=0.0).eval()
-    with torch.no_grad():
-        r.head.bias.copy_(torch.tensor([0.6, 0.6, -0.6]))
+    r = long_proposal(seed=0, hidden=8, bias=0.6)
     features = Features("1001111", MOTIF)
     lam = torch.tensor([-2.0, 0.7, -0.5, 1.0, 0.3])
     p_lambda = gam(r, features, lam)

@@ -21,6 +21,7 @@ from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import gam
 from gam_rl.stages.distill import DistillConfig, distill
 from gam_rl.stages.mle import MLEConfig
+from tests.conftest import long_proposal
 from tests.exact import all_outputs
 
 MAX_LEN, MOTIF = 8, "101"
@@ -29,10 +30,7 @@ LOG_BETAS = (1.0, 2.5, 3.5)  # exact TV(p, p_beta) about 0.50, 0.33, 0.12
 
 @pytest.fixture(scope="module")
 def problem():
-    torch.manual_seed(0)
-    q = LSTMPolicy(8, 1, dropout=0.0).eval()
-    with torch.no_grad():
-        q.head.bias.copy_(torch.tensor([0.6, 0.6, -0.6]))
+    q = long_proposal(seed=0, hidden=8, bias=0.6)
     features = Features("1001111", MOTIF)
     target = gam(q, features, torch.tensor([-3.0, 1.5, -1.0, 2.5, 1.0]))
     space = all_outputs(MAX_LEN)
