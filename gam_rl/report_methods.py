@@ -15,7 +15,7 @@ reached the target, with k/n saying how many did):
 
 methods.png: one panel per |D|, one curve per run: CE(V, pi) against draws at every check
 (with the target line), or the exact KL(p_lambda || pi) when every run has it; distillation is
-one point at its proposals.
+one point at its proposals; a dotted line marks r (where the methods start).
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ def methods_figure(data: ProfileData, path: Path) -> str | None:
             if cell[2] != size:
                 continue
             res = results[run.path]
-            colour, marker = f"C{methods.index(method) % 10}", MARKERS[methods.index(method) % len(MARKERS)]
+            k = methods.index(method)  # colour, marker and dash per method: identical curves stay visible
+            colour, marker, dash = f"C{k % 10}", MARKERS[k % len(MARKERS)], ("-", "--", "-.", ":")[k % 4]
             points = curve(run)
             key = "exact_kl_p_pi" if exact else "val_ce_pi"
             xs = [p["draws"] for p in points if key in p]
@@ -177,12 +178,17 @@ def methods_figure(data: ProfileData, path: Path) -> str | None:
                 draws = as_float((res.get("samples") or {}).get("training2"))
                 if draws and as_float(final) is not None:
                     xs, ys = [draws], [as_float(final)]
-            ax.plot(xs, ys, color=colour, marker=marker, markersize=4, linewidth=1.2, label=method)
+            ax.plot(xs, ys, color=colour, marker=marker, markersize=4, linewidth=1.2, linestyle=dash, label=method)
         targets = [results[run.path].get("dpg_target_ce_valid") or results[run.path].get("distill_target_ce_valid")
                    for cell, _, run in runs if cell[2] == size]
         line = [v for v in map(as_float, targets) if v is not None]
         if line and not exact:
             ax.axhline(line[0], color="black", linestyle="--", linewidth=0.8, label="target: 1.01 CE(V, p_lambda)")
+        starts = [as_float((results[run.path].get("exact") or {}).get("kl_p_r") if exact
+                           else results[run.path].get("ce_valid_r")) for cell, _, run in runs if cell[2] == size]
+        starts = [v for v in starts if v is not None]
+        if starts:  # every method starts from r (or a fresh LSTM): where r stands
+            ax.axhline(sum(starts) / len(starts), color="gray", linestyle=":", linewidth=1.0, label="r")
         ax.set_xscale("log")
         if exact:
             ax.set_yscale("log")
