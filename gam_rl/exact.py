@@ -165,6 +165,16 @@ class ExactTarget:
         return divergences(name, self.log_p, self.space.log_prob(policy), self.log_p_true)
 
 
+def qrs_divergences(target: ExactTarget, log_q: torch.Tensor, log_beta: float) -> dict:
+    """What quasi-rejection sampling from q at beta gives, exactly: p_beta(x) = min(q(x), P(x)/beta) / a,
+    a = sum_x min(q(x), P(x)/beta) the acceptance rate; TV(p, p_beta) and KL(p || p_beta)."""
+    log_accepted = torch.minimum(log_q, target.log_p + target.log_z - log_beta)  # log min(q, P / beta)
+    log_a = torch.logsumexp(log_accepted, 0)
+    log_p_beta = log_accepted - log_a
+    return {"qrs_acceptance": float(log_a.exp()), "qrs_tv": tv(target.log_p, log_p_beta),
+            "qrs_kl": kl(target.log_p, log_p_beta)}
+
+
 def exact_results(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy | None, log_p_test: torch.Tensor,
                   test_log_r: torch.Tensor, test_log_pi: torch.Tensor | None, symbols: int,
                   is_estimate: dict) -> dict:

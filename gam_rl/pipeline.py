@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 
 from gam_rl.data import Splits, load_splits
-from gam_rl.exact import ExactCurve, ExactTarget, OutputSpace, exact_results
+from gam_rl.exact import ExactCurve, ExactTarget, OutputSpace, exact_results, qrs_divergences
 from gam_rl.features import Features
 from gam_rl.metrics import batched_log_prob, evaluate_policy, policy_cross_entropy
 from gam_rl.policy import LSTMPolicy, eval_mode
@@ -123,8 +123,11 @@ def exact_evaluation(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy, p_lambd
         with eval_mode(policy):
             return batched_log_prob(policy.log_prob, test)
 
-    return exact_results(target, r, pi, batched_log_prob(p_lambda.log_potential, test), on_test(r), on_test(pi),
-                         data.symbols, res)
+    out = exact_results(target, r, pi, batched_log_prob(p_lambda.log_potential, test), on_test(r), on_test(pi),
+                        data.symbols, res)
+    if res.get("distill_sampler") == "qrs":  # the exact divergences of the sampler's p_beta, beside its estimates
+        out.update(qrs_divergences(target, target.space.log_prob(r), res["distill_log_beta"]))
+    return out
 
 
 def load_data(cfg: Config, run: Run, device: torch.device) -> Data:

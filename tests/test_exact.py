@@ -21,6 +21,7 @@ from gam_rl.exact import (
     max_len_problem,
     num_outputs,
     output_batches,
+    qrs_divergences,
     tv,
 )
 from gam_rl.features import Features
@@ -135,3 +136,16 @@ def test_a_toy_run_records_the_exact_numbers(tmp_path):
     assert len(curve) == 2 and [r["step"] for r in curve] == [r["step"] for r in draws]
     # the kept pi is the best check's (CE(V)): its exact KL is one of the curve's
     assert any(float(r["value"]) == pytest.approx(exact["kl_p_pi"], rel=1e-4) for r in curve)
+
+
+def test_qrs_divergences_are_zero_at_the_bound_and_grow_below_it():
+    r, p_lambda = small_gam()
+    target = ExactTarget.of(p_lambda, OutputSpace(7), "cpu")
+    log_r = target.space.log_prob(r)
+    log_w_max = float((target.log_p + target.log_z - log_r).max())  # max P/r over the space
+    at_bound = qrs_divergences(target, log_r, log_w_max)
+    assert at_bound["qrs_tv"] == pytest.approx(0.0, abs=1e-9) and at_bound["qrs_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert at_bound["qrs_acceptance"] == pytest.approx(math.exp(target.log_z - log_w_max))  # Z / beta: rejection
+    lower = [qrs_divergences(target, log_r, log_w_max - d) for d in (0.5, 1.5, 3.0)]
+    assert 0 < lower[0]["qrs_tv"] < lower[1]["qrs_tv"] < lower[2]["qrs_tv"]  # cheaper, further from p
+    assert at_bound["qrs_acceptance"] < lower[0]["qrs_acceptance"] < lower[2]["qrs_acceptance"] <= 1.0
