@@ -198,10 +198,9 @@ class DPGModule(pl.LightningModule):
         log_pi = self.pi.log_prob(draw.tokens)
         log_norm = self.draws.running_z.log_z if self.cfg.normalise == "running_z" else 0.0
         if self.cfg.algorithm == "fdpg":
-            # on-policy without replay, q is pi with these very weights: pi/q = 1, without dropout's noise
-            exact_ratio = self.cfg.on_policy and not self.cfg.replay
-            loss = fdpg_loss(log_pi, draw, self.cfg.divergence, log_z=log_norm, baseline=self.cfg.baseline,
-                             log_pi_coef=draw.log_q if exact_ratio else None)
+            # on-policy too, pi/q is computed: Lightning fetches the next draw before this update, so a
+            # draw of pi is one update old (as for pg)
+            loss = fdpg_loss(log_pi, draw, self.cfg.divergence, log_z=log_norm, baseline=self.cfg.baseline)
             self.log("dpg/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(draw))
             return loss
         # b = Z-hat in the weights' units: Z-hat unnormalised, 1 once the weights are divided by Z-hat

@@ -50,7 +50,7 @@ DIVERGENCES: dict[str, Divergence] = {
 
 
 def fdpg_loss(log_pi: torch.Tensor, draw: WeightedDraw, divergence: str, *, log_z: float = 0.0,
-              baseline: bool = False, log_pi_coef: torch.Tensor | None = None) -> torch.Tensor:
+              baseline: bool = False) -> torch.Tensor:
     """One f-DPG update as a loss for autograd: its gradient is
 
         sum_i c_i grad log pi(x_i),   c_i = h_i (pi(x_i)/q(x_i)) f'(pi(x_i)/p(x_i)),   p = P / Z-hat,
@@ -62,10 +62,8 @@ def fdpg_loss(log_pi: torch.Tensor, draw: WeightedDraw, divergence: str, *, log_
                    estimate of E_pi[f']: E_q[(pi/q) grad log pi] = E_pi[grad log pi] = 0, so only the
                    variance changes (on-policy with N equal shares: the batch-mean baseline, whose
                    expected update is (N - 1)/N of the plain one)
-      log_pi_coef  log pi for the coefficients (default: log_pi); on-policy, log q of the same weights
-                   (pi/q = 1 exactly, without the training pass's dropout)
     """
-    log_pi_c = (log_pi if log_pi_coef is None else log_pi_coef).detach().double()
+    log_pi_c = log_pi.detach().double()
     log_p = draw.log_w + draw.log_q - log_z  # log p(x) = log P(x) - log Z-hat, with log P = log w + log q
     log_t = log_pi_c - log_p  # log pi/p (+inf where P = 0)
     fprime = DIVERGENCES[divergence].fprime(log_t)
