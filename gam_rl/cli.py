@@ -253,7 +253,8 @@ def _start_wandb(cfg: schema.Config, recorded: dict, run_dir: Path, sweep_name: 
 
 def wandb_summary(results: dict) -> dict:
     """The final metrics as flat W&B summary keys: every scalar of results.json, lambda and the
-    moments per feature name, timings/samples per stage, and where Training-1 came from."""
+    moments per feature name, timings/samples per stage, the exact section (eval.exact), and where
+    Training-1 came from."""
     summary = {k: v for k, v in results.items()
                if isinstance(v, (bool, int, float, str)) and k not in ("traceback", "run_dir", "data_dir")}
     names = results.get("feature_names") or []
@@ -261,7 +262,7 @@ def wandb_summary(results: dict) -> dict:
         values = results.get(key)
         if isinstance(values, list) and len(values) == len(names):
             summary.update({f"{key}/{name}": value for name, value in zip(names, values, strict=True)})
-    for key in ("timings", "samples"):
+    for key in ("timings", "samples", "exact"):
         summary.update({f"{key}/{stage}": value for stage, value in (results.get(key) or {}).items()})
     # Table 1's within-run ratios (CE pi/r, CE pi/H, mtf pi/r), per run
     for name, num, den in (("ce_pi_over_r", "ce_test_pi", "ce_test_r"), ("ce_pi_over_h", "ce_test_pi", "entropy_true"),

@@ -149,3 +149,10 @@ def test_qrs_divergences_are_zero_at_the_bound_and_grow_below_it():
     lower = [qrs_divergences(target, log_r, log_w_max - d) for d in (0.5, 1.5, 3.0)]
     assert 0 < lower[0]["qrs_tv"] < lower[1]["qrs_tv"] < lower[2]["qrs_tv"]  # cheaper, further from p
     assert at_bound["qrs_acceptance"] < lower[0]["qrs_acceptance"] < lower[2]["qrs_acceptance"] <= 1.0
+
+
+def test_the_exact_section_reaches_the_wandb_summary():
+    from gam_rl.cli import wandb_summary
+
+    summary = wandb_summary({"ce_test_pi": 0.5, "exact": {"kl_p_pi": 0.1, "log_z": -1.0, "outputs": 131071}})
+    assert summary["exact/kl_p_pi"] == 0.1 and summary["exact/log_z"] == -1.0 and summary["ce_test_pi"] == 0.5
