@@ -25,6 +25,8 @@ import json
 import math
 from pathlib import Path
 
+from matplotlib.ticker import NullFormatter
+
 from gam_rl.report import ProfileData, RunRecord, Stat, as_float, fmt, md_table
 
 EXACT_COLUMNS = (("kl_p_pi", "KL(p\\|\\|pi)"), ("kl_pi_p", "KL(pi\\|\\|p)"), ("tv_p_pi", "TV(p, pi)"))
@@ -162,6 +164,7 @@ def methods_figure(data: ProfileData, path: Path) -> str | None:
     fig, axes = _figure(6.5, 4.2 * len(sizes), rows=len(sizes))
     methods = data.methods
     for ax, size in zip(axes, sizes, strict=True):
+        plotted: list[float] = []
         for cell, method, run in runs:
             if cell[2] != size:
                 continue
@@ -179,6 +182,7 @@ def methods_figure(data: ProfileData, path: Path) -> str | None:
                 if draws and as_float(final) is not None:
                     xs, ys = [draws], [as_float(final)]
             ax.plot(xs, ys, color=colour, marker=marker, markersize=4, linewidth=1.2, linestyle=dash, label=method)
+            plotted += ys
         targets = [results[run.path].get("dpg_target_ce_valid") or results[run.path].get("distill_target_ce_valid")
                    for cell, _, run in runs if cell[2] == size]
         line = [v for v in map(as_float, targets) if v is not None]
@@ -188,8 +192,16 @@ def methods_figure(data: ProfileData, path: Path) -> str | None:
                            else results[run.path].get("ce_valid_r")) for cell, _, run in runs if cell[2] == size]
         starts = [v for v in starts if v is not None]
         if starts:  # every method starts from r (or a fresh LSTM): where r stands
-            ax.axhline(sum(starts) / len(starts), color="gray", linestyle=":", linewidth=1.0, label="r")
+            r_level = sum(starts) / len(starts)
+            ax.axhline(r_level, color="gray", linestyle=":", linewidth=1.0, label="r")
+            if not exact and plotted and max(plotted) > 1.5 * r_level:
+                # a collapse (pg: CE 18) would flatten every other curve: clip the axis and say so
+                low = min(plotted + line)
+                ax.set_ylim(low - 0.1 * (1.5 * r_level - low), 1.5 * r_level)
+                ax.text(0.01, 0.99, "axis clipped at 1.5 x r's CE(V): curves above it leave the plot",
+                        transform=ax.transAxes, fontsize=7, va="top")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels overlap
         if exact:
             ax.set_yscale("log")
         ax.set_xlabel("draws of Training-2 (proposals)")
