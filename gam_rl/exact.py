@@ -161,6 +161,10 @@ class ExactTarget:
         log_p_true = space.score(true_log_prob, device) if true_log_prob is not None else None
         return cls(space, log_unnorm - log_z, log_z, log_p_true)
 
+    def true_target(self) -> ExactTarget:
+        """p_true as the target (for DPG on the true process, method.target=true)."""
+        return ExactTarget(self.space, self.log_p_true, 0.0, self.log_p_true)
+
     def policy_divergences(self, policy: LSTMPolicy, name: str = "pi") -> dict:
         return divergences(name, self.log_p, self.space.log_prob(policy), self.log_p_true)
 
