@@ -161,10 +161,6 @@ class ExactTarget:
         log_p_true = space.score(true_log_prob, device) if true_log_prob is not None else None
         return cls(space, log_unnorm - log_z, log_z, log_p_true)
 
-    def true_target(self) -> ExactTarget:
-        """p_true as the target (for DPG on the true process, method.target=true)."""
-        return ExactTarget(self.space, self.log_p_true, 0.0, self.log_p_true)
-
     def policy_divergences(self, policy: LSTMPolicy, name: str = "pi") -> dict:
         return divergences(name, self.log_p, self.space.log_prob(policy), self.log_p_true)
 
@@ -208,16 +204,18 @@ def exact_results(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy | None, log
 
 
 class ExactCurve(pl.Callback):
-    """At every check of a Training-2 stage: exact KL(p || pi), KL(pi || p) and TV(p, pi), logged
-    as <stage>/exact_* with the stage's own values of that check (one pass over the prefix tree)."""
+    """At every check of a Training-2 stage: exact KL(p_lambda || pi), KL(pi || p_lambda) and
+    TV(p_lambda, pi) (and, with_true, KL(p_true || pi): DPG on the true process), logged as
+    <stage>/exact_* with the stage's own values of that check (one pass over the prefix tree)."""
 
-    def __init__(self, target: ExactTarget, stage: str, attr: str = "pi"):
-        self.target, self.stage, self.attr = target, stage, attr
+    def __init__(self, target: ExactTarget, stage: str, attr: str = "pi", with_true: bool = False):
+        self.target, self.stage, self.attr, self.with_true = target, stage, attr, with_true
         self.last: dict = {}
 
     def on_validation_epoch_end(self, trainer, module):
         if trainer.sanity_checking:
             return
-        self.last = divergences("pi", self.target.log_p, self.target.space.log_prob(getattr(module, self.attr)), None)
+        log_pi = self.target.space.log_prob(getattr(module, self.attr))
+        self.last = divergences("pi", self.target.log_p, log_pi, self.target.log_p_true if self.with_true else None)
         for key, value in self.last.items():
             module.log(f"{self.stage}/exact_{key}", value)

@@ -231,8 +231,8 @@ def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger
         fit = train_dpg(pi, t1.r, target, splits.valid, method, max_len=cfg.max_len, symbols_per_seq=data.symbols,
                         ce_valid_proposal=res["ce_valid_r"], seed=cfg.seed + 3, target_ce_valid=target_ce,
                         logger=logger, accelerator=accelerator,
-                        callbacks=[] if exact_target is None else [  # curves against the method's own target
-                            ExactCurve(exact_target.true_target() if method.target == "true" else exact_target, "dpg")])
+                        callbacks=[] if exact_target is None else [  # dpg_true: KL(p_true || pi) too
+                            ExactCurve(exact_target, "dpg", with_true=method.target == "true")])
         run.count_samples("training2", fit.samples)
     res.update(fit.results())
     return pi

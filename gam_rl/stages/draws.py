@@ -116,7 +116,8 @@ class ProposalDraws(torch.utils.data.IterableDataset):
                 self.last_ess = effective_sample_size(log_w)
             keep, thinned = thin_by_weight(log_w, self.keep_per_draw, self.generator)
             kept_w = log_w[keep]
-            # share of item i: (w_i / p_i) / (N w_i) = 1 / (N p_i); zero weights are never thinned (p_i = 1)
+            # share of item i: (w_i / p_i) / (N w_i) = 1 / (N p_i); a zero weight keeps 1 / N where it is kept
+            # (no thinning, or the all-zero draw's one item): thinning drops it (p_i = min(1, 0 / c) = 0)
             log_h = torch.where(torch.isfinite(kept_w), thinned - kept_w, 0.0) - math.log(len(log_w))
             share = torch.full((len(keep),), 1.0 / len(keep), dtype=torch.float64, device=log_w.device)
             return WeightedDraw(samples.tokens[keep], kept_w, samples.log_prob.double()[keep], log_h, share)
