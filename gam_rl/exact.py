@@ -176,28 +176,27 @@ def qrs_divergences(target: ExactTarget, log_q: torch.Tensor, log_beta: float) -
 
 
 def exact_results(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy | None, log_p_test: torch.Tensor,
-                  test_log_r: torch.Tensor, test_log_pi: torch.Tensor | None, symbols: int,
-                  is_estimate: dict) -> dict:
+                  symbols: int, results: dict) -> dict:
     """results.json's `exact` section.
 
-    log_p_test: log P_lambda on T (unnormalised); test_log_r / test_log_pi: log r, log pi on T;
-    is_estimate: the importance-sampled {z_hat, z_rel_se, ce_test_p_lambda, ce_test_p_lambda_se}
-    of the Z stage, whose errors are given in its own standard errors."""
+    log_p_test: log P_lambda on T (unnormalised); results: the run's own, with the importance-sampled
+    {z_hat, z_rel_se, ce_test_p_lambda, ce_test_p_lambda_se} of the Z stage (their errors are given in
+    its standard errors) and CE(T, r), CE(T, pi), already exact (a policy is normalised), copied."""
     ce_p = -float((log_p_test.double() - target.log_z).mean()) / symbols  # CE(T, p_lambda) with the exact Z
     out = {"outputs": target.space.size, "max_len": target.space.max_len, "log_z": target.log_z,
-           "z": math.exp(target.log_z), "ce_test_r": -float(test_log_r.double().mean()) / symbols,
-           "ce_test_p_lambda": ce_p, "h_p_lambda": entropy(target.log_p) / symbols,
+           "z": math.exp(target.log_z), "ce_test_r": results.get("ce_test_r"), "ce_test_p_lambda": ce_p,
+           "h_p_lambda": entropy(target.log_p) / symbols,
            "mass_truncated_p_lambda": float(target.log_p[-2**target.space.max_len:].exp().sum())}
     if target.log_p_true is not None:
         out["kl_true_p"] = kl(target.log_p_true, target.log_p)
     out.update(target.policy_divergences(r, "r"))
     if pi is not None:
-        out["ce_test_pi"] = -float(test_log_pi.double().mean()) / symbols
+        out["ce_test_pi"] = results.get("ce_test_pi")
         out.update(target.policy_divergences(pi, "pi"))
-    z_hat, rel_se = is_estimate.get("z_hat"), is_estimate.get("z_rel_se")
+    z_hat, rel_se = results.get("z_hat"), results.get("z_rel_se")
     if z_hat and rel_se:  # (Z-hat - Z) / s.e.(Z-hat), s.e. = rel_se Z-hat
         out["z_hat_error_se"] = (z_hat - out["z"]) / (rel_se * z_hat)
-    ce_hat, ce_se = is_estimate.get("ce_test_p_lambda"), is_estimate.get("ce_test_p_lambda_se")
+    ce_hat, ce_se = results.get("ce_test_p_lambda"), results.get("ce_test_p_lambda_se")
     if ce_hat is not None and ce_se:
         out["ce_test_p_lambda_error_se"] = (ce_hat - ce_p) / ce_se
     return out

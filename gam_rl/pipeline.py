@@ -22,7 +22,7 @@ from gam_rl.data import Splits, load_splits
 from gam_rl.exact import ExactCurve, ExactTarget, OutputSpace, exact_results, qrs_divergences
 from gam_rl.features import Features
 from gam_rl.metrics import batched_log_prob, evaluate_policy, policy_cross_entropy
-from gam_rl.policy import LSTMPolicy, eval_mode
+from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
 from gam_rl.run_io import RESULT_KEYS
@@ -117,14 +117,8 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
 
 def exact_evaluation(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy, p_lambda, data: Data, res: dict) -> dict:
     """results.json's `exact` section: the exact numbers of this run (gam_rl/exact.py)."""
-    test = data.splits.test.to(r.device)
-
-    def on_test(policy: LSTMPolicy) -> torch.Tensor:
-        with eval_mode(policy):
-            return batched_log_prob(policy.log_prob, test)
-
-    out = exact_results(target, r, pi, batched_log_prob(p_lambda.log_potential, test), on_test(r), on_test(pi),
-                        data.symbols, res)
+    log_p_test = batched_log_prob(p_lambda.log_potential, data.splits.test.to(r.device))
+    out = exact_results(target, r, pi, log_p_test, data.symbols, res)
     if res.get("distill_sampler") == "qrs":  # the exact divergences of the sampler's p_beta, beside its estimates
         out.update(qrs_divergences(target, target.space.log_prob(r), res["distill_log_beta"]))
     return out

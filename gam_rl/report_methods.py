@@ -23,11 +23,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 
 from matplotlib.ticker import NullFormatter
 
-from gam_rl.report import ProfileData, RunRecord, Stat, as_float, fmt, md_table
+from gam_rl.report import ProfileData, RunRecord, as_float, fmt, md_table
 
 EXACT_COLUMNS = (("kl_p_pi", "KL(p\\|\\|pi)"), ("kl_pi_p", "KL(pi\\|\\|p)"), ("tv_p_pi", "TV(p, pi)"))
 
@@ -65,10 +66,6 @@ def method_values(results: dict) -> dict[str, float | None]:
     return values
 
 
-def _mean(stat: Stat) -> float | None:
-    return stat.mean if stat.n else None
-
-
 def methods_rows(data: ProfileData) -> list[dict]:
     """One row per (|D|, method): counts and means over the ok runs."""
     rows = []
@@ -96,9 +93,8 @@ def methods_rows(data: ProfileData) -> list[dict]:
 
 
 def _column_mean(runs: list[dict], key: str) -> float | None:
-    stat = Stat()
-    stat.values = [r[key] for r in runs if r.get(key) is not None and math.isfinite(r[key])]
-    return _mean(stat)
+    values = [r[key] for r in runs if r.get(key) is not None and math.isfinite(r[key])]
+    return statistics.fmean(values) if values else None
 
 
 def _count(value: float | None) -> str:

@@ -97,10 +97,10 @@ def test_exact_results_errors_in_standard_errors():
     target = ExactTarget.of(p_lambda, OutputSpace(7), "cpu")
     test = encode(["11", "0110", "111", "1"])
     with torch.no_grad():
-        log_p_test, log_r_test = p_lambda.log_potential(test), r.log_prob(test)
+        log_p_test = p_lambda.log_potential(test)
     z = math.exp(target.log_z)
     ce_exact = -float((log_p_test.double() - target.log_z).mean()) / 5
-    out = exact_results(target, r, None, log_p_test, log_r_test, None, 5,
+    out = exact_results(target, r, None, log_p_test, 5,
                         {"z_hat": 1.1 * z, "z_rel_se": 0.05, "ce_test_p_lambda": ce_exact + 0.002,
                          "ce_test_p_lambda_se": 0.001})
     assert out["z_hat_error_se"] == pytest.approx(0.1 / (0.05 * 1.1))  # (Z-hat - Z) / (rel_se Z-hat)

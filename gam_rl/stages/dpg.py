@@ -201,14 +201,13 @@ class DPGModule(pl.LightningModule):
             # on-policy too, pi/q is computed: Lightning fetches the next draw before this update, so a
             # draw of pi is one update old (as for pg)
             loss = fdpg_loss(log_pi, draw, self.cfg.divergence, log_z=log_norm, baseline=self.cfg.baseline)
-            # sum_i c_i log pi(x_i), descent on D_f: not dpg/loss's scale or sign, so its own name
-            self.log("dpg/fdpg_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(draw))
-            self.log("dpg/ess", self.draws.last_ess, on_step=True, on_epoch=False, batch_size=len(draw))
-            return loss
-        # b = Z-hat in the weights' units: Z-hat unnormalised, 1 once the weights are divided by Z-hat
-        baseline = math.exp(self.draws.running_z.log_z - log_norm) if self.cfg.baseline else None
-        loss = dpg_loss(log_pi, draw, log_norm=log_norm, reward=self.cfg.algorithm == "pg", baseline=baseline)
-        self.log("dpg/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(draw))
+            name = "dpg/fdpg_loss"  # sum_i c_i log pi(x_i), descent on D_f: not dpg/loss's scale or sign
+        else:
+            # b = Z-hat in the weights' units: Z-hat unnormalised, 1 once the weights are divided by Z-hat
+            baseline = math.exp(self.draws.running_z.log_z - log_norm) if self.cfg.baseline else None
+            loss = dpg_loss(log_pi, draw, log_norm=log_norm, reward=self.cfg.algorithm == "pg", baseline=baseline)
+            name = "dpg/loss"
+        self.log(name, loss.detach(), on_step=True, on_epoch=False, batch_size=len(draw))
         self.log("dpg/ess", self.draws.last_ess, on_step=True, on_epoch=False, batch_size=len(draw))
         return loss
 
