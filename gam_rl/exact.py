@@ -202,6 +202,52 @@ def exact_results(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy | None, log
     return out
 
 
+# ---- the twist: soft values of prefixes -------------------------------------------------------
+
+def prefix_log_z(target: ExactTarget, prefix: str) -> float:
+    """log Z(s) = log of the sum of P over the outputs that start with the bits s: for each bit count
+    m >= |s| the m-bit outputs whose first |s| bits are s, a block of 2^(m - |s|) in output_batches' order
+    (the m-bit outputs start at index 2^m - 1)."""
+    k, v = len(prefix), int(prefix, 2) if prefix else 0
+    blocks = [target.log_p[2**m - 1 + v * 2 ** (m - k): 2**m - 1 + (v + 1) * 2 ** (m - k)]
+              for m in range(k, target.space.max_len + 1)]
+    return target.log_z + float(torch.logsumexp(torch.cat(blocks), 0))
+
+
+def prefix_rows(prefixes: list[str]) -> torch.Tensor:
+    """Each prefix's bits then EOS (PAD after): row i's position |s_i| is the state s_i."""
+    width = max(len(s) for s in prefixes) + 1
+    rows = torch.full((len(prefixes), width), PAD, dtype=torch.long)
+    for i, s in enumerate(prefixes):
+        rows[i, : len(s)] = torch.tensor([int(b) for b in s], dtype=torch.long)
+        rows[i, len(s)] = EOS
+    return rows
+
+
+def twist_values(target: ExactTarget, r: LSTMPolicy, prefixes: list[str]) -> torch.Tensor:
+    """V*(s) = log Z(s) - log r(s) for every prefix (float64): the soft value of the state s in the
+    token MDP (stages/twist.py); V*(empty) = log Z."""
+    rows = prefix_rows(prefixes).to(r.device)
+    with eval_mode(r):
+        log_r_prefix = torch.stack([r.token_log_probs(rows)[i, : len(s)].sum() for i, s in enumerate(prefixes)])
+    return torch.tensor([prefix_log_z(target, s) for s in prefixes], dtype=torch.float64) - log_r_prefix.double().cpu()
+
+
+VALUE_PREFIXES = ["", "0", "1", "00", "01", "10", "11", "000", "001", "010", "011", "100", "101", "110", "111"]
+
+
+def learned_value_errors(target: ExactTarget, r: LSTMPolicy, values: Callable[[torch.Tensor], torch.Tensor],
+                         prefixes: list[str] = VALUE_PREFIXES) -> dict:
+    """A method's learned V(s) (tokens -> (B, T) values of the states) against V*(s) on the prefixes
+    of at most 3 bits: the learned log Z = V(empty), its error, and the largest error over the prefixes."""
+    prefixes = [s for s in prefixes if len(s) < target.space.max_len]
+    rows = prefix_rows(prefixes).to(r.device)
+    learned = values(rows).double().cpu()[torch.arange(len(prefixes)), torch.tensor([len(s) for s in prefixes])]
+    error = learned - twist_values(target, r, prefixes)
+    return {"learned_log_z": float(learned[0]), "learned_log_z_error": float(error[0]),
+            "learned_values_max_error": float(error.abs().max()), "learned_values_prefixes": len(prefixes)}
+
+
 class ExactCurve(pl.Callback):
     """At every check of a Training-2 stage: exact KL(p_lambda || pi), KL(pi || p_lambda) and
     TV(p_lambda, pi) (and, with_true, KL(p_true || pi): DPG on the true process), logged as

@@ -19,7 +19,8 @@ import lightning.pytorch as pl
 import torch
 
 from gam_rl.data import Splits, load_splits
-from gam_rl.exact import ExactCurve, ExactTarget, OutputSpace, exact_results, qrs_divergences
+from gam_rl.exact import (ExactCurve, ExactTarget, OutputSpace, exact_results, learned_value_errors,
+                          qrs_divergences)
 from gam_rl.features import Features
 from gam_rl.metrics import batched_log_prob, evaluate_policy, policy_cross_entropy
 from gam_rl.policy import LSTMPolicy
@@ -32,6 +33,8 @@ from gam_rl.stages.dpg import train_dpg
 from gam_rl.stages.mle import train_mle
 from gam_rl.stages.moment_matching import moment_matching
 from gam_rl.stages.partition import estimate_partition
+from gam_rl.stages.twist import TWIST_ALGORITHMS
+from gam_rl.stages.twist_train import train_twist
 from gam_rl.training1_cache import STAGES, RecordingLogger, Training1, Training1Cache, default_dir, key_config
 
 log = logging.getLogger("gam_rl")
@@ -46,6 +49,7 @@ class Run:
                             dataset_size=cfg.dataset_size.size, seed=cfg.seed, method=cfg.method.name,
                             profile=cfg.profile, timings={}, samples={})
         self.stage_now: str | None = None  # the stage running now, for a failure's record
+        self.learned_values = None  # the twist methods: tokens -> learned V(s_t), for the exact section
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -107,7 +111,7 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
         logger.log("eval", 0, ce_test_pi=evaluation.ce_test, motif_freq_pi=evaluation.motif_freq)
     if exact_target is not None:
         with run.stage("exact"):
-            res["exact"] = exact_evaluation(exact_target, t1.r, pi, p_lambda, data, res)
+            res["exact"] = exact_evaluation(exact_target, t1.r, pi, p_lambda, data, res, run.learned_values)
             logger.log("exact", 0, **res["exact"])
             log.info("exact: KL(p_lambda || pi) %.4f, KL(pi || p_lambda) %.4f, TV %.4f (r: %.4f, %.4f, %.4f); "
                      "Z-hat off by %.2f s.e.", *(res["exact"].get(k, math.nan) for k in (
@@ -115,12 +119,15 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
     return res
 
 
-def exact_evaluation(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy, p_lambda, data: Data, res: dict) -> dict:
+def exact_evaluation(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy, p_lambda, data: Data, res: dict,
+                     learned_values=None) -> dict:
     """results.json's `exact` section: the exact numbers of this run (gam_rl/exact.py)."""
     log_p_test = batched_log_prob(p_lambda.log_potential, data.splits.test.to(r.device))
     out = exact_results(target, r, pi, log_p_test, data.symbols, res)
     if res.get("distill_sampler") == "qrs":  # the exact divergences of the sampler's p_beta, beside its estimates
         out.update(qrs_divergences(target, target.space.log_prob(r), res["distill_log_beta"]))
+    if learned_values is not None:  # pcl, ac_dpg: the learned soft values against the exact prefix sums
+        out.update(learned_value_errors(target, r, learned_values))
     return out
 
 
@@ -222,11 +229,15 @@ def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger
         # (1 + margin) CE(V, p_lambda): the line whose first crossing by CE(V, pi) DPG records
         target_ce = (1.0 + method.target_margin) * res["ce_valid_p_lambda"] if method.target == "gam" else None
         res["dpg_target_ce_valid"] = target_ce
-        fit = train_dpg(pi, t1.r, target, splits.valid, method, max_len=cfg.max_len, symbols_per_seq=data.symbols,
-                        ce_valid_proposal=res["ce_valid_r"], seed=cfg.seed + 3, target_ce_valid=target_ce,
-                        logger=logger, accelerator=accelerator,
-                        callbacks=[] if exact_target is None else [  # dpg_true: KL(p_true || pi) too
-                            ExactCurve(exact_target, "dpg", with_true=method.target == "true")])
+        common = dict(max_len=cfg.max_len, symbols_per_seq=data.symbols, ce_valid_proposal=res["ce_valid_r"],
+                      seed=cfg.seed + 3, target_ce_valid=target_ce, logger=logger, accelerator=accelerator,
+                      callbacks=[] if exact_target is None else [  # dpg_true: KL(p_true || pi) too
+                          ExactCurve(exact_target, "dpg", with_true=method.target == "true")])
+        if method.algorithm in TWIST_ALGORITHMS:  # pcl, ac_dpg, ppo_dpg: r is also the base of their rewards
+            fit = train_twist(pi, t1.r, target, splits.valid, method, data=splits.train, **common)
+            run.learned_values = fit.values
+        else:
+            fit = train_dpg(pi, t1.r, target, splits.valid, method, **common)
         run.count_samples("training2", fit.samples)
     res.update(fit.results())
     return pi

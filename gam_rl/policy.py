@@ -50,6 +50,7 @@ class Samples:
     tokens: torch.Tensor  # (B, T) long, PAD after EOS
     log_prob: torch.Tensor  # (B,) float, log pi(x) of the whole sequence
     finished: torch.Tensor  # (B,) bool, False where max_len was hit before EOS
+    token_log_prob: torch.Tensor | None = None  # (B, T) float, log pi(x_t | x_<t) per symbol, 0 at PAD
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -126,6 +127,32 @@ class LSTMPolicy(nn.Module, Potential):
         row_of = pack(torch.arange(len(tokens), device=tokens.device).unsqueeze(1).expand_as(tokens))
         return torch.zeros(len(tokens), dtype=picked.dtype, device=tokens.device).index_add_(0, row_of, picked)
 
+    # ---- per symbol: the token MDP's view (stages/twist.py) ----------------------------
+    def token_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, hidden): the top LSTM output h_t at every position of a padded batch, i.e. the state
+        s_t = (BOS, x_1 .. x_{t-1}) from which x_t is predicted (dropout as in log_prob; zeros at PAD).
+        Differentiable; head(h_t) are the logits of x_t."""
+        B, T = tokens.shape
+        fused = getattr(self, "fused_kernel", None)
+        if fused is None:
+            fused = self.device.type == "cpu"
+        if not fused:  # a padded run: positions after a row's end never reach its earlier outputs
+            prev = torch.cat([torch.full_like(tokens[:, :1], BOS), tokens[:, :-1]], dim=1)
+            inputs = F.one_hot(prev.clamp(max=VOCAB), VOCAB + 1)[..., :VOCAB].to(self.head.weight.dtype)
+            out, _ = self.lstm(self.drop(inputs))
+            return self.drop(out) * (tokens != PAD).unsqueeze(2)
+        packed = pack_tokens(tokens)
+        out = lstm_over_tokens(packed, self.lstm, self.dropout_p if self.training else 0.0)
+        step = torch.repeat_interleave(torch.arange(len(packed.sizes), device=tokens.device),
+                                       torch.tensor(packed.sizes, device=tokens.device))
+        return out.new_zeros(B, T, self.hidden).index_put((packed.row, step), out)
+
+    def token_log_probs(self, tokens: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T): log pi(x_t | s_t) at every position, 0 at PAD (rows sum to log_prob). Differentiable."""
+        states = self.token_states(tokens) if states is None else states
+        logp = torch.log_softmax(self.head(states), dim=-1)
+        return logp.gather(2, tokens.clamp(max=VOCAB - 1).unsqueeze(2)).squeeze(2) * (tokens != PAD)
+
     # ---- sampling ---------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, num: int, max_len: int, generator: torch.Generator | None = None) -> Samples:
@@ -143,6 +170,7 @@ class LSTMPolicy(nn.Module, Potential):
         w_head, b_head = self.head.weight.t(), self.head.bias
         tokens = torch.full((num, max_len), PAD, dtype=torch.long, device=dev)
         log_prob = torch.zeros(num, dtype=w_head.dtype, device=dev)
+        token_log_prob = torch.zeros(num, max_len, dtype=w_head.dtype, device=dev)
         finished = torch.zeros(num, dtype=torch.bool, device=dev)
         rows = torch.arange(num, device=dev)  # original index of each working row
         running = torch.ones(num, dtype=torch.bool, device=dev)  # working rows not yet at EOS
@@ -155,7 +183,9 @@ class LSTMPolicy(nn.Module, Potential):
             tok = (u > cdf).sum(dim=1)
             # rows already at EOS (kept until the next compaction) write PAD and add 0
             tokens[rows, t] = tok.masked_fill(~running, PAD)
-            log_prob[rows] += logp.gather(1, tok.unsqueeze(1)).squeeze(1).masked_fill(~running, 0.0)
+            picked = logp.gather(1, tok.unsqueeze(1)).squeeze(1).masked_fill(~running, 0.0)
+            token_log_prob[rows, t] = picked
+            log_prob[rows] += picked
             running &= tok != EOS
             alive = int(running.sum())
             if alive == 0:
@@ -167,4 +197,5 @@ class LSTMPolicy(nn.Module, Potential):
             prev = tok
         finished = (tokens == EOS).any(dim=1)
         width = int((tokens != PAD).sum(dim=1).max().item()) if num else 0
-        return Samples(tokens[:, : max(width, 1)], log_prob, finished)
+        width = max(width, 1)
+        return Samples(tokens[:, :width], log_prob, finished, token_log_prob[:, :width])

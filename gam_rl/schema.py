@@ -36,11 +36,12 @@ from gam_rl.stages.dpg import DPGConfig, FDPGConfig
 from gam_rl.stages.mle import MLEConfig
 from gam_rl.stages.moment_matching import MomentMatchingConfig
 from gam_rl.stages.partition import ZConfig
+from gam_rl.stages.twist import TWIST_ALGORITHMS, TwistConfig
 from gam_rl.training1_cache import CacheConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 METHODS: dict[str, type] = {"distill": DistillConfig, **{name: DPGConfig for name in dpg.ALGORITHMS},
-                            "fdpg": FDPGConfig}
+                            "fdpg": FDPGConfig, **{name: TwistConfig for name in TWIST_ALGORITHMS}}
 
 
 @dataclass
@@ -70,12 +71,13 @@ class Config:
 
 def register() -> None:
     """The schemas in Hydra's ConfigStore: conf/config.yaml starts from `gam_rl_schema`, and each
-    method file from its algorithm's schema (/schema/method/dpg or distill)."""
+    method file from its algorithm's schema (/schema/method/dpg, fdpg, twist or distill)."""
     store = ConfigStore.instance()
     store.store(name="gam_rl_schema", node=Config)
     store.store(group="schema/method", name="dpg", node=DPGConfig)
     store.store(group="schema/method", name="distill", node=DistillConfig)
     store.store(group="schema/method", name="fdpg", node=FDPGConfig)
+    store.store(group="schema/method", name="twist", node=TwistConfig)
 
 
 register()

@@ -45,7 +45,7 @@ def decode(tokens: torch.Tensor) -> list[str]:
     return ["".join("1" if t == ONE else "0" for t in row if t <= ONE) for row in rows]
 
 
-def pad_cat(batches: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate token batches of different widths, padding with PAD."""
+def pad_cat(batches: list[torch.Tensor], value: float = PAD) -> torch.Tensor:
+    """Concatenate (B, T) batches of different widths, padding with PAD (or `value`)."""
     width = max(b.shape[1] for b in batches)
-    return torch.cat([torch.nn.functional.pad(b, (0, width - b.shape[1]), value=PAD) for b in batches])
+    return torch.cat([torch.nn.functional.pad(b, (0, width - b.shape[1]), value=value) for b in batches])

@@ -20,12 +20,14 @@ from hydra import compose, initialize_config_module
 from gam_rl import schema
 from gam_rl.cli import rewrite_axes
 from gam_rl.data import load_splits
-from gam_rl.exact import ExactCurve, ExactTarget, OutputSpace
+from gam_rl.exact import ExactCurve, ExactTarget, OutputSpace, learned_value_errors
 from gam_rl.features import Features
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
 from gam_rl.stages.dpg import train_dpg
+from gam_rl.stages.twist import TWIST_ALGORITHMS
+from gam_rl.stages.twist_train import train_twist
 
 
 class Curve(ExactCurve):
@@ -60,10 +62,15 @@ def main(run_dir: Path, overrides: list[str]) -> dict:
         pi.load_state_dict(r.state_dict())
     curve = Curve(exact)
     start = time.perf_counter()
-    fit = train_dpg(pi.train(), r, TrueProcess(process) if cfg.method.target == "true" else p_lambda, splits.valid,
-                    cfg.method, max_len=cfg.max_len, symbols_per_seq=cfg.n + 1, ce_valid_proposal=results["ce_valid_r"],
-                    seed=cfg.seed + 3, target_ce_valid=1.01 * results["ce_valid_p_lambda"], callbacks=[curve])
-    return {"overrides": overrides, "seconds": round(time.perf_counter() - start, 1), "draws": fit.samples,
+    common = dict(max_len=cfg.max_len, symbols_per_seq=cfg.n + 1, ce_valid_proposal=results["ce_valid_r"],
+                  seed=cfg.seed + 3, target_ce_valid=1.01 * results["ce_valid_p_lambda"], callbacks=[curve])
+    target = TrueProcess(process) if cfg.method.target == "true" else p_lambda
+    if cfg.method.algorithm in TWIST_ALGORITHMS:
+        fit = train_twist(pi.train(), r, target, splits.valid, cfg.method, data=splits.train, **common)
+        learned = learned_value_errors(exact, r, fit.values)
+    else:
+        fit, learned = train_dpg(pi.train(), r, target, splits.valid, cfg.method, **common), {}
+    return {"learned": {k: round(v, 4) for k, v in learned.items()},"overrides": overrides, "seconds": round(time.perf_counter() - start, 1), "draws": fit.samples,
             "kl_p_r": round(exact.policy_divergences(r, "r")["kl_p_r"], 4),
             "final": {k: round(v, 4) for k, v in exact.policy_divergences(pi).items()}, "curve": curve.points}
 

@@ -7,13 +7,15 @@ import dataclasses
 import pytest
 import torch
 
-from gam_rl.exact import ExactTarget, OutputSpace
+from gam_rl.exact import ExactTarget, OutputSpace, learned_value_errors
 from gam_rl.features import Features
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import gam
 from gam_rl.stages.distill import DistillConfig, distill
 from gam_rl.stages.dpg import DPGConfig, FDPGConfig, train_dpg
 from gam_rl.stages.mle import MLEConfig
+from gam_rl.stages.twist import TwistConfig
+from gam_rl.stages.twist_train import train_twist
 from gam_rl.tokens import encode
 
 MAX_LEN = 8  # 511 outputs
@@ -104,3 +106,34 @@ def test_pg_collapses_where_kl_control_does_not(problem):
     _, pg = run_dpg(problem, dataclasses.replace(METHODS["dpg_on"], algorithm="pg", lr=0.05))
     _, control = run_dpg(problem, dataclasses.replace(METHODS["kl_control"], lr=0.05))
     assert pg["kl_p_pi"] > start_kl > BOUND * start_kl > control["kl_p_pi"], (start_kl, pg, control)
+
+
+# ---- the twist methods (stages/twist.py): pcl, ac_dpg, ppo_dpg -------------------------------------
+
+TWIST = {
+    "pcl": dpg_family(TwistConfig, algorithm="pcl", critic="head", critic_lr=0.05, critic_warmup=20),
+    "ac_dpg_head": dpg_family(TwistConfig, algorithm="ac_dpg", critic="head", critic_lr=0.01, critic_warmup=20),
+    "ac_dpg_separate": dpg_family(TwistConfig, algorithm="ac_dpg", critic="separate", critic_lr=0.01,
+                                  critic_warmup=20),
+    "ppo_dpg": dpg_family(TwistConfig, algorithm="ppo_dpg", on_policy=True, minibatch=32, proposal_batch=MINIBATCH,
+                          updates_per_epoch=UPDATES // 4),
+}
+
+
+def run_twist(problem, cfg):
+    r, p_lambda, target, valid = problem
+    pi = start(r)
+    fit = train_twist(pi, r, p_lambda, valid, cfg, max_len=MAX_LEN, symbols_per_seq=MAX_LEN, ce_valid_proposal=1e9,
+                      data=valid, seed=1)
+    learned = learned_value_errors(target, r, fit.values) if fit.values is not None else {}
+    return fit, target.policy_divergences(pi), learned
+
+
+@pytest.mark.parametrize("name", sorted(TWIST))
+def test_twist_method_lowers_exact_kl_and_learns_log_z(problem, name):
+    r, _, target, _ = problem
+    start_kl = target.policy_divergences(r, "r")["kl_p_r"]
+    fit, final, learned = run_twist(problem, TWIST[name])
+    print(name, start_kl, final, learned)
+    assert fit.samples <= (UPDATES + 20) * MINIBATCH
+    assert final["kl_p_pi"] < BOUND * start_kl, (name, start_kl, final)

@@ -20,6 +20,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
@@ -258,11 +259,13 @@ class DPGResult:
     swaps: list[dict] = field(default_factory=list)
     log_z_running: float | None = None
     reached_target: dict | None = None  # {samples, updates, seconds, ce_valid_pi} at the first check under target
+    extra: dict = field(default_factory=dict)  # a method's own results (the twist methods: twist_*)
+    values: Callable | None = None  # the twist methods: tokens -> learned V(s_t) (not a result: not in results())
 
     def results(self) -> dict:
         return {"ce_valid_pi": self.best_val_ce, "t2_epochs": self.epochs, "t2_best_epoch": self.best_epoch,
                 "t2_updates": self.updates, "swaps": self.swaps, "swap_count": len(self.swaps),
-                "dpg_log_z_running": self.log_z_running, "dpg_reached_target": self.reached_target}
+                "dpg_log_z_running": self.log_z_running, "dpg_reached_target": self.reached_target, **self.extra}
 
 
 def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, valid: torch.Tensor, cfg: DPGConfig, *,

@@ -45,6 +45,7 @@ class WeightedDraw:
     log_q: torch.Tensor  # float64: log q(x)
     log_h: torch.Tensor  # float64: log of the item's share: -log N - log(keep probability) (+ replay rescale)
     share: torch.Tensor  # float64: 1 / (items its draw contributed); summed over a buffer: the draws in it
+    log_q_tok: torch.Tensor | None = None  # (B, T) float: log q(x_t | x_<t) per symbol, 0 at PAD (sampler's)
 
     FIELDS = ("log_w", "log_q", "log_h", "share")  # per-item tensors besides tokens
 
@@ -52,12 +53,14 @@ class WeightedDraw:
         return len(self.tokens)
 
     def index(self, idx: torch.Tensor) -> WeightedDraw:
-        return WeightedDraw(self.tokens[idx], *(getattr(self, k)[idx] for k in self.FIELDS))
+        return WeightedDraw(self.tokens[idx], *(getattr(self, k)[idx] for k in self.FIELDS),
+                            None if self.log_q_tok is None else self.log_q_tok[idx])
 
     @staticmethod
     def cat(draws: list[WeightedDraw]) -> WeightedDraw:
+        per_token = None if any(d.log_q_tok is None for d in draws) else pad_cat([d.log_q_tok for d in draws], 0.0)
         return WeightedDraw(pad_cat([d.tokens for d in draws]),
-                            *(torch.cat([getattr(d, k) for d in draws]) for k in WeightedDraw.FIELDS))
+                            *(torch.cat([getattr(d, k) for d in draws]) for k in WeightedDraw.FIELDS), per_token)
 
     def tail(self, size: int) -> WeightedDraw:
         return self.index(torch.arange(max(0, len(self) - size), len(self), device=self.log_w.device))
@@ -120,7 +123,8 @@ class ProposalDraws(torch.utils.data.IterableDataset):
             # (no thinning, or the all-zero draw's one item): thinning drops it (p_i = min(1, 0 / c) = 0)
             log_h = torch.where(torch.isfinite(kept_w), thinned - kept_w, 0.0) - math.log(len(log_w))
             share = torch.full((len(keep),), 1.0 / len(keep), dtype=torch.float64, device=log_w.device)
-            return WeightedDraw(samples.tokens[keep], kept_w, samples.log_prob.double()[keep], log_h, share)
+            return WeightedDraw(samples.tokens[keep], kept_w, samples.log_prob.double()[keep], log_h, share,
+                                samples.token_log_prob[keep])
 
     def peek(self) -> WeightedDraw:
         """A fresh draw of the current proposal that the next update will train on."""

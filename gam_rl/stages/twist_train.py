@@ -1,0 +1,299 @@
+"""Training-2 by learning the twist (stages/twist.py has the equations): pcl, ac_dpg, ppo_dpg.
+
+Same draws (stages/draws.py), checks, swap gate, plateau and target line as DPG (stages/dpg.py):
+TwistModule is a DPGModule whose update is one of
+
+    pcl      minimise 1/2 mean_t C(t)^2, C the path consistency of pi's soft Q-logits, on the draw,
+             plus `data_share` of rows of D (any trajectory satisfies the same equation)
+    ac_dpg   critic: minimise 1/2 mean_t (V(s_t) - y_t)^2, y_t the Monte-Carlo target of V*(s_t);
+             actor (after `critic_warmup` updates): theta += alpha sum_t c_t grad log pi(a_t | s_t),
+             c_t = h [pi*(a_t | s_t) - b pi(a_t | s_t)] / q(a_t | s_t), pi* from the critic: at every
+             state q visits, descent on CE(pi*(.|s), pi(.|s)), minimised at pi = pi* = p's conditional
+    ppo_dpg  x ~ pi_old: ppo_epochs passes of the clipped surrogate in minibatches, stopped once the
+             approximate KL(pi_old || pi) per symbol passes 1.5 target_kl; advantage P/(Z-hat q) - pi_old/q
+             per sequence (DPG with its baseline), or ac_dpg's per-token one with a critic
+
+The updates are manual (several optimiser steps per draw for ppo_dpg), so `updates` in the
+results counts optimiser steps. The learned log Z, V(empty prefix), is logged at every check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+from torch import nn
+
+from gam_rl.policy import LSTMPolicy, eval_mode
+from gam_rl.potentials import Potential, Product
+from gam_rl.progress import Progress
+from gam_rl.stages.common import KeepBestPlateau, Plateau, StageProgress, make_trainer, token_loader
+from gam_rl.stages.dpg import DPGModule, DPGResult, on_policy
+from gam_rl.stages.draws import ProposalDraws, WeightedDraw
+from gam_rl.stages.twist import (TwistConfig, critic_loss, critic_targets, pcl_consistency, ppo_surrogate,
+                                 td_targets, twisted_log_prob)
+from gam_rl.tokens import EOS, PAD, pad_cat
+
+
+class Critic(nn.Module):
+    """V(s_t) at every position: a linear head on pi's own LSTM states (kind head) or on a separate
+    LSTM that starts as a copy of r (kind separate). The head starts at V = 0."""
+
+    def __init__(self, kind: str, pi: LSTMPolicy, r: LSTMPolicy):
+        super().__init__()
+        self.kind = kind
+        self.body = copy.deepcopy(r).requires_grad_(True) if kind == "separate" else None
+        self.value = nn.Linear((self.body or pi).hidden, 1)
+        nn.init.zeros_(self.value.weight)
+        nn.init.zeros_(self.value.bias)
+
+    def forward(self, tokens: torch.Tensor, pi_states: torch.Tensor) -> torch.Tensor:
+        states = pi_states if self.body is None else self.body.token_states(tokens)
+        return self.value(states).squeeze(2)
+
+
+def terminal_reward(target: Potential, r: LSTMPolicy):
+    """x -> log P(x) - log r(x), the final reward of the token MDP: for P = r * Tilt, lambda . phi(x)
+    without scoring r (tokens, log r(x)) -> (B,) float."""
+    if isinstance(target, Product) and any(f is r for f in target.factors):
+        others = Product(*(f for f in target.factors if f is not r))
+        return lambda tokens, log_r_seq: others.log_potential(tokens).float()
+    return lambda tokens, log_r_seq: target.log_potential(tokens).float() - log_r_seq
+
+
+class TwistModule(DPGModule):
+    def __init__(self, pi: LSTMPolicy, draws: ProposalDraws, cfg: TwistConfig, *, r: LSTMPolicy, target: Potential,
+                 data: torch.Tensor | None, seed: int, **kwargs):
+        super().__init__(pi, draws, cfg, **kwargs)
+        self.automatic_optimization = False  # ppo_dpg takes several steps per draw; all three step by hand
+        self.base = (r.eval().requires_grad_(False),)  # r, frozen: in a tuple, so not one of the module's own
+        self.terminal = terminal_reward(target, r)
+        self.critic = Critic(cfg.critic, pi, r) if cfg.critic != "none" else None
+        self.data = data if cfg.data_share > 0 else None
+        self.data_generator = torch.Generator(device=pi.device).manual_seed(seed + 17)
+        self.draws_trained = 0  # training steps (draws or minibatches of the proposal) so far
+        self.warming_up = False  # warm_up(): only the critic (pcl: the offset head) learns
+
+    def configure_optimizers(self):
+        groups = [{"params": list(self.pi.parameters()), "lr": self.cfg.lr}]
+        if self.critic is not None:  # head: the value head only (it shares pi's LSTM) | separate: its LSTM too
+            groups.append({"params": list(self.critic.parameters()), "lr": self.cfg.critic_lr})
+        return torch.optim.Adam(groups)
+
+    # ---- what every update needs -----------------------------------------------------------
+    def rewards(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log r(a_t | s_t) per step (B, T) and the terminal reward log P(x) - log r(x) (B,)."""
+        r = self.base[0]
+        with eval_mode(r):
+            log_r = r.token_log_probs(tokens)
+        return log_r, self.terminal(tokens, log_r.sum(1))
+
+    def values(self, tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """V(s_t): pcl's logsumexp of its Q-logits (Q = pi's logits + the offset head's u(s_t), if any),
+        or the critic's."""
+        if self.cfg.algorithm != "pcl":
+            return self.critic(tokens, states)
+        values = torch.logsumexp(self.pi.head(states), -1)
+        return values if self.critic is None else values + self.critic(tokens, states)
+
+    def learns_values(self) -> bool:
+        """pcl always; ac_dpg and ppo_dpg with a critic."""
+        return self.cfg.algorithm == "pcl" or self.critic is not None
+
+    def learned_log_z(self) -> float | None:
+        """V(empty prefix): the state before the first symbol of any row (None: no values learned)."""
+        if not self.learns_values():
+            return None
+        return float(self.value_function()(torch.tensor([[EOS]], device=self.pi.device))[0, 0])
+
+    def value_function(self):
+        """tokens -> V(s_t) (B, T) with dropout off and no autograd: the learned soft values."""
+        def values(tokens: torch.Tensor) -> torch.Tensor:
+            with eval_mode(self.pi), (eval_mode(self.critic) if self.critic is not None else contextlib.nullcontext()):
+                return self.values(tokens, self.pi.token_states(tokens))
+        return values
+
+    def warm_up(self, updates: int) -> None:
+        """`updates` fresh draws on which only the critic (pcl: the offset head u) learns, with its own
+        Adam, before the first check: pi does not move, so the plateau rule does not count them."""
+        opt = torch.optim.Adam(self.critic.parameters(), lr=self.cfg.critic_lr)
+        self.warming_up = True
+        progress = Progress(f"{self.cfg.algorithm} critic warm-up", updates, "updates")
+        try:
+            for k in range(updates):
+                draw = self.draws.next_batch()
+                loss = self.pcl_loss(draw) if self.cfg.algorithm == "pcl" else self.ac_loss(draw)
+                opt.zero_grad()
+                loss.backward()
+                if self.cfg.clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.cfg.clip)
+                opt.step()
+                progress.update(k + 1, f"loss {float(loss):.4f}")
+        finally:
+            self.warming_up = False
+            progress.close()
+
+    def step(self, loss: torch.Tensor) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if self.cfg.clip is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.cfg.clip, gradient_clip_algorithm="norm")
+        opt.step()
+
+    # ---- the updates -----------------------------------------------------------------------
+    def training_step(self, draw: WeightedDraw, batch_idx):
+        if self.cfg.algorithm == "ppo_dpg":
+            self.ppo_update(draw)
+        else:
+            loss = self.pcl_loss(draw) if self.cfg.algorithm == "pcl" else self.ac_loss(draw)
+            self.step(loss)
+        self.draws_trained += 1
+        self.log("dpg/ess", self.draws.last_ess, on_step=True, on_epoch=False, batch_size=len(draw))
+
+    def pcl_loss(self, draw: WeightedDraw) -> torch.Tensor:
+        tokens = draw.tokens
+        if self.data is not None:  # rows of D: trajectories of p_true, which satisfy the same consistency
+            count = max(1, round(self.cfg.data_share * len(tokens) / (1.0 - self.cfg.data_share)))
+            rows = torch.randint(len(self.data), (count,), device=tokens.device, generator=self.data_generator)
+            tokens = pad_cat([tokens, self.data[rows]])
+        mask = tokens != PAD
+        log_r, terminal = self.rewards(tokens)
+        states = self.pi.token_states(tokens)
+        # Q(s, a) = logit(s, a) + u(s): V(s) = logsumexp_a Q(s, a), log pi(a | s) = Q(s, a) - V(s) = log_softmax;
+        # u (critic=head, zero at the start) moves every Q of a state at once: V, never pi
+        logits = self.pi.head(states)
+        log_pi = torch.log_softmax(logits, -1).gather(2, tokens.clamp(max=EOS).unsqueeze(2)).squeeze(2) * mask
+        values = torch.logsumexp(logits, -1)
+        if self.warming_up:  # only u learns, pi stays
+            log_pi, values = log_pi.detach(), values.detach()
+            states = states.detach()
+        if self.critic is not None:
+            values = values + self.critic(tokens, states)
+        consistency = pcl_consistency(values, log_pi, log_r, terminal, mask, self.cfg.horizon)
+        loss = 0.5 * consistency[mask].pow(2).mean()
+        if not self.warming_up:
+            self.log("dpg/pcl_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(tokens))
+        return loss
+
+    def ac_loss(self, draw: WeightedDraw) -> torch.Tensor:
+        tokens, log_q = draw.tokens, draw.log_q_tok
+        mask = tokens != PAD
+        log_r, terminal = self.rewards(tokens)
+        states = self.pi.token_states(tokens)
+        warming_up = self.warming_up  # the critic alone learns (a head critic's loss must not move pi's shared LSTM)
+        values = self.critic(tokens, states.detach() if warming_up else states)
+        critic_fit = critic_loss(values, self.critic_targets(values, log_r, log_q, terminal, mask), mask,
+                                 self.cfg.critic_fit)
+        if warming_up:
+            return critic_fit
+        self.log("dpg/critic_loss", critic_fit.detach(), on_step=True, on_epoch=False, batch_size=len(tokens))
+        log_pi = self.pi.token_log_probs(tokens, states)
+        coef = self.token_advantage(values.detach(), log_pi.detach(), log_q, log_r, terminal, mask)
+        coef = coef * draw.log_h.exp().unsqueeze(1).to(coef.dtype)  # h_i: the row's share of its draw's estimate
+        return critic_fit - (coef * log_pi).sum()
+
+    def critic_targets(self, values, log_r, log_q, terminal, mask) -> torch.Tensor:
+        if self.cfg.critic_target == "td":
+            return td_targets(values, log_r, log_q, terminal, mask)
+        return critic_targets(log_r, log_q, terminal, mask)
+
+    def token_advantage(self, values, log_pi_old, log_q, log_r, terminal, mask) -> torch.Tensor:
+        """[pi*(a_t | s_t) - b pi_old(a_t | s_t)] / q(a_t | s_t), pi* the critic's twisted r: its expectation
+        under q is sum_a (pi* - b pi_old)(a | s) grad log pi(a | s) at every visited state."""
+        adv = torch.exp(twisted_log_prob(values, log_r, terminal, mask) - log_q)
+        if self.cfg.baseline:  # E_q[(pi/q) grad log pi | s] = 0: variance only
+            adv = adv - torch.exp(log_pi_old - log_q)
+        return adv.masked_fill(~mask, 0.0)
+
+    def ppo_update(self, draw: WeightedDraw) -> None:
+        cfg, tokens, log_q = self.cfg, draw.tokens, draw.log_q_tok
+        mask, rows = tokens != PAD, len(draw)
+        was_training = self.pi.training
+        self.pi.eval()  # the ratio pi / pi_old without dropout noise (autograd stays on)
+        try:
+            with torch.no_grad():
+                log_old = self.pi.token_log_probs(tokens)
+                if self.critic is None:  # per sequence: N h_i [P/(Z-hat q) - b pi_old/q], at every step
+                    log_norm = self.draws.running_z.log_z
+                    log_n = draw.log_h + math.log(rows)
+                    adv = torch.exp(draw.log_w - log_norm + log_n)
+                    if cfg.baseline:
+                        adv = adv - torch.exp(log_old.sum(1).double() - draw.log_q + log_n)
+                    adv = adv.float().unsqueeze(1).expand_as(log_old) * mask
+                else:
+                    log_r, terminal = self.rewards(tokens)
+                    targets = self.critic_targets(self.values(tokens, self.pi.token_states(tokens)), log_r, log_q,
+                                                  terminal, mask)
+                    adv = self.token_advantage(self.values(tokens, self.pi.token_states(tokens)), log_old, log_q,
+                                               log_r, terminal, mask)
+            steps, kl, clipped = 0, 0.0, 0.0
+            for _ in range(cfg.ppo_epochs):
+                order = torch.randperm(rows, device=tokens.device, generator=self.data_generator)
+                for idx in order.split(cfg.minibatch):
+                    sub = tokens[idx]
+                    states = self.pi.token_states(sub)
+                    ppo = ppo_surrogate(self.pi.token_log_probs(sub, states), log_old[idx], adv[idx], mask[idx],
+                                        cfg.ppo_clip)
+                    kl, clipped = ppo.approx_kl, ppo.clip_fraction
+                    if cfg.target_kl is not None and kl > 1.5 * cfg.target_kl:
+                        break  # pi has left the trust region around pi_old: next draw
+                    loss = ppo.loss * (len(idx) / cfg.minibatch)
+                    if self.critic is not None:
+                        values = self.critic(sub, states)
+                        loss = loss + critic_loss(values, targets[idx], mask[idx], cfg.critic_fit)
+                    self.step(loss)
+                    steps += 1
+                else:
+                    continue
+                break
+        finally:
+            self.pi.train(was_training)
+        self.log("dpg/ppo_steps", float(steps), on_step=True, on_epoch=False, batch_size=rows)
+        self.log("dpg/ppo_kl", kl, on_step=True, on_epoch=False, batch_size=rows)
+        self.log("dpg/ppo_clip_fraction", clipped, on_step=True, on_epoch=False, batch_size=rows)
+
+    def on_validation_epoch_end(self):
+        super().on_validation_epoch_end()
+        if self.learns_values():
+            self.log("dpg/learned_log_z", self.learned_log_z())
+
+
+def train_twist(pi: LSTMPolicy, r: LSTMPolicy, target: Potential, valid: torch.Tensor, cfg: TwistConfig, *,
+                max_len: int, symbols_per_seq: int, ce_valid_proposal: float, data: torch.Tensor | None = None,
+                seed: int = 0, target_ce_valid: float | None = None, logger=None, accelerator: str = "cpu",
+                callbacks: list | None = None) -> DPGResult:
+    """Train `pi` in place towards p = P / Z by pcl, ac_dpg or ppo_dpg (r: the base of the rewards and
+    the first proposal; data: D, for pcl's data_share). On return pi holds the best-CE(V) weights and
+    the result's `values` the learned V(s_t) (pcl: of those weights; ac_dpg: the last critic)."""
+    generator = torch.Generator(device=pi.device).manual_seed(seed)
+    drawn = cfg.proposal_batch or cfg.minibatch
+    draws = ProposalDraws(pi if on_policy(cfg) else r.eval(), target, minibatch=cfg.minibatch,
+                          proposal_batch=cfg.proposal_batch,
+                          keep_per_draw=drawn if cfg.algorithm == "ppo_dpg" else cfg.keep_per_draw,
+                          replay=cfg.replay, steps_per_draw=cfg.steps_per_draw,
+                          updates_per_epoch=cfg.updates_per_epoch, max_len=max_len, generator=generator)
+    module = TwistModule(pi, draws, cfg, r=r, target=target, data=data, seed=seed, symbols_per_seq=symbols_per_seq,
+                         ce_valid_proposal=ce_valid_proposal, target_ce_valid=target_ce_valid)
+    plateau = Plateau(cfg.patience, stop_on_nonfinite=False)
+    keys = ["dpg/val_ce_pi", "dpg/learned_log_z"] + (["dpg/val_ce_q"] if module.gate is not None else [])
+    # optimiser steps per check, at most (ppo_dpg: every pass of every draw, unless the KL stop cuts it)
+    per_check = cfg.updates_per_epoch * (cfg.ppo_epochs * -(-drawn // cfg.minibatch) if cfg.algorithm == "ppo_dpg"
+                                         else 1)
+    callbacks = list(callbacks or []) + [KeepBestPlateau("dpg/val_ce_pi", "pi", plateau),
+                 StageProgress(cfg.algorithm, keys, plateau, per_check, cfg.max_epochs, unit="updates",
+                               monitor="dpg/val_ce_pi")]
+    if module.critic is not None and cfg.critic_warmup:
+        module.warm_up(cfg.critic_warmup)
+    trainer = make_trainer(cfg.max_epochs, callbacks, logger, accelerator)  # clipping is in TwistModule.step
+    trainer.fit(module, torch.utils.data.DataLoader(draws, batch_size=None), token_loader(valid, 1000, shuffle=False))
+    pi.eval()
+    result = DPGResult(plateau.best, trainer.current_epoch, plateau.best_epoch, int(trainer.global_step),
+                       draws.samples_drawn, module.swaps, draws.running_z.log_z if draws.running_z.count else None,
+                       module.reached_target)
+    result.extra = {"twist_learned_log_z": module.learned_log_z(), "twist_critic": cfg.critic,
+                    "twist_draws_trained": module.draws_trained}
+    result.values = module.value_function() if module.learns_values() else None
+    return result

@@ -1,0 +1,118 @@
+"""The twist (stages/twist.py) against exact answers on an enumerable problem: the prefix sums
+log Z(s), the soft values V*(s) = log Z(s) - log r(s) and the optimal policy pi*(a | s) =
+Z(s a) / Z(s) computed from the enumeration, then path consistency, the critic's targets and
+the twisted r checked on them; PPO's surrogate by autograd."""
+
+import math
+
+import pytest
+import torch
+
+from gam_rl.exact import ExactTarget, OutputSpace, prefix_log_z, twist_values
+from gam_rl.features import Features
+from gam_rl.policy import LSTMPolicy, eval_mode
+from gam_rl.potentials import gam
+from gam_rl.stages.twist import critic_targets, next_values, pcl_consistency, ppo_surrogate, twisted_log_prob
+from gam_rl.stages.twist_train import terminal_reward
+from gam_rl.tokens import EOS, PAD, decode
+
+MAX_LEN = 7
+
+
+@pytest.fixture(scope="module")
+def problem():
+    torch.manual_seed(3)
+    r = LSTMPolicy(12, 1, dropout=0.0).eval()
+    features = Features(["motif", "first_bit", "M"], "101", max_len=MAX_LEN)
+    p_lambda = gam(r, features, torch.tensor([-2.0, 0.7, 1.5]))
+    target = ExactTarget.of(p_lambda, OutputSpace(MAX_LEN), "cpu")
+    samples = r.sample(64, MAX_LEN, torch.Generator().manual_seed(5))  # some truncated, some not
+    return r, p_lambda, target, samples.tokens
+
+
+def exact_per_step(target: ExactTarget, r: LSTMPolicy, tokens: torch.Tensor):
+    """V*(s_t) and log pi*(a_t | s_t) = log Z(s_t a_t) - log Z(s_t) at every step, from the enumeration."""
+    B, T = tokens.shape
+    values, log_star = torch.zeros(B, T, dtype=torch.float64), torch.zeros(B, T, dtype=torch.float64)
+    for i, row in enumerate(tokens.tolist()):
+        bits = ""
+        for t, a in enumerate(row):
+            if a == PAD:
+                break
+            values[i, t] = float(twist_values(target, r, [bits])[0])
+            if a == EOS:  # Z(s EOS) = P(s EOS): the single output with |s| bits, index 2^|s| - 1 + int(s)
+                log_child = float(target.log_p[2 ** len(bits) - 1 + (int(bits, 2) if bits else 0)]) + target.log_z
+            else:
+                log_child = prefix_log_z(target, bits + str(a))
+            log_star[i, t] = log_child - prefix_log_z(target, bits)
+            bits += "" if a == EOS else str(a)
+    return values, log_star
+
+
+def test_prefix_sums_against_brute_force(problem):
+    r, _, target, _ = problem
+    strings = decode(torch.cat([b.long() for b in target.space.batches]))
+    for prefix in ["", "1", "01", "110", "1011011"]:
+        brute = torch.logsumexp(target.log_p[[s.startswith(prefix) for s in strings]], 0) + target.log_z
+        assert prefix_log_z(target, prefix) == pytest.approx(float(brute), abs=1e-9)
+    assert float(twist_values(target, r, [""])[0]) == pytest.approx(target.log_z, abs=1e-9)  # V*(empty) = log Z
+
+
+def test_path_consistency_vanishes_exactly_at_the_twist(problem):
+    r, p_lambda, target, tokens = problem
+    mask = tokens != PAD
+    with eval_mode(r):
+        log_r = r.token_log_probs(tokens).double()
+    terminal = terminal_reward(p_lambda, r)(tokens, log_r.sum(1)).double()
+    values, log_star = exact_per_step(target, r, tokens)
+    # pi* is p_lambda: its per-step log-probabilities sum to log p(x)
+    index = {s: i for i, s in enumerate(decode(torch.cat([b.long() for b in target.space.batches])))}
+    assert torch.allclose(log_star.sum(1), target.log_p[[index[s] for s in decode(tokens)]], atol=1e-6)
+    for horizon in (0, 1, 3):
+        c = pcl_consistency(values, log_star, log_r, terminal, mask, horizon)
+        assert c.abs().max() < 1e-5, horizon
+    # a wrong value at one state breaks exactly the paths that start or end there
+    i = int((mask.sum(1) >= 3).nonzero()[0])  # a row of at least 3 steps
+    wrong = values.clone()
+    wrong[i, 1] += 0.1
+    c = pcl_consistency(wrong, log_star, log_r, terminal, mask, 1)
+    assert c[i, 1] == pytest.approx(-0.1, abs=1e-5) and c[i, 0] == pytest.approx(0.1, abs=1e-5)
+    c[i, :2] = 0.0
+    assert c.abs().max() < 1e-5
+
+
+def test_critic_targets_and_twisted_r_are_exact_at_the_twist(problem):
+    """Drawn from q = pi*, every Monte-Carlo target is V*(s_t) itself (Jensen's gap is 0), and the
+    twisted r of V* is pi*; drawn from r, the targets average to no more than V* (Jensen)."""
+    r, p_lambda, target, tokens = problem
+    mask = tokens != PAD
+    with eval_mode(r):
+        log_r = r.token_log_probs(tokens).double()
+    terminal = terminal_reward(p_lambda, r)(tokens, log_r.sum(1)).double()
+    values, log_star = exact_per_step(target, r, tokens)
+    assert torch.allclose(critic_targets(log_r, log_star, terminal, mask), values, atol=1e-6)
+    assert torch.allclose(twisted_log_prob(values, log_r, terminal, mask), log_star, atol=1e-6)
+    nxt = next_values(values, terminal, mask)
+    lengths = mask.sum(1)
+    assert torch.allclose(nxt[torch.arange(len(tokens)), lengths - 1], terminal)
+
+
+def test_ppo_surrogate_is_dpg_at_the_old_policy_and_clips_beyond():
+    torch.manual_seed(0)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    log_old = torch.randn(2, 3) * mask
+    advantage = torch.tensor([[2.0, 2.0, 2.0], [-1.0, -1.0, 0.0]])
+    log_pi = log_old.clone().requires_grad_(True)
+    step = ppo_surrogate(log_pi, log_old, advantage, mask, clip=0.2)
+    step.loss.backward()
+    # at pi = pi_old: loss -sum_t A_t / B, gradient -A_t / B per step (DPG's), KL 0, nothing clipped
+    assert float(step.loss.detach()) == pytest.approx(-(6.0 - 2.0) / 2)
+    assert torch.allclose(log_pi.grad, -advantage * mask / 2)
+    assert step.approx_kl == pytest.approx(0.0, abs=1e-7) and step.clip_fraction == 0.0
+    # ratio e^0.5 > 1.2 on a positive advantage, e^-0.5 < 0.8 on a negative one: no gradient there
+    moved = (log_old + torch.tensor([[0.5, 0.0, 0.0], [-0.5, 0.0, 0.0]])).requires_grad_(True)
+    step = ppo_surrogate(moved, log_old, advantage, mask, clip=0.2)
+    step.loss.backward()
+    assert moved.grad[0, 0] == 0.0 and moved.grad[1, 0] == 0.0 and moved.grad[0, 1] != 0.0
+    expected_kl = ((math.exp(0.5) - 1 - 0.5) + (math.exp(-0.5) - 1 + 0.5)) / 5
+    assert step.approx_kl == pytest.approx(expected_kl, rel=1e-5) and step.clip_fraction == pytest.approx(2 / 5)
