@@ -62,7 +62,7 @@ import yaml
 PAPER_METHODS = ("dpg_off", "distill")
 PAPER_PROFILE = "paper"  # the only profile compared with the paper's Table 1
 GAM_TARGET_METHODS = ("distill", "dpg_off", "dpg_on", "pg", "distill_qrs", "fdpg_kl", "fdpg_rkl", "fdpg_js", "fdpg_tv",
-                      "kl_control")  # methods whose config targets P_lambda
+                      "kl_control", "pcl", "ac_dpg_head", "ac_dpg_separate", "ppo_dpg")  # methods targeting P_lambda
 METHOD_ORDER = ("dpg_off", "distill", "dpg_on", "pg", "dpg_true")
 METRICS = ("entropy_true", "ce_test_r", "ce_test_p_lambda", "ce_test_pi", "motif_freq_r", "motif_freq_pi",
            "avg_len_r", "avg_len_pi", "z_hat", "wall_time_s")

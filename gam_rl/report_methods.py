@@ -30,7 +30,8 @@ from matplotlib.ticker import NullFormatter
 
 from gam_rl.report import ProfileData, RunRecord, as_float, fmt, md_table
 
-EXACT_COLUMNS = (("kl_p_pi", "KL(p\\|\\|pi)"), ("kl_pi_p", "KL(pi\\|\\|p)"), ("tv_p_pi", "TV(p, pi)"))
+EXACT_COLUMNS = (("kl_p_pi", "KL(p\\|\\|pi)"), ("kl_pi_p", "KL(pi\\|\\|p)"), ("tv_p_pi", "TV(p, pi)"),
+                 ("learned_log_z_error", "learned log Z - log Z"))  # the last: pcl, ac_dpg (else -)
 
 
 def run_results(run: RunRecord) -> dict:

@@ -39,7 +39,9 @@ class Curve(ExactCurve):
 
     def on_validation_epoch_end(self, trainer, module):
         super().on_validation_epoch_end(trainer, module)
-        self.points.append((module.draws.samples_drawn, round(self.last["kl_p_pi"], 4)))
+        point = (module.draws.samples_drawn, round(self.last["kl_p_pi"], 4))
+        learned = module.learned_log_z() if hasattr(module, "learned_log_z") else None
+        self.points.append(point if learned is None else (*point, round(learned - self.target.log_z, 3)))
 
 
 def main(run_dir: Path, overrides: list[str]) -> dict:
@@ -67,7 +69,7 @@ def main(run_dir: Path, overrides: list[str]) -> dict:
     target = TrueProcess(process) if cfg.method.target == "true" else p_lambda
     if cfg.method.algorithm in TWIST_ALGORITHMS:
         fit = train_twist(pi.train(), r, target, splits.valid, cfg.method, data=splits.train, **common)
-        learned = learned_value_errors(exact, r, fit.values)
+        learned = learned_value_errors(exact, r, fit.values) if fit.values is not None else {}
     else:
         fit, learned = train_dpg(pi.train(), r, target, splits.valid, cfg.method, **common), {}
     return {"learned": {k: round(v, 4) for k, v in learned.items()},"overrides": overrides, "seconds": round(time.perf_counter() - start, 1), "draws": fit.samples,

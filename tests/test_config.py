@@ -41,11 +41,12 @@ def test_every_method_profile_and_logger_composes_and_validates():
     assert set(groups["profile"]) >= {"paper", "cpu", "smoke"}
     assert set(groups["profile"]) >= {"paper", "cpu", "smoke", "toy"}
     assert set(groups["method"]) == {"distill", "distill_qrs", "dpg_off", "dpg_on", "pg", "dpg_true", "fdpg",
-                                     "fdpg_rkl", "fdpg_js", "fdpg_tv", "kl_control"}
+                                     "fdpg_rkl", "fdpg_js", "fdpg_tv", "kl_control", "pcl", "ac_dpg", "ppo_dpg"}
     for method, profile in itertools.product(*groups.values()):
         cfg = typed([f"method={method}", f"profile={profile}"])
         # method=fdpg is named for its divergence (fdpg_kl unless method.divergence says otherwise)
-        assert cfg.method.name == ("fdpg_kl" if method == "fdpg" else method) and cfg.profile == profile
+        named = {"fdpg": "fdpg_kl", "ac_dpg": f"ac_dpg_{cfg.method.critic}"}  # named for a key's value
+        assert cfg.method.name == named.get(method, method) and cfg.profile == profile
     for logger in group_options("logger"):
         assert typed([f"logger={logger}"]).logger.kind == logger
 

@@ -49,14 +49,15 @@ class TwistConfig(DPGConfig):
     critic: str = setting("none", choices=CRITICS)  # ac_dpg: head | separate; ppo_dpg: none, or its advantage;
     # pcl: none (Q = pi's logits) | head, separate (Q = pi's logits + u(s), a per-state offset: moves V, never pi)
     critic_target: str = setting("mc", choices=CRITIC_TARGETS)  # mc: critic_targets | td: td_targets
-    critic_fit: str = setting("square", choices=CRITIC_FITS)  # the critic's loss on its targets (critic_loss)
+    critic_fit: str = setting("exp", choices=CRITIC_FITS)  # the critic's loss on its targets (critic_loss)
     critic_lr: float = setting(1.0e-3, gt=0)  # Adam, the critic's own parameters
     critic_warmup: int = setting(0, ge=0)  # updates that train only the critic before the actor moves
     ppo_epochs: int = setting(4, ge=1)  # passes over each draw, in minibatches of `minibatch`
     ppo_clip: float = setting(0.2, gt=0, lt=1)  # ratio pi/pi_old clipped to [1 - clip, 1 + clip]
     target_kl: float | None = setting(0.01, gt=0)  # stop a draw's passes once the KL estimate > 1.5 x this
     baseline: bool = True  # ac_dpg / ppo_dpg: subtract pi_old/q from the advantage (zero-mean control variate)
-    normalise: str = setting("running_z", choices=NORMALISE)  # ppo_dpg without a critic: weights P/(Z-hat q)
+    # ppo_dpg without a critic: weights P/(Z-hat q), Z-hat the running one or (draw_z) the draw's own estimate
+    normalise: str = setting("running_z", choices=NORMALISE + ("draw_z",))
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -80,9 +81,12 @@ class TwistConfig(DPGConfig):
             if self.replay or (self.keep_per_draw or math.inf) < (self.proposal_batch or self.minibatch):
                 out.append("method.replay / method.keep_per_draw with method.algorithm='ppo_dpg': each draw is "
                            "trained on whole, for ppo_epochs passes; set replay=0 and keep_per_draw=null")
-            if self.critic == "none" and self.normalise != "running_z":
+            if self.critic == "none" and self.normalise == "none":
                 out.append("method.normalise='none' with method.algorithm='ppo_dpg' and no critic: the advantage "
-                           "P/(Z q) - pi/q needs Z-hat; use normalise=running_z")
+                           "P/(Z q) - pi/q needs Z-hat; use normalise=running_z or draw_z")
+        if self.normalise == "draw_z" and (alg != "ppo_dpg" or self.critic != "none"):
+            out.append(f"method.normalise='draw_z' with method.algorithm={alg!r} and critic={self.critic!r}: only "
+                       "ppo_dpg's sequence advantage (no critic) divides by the draw's own Z-hat; use running_z")
         return out
 
 

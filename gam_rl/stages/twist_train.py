@@ -44,7 +44,7 @@ class Critic(nn.Module):
     def __init__(self, kind: str, pi: LSTMPolicy, r: LSTMPolicy):
         super().__init__()
         self.kind = kind
-        self.body = copy.deepcopy(r).requires_grad_(True) if kind == "separate" else None
+        self.body = copy.deepcopy(r).train().requires_grad_(True) if kind == "separate" else None
         self.value = nn.Linear((self.body or pi).hidden, 1)
         nn.init.zeros_(self.value.weight)
         nn.init.zeros_(self.value.bias)
@@ -130,7 +130,7 @@ class TwistModule(DPGModule):
                 if self.cfg.clip is not None:
                     torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.cfg.clip)
                 opt.step()
-                progress.update(k + 1, f"loss {float(loss):.4f}")
+                progress.update(k + 1, f"loss {float(loss.detach()):.4f}")
         finally:
             self.warming_up = False
             progress.close()
@@ -155,6 +155,15 @@ class TwistModule(DPGModule):
 
     def pcl_loss(self, draw: WeightedDraw) -> torch.Tensor:
         tokens = draw.tokens
+        if self.warming_up:  # u alone, fitted to the draw's Monte-Carlo targets (critic_loss): V -> V* for pi = r
+            mask = tokens != PAD
+            log_r, terminal = self.rewards(tokens)
+            with torch.no_grad():
+                states = self.pi.token_states(tokens)
+                base = torch.logsumexp(self.pi.head(states), -1)
+            values = base + self.critic(tokens, states)
+            targets = critic_targets(log_r, draw.log_q_tok, terminal, mask)
+            return critic_loss(values, targets, mask, self.cfg.critic_fit)
         if self.data is not None:  # rows of D: trajectories of p_true, which satisfy the same consistency
             count = max(1, round(self.cfg.data_share * len(tokens) / (1.0 - self.cfg.data_share)))
             rows = torch.randint(len(self.data), (count,), device=tokens.device, generator=self.data_generator)
@@ -167,15 +176,11 @@ class TwistModule(DPGModule):
         logits = self.pi.head(states)
         log_pi = torch.log_softmax(logits, -1).gather(2, tokens.clamp(max=EOS).unsqueeze(2)).squeeze(2) * mask
         values = torch.logsumexp(logits, -1)
-        if self.warming_up:  # only u learns, pi stays
-            log_pi, values = log_pi.detach(), values.detach()
-            states = states.detach()
         if self.critic is not None:
             values = values + self.critic(tokens, states)
         consistency = pcl_consistency(values, log_pi, log_r, terminal, mask, self.cfg.horizon)
         loss = 0.5 * consistency[mask].pow(2).mean()
-        if not self.warming_up:
-            self.log("dpg/pcl_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(tokens))
+        self.log("dpg/pcl_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(tokens))
         return loss
 
     def ac_loss(self, draw: WeightedDraw) -> torch.Tensor:
@@ -217,7 +222,8 @@ class TwistModule(DPGModule):
             with torch.no_grad():
                 log_old = self.pi.token_log_probs(tokens)
                 if self.critic is None:  # per sequence: N h_i [P/(Z-hat q) - b pi_old/q], at every step
-                    log_norm = self.draws.running_z.log_z
+                    log_norm = (self.draws.running_z.log_z if cfg.normalise == "running_z"  # draw_z: this draw's own
+                                else float(torch.logsumexp(draw.log_w + draw.log_h, 0)))  # sum_i h_i w_i
                     log_n = draw.log_h + math.log(rows)
                     adv = torch.exp(draw.log_w - log_norm + log_n)
                     if cfg.baseline:
