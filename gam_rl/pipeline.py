@@ -19,8 +19,7 @@ import lightning.pytorch as pl
 import torch
 
 from gam_rl.data import Splits, load_splits
-from gam_rl.exact import (ExactCurve, ExactTarget, OutputSpace, exact_results, learned_value_errors,
-                          qrs_divergences)
+from gam_rl.exact import ExactCurve, ExactTarget, OutputSpace, exact_results, learned_value_errors, qrs_divergences
 from gam_rl.features import Features
 from gam_rl.metrics import batched_log_prob, evaluate_policy, policy_cross_entropy
 from gam_rl.policy import LSTMPolicy
@@ -236,6 +235,9 @@ def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger
         if method.algorithm in TWIST_ALGORITHMS:  # pcl, ac_dpg, ppo_dpg: r is also the base of their rewards
             fit = train_twist(pi, t1.r, target, splits.valid, method, data=splits.train, **common)
             run.learned_values = fit.values
+            if fit.extra["twist_learned_log_z"] is not None:
+                log.info("[%s] learned log Z = V(empty prefix) = %.4f; importance-sampled log Z-hat = %.4f",
+                         method.algorithm, fit.extra["twist_learned_log_z"], res["log_z_hat"])
         else:
             fit = train_dpg(pi, t1.r, target, splits.valid, method, **common)
         run.count_samples("training2", fit.samples)

@@ -72,7 +72,8 @@ def main(run_dir: Path, overrides: list[str]) -> dict:
         learned = learned_value_errors(exact, r, fit.values) if fit.values is not None else {}
     else:
         fit, learned = train_dpg(pi.train(), r, target, splits.valid, cfg.method, **common), {}
-    return {"learned": {k: round(v, 4) for k, v in learned.items()},"overrides": overrides, "seconds": round(time.perf_counter() - start, 1), "draws": fit.samples,
+    return {"learned": {k: round(v, 4) for k, v in learned.items()}, "overrides": overrides,
+            "seconds": round(time.perf_counter() - start, 1), "draws": fit.samples,
             "kl_p_r": round(exact.policy_divergences(r, "r")["kl_p_r"], 4),
             "final": {k: round(v, 4) for k, v in exact.policy_divergences(pi).items()}, "curve": curve.points}
 

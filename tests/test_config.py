@@ -139,6 +139,12 @@ def test_a_run_carries_only_the_keys_its_method_uses():
     ("method.replay=100", "method.replay"),  # smaller than a minibatch (256)
     ("method.swap_gate=kl_is method.keep_per_draw=16 method.minibatch=16 method.replay=0", "method.swap_gate"),
     ("method=dpg_true method.baseline=true", "method.baseline"),  # thinning + zeros of the true target
+    ("method=ppo_dpg method.on_policy=false", "method.on_policy"),  # PPO's ratio is to the drawing policy
+    ("method=ac_dpg method.critic=none", "method.critic"),  # the actor's advantage comes from the critic
+    ("method=ac_dpg method.target=true", "method.target"),  # log P - log r must be finite
+    ("method=pcl method.normalise=draw_z", "method.normalise"),  # only ppo_dpg's sequence advantage
+    ("method=ppo_dpg method.ppo_clip=1.5", "method.ppo_clip"),
+    ("method=pcl method.data_share=1", "method.data_share"),
     ("resume=maybe", "resume"),
     ("cache.training1=2", "cache.training1"),
     ("logger.mode=sometimes", "logger.mode"),

@@ -115,10 +115,12 @@ def test_eval_exact_above_the_cap_is_refused_before_any_work():
 
 
 def test_a_toy_run_records_the_exact_numbers(tmp_path):
+    """The toy profile end to end with a twist method (ac_dpg)."""
     run_dir = tmp_path / "toy"
     quick = ["r.max_epochs=3", "training1.max_epochs=3", "z.samples=20000", "eval.samples=200", "model.hidden=16",
-             "method.max_epochs=2", "method.updates_per_epoch=5", "method.minibatch=100"]
-    proc = subprocess.run([sys.executable, "-m", "gam_rl.cli", "profile=toy", "logger=csv", "method=kl_control",
+             "method.max_epochs=2", "method.updates_per_epoch=5", "method.minibatch=100", "method.critic_warmup=2"]
+    # ac_dpg: the exact section also holds its critic's learned log Z and prefix values
+    proc = subprocess.run([sys.executable, "-m", "gam_rl.cli", "profile=toy", "logger=csv", "method=ac_dpg",
                            f"hydra.run.dir={run_dir}", *quick], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
@@ -136,6 +138,12 @@ def test_a_toy_run_records_the_exact_numbers(tmp_path):
     assert len(curve) == 2 and [r["step"] for r in curve] == [r["step"] for r in draws]
     # the kept pi is the best check's (CE(V)): its exact KL is one of the curve's
     assert any(float(r["value"]) == pytest.approx(exact["kl_p_pi"], rel=1e-4) for r in curve)
+    assert results["method"] == "ac_dpg_separate" and results["twist_learned_log_z"] == pytest.approx(
+        exact["learned_log_z"], abs=1e-4)
+    assert exact["learned_log_z_error"] == pytest.approx(exact["learned_log_z"] - exact["log_z"], abs=1e-9)
+    assert exact["learned_values_max_error"] >= abs(exact["learned_log_z_error"])
+    assert exact["learned_values_prefixes"] == 15
+    assert len([r for r in rows if r["stage"] == "dpg" and r["name"] == "learned_log_z"]) == 2
 
 
 def test_qrs_divergences_are_zero_at_the_bound_and_grow_below_it():

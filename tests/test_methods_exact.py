@@ -13,9 +13,10 @@ from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import gam
 from gam_rl.stages.distill import DistillConfig, distill
 from gam_rl.stages.dpg import DPGConfig, FDPGConfig, train_dpg
+from gam_rl.stages.draws import ProposalDraws
 from gam_rl.stages.mle import MLEConfig
 from gam_rl.stages.twist import TwistConfig
-from gam_rl.stages.twist_train import train_twist
+from gam_rl.stages.twist_train import TwistModule, train_twist
 from gam_rl.tokens import encode
 
 MAX_LEN = 8  # 511 outputs
@@ -110,13 +111,21 @@ def test_pg_collapses_where_kl_control_does_not(problem):
 
 # ---- the twist methods (stages/twist.py): pcl, ac_dpg, ppo_dpg -------------------------------------
 
+# exact KL(p_lambda || pi) below BOUND x KL(p_lambda || r) (measured: ppo_dpg 0.058 x, pcl 0.127 x, ac_dpg
+# 0.254 x), and |learned log Z - log Z| below LOG_Z_BOUND (measured: ac_dpg 0.011, pcl 0.18)
+TWIST_BOUND = {"ppo_dpg": 0.1, "pcl": 0.2, "ac_dpg": 0.35}
+LOG_Z_BOUND = {"ac_dpg": 0.05, "pcl": 0.25}
+
+
+def twist(**options) -> TwistConfig:
+    return dpg_family(TwistConfig, **options)
+
+
 TWIST = {
-    "pcl": dpg_family(TwistConfig, algorithm="pcl", critic="head", critic_lr=0.05, critic_warmup=20),
-    "ac_dpg_head": dpg_family(TwistConfig, algorithm="ac_dpg", critic="head", critic_lr=0.01, critic_warmup=20),
-    "ac_dpg_separate": dpg_family(TwistConfig, algorithm="ac_dpg", critic="separate", critic_lr=0.01,
-                                  critic_warmup=20),
-    "ppo_dpg": dpg_family(TwistConfig, algorithm="ppo_dpg", on_policy=True, minibatch=32, proposal_batch=MINIBATCH,
-                          updates_per_epoch=UPDATES // 4),
+    "pcl": twist(algorithm="pcl", critic="separate", critic_lr=0.02, critic_warmup=20),
+    "ac_dpg": twist(algorithm="ac_dpg", critic="separate", critic_lr=0.02, critic_warmup=100),
+    "ppo_dpg": twist(algorithm="ppo_dpg", on_policy=True, minibatch=64, proposal_batch=MINIBATCH, ppo_epochs=2,
+                     normalise="draw_z"),
 }
 
 
@@ -124,16 +133,40 @@ def run_twist(problem, cfg):
     r, p_lambda, target, valid = problem
     pi = start(r)
     fit = train_twist(pi, r, p_lambda, valid, cfg, max_len=MAX_LEN, symbols_per_seq=MAX_LEN, ce_valid_proposal=1e9,
-                      data=valid, seed=1)
+                      seed=1)
     learned = learned_value_errors(target, r, fit.values) if fit.values is not None else {}
     return fit, target.policy_divergences(pi), learned
 
 
 @pytest.mark.parametrize("name", sorted(TWIST))
-def test_twist_method_lowers_exact_kl_and_learns_log_z(problem, name):
+def test_twist_method_lowers_exact_kl(problem, name):
+    """Within the DPG family's draws (plus the critic's warm-up); the learned log Z against the exact one."""
     r, _, target, _ = problem
     start_kl = target.policy_divergences(r, "r")["kl_p_r"]
     fit, final, learned = run_twist(problem, TWIST[name])
-    print(name, start_kl, final, learned)
-    assert fit.samples <= (UPDATES + 20) * MINIBATCH
-    assert final["kl_p_pi"] < BOUND * start_kl, (name, start_kl, final)
+    assert fit.samples <= (UPDATES + TWIST[name].critic_warmup) * MINIBATCH
+    assert final["kl_p_pi"] < TWIST_BOUND[name] * start_kl, (name, start_kl, final)
+    if name in LOG_Z_BOUND:  # V(empty prefix), recorded in the results, is log Z
+        assert fit.extra["twist_learned_log_z"] == pytest.approx(learned["learned_log_z"], abs=1e-4)
+        assert abs(learned["learned_log_z_error"]) < LOG_Z_BOUND[name], learned
+    else:
+        assert fit.values is None and fit.extra["twist_learned_log_z"] is None
+
+
+@pytest.mark.parametrize("fit, kind, lr, updates", [("exp", "separate", 0.02, 200), ("square", "head", 0.05, 100)])
+def test_the_exp_critic_learns_log_z_from_r_draws_where_the_square_one_is_biased(problem, fit, kind, lr, updates):
+    """The critic alone (its warm-up), on draws of r: the exp loss's fixed point is V* for any proposal,
+    so V(empty prefix) -> log Z; the square loss's is E_r[y], Jensen's gap below V* (measured: 0.9 nats)."""
+    r, p_lambda, target, _ = problem
+    cfg = twist(algorithm="ac_dpg", critic=kind, critic_lr=lr, critic_fit=fit)
+    draws = ProposalDraws(r, p_lambda, minibatch=MINIBATCH, proposal_batch=None, keep_per_draw=None, replay=0,
+                          steps_per_draw=1, updates_per_epoch=1, max_len=MAX_LEN,
+                          generator=torch.Generator().manual_seed(1))
+    module = TwistModule(start(r), draws, cfg, r=r, target=p_lambda, data=None, seed=1, symbols_per_seq=MAX_LEN,
+                         ce_valid_proposal=1e9)
+    module.warm_up(updates)
+    learned = learned_value_errors(target, r, module.value_function())
+    if fit == "exp":
+        assert abs(learned["learned_log_z_error"]) < 0.05, learned
+    else:
+        assert learned["learned_log_z_error"] < -0.3, learned

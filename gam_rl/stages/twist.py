@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import torch
 
 from gam_rl.config_fields import setting
-from gam_rl.stages.dpg import DPGConfig, NORMALISE
+from gam_rl.stages.dpg import NORMALISE, DPGConfig
 
 TWIST_ALGORITHMS = ("pcl", "ac_dpg", "ppo_dpg")
-CRITICS = ("none", "head", "separate")
+CRITICS = ("none", "head", "separate")  # head: a value head on pi's LSTM | separate: an LSTM initialised from r
 CRITIC_TARGETS = ("mc", "td")  # the critic's targets: whole suffixes (critic_targets) | one step on (td_targets)
-CRITIC_FITS = ("exp", "square")  # critic_loss: V -> log E[e^y] (= V* for any q) | V -> E[y] (Jensen-biased)  # head: a value head on pi's LSTM | separate: an LSTM initialised from r
+CRITIC_FITS = ("exp", "square")  # critic_loss: V -> log E[e^y] (= V* for any q) | V -> E[y] (Jensen-biased)
 
 
 @dataclass

@@ -32,8 +32,15 @@ from gam_rl.progress import Progress
 from gam_rl.stages.common import KeepBestPlateau, Plateau, StageProgress, make_trainer, token_loader
 from gam_rl.stages.dpg import DPGModule, DPGResult, on_policy
 from gam_rl.stages.draws import ProposalDraws, WeightedDraw
-from gam_rl.stages.twist import (TwistConfig, critic_loss, critic_targets, pcl_consistency, ppo_surrogate,
-                                 td_targets, twisted_log_prob)
+from gam_rl.stages.twist import (
+    TwistConfig,
+    critic_loss,
+    critic_targets,
+    pcl_consistency,
+    ppo_surrogate,
+    td_targets,
+    twisted_log_prob,
+)
 from gam_rl.tokens import EOS, PAD, pad_cat
 
 
