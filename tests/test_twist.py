@@ -58,13 +58,20 @@ def test_prefix_sums_against_brute_force(problem):
     assert float(twist_values(target, r, [""])[0]) == pytest.approx(target.log_z, abs=1e-9)  # V*(empty) = log Z
 
 
-def test_path_consistency_vanishes_exactly_at_the_twist(problem):
+@pytest.fixture(scope="module")
+def steps(problem):
+    """The sampled trajectories step by step: mask, log r(a_t | s_t), the terminal reward, and the
+    exact V*(s_t) and log pi*(a_t | s_t)."""
     r, p_lambda, target, tokens = problem
-    mask = tokens != PAD
     with eval_mode(r):
         log_r = r.token_log_probs(tokens).double()
     terminal = terminal_reward(p_lambda, r)(tokens, log_r.sum(1)).double()
-    values, log_star = exact_per_step(target, r, tokens)
+    return (tokens != PAD, log_r, terminal, *exact_per_step(target, r, tokens))
+
+
+def test_path_consistency_vanishes_exactly_at_the_twist(problem, steps):
+    _, _, target, tokens = problem
+    mask, log_r, terminal, values, log_star = steps
     # pi* is p_lambda: its per-step log-probabilities sum to log p(x)
     index = {s: i for i, s in enumerate(decode(torch.cat([b.long() for b in target.space.batches])))}
     assert torch.allclose(log_star.sum(1), target.log_p[[index[s] for s in decode(tokens)]], atol=1e-6)
@@ -81,20 +88,14 @@ def test_path_consistency_vanishes_exactly_at_the_twist(problem):
     assert c.abs().max() < 1e-5
 
 
-def test_critic_targets_and_twisted_r_are_exact_at_the_twist(problem):
+def test_critic_targets_and_twisted_r_are_exact_at_the_twist(steps):
     """Drawn from q = pi*, every Monte-Carlo target is V*(s_t) itself (Jensen's gap is 0), and the
-    twisted r of V* is pi*; drawn from r, the targets average to no more than V* (Jensen)."""
-    r, p_lambda, target, tokens = problem
-    mask = tokens != PAD
-    with eval_mode(r):
-        log_r = r.token_log_probs(tokens).double()
-    terminal = terminal_reward(p_lambda, r)(tokens, log_r.sum(1)).double()
-    values, log_star = exact_per_step(target, r, tokens)
+    twisted r of V* is pi*. (From r's draws the targets are biased: test_methods_exact.)"""
+    mask, log_r, terminal, values, log_star = steps
     assert torch.allclose(critic_targets(log_r, log_star, terminal, mask), values, atol=1e-6)
     assert torch.allclose(twisted_log_prob(values, log_r, terminal, mask), log_star, atol=1e-6)
-    nxt = next_values(values, terminal, mask)
     lengths = mask.sum(1)
-    assert torch.allclose(nxt[torch.arange(len(tokens)), lengths - 1], terminal)
+    assert torch.allclose(next_values(values, terminal, mask)[torch.arange(len(mask)), lengths - 1], terminal)
 
 
 def test_ppo_surrogate_is_dpg_at_the_old_policy_and_clips_beyond():
