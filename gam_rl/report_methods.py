@@ -133,13 +133,19 @@ def write_methods_csv(path: Path, profiles: dict[str, ProfileData]) -> None:
 
 # ---- curves ----------------------------------------------------------------------------------------
 
+# eval.exact: one panel per divergence, (metrics.csv name, results' exact key of pi, of r, axis label)
+EXACT_CURVES = {"exact_kl_p_pi": ("kl_p_pi", "kl_p_r", "exact KL(p_lambda || pi) (nats)"),
+                "exact_kl_pi_p": ("kl_pi_p", "kl_r_p", "exact KL(pi || p_lambda) (nats)"),
+                "exact_tv_p_pi": ("tv_p_pi", "tv_p_r", "exact TV(p_lambda, pi)")}
+
+
 def curve(run: RunRecord) -> list[dict[str, float]]:
-    """The DPG family's checks from metrics.csv: draws, val_ce_pi and (eval.exact) exact_kl_p_pi per step."""
+    """The DPG family's checks from metrics.csv: draws, val_ce_pi and (eval.exact) the exact divergences per step."""
     checks: dict[int, dict[str, float]] = {}
     try:
         with open(run.path / "metrics.csv", newline="") as f:
             for row in csv.DictReader(f):
-                if row.get("stage") == "dpg" and row.get("name") in ("draws", "val_ce_pi", "exact_kl_p_pi"):
+                if row.get("stage") == "dpg" and row.get("name") in ("draws", "val_ce_pi", *EXACT_CURVES):
                     value = as_float(row.get("value"))
                     if value is not None:
                         checks.setdefault(int(float(row["step"])), {})[row["name"]] = value
@@ -149,6 +155,8 @@ def curve(run: RunRecord) -> list[dict[str, float]]:
 
 
 def methods_figure(data: ProfileData, path: Path) -> str | None:
+    import matplotlib.pyplot as plt
+
     from gam_rl.report_figures import MARKERS, _figure, _save
 
     runs = [(cell, method, run) for cell, by_method in sorted(data.cells.items())
@@ -157,23 +165,26 @@ def methods_figure(data: ProfileData, path: Path) -> str | None:
         return "no ok run"
     results = {run.path: run_results(run) for _, _, run in runs}
     exact = all(isinstance(results[run.path].get("exact"), dict) for _, _, run in runs)
-    sizes = data.sizes
-    fig, axes = _figure(6.5, 4.2 * len(sizes), rows=len(sizes))
+    keys = list(EXACT_CURVES) if exact else ["val_ce_pi"]
+    panels = [(size, key) for size in data.sizes for key in keys]  # exact: KL both ways and TV per |D|
+    fig, axes = _figure(6.5, 4.2 * len(panels), rows=len(panels))
     methods = data.methods
-    for ax, size in zip(axes, sizes, strict=True):
+    for ax, (size, key) in zip(axes, panels, strict=True):
+        final_key, r_key, ylabel = EXACT_CURVES[key] if exact else (None, None, "CE(V, pi) (nats per symbol)")
         plotted: list[float] = []
         for cell, method, run in runs:
             if cell[2] != size:
                 continue
             res = results[run.path]
             k = methods.index(method)  # colour, marker and dash per method: identical curves stay visible
-            colour, marker, dash = f"C{k % 10}", MARKERS[k % len(MARKERS)], ("-", "--", "-.", ":")[k % 4]
+            # tab10 then Dark2: 18 methods without a repeated colour (the methods preset has 13)
+            colour = f"C{k}" if k < 10 else plt.get_cmap("Dark2")((k - 10) % 8)
+            marker, dash = MARKERS[k % len(MARKERS)], ("-", "--", "-.", ":")[k % 4]
             points = curve(run)
-            key = "exact_kl_p_pi" if exact else "val_ce_pi"
             xs = [p["draws"] for p in points if key in p]
             ys = [p[key] for p in points if key in p]
             if not xs:  # distillation: one point at its proposals
-                final = (res.get("exact") or {}).get("kl_p_pi") if exact else (
+                final = (res.get("exact") or {}).get(final_key) if exact else (
                     (res.get("distill_reached_target") or {}).get("ce_valid_pi") or res.get("ce_valid_pi"))
                 draws = as_float((res.get("samples") or {}).get("training2"))
                 if draws and as_float(final) is not None:
@@ -185,7 +196,7 @@ def methods_figure(data: ProfileData, path: Path) -> str | None:
         line = [v for v in map(as_float, targets) if v is not None]
         if line and not exact:
             ax.axhline(line[0], color="black", linestyle="--", linewidth=0.8, label="target: 1.01 CE(V, p_lambda)")
-        starts = [as_float((results[run.path].get("exact") or {}).get("kl_p_r") if exact
+        starts = [as_float((results[run.path].get("exact") or {}).get(r_key) if exact
                            else results[run.path].get("ce_valid_r")) for cell, _, run in runs if cell[2] == size]
         starts = [v for v in starts if v is not None]
         if starts:  # every method starts from r (or a fresh LSTM): where r stands
@@ -202,7 +213,7 @@ def methods_figure(data: ProfileData, path: Path) -> str | None:
         if exact:
             ax.set_yscale("log")
         ax.set_xlabel("draws of Training-2 (proposals)")
-        ax.set_ylabel("exact KL(p_lambda || pi) (nats)" if exact else "CE(V, pi) (nats per symbol)")
+        ax.set_ylabel(ylabel)
         ax.set_title(f"Training-2 methods, |D| = {size} (profile {data.profile})")
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=True))
