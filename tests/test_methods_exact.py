@@ -153,20 +153,16 @@ def test_twist_method_lowers_exact_kl(problem, name):
         assert fit.values is None and fit.extra["twist_learned_log_z"] is None
 
 
-@pytest.mark.parametrize("fit, kind, lr, updates", [("exp", "separate", 0.02, 200), ("square", "head", 0.05, 100)])
-def test_the_exp_critic_learns_log_z_from_r_draws_where_the_square_one_is_biased(problem, fit, kind, lr, updates):
-    """The critic alone (its warm-up), on draws of r: the exp loss's fixed point is V* for any proposal,
-    so V(empty prefix) -> log Z; the square loss's is E_r[y], Jensen's gap below V* (measured: 0.9 nats)."""
+def test_the_square_critic_is_jensen_biased_below_log_z(problem):
+    """The critic alone (its warm-up), on draws of r, with the square loss: its fixed point is E_r[y],
+    Jensen's gap below V*, so V(empty prefix) lands well below log Z (measured: 0.9 nats below). The
+    exp loss's fixed point is V* for any proposal: ac_dpg above learns log Z within 0.05 with it."""
     r, p_lambda, target, _ = problem
-    cfg = twist(algorithm="ac_dpg", critic=kind, critic_lr=lr, critic_fit=fit)
+    cfg = twist(algorithm="ac_dpg", critic="head", critic_lr=0.05, critic_fit="square")
     draws = ProposalDraws(r, p_lambda, minibatch=MINIBATCH, proposal_batch=None, keep_per_draw=None, replay=0,
                           steps_per_draw=1, updates_per_epoch=1, max_len=MAX_LEN,
                           generator=torch.Generator().manual_seed(1))
     module = TwistModule(start(r), draws, cfg, r=r, target=p_lambda, data=None, seed=1, symbols_per_seq=MAX_LEN,
                          ce_valid_proposal=1e9)
-    module.warm_up(updates)
-    learned = learned_value_errors(target, r, module.value_function())
-    if fit == "exp":
-        assert abs(learned["learned_log_z_error"]) < 0.05, learned
-    else:
-        assert learned["learned_log_z_error"] < -0.3, learned
+    module.warm_up(100)
+    assert learned_value_errors(target, r, module.value_function())["learned_log_z_error"] < -0.3

@@ -71,6 +71,9 @@ def terminal_reward(target: Potential, r: LSTMPolicy):
 
 
 class TwistModule(DPGModule):
+    """DPGModule (draws, checks, swap gate, target line) with the twist methods' updates, stepped by
+    hand: r, frozen, gives the per-step rewards; the critic (or pcl's offset) has its own lr."""
+
     def __init__(self, pi: LSTMPolicy, draws: ProposalDraws, cfg: TwistConfig, *, r: LSTMPolicy, target: Potential,
                  data: torch.Tensor | None, seed: int, **kwargs):
         super().__init__(pi, draws, cfg, **kwargs)
