@@ -229,8 +229,11 @@ def twist_values(target: ExactTarget, r: LSTMPolicy, prefixes: list[str]) -> tor
     token MDP (stages/twist.py); V*(empty) = log Z."""
     rows = prefix_rows(prefixes).to(r.device)
     with eval_mode(r):
-        log_r_prefix = torch.stack([r.token_log_probs(rows)[i, : len(s)].sum() for i, s in enumerate(prefixes)])
-    return torch.tensor([prefix_log_z(target, s) for s in prefixes], dtype=torch.float64) - log_r_prefix.double().cpu()
+        per_step = r.token_log_probs(rows).double().cpu()
+    lengths = torch.tensor([len(s) for s in prefixes])
+    # log r(s): the bits of s only (the EOS after them is not part of the prefix)
+    log_r_prefix = (per_step * (torch.arange(per_step.shape[1]) < lengths.unsqueeze(1))).sum(1)
+    return torch.tensor([prefix_log_z(target, s) for s in prefixes], dtype=torch.float64) - log_r_prefix
 
 
 VALUE_PREFIXES = ["", "0", "1", "00", "01", "10", "11", "000", "001", "010", "011", "100", "101", "110", "111"]

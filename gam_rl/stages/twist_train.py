@@ -283,7 +283,8 @@ def train_twist(pi: LSTMPolicy, r: LSTMPolicy, target: Potential, valid: torch.T
                 callbacks: list | None = None) -> DPGResult:
     """Train `pi` in place towards p = P / Z by pcl, ac_dpg or ppo_dpg (r: the base of the rewards and
     the first proposal; data: D, for pcl's data_share). On return pi holds the best-CE(V) weights and
-    the result's `values` the learned V(s_t) (pcl: of those weights; ac_dpg: the last critic)."""
+    the result's `values` the learned V(s_t) (pcl: of those weights, with the last offset u; ac_dpg: the
+    last critic)."""
     generator = torch.Generator(device=pi.device).manual_seed(seed)
     drawn = cfg.proposal_batch or cfg.minibatch
     draws = ProposalDraws(pi if on_policy(cfg) else r.eval(), target, minibatch=cfg.minibatch,
