@@ -142,9 +142,11 @@ class LSTMPolicy(nn.Module, Potential):
             out, _ = self.lstm(self.drop(inputs))
             return self.drop(out) * (tokens != PAD).unsqueeze(2)
         packed = pack_tokens(tokens)
+        if packed.num == 0:  # every row empty
+            return torch.zeros(B, T, self.hidden, dtype=self.head.weight.dtype, device=tokens.device)
         out = lstm_over_tokens(packed, self.lstm, self.dropout_p if self.training else 0.0)
         step = torch.repeat_interleave(torch.arange(len(packed.sizes), device=tokens.device),
-                                       torch.tensor(packed.sizes, device=tokens.device))
+                                       torch.tensor(packed.sizes, dtype=torch.long, device=tokens.device))
         return out.new_zeros(B, T, self.hidden).index_put((packed.row, step), out)
 
     def token_log_probs(self, tokens: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:

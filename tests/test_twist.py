@@ -12,7 +12,15 @@ from gam_rl.exact import ExactTarget, OutputSpace, prefix_log_z, twist_values
 from gam_rl.features import Features
 from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.potentials import gam
-from gam_rl.stages.twist import critic_targets, next_values, pcl_consistency, ppo_surrogate, twisted_log_prob
+from gam_rl.stages.twist import (
+    critic_loss,
+    critic_targets,
+    next_values,
+    pcl_consistency,
+    ppo_surrogate,
+    td_targets,
+    twisted_log_prob,
+)
 from gam_rl.stages.twist_train import terminal_reward
 from gam_rl.tokens import EOS, PAD, decode
 
@@ -93,6 +101,7 @@ def test_critic_targets_and_twisted_r_are_exact_at_the_twist(steps):
     twisted r of V* is pi*. (From r's draws the targets are biased: test_methods_exact.)"""
     mask, log_r, terminal, values, log_star = steps
     assert torch.allclose(critic_targets(log_r, log_star, terminal, mask), values, atol=1e-6)
+    assert torch.allclose(td_targets(values, log_r, log_star, terminal, mask), values, atol=1e-6)
     assert torch.allclose(twisted_log_prob(values, log_r, terminal, mask), log_star, atol=1e-6)
     lengths = mask.sum(1)
     assert torch.allclose(next_values(values, terminal, mask)[torch.arange(len(mask)), lengths - 1], terminal)
@@ -117,3 +126,26 @@ def test_ppo_surrogate_is_dpg_at_the_old_policy_and_clips_beyond():
     assert moved.grad[0, 0] == 0.0 and moved.grad[1, 0] == 0.0 and moved.grad[0, 1] != 0.0
     expected_kl = ((math.exp(0.5) - 1 - 0.5) + (math.exp(-0.5) - 1 + 0.5)) / 5
     assert step.approx_kl == pytest.approx(expected_kl, rel=1e-5) and step.clip_fraction == pytest.approx(2 / 5)
+
+
+def test_the_exp_critic_loss_is_minimised_at_log_mean_exp_and_the_square_one_at_the_mean():
+    """critic_loss's fixed points on one state's targets y: exp -> log E[e^y] (= V* for any q), square -> E[y]."""
+    y = torch.tensor([[-3.0], [0.5], [-1.0], [2.0]], dtype=torch.float64)
+    mask = torch.ones_like(y, dtype=torch.bool)
+    for fit, best in (("exp", torch.logsumexp(y, 0) - math.log(len(y))), ("square", y.mean(0))):
+        v = best.expand_as(y).clone().requires_grad_(True)
+        critic_loss(v, y, mask, fit).backward()
+        assert float(v.grad.sum()) == pytest.approx(0.0, abs=1e-9), fit
+
+
+def test_per_step_log_probs_agree_between_sampler_fused_kernel_and_nn_lstm():
+    torch.manual_seed(0)
+    pi = LSTMPolicy(16, 2, dropout=0.3).eval()
+    samples = pi.sample(64, 12, torch.Generator().manual_seed(1))
+    fused = pi.token_log_probs(samples.tokens)
+    pi.fused_kernel = False
+    assert torch.allclose(pi.token_log_probs(samples.tokens), fused, atol=1e-5)
+    assert torch.allclose(samples.token_log_prob, fused, atol=1e-5)
+    assert torch.allclose(fused.sum(1), samples.log_prob, atol=1e-5)
+    pi.fused_kernel = None
+    assert pi.token_states(torch.full((2, 3), PAD)).abs().sum() == 0  # an all-PAD batch: zeros

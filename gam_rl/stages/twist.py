@@ -23,7 +23,6 @@ and a value "at t = length" is the terminal reward. Vectorised: no loop over row
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +33,7 @@ from gam_rl.stages.dpg import NORMALISE, DPGConfig
 TWIST_ALGORITHMS = ("pcl", "ac_dpg", "ppo_dpg")
 CRITICS = ("none", "head", "separate")  # head: a value head on pi's LSTM | separate: an LSTM initialised from r
 CRITIC_TARGETS = ("mc", "td")  # the critic's targets: whole suffixes (critic_targets) | one step on (td_targets)
+EXP_FIT_MAX = 50.0  # critic_loss: y - V is clamped here (float64 e^709 overflows; e^50 is already 5e21)
 CRITIC_FITS = ("exp", "square")  # critic_loss: V -> log E[e^y] (= V* for any q) | V -> E[y] (Jensen-biased)
 
 
@@ -59,6 +59,11 @@ class TwistConfig(DPGConfig):
     # ppo_dpg without a critic: weights P/(Z-hat q), Z-hat the running one or (draw_z) the draw's own estimate
     normalise: str = setting("running_z", choices=NORMALISE + ("draw_z",))
 
+    def thins(self) -> bool:
+        """Whether a draw keeps fewer items than it samples (ppo_dpg keeps the whole draw by default)."""
+        drawn = max(self.proposal_batch or self.minibatch, self.minibatch)
+        return (self.keep_per_draw or (drawn if self.algorithm == "ppo_dpg" else self.minibatch)) < drawn
+
     def problems(self) -> list[str]:
         out = super().problems()
         alg = self.algorithm
@@ -74,13 +79,20 @@ class TwistConfig(DPGConfig):
         if alg != "pcl" and (self.data_share or self.horizon):
             out.append(f"method.data_share / method.horizon with method.algorithm={alg!r}: only pcl trains on D "
                        "and on sub-paths")
+        if self.thins():
+            out.append(f"method.keep_per_draw={self.keep_per_draw} with method.algorithm={alg!r}: thinning by P/q "
+                       "skews the suffixes a state sees, and the critic's (pcl: the warm-up's) fit needs q's own; set "
+                       "keep_per_draw=null")
+        if alg == "pcl" and self.critic_target != "mc":
+            out.append("method.critic_target='td' with method.algorithm='pcl': pcl's warm-up fits Monte-Carlo "
+                       "targets and then path consistency; critic_target is ac_dpg's and ppo_dpg's")
         if alg == "ppo_dpg":
             if not self.on_policy:
                 out.append("method.on_policy=false with method.algorithm='ppo_dpg': PPO's ratio is to the policy "
                            "that drew the batch; use on_policy=true")
-            if self.replay or (self.keep_per_draw or math.inf) < (self.proposal_batch or self.minibatch):
-                out.append("method.replay / method.keep_per_draw with method.algorithm='ppo_dpg': each draw is "
-                           "trained on whole, for ppo_epochs passes; set replay=0 and keep_per_draw=null")
+            if self.replay:
+                out.append("method.replay with method.algorithm='ppo_dpg': each draw is trained on whole, for "
+                           "ppo_epochs passes; set replay=0")
             if self.critic == "none" and self.normalise == "none":
                 out.append("method.normalise='none' with method.algorithm='ppo_dpg' and no critic: the advantage "
                            "P/(Z q) - pi/q needs Z-hat; use normalise=running_z or draw_z")
@@ -148,7 +160,8 @@ def critic_loss(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     diff = (targets - values)[mask]
     if fit == "square":
         return 0.5 * diff.pow(2).mean()
-    return (torch.expm1(diff) - diff).mean()
+    diff = diff.double().clamp(max=EXP_FIT_MAX)  # e^(y - V) in float64; beyond e^50 the gradient is capped
+    return (torch.expm1(diff) - diff).mean().to(values.dtype)
 
 
 def twisted_log_prob(values: torch.Tensor, log_r: torch.Tensor, terminal: torch.Tensor,
@@ -160,7 +173,7 @@ def twisted_log_prob(values: torch.Tensor, log_r: torch.Tensor, terminal: torch.
 @dataclass
 class PPOStep:
     loss: torch.Tensor
-    approx_kl: float  # per symbol, E_old[(rho - 1) - log rho] (Schulman's k3: >= 0, unbiased)
+    approx_kl: float  # per symbol, mean of (rho - 1) - log rho (Schulman's k3: >= 0; unbiased for draws of pi_old)
     clip_fraction: float  # steps whose ratio left [1 - clip, 1 + clip]
 
 

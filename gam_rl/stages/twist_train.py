@@ -5,12 +5,13 @@ TwistModule is a DPGModule whose update is one of
 
     pcl      minimise 1/2 mean_t C(t)^2, C the path consistency of pi's soft Q-logits, on the draw,
              plus `data_share` of rows of D (any trajectory satisfies the same equation)
-    ac_dpg   critic: minimise 1/2 mean_t (V(s_t) - y_t)^2, y_t the Monte-Carlo target of V*(s_t);
+    ac_dpg   critic: minimise critic_loss(V(s_t), y_t) (exp or square), y_t the Monte-Carlo (or TD) target;
              actor (after `critic_warmup` updates): theta += alpha sum_t c_t grad log pi(a_t | s_t),
              c_t = h [pi*(a_t | s_t) - b pi(a_t | s_t)] / q(a_t | s_t), pi* from the critic: at every
              state q visits, descent on CE(pi*(.|s), pi(.|s)), minimised at pi = pi* = p's conditional
-    ppo_dpg  x ~ pi_old: ppo_epochs passes of the clipped surrogate in minibatches, stopped once the
-             approximate KL(pi_old || pi) per symbol passes 1.5 target_kl; advantage P/(Z-hat q) - pi_old/q
+    ppo_dpg  x ~ pi (one update old: Lightning prefetches; the weights P/q correct it): ppo_epochs
+             passes of the clipped surrogate in minibatches, stopped once the approximate
+             KL(pi_old || pi) per symbol passes 1.5 target_kl; advantage P/(Z-hat q) - pi_old/q
              per sequence (DPG with its baseline), or ac_dpg's per-token one with a critic
 
 The updates are manual (several optimiser steps per draw for ppo_dpg), so `updates` in the
@@ -78,9 +79,12 @@ class TwistModule(DPGModule):
                  data: torch.Tensor | None, seed: int, **kwargs):
         super().__init__(pi, draws, cfg, **kwargs)
         self.automatic_optimization = False  # ppo_dpg takes several steps per draw; all three step by hand
-        self.base = (r.eval().requires_grad_(False),)  # r, frozen: in a tuple, so not one of the module's own
+        self.base = (r,)  # r, scored under eval_mode (no dropout, no autograd): in a tuple, not a submodule
         self.terminal = terminal_reward(target, r)
-        self.critic = Critic(cfg.critic, pi, r) if cfg.critic != "none" else None
+        self.critic = Critic(cfg.critic, pi, r).to(pi.device) if cfg.critic != "none" else None
+        # what the plateau rule snapshots and restores: pi with its critic (pcl: its offset u), so the
+        # kept policy and the learned values come from the same check
+        self.trained = nn.ModuleDict({"pi": pi, **({"critic": self.critic} if self.critic is not None else {})})
         self.data = data if cfg.data_share > 0 else None
         self.data_generator = torch.Generator(device=pi.device).manual_seed(seed + 17)
         self.draws_trained = 0  # training steps (draws or minibatches of the proposal) so far
@@ -121,9 +125,15 @@ class TwistModule(DPGModule):
     def value_function(self):
         """tokens -> V(s_t) (B, T) with dropout off and no autograd: the learned soft values."""
         def values(tokens: torch.Tensor) -> torch.Tensor:
+            tokens = tokens.to(self.pi.device)  # Lightning hands the module back on the CPU after fit
             with eval_mode(self.pi), (eval_mode(self.critic) if self.critic is not None else contextlib.nullcontext()):
                 return self.values(tokens, self.pi.token_states(tokens))
         return values
+
+    def dropout_free(self) -> bool:
+        """Whether pi and the critic run without dropout (then train-mode values are the eval-mode ones)."""
+        body = None if self.critic is None else self.critic.body
+        return self.pi.dropout_p == 0 and (body is None or body.dropout_p == 0)
 
     def warm_up(self, updates: int) -> None:
         """`updates` fresh draws on which only the critic (pcl: the offset head u) learns, with its own
@@ -206,7 +216,9 @@ class TwistModule(DPGModule):
             return critic_fit
         self.log("dpg/critic_loss", critic_fit.detach(), on_step=True, on_epoch=False, batch_size=len(tokens))
         log_pi = self.pi.token_log_probs(tokens, states)
-        coef = self.token_advantage(values.detach(), log_pi.detach(), log_q, log_r, terminal, mask)
+        # the advantage's values without dropout: a dropout mask's noise in V(s a) - V(s) would bias exp(.) up
+        advantage_values = values.detach() if self.dropout_free() else self.value_function()(tokens)
+        coef = self.token_advantage(advantage_values, log_pi.detach(), log_q, log_r, terminal, mask)
         coef = coef * draw.log_h.exp().unsqueeze(1).to(coef.dtype)  # h_i: the row's share of its draw's estimate
         return critic_fit - (coef * log_pi).sum()
 
@@ -241,10 +253,9 @@ class TwistModule(DPGModule):
                     adv = adv.float().unsqueeze(1).expand_as(log_old) * mask
                 else:
                     log_r, terminal = self.rewards(tokens)
-                    targets = self.critic_targets(self.values(tokens, self.pi.token_states(tokens)), log_r, log_q,
-                                                  terminal, mask)
-                    adv = self.token_advantage(self.values(tokens, self.pi.token_states(tokens)), log_old, log_q,
-                                               log_r, terminal, mask)
+                    values = self.value_function()(tokens)  # dropout off, as for pi_old
+                    targets = self.critic_targets(values, log_r, log_q, terminal, mask)
+                    adv = self.token_advantage(values, log_old, log_q, log_r, terminal, mask)
             steps, kl, clipped = 0, 0.0, 0.0
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(rows, device=tokens.device, generator=self.data_generator)
@@ -283,10 +294,10 @@ def train_twist(pi: LSTMPolicy, r: LSTMPolicy, target: Potential, valid: torch.T
                 callbacks: list | None = None) -> DPGResult:
     """Train `pi` in place towards p = P / Z by pcl, ac_dpg or ppo_dpg (r: the base of the rewards and
     the first proposal; data: D, for pcl's data_share). On return pi holds the best-CE(V) weights and
-    the result's `values` the learned V(s_t) (pcl: of those weights, with the last offset u; ac_dpg: the
-    last critic)."""
+    the result's `values` the learned V(s_t), of the same check (the plateau rule keeps pi and its critic
+    together)."""
     generator = torch.Generator(device=pi.device).manual_seed(seed)
-    drawn = cfg.proposal_batch or cfg.minibatch
+    drawn = max(cfg.proposal_batch or cfg.minibatch, cfg.minibatch)  # what ProposalDraws draws
     draws = ProposalDraws(pi if on_policy(cfg) else r.eval(), target, minibatch=cfg.minibatch,
                           proposal_batch=cfg.proposal_batch,
                           keep_per_draw=drawn if cfg.algorithm == "ppo_dpg" else cfg.keep_per_draw,
@@ -299,7 +310,7 @@ def train_twist(pi: LSTMPolicy, r: LSTMPolicy, target: Potential, valid: torch.T
     # optimiser steps per check, at most (ppo_dpg: every pass of every draw, unless the KL stop cuts it)
     per_check = cfg.updates_per_epoch * (cfg.ppo_epochs * -(-drawn // cfg.minibatch) if cfg.algorithm == "ppo_dpg"
                                          else 1)
-    callbacks = list(callbacks or []) + [KeepBestPlateau("dpg/val_ce_pi", "pi", plateau),
+    callbacks = list(callbacks or []) + [KeepBestPlateau("dpg/val_ce_pi", "trained", plateau),
                  StageProgress(cfg.algorithm, keys, plateau, per_check, cfg.max_epochs, unit="updates",
                                monitor="dpg/val_ce_pi")]
     if module.critic is not None and cfg.critic_warmup:
