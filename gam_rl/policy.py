@@ -112,11 +112,15 @@ class LSTMPolicy(nn.Module, Potential):
         picked = logp.gather(1, packed.target.unsqueeze(1)).squeeze(1)
         return torch.zeros(len(tokens), dtype=picked.dtype, device=tokens.device).index_add_(0, packed.row, picked)
 
+    def _inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, VOCAB) one-hot LSTM inputs: input t = x_{t-1}, BOS (and PAD) the zero vector."""
+        prev = torch.cat([torch.full_like(tokens[:, :1], BOS), tokens[:, :-1]], dim=1)
+        return F.one_hot(prev, VOCAB + 1)[..., :VOCAB].to(self.head.weight.dtype)
+
     def _log_prob_nn_lstm(self, tokens: torch.Tensor) -> torch.Tensor:
         """log_prob through nn.LSTM on a PackedSequence (the reference path)."""
         lengths = (tokens != PAD).sum(dim=1).cpu()  # symbols per row, EOS included (>= 1)
-        prev = torch.cat([torch.full_like(tokens[:, :1], BOS), tokens[:, :-1]], dim=1)  # input t = x_{t-1}
-        inputs = F.one_hot(prev, VOCAB + 1)[..., :VOCAB].to(self.head.weight.dtype)  # BOS -> zero vector
+        inputs = self._inputs(tokens)
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             return pack_padded_sequence(t, lengths, batch_first=True, enforce_sorted=False).data
@@ -137,9 +141,7 @@ class LSTMPolicy(nn.Module, Potential):
         if fused is None:
             fused = self.device.type == "cpu"
         if not fused:  # a padded run: positions after a row's end never reach its earlier outputs
-            prev = torch.cat([torch.full_like(tokens[:, :1], BOS), tokens[:, :-1]], dim=1)
-            inputs = F.one_hot(prev.clamp(max=VOCAB), VOCAB + 1)[..., :VOCAB].to(self.head.weight.dtype)
-            out, _ = self.lstm(self.drop(inputs))
+            out, _ = self.lstm(self.drop(self._inputs(tokens)))
             return self.drop(out) * (tokens != PAD).unsqueeze(2)
         packed = pack_tokens(tokens)
         if packed.num == 0:  # every row empty

@@ -73,7 +73,7 @@ def steps(problem):
     r, p_lambda, target, tokens = problem
     with eval_mode(r):
         log_r = r.token_log_probs(tokens).double()
-    terminal = terminal_reward(p_lambda, r)(tokens, log_r.sum(1)).double()
+    terminal = terminal_reward(p_lambda, r, tokens, log_r.sum(1)).double()
     return (tokens != PAD, log_r, terminal, *exact_per_step(target, r, tokens))
 
 

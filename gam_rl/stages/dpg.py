@@ -268,29 +268,46 @@ class DPGResult:
                 "dpg_log_z_running": self.log_z_running, "dpg_reached_target": self.reached_target, **self.extra}
 
 
+def proposal_draws(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, cfg: DPGConfig, *, max_len: int,
+                   seed: int, keep_per_draw: int | None = None) -> ProposalDraws:
+    """A Training-2 stage's draws: of pi itself (on-policy methods) or of `proposal`, weighted for
+    `target`; keep_per_draw overrides cfg.keep_per_draw."""
+    return ProposalDraws(pi if on_policy(cfg) else proposal.eval(), target,
+                         minibatch=cfg.minibatch, proposal_batch=cfg.proposal_batch,
+                         keep_per_draw=keep_per_draw or cfg.keep_per_draw, replay=cfg.replay,
+                         steps_per_draw=cfg.steps_per_draw, updates_per_epoch=cfg.updates_per_epoch, max_len=max_len,
+                         generator=torch.Generator(device=pi.device).manual_seed(seed))
+
+
+def fit_checked(module: DPGModule, valid: torch.Tensor, *, callbacks: list | None, logger, accelerator: str,
+                extra_keys: tuple[str, ...] = (), steps_per_check: int | None = None, keep: str = "pi",
+                clip: float | None = None) -> DPGResult:
+    """Fit a DPG-family module: a check of CE(V, pi) every cfg.updates_per_epoch draws, the plateau rule
+    keeping the best check's `module.<keep>` (pi, or pi with its critic), progress in optimiser steps
+    (steps_per_check per check, at most), Lightning's grad-norm clip at `clip`."""
+    cfg, draws = module.cfg, module.draws
+    # a CE(V, pi) that is not finite (pg's collapse) is a check without progress, not a reason to stop
+    plateau = Plateau(cfg.patience, stop_on_nonfinite=False)
+    keys = ["dpg/val_ce_pi", *extra_keys] + (["dpg/val_ce_q"] if module.gate is not None else [])
+    # extra callbacks (e.g. exact.ExactCurve) first: they see the weights just checked, before a restore
+    callbacks = list(callbacks or []) + [KeepBestPlateau("dpg/val_ce_pi", keep, plateau),
+                 StageProgress(cfg.algorithm, keys, plateau, steps_per_check or cfg.updates_per_epoch, cfg.max_epochs,
+                               unit="updates", monitor="dpg/val_ce_pi")]
+    trainer = make_trainer(cfg.max_epochs, callbacks, logger, accelerator, gradient_clip_val=clip)
+    trainer.fit(module, torch.utils.data.DataLoader(draws, batch_size=None), token_loader(valid, 1000, shuffle=False))
+    module.pi.eval()
+    return DPGResult(plateau.best, trainer.current_epoch, plateau.best_epoch, int(trainer.global_step),
+                     draws.samples_drawn, module.swaps, draws.running_z.log_z if draws.running_z.count else None,
+                     module.reached_target)
+
+
 def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, valid: torch.Tensor, cfg: DPGConfig, *,
               max_len: int, symbols_per_seq: int, ce_valid_proposal: float, seed: int = 0,
               target_ce_valid: float | None = None, logger=None, accelerator: str = "cpu",
               callbacks: list | None = None) -> DPGResult:
     """Train `pi` in place towards p = P / Z from draws of `proposal` (dpg_off) or of pi itself
     (dpg_on, pg); on return pi holds the best-CE(V) weights."""
-    generator = torch.Generator(device=pi.device).manual_seed(seed)
-    draws = ProposalDraws(pi if on_policy(cfg) else proposal.eval(), target,
-                          minibatch=cfg.minibatch, proposal_batch=cfg.proposal_batch,
-                          keep_per_draw=cfg.keep_per_draw, replay=cfg.replay, steps_per_draw=cfg.steps_per_draw,
-                          updates_per_epoch=cfg.updates_per_epoch, max_len=max_len, generator=generator)
+    draws = proposal_draws(pi, proposal, target, cfg, max_len=max_len, seed=seed)
     module = DPGModule(pi, draws, cfg, symbols_per_seq=symbols_per_seq, ce_valid_proposal=ce_valid_proposal,
                        target_ce_valid=target_ce_valid)
-    # a CE(V, pi) that is not finite (pg's collapse) is a check without progress, not a reason to stop
-    plateau = Plateau(cfg.patience, stop_on_nonfinite=False)
-    keys = ["dpg/val_ce_pi"] + (["dpg/val_ce_q"] if module.gate is not None else [])
-    # extra callbacks (e.g. exact.ExactCurve) first: they see the weights just checked, before a restore
-    callbacks = list(callbacks or []) + [KeepBestPlateau("dpg/val_ce_pi", "pi", plateau),
-                 StageProgress(cfg.algorithm, keys, plateau, cfg.updates_per_epoch, cfg.max_epochs, unit="updates",
-                               monitor="dpg/val_ce_pi")]
-    trainer = make_trainer(cfg.max_epochs, callbacks, logger, accelerator, gradient_clip_val=cfg.clip)
-    trainer.fit(module, torch.utils.data.DataLoader(draws, batch_size=None), token_loader(valid, 1000, shuffle=False))
-    pi.eval()
-    return DPGResult(plateau.best, trainer.current_epoch, plateau.best_epoch, int(trainer.global_step),
-                     draws.samples_drawn, module.swaps, draws.running_z.log_z if draws.running_z.count else None,
-                     module.reached_target)
+    return fit_checked(module, valid, callbacks=callbacks, logger=logger, accelerator=accelerator, clip=cfg.clip)

@@ -27,11 +27,10 @@ import math
 import torch
 from torch import nn
 
-from gam_rl.policy import LSTMPolicy, eval_mode
-from gam_rl.potentials import Potential, Product
+from gam_rl.policy import LSTMPolicy, Samples, eval_mode
+from gam_rl.potentials import Potential
 from gam_rl.progress import Progress
-from gam_rl.stages.common import KeepBestPlateau, Plateau, StageProgress, make_trainer, token_loader
-from gam_rl.stages.dpg import DPGModule, DPGResult, on_policy
+from gam_rl.stages.dpg import DPGModule, DPGResult, fit_checked, proposal_draws
 from gam_rl.stages.draws import ProposalDraws, WeightedDraw
 from gam_rl.stages.twist import (
     TwistConfig,
@@ -62,13 +61,10 @@ class Critic(nn.Module):
         return self.value(states).squeeze(2)
 
 
-def terminal_reward(target: Potential, r: LSTMPolicy):
-    """x -> log P(x) - log r(x), the final reward of the token MDP: for P = r * Tilt, lambda . phi(x)
-    without scoring r (tokens, log r(x)) -> (B,) float."""
-    if isinstance(target, Product) and any(f is r for f in target.factors):
-        others = Product(*(f for f in target.factors if f is not r))
-        return lambda tokens, log_r_seq: others.log_potential(tokens).float()
-    return lambda tokens, log_r_seq: target.log_potential(tokens).float() - log_r_seq
+def terminal_reward(target: Potential, r: LSTMPolicy, tokens: torch.Tensor, log_r_seq: torch.Tensor) -> torch.Tensor:
+    """log P(x) - log r(x), the final reward of the token MDP, as the importance weight of x under r
+    (Potential.log_weight: for P = r * Tilt, lambda . phi(x) without scoring r again). (B,) float."""
+    return target.log_weight(r, Samples(tokens, log_r_seq, tokens.eq(EOS).any(1))).float()
 
 
 class TwistModule(DPGModule):
@@ -80,7 +76,7 @@ class TwistModule(DPGModule):
         super().__init__(pi, draws, cfg, **kwargs)
         self.automatic_optimization = False  # ppo_dpg takes several steps per draw; all three step by hand
         self.base = (r,)  # r, scored under eval_mode (no dropout, no autograd): in a tuple, not a submodule
-        self.terminal = terminal_reward(target, r)
+        self.target = target
         self.critic = Critic(cfg.critic, pi, r).to(pi.device) if cfg.critic != "none" else None
         # what the plateau rule snapshots and restores: pi with its critic (pcl: its offset u), so the
         # kept policy and the learned values come from the same check
@@ -102,7 +98,7 @@ class TwistModule(DPGModule):
         r = self.base[0]
         with eval_mode(r):
             log_r = r.token_log_probs(tokens)
-        return log_r, self.terminal(tokens, log_r.sum(1))
+        return log_r, terminal_reward(self.target, r, tokens, log_r.sum(1))
 
     def values(self, tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """V(s_t): pcl's logsumexp of its Q-logits (Q = pi's logits + the offset head's u(s_t), if any),
@@ -207,9 +203,10 @@ class TwistModule(DPGModule):
         tokens, log_q = draw.tokens, draw.log_q_tok
         mask = tokens != PAD
         log_r, terminal = self.rewards(tokens)
-        states = self.pi.token_states(tokens)
         warming_up = self.warming_up  # the critic alone learns (a head critic's loss must not move pi's shared LSTM)
-        values = self.critic(tokens, states.detach() if warming_up else states)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not warming_up):
+            states = self.pi.token_states(tokens)
+        values = self.critic(tokens, states)
         critic_fit = critic_loss(values, self.critic_targets(values, log_r, log_q, terminal, mask), mask,
                                  self.cfg.critic_fit)
         if warming_up:
@@ -242,7 +239,8 @@ class TwistModule(DPGModule):
         self.pi.eval()  # the ratio pi / pi_old without dropout noise (autograd stays on)
         try:
             with torch.no_grad():
-                log_old = self.pi.token_log_probs(tokens)
+                states = self.pi.token_states(tokens)  # pi_old's, without dropout
+                log_old = self.pi.token_log_probs(tokens, states)
                 if self.critic is None:  # per sequence: N h_i [P/(Z-hat q) - b pi_old/q], at every step
                     log_norm = (self.draws.running_z.log_z if cfg.normalise == "running_z"  # draw_z: this draw's own
                                 else float(torch.logsumexp(draw.log_w + draw.log_h, 0)))  # sum_i h_i w_i
@@ -253,29 +251,27 @@ class TwistModule(DPGModule):
                     adv = adv.float().unsqueeze(1).expand_as(log_old) * mask
                 else:
                     log_r, terminal = self.rewards(tokens)
-                    values = self.value_function()(tokens)  # dropout off, as for pi_old
+                    with eval_mode(self.critic):  # dropout off, as for pi_old
+                        values = self.values(tokens, states)
                     targets = self.critic_targets(values, log_r, log_q, terminal, mask)
                     adv = self.token_advantage(values, log_old, log_q, log_r, terminal, mask)
             steps, kl, clipped = 0, 0.0, 0.0
-            for _ in range(cfg.ppo_epochs):
-                order = torch.randperm(rows, device=tokens.device, generator=self.data_generator)
-                for idx in order.split(cfg.minibatch):
-                    sub = tokens[idx]
-                    states = self.pi.token_states(sub)
-                    ppo = ppo_surrogate(self.pi.token_log_probs(sub, states), log_old[idx], adv[idx], mask[idx],
-                                        cfg.ppo_clip)
-                    kl, clipped = ppo.approx_kl, ppo.clip_fraction
-                    if cfg.target_kl is not None and kl > 1.5 * cfg.target_kl:
-                        break  # pi has left the trust region around pi_old: next draw
-                    loss = ppo.loss * (len(idx) / cfg.minibatch)
-                    if self.critic is not None:
-                        values = self.critic(sub, states)
-                        loss = loss + critic_loss(values, targets[idx], mask[idx], cfg.critic_fit)
-                    self.step(loss)
-                    steps += 1
-                else:
-                    continue
-                break
+            # ppo_epochs passes, each in a fresh random order, as one sequence of minibatches
+            minibatches = (idx for _ in range(cfg.ppo_epochs) for idx in torch.randperm(
+                rows, device=tokens.device, generator=self.data_generator).split(cfg.minibatch))
+            for idx in minibatches:
+                sub = tokens[idx]
+                states = self.pi.token_states(sub)
+                ppo = ppo_surrogate(self.pi.token_log_probs(sub, states), log_old[idx], adv[idx], mask[idx],
+                                    cfg.ppo_clip)
+                kl, clipped = ppo.approx_kl, ppo.clip_fraction
+                if cfg.target_kl is not None and kl > 1.5 * cfg.target_kl:
+                    break  # pi has left the trust region around pi_old: next draw
+                loss = ppo.loss * (len(idx) / cfg.minibatch)
+                if self.critic is not None:
+                    loss = loss + critic_loss(self.critic(sub, states), targets[idx], mask[idx], cfg.critic_fit)
+                self.step(loss)
+                steps += 1
         finally:
             self.pi.train(was_training)
         self.log("dpg/ppo_steps", float(steps), on_step=True, on_epoch=False, batch_size=rows)
@@ -296,31 +292,19 @@ def train_twist(pi: LSTMPolicy, r: LSTMPolicy, target: Potential, valid: torch.T
     the first proposal; data: D, for pcl's data_share). On return pi holds the best-CE(V) weights and
     the result's `values` the learned V(s_t), of the same check (the plateau rule keeps pi and its critic
     together)."""
-    generator = torch.Generator(device=pi.device).manual_seed(seed)
     drawn = max(cfg.proposal_batch or cfg.minibatch, cfg.minibatch)  # what ProposalDraws draws
-    draws = ProposalDraws(pi if on_policy(cfg) else r.eval(), target, minibatch=cfg.minibatch,
-                          proposal_batch=cfg.proposal_batch,
-                          keep_per_draw=drawn if cfg.algorithm == "ppo_dpg" else cfg.keep_per_draw,
-                          replay=cfg.replay, steps_per_draw=cfg.steps_per_draw,
-                          updates_per_epoch=cfg.updates_per_epoch, max_len=max_len, generator=generator)
+    draws = proposal_draws(pi, r, target, cfg, max_len=max_len, seed=seed,
+                           keep_per_draw=drawn if cfg.algorithm == "ppo_dpg" else None)  # ppo: the whole draw
     module = TwistModule(pi, draws, cfg, r=r, target=target, data=data, seed=seed, symbols_per_seq=symbols_per_seq,
                          ce_valid_proposal=ce_valid_proposal, target_ce_valid=target_ce_valid)
-    plateau = Plateau(cfg.patience, stop_on_nonfinite=False)
-    keys = ["dpg/val_ce_pi", "dpg/learned_log_z"] + (["dpg/val_ce_q"] if module.gate is not None else [])
+    if module.critic is not None and cfg.critic_warmup:
+        module.warm_up(cfg.critic_warmup)
     # optimiser steps per check, at most (ppo_dpg: every pass of every draw, unless the KL stop cuts it)
     per_check = cfg.updates_per_epoch * (cfg.ppo_epochs * -(-drawn // cfg.minibatch) if cfg.algorithm == "ppo_dpg"
                                          else 1)
-    callbacks = list(callbacks or []) + [KeepBestPlateau("dpg/val_ce_pi", "trained", plateau),
-                 StageProgress(cfg.algorithm, keys, plateau, per_check, cfg.max_epochs, unit="updates",
-                               monitor="dpg/val_ce_pi")]
-    if module.critic is not None and cfg.critic_warmup:
-        module.warm_up(cfg.critic_warmup)
-    trainer = make_trainer(cfg.max_epochs, callbacks, logger, accelerator)  # clipping is in TwistModule.step
-    trainer.fit(module, torch.utils.data.DataLoader(draws, batch_size=None), token_loader(valid, 1000, shuffle=False))
-    pi.eval()
-    result = DPGResult(plateau.best, trainer.current_epoch, plateau.best_epoch, int(trainer.global_step),
-                       draws.samples_drawn, module.swaps, draws.running_z.log_z if draws.running_z.count else None,
-                       module.reached_target)
+    # clipping is in TwistModule.step (manual optimisation)
+    result = fit_checked(module, valid, callbacks=callbacks, logger=logger, accelerator=accelerator,
+                         extra_keys=("dpg/learned_log_z",), steps_per_check=per_check, keep="trained")
     result.extra = {"twist_learned_log_z": module.learned_log_z(), "twist_critic": cfg.critic,
                     "twist_draws_trained": module.draws_trained}
     result.values = module.value_function() if module.learns_values() else None
