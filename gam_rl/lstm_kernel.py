@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gam_rl import lstm_native
 from gam_rl.tokens import BOS, PAD
 
 
@@ -125,6 +126,13 @@ class _BufferPool:
 _POOL = _BufferPool()
 
 
+def native_kernels(like: torch.Tensor):
+    """The compiled cell (gam_rl.lstm_native) for float32 CPU tensors, else None (torch ops)."""
+    if like.device.type != "cpu" or like.dtype != torch.float32:
+        return None
+    return lstm_native.kernels()
+
+
 def lstm_weights(lstm: torch.nn.LSTM) -> list[torch.Tensor]:
     """[weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, weight_ih_l1, ...] of an nn.LSTM (with biases)."""
     names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -162,6 +170,7 @@ def _forward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks
     backward needs, per layer (activated gates, c, tanh(c), h, the layer's input x)."""
     H, N, sizes, offs = hidden, pk.num, pk.sizes, pk.offsets
     like = weights[0]
+    native, threads = native_kernels(like), torch.get_num_threads()
     saved = []
     x = None  # input of layer l > 0 at every position: dropout(h_{l-1}), (N, H)
     for l in range(layers):
@@ -177,6 +186,11 @@ def _forward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks
             g = gates[a : a + n]
             if t > 0:  # a += h_{t-1} W_hh^T (the rows alive at t are a prefix of those alive at t - 1)
                 g.addmm_(h_out[offs[t - 1] : offs[t - 1] + n], w_hh.t())
+            if native is not None:  # the cell below in one compiled pass: gates activated in place
+                c_prev = cell[offs[t - 1]].data_ptr() if t > 0 else None
+                native.gam_cell_forward(n, H, g.data_ptr(), 4 * H, c_prev, cell[a].data_ptr(), h_out[a].data_ptr(),
+                                        H, g.data_ptr(), tanh_c[a].data_ptr(), threads)
+                continue
             torch.sigmoid_(g)  # i, f, o = sigma(a); the g block holds sigma(2 a_g)
             i, f, gg, o = _gates(g, H)
             gg.mul_(2).sub_(1)  # g = tanh(a_g) = 2 sigma(2 a_g) - 1
@@ -263,13 +277,24 @@ def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, mask
     chunks = _chunks(sizes, offs, max(1, COEFFICIENT_BLOCK // H))
     rows = max(offs[t1 - 1] + sizes[t1 - 1] - offs[t0] for t0, t1 in chunks)
     c_prev, tmp, sig_d = like.new_empty(rows, H), like.new_empty(rows, H), like.new_empty(rows, 2 * H)
+    native, threads = native_kernels(like), torch.get_num_threads()
     for l in reversed(range(layers)):
         gates, cell, tanh_c, h_out, x = saved[l]
         w_ih, w_hh = weights[4 * l], weights[4 * l + 1]
         d_gates = gates  # coefficients, then da, overwrite the activations
         for d_c in d_cs:
             d_c.zero_()
-        for t0, t1 in reversed(chunks):
+        for t in reversed(range(T)) if native is not None else ():  # the compiled cell backward
+            n, a = sizes[t], offs[t]
+            dh = d_h[a : a + n]
+            m = sizes[t + 1] if t + 1 < T else 0
+            if m:  # dh_t += da_{t+1} W_hh (rows alive at t + 1)
+                dh[:m].addmm_(d_gates[offs[t + 1] : offs[t + 1] + m], w_hh)
+            # gates [i, f, g, o] -> [da_i, da_f, da_g, da_o]; d_cs[0] carries dc_{t+1} f_{t+1} to step t
+            c_prev = cell[offs[t - 1]].data_ptr() if t > 0 else None
+            native.gam_cell_backward(n, m, H, gates[a].data_ptr(), c_prev, tanh_c[a].data_ptr(), dh.data_ptr(),
+                                     d_cs[0].data_ptr(), threads)
+        for t0, t1 in reversed(chunks) if native is None else ():
             _coefficients(pk, offs[t0], offs[t1 - 1] + sizes[t1 - 1], gates, cell, tanh_c, c_prev, tmp, sig_d, H)
             for t in reversed(range(t0, t1)):
                 n, a = sizes[t], offs[t]
@@ -315,7 +340,8 @@ class StepLSTM:
     bias row), so every layer costs ONE matmul per step with no gather and no concatenation,
     and writes its new h in place, where the layer above and the next step read it. Buffers
     are allocated once; rows are used as a prefix: rows[:n] are the n rows still running.
-    The cell state is kept doubled (c2 = 2c), which saves two passes per step.
+    The cell's elementwise math is one compiled pass (gam_rl.lstm_native) where available; the
+    torch ops instead keep the cell state doubled (c2 = 2c), which saves them two passes per step.
     """
 
     P = 8  # one-hot columns (4 used: 0, 1, EOS, BOS), padded
@@ -345,6 +371,8 @@ class StepLSTM:
         self.cell = like.new_zeros(L, num, H)
         self.gates, self.tanh_c = like.new_empty(num, 4 * H), like.new_empty(num, H)
         self.symbols = torch.arange(4, device=like.device)
+        # the compiled cell (float32 CPU) keeps c itself; the torch ops below keep c2 = 2c
+        self.native, self.threads = native_kernels(like), torch.get_num_threads()
 
     def h(self, layer: int, n: int) -> torch.Tensor:
         """h of `layer` for the first n rows (a view into z)."""
@@ -361,6 +389,11 @@ class StepLSTM:
                 torch.mm(self.z[:n, cols], w, out=g)
             else:
                 torch.addmm(bias, self.z[:n, cols], w, out=g)
+            if self.native is not None:  # c' = f c + i g, h' = o tanh(c') in one compiled pass
+                cell = self.cell[l].data_ptr()
+                self.native.gam_cell_forward(n, H, g.data_ptr(), 4 * H, cell, cell, self.h(l, n).data_ptr(),
+                                             self.z.stride(0), None, None, self.threads)
+                continue
             torch.sigmoid_(g)  # i, f, o = sigma(a); s_g = sigma(2 a_g), so g = tanh(a_g) = 2 s_g - 1
             i, f, s_g, o = _gates(g, H)
             # the cell holds c2 = 2c: c2_t = f c2_{t-1} + 2 i g = f c2_{t-1} + 4 i s_g - 2 i

@@ -179,8 +179,30 @@ class LSTMPolicy(nn.Module, Potential):
         rows = torch.arange(num, device=dev)  # original index of each working row
         running = torch.ones(num, dtype=torch.bool, device=dev)  # working rows not yet at EOS
         prev = torch.full((num,), BOS, dtype=torch.long, device=dev)
+        native = steps.native
+        if native is not None:  # the per-step bookkeeping below as one compiled call
+            tok = torch.empty(num, dtype=torch.long, device=dev)
+            running_bytes = running.view(torch.uint8)
         for t in range(max_len):
-            logp = torch.log_softmax(torch.addmm(b_head, steps.step(prev), w_head), dim=1)
+            logits = torch.addmm(b_head, steps.step(prev), w_head)
+            if native is not None:
+                n = len(rows)
+                u = torch.rand(n, device=dev, dtype=logits.dtype, generator=generator)
+                alive = native.gam_sample_step(n, logits.data_ptr(), u.data_ptr(), rows.data_ptr(),
+                                               running_bytes.data_ptr(), tok.data_ptr(), tokens.data_ptr(),
+                                               token_log_prob.data_ptr(), log_prob.data_ptr(), max_len, t, EOS, PAD)
+                if alive == 0:
+                    break
+                if n - alive >= max(1, n // 16):  # keep only the rows still running
+                    keep = running[:n].nonzero().squeeze(1)
+                    steps.keep(keep)
+                    m = len(keep)
+                    rows, tok[:m], running[:m] = rows[keep], tok[keep], True
+                    prev = tok[:m]
+                else:
+                    prev = tok[:n]
+                continue
+            logp = torch.log_softmax(logits, dim=1)
             # inverse-CDF draw among 3 symbols: token = #{k : u > cdf_k}
             u = torch.rand(len(rows), 1, device=dev, dtype=logp.dtype, generator=generator)
             cdf = logp.exp().cumsum(dim=1)[:, : VOCAB - 1]

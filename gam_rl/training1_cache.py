@@ -90,11 +90,11 @@ def default_dir() -> Path:
 
 @functools.cache
 def source_digest() -> str:
-    """sha256 of every gam_rl/**/*.py file (path and bytes): an entry made by other code is never reused,
-    even where gam_rl.__version__ was not bumped (an editable install under development)."""
+    """sha256 of every gam_rl/**/*.py and *.c file (path and bytes): an entry made by other code is never
+    reused, even where gam_rl.__version__ was not bumped (an editable install under development)."""
     root = Path(gam_rl.__file__).parent
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted([*root.rglob("*.py"), *root.rglob("*.c")]):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 

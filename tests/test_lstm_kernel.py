@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gam_rl import lstm_kernel
+from gam_rl import lstm_kernel, lstm_native
 from gam_rl.lstm_kernel import PackedTokens, StepLSTM, dropout_masks, lstm_over_tokens, lstm_weights, pack_tokens
 from gam_rl.policy import LSTMPolicy
 from gam_rl.tokens import EOS, PAD
@@ -216,3 +216,83 @@ def test_empty_batch_and_no_grad_step_path():
     steps = StepLSTM(policy.lstm, 3)
     h = steps.step(torch.tensor([3, 3, 3]))  # BOS for every row
     assert h.shape == (3, 5) and torch.allclose(h[0], h[2])
+
+
+# ---- the compiled cell (gam_rl.lstm_native) against the torch ops ------------------------------
+
+native_only = pytest.mark.skipif(lstm_native.kernels() is None, reason="no C compiler for gam_rl.lstm_native")
+
+
+@native_only
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_cell_forward_and_backward_equal_torch_ops(dropout, threads, monkeypatch):
+    """float32, variable lengths, 2 layers, fixed dropout masks, 1 and 2 OpenMP threads: the compiled
+    cell and its backward give the torch ops' output and gradients to float32 rounding (a wrong gate
+    or a missing carry of dc moves them by > 1e-2)."""
+    torch.manual_seed(3)
+    policy = LSTMPolicy(24, 2, dropout=dropout).train()
+    tokens = random_batch(rows=300, width=25, seed=3)  # 300 x 24 >= the kernels' threading threshold
+    pk = pack_tokens(tokens)
+    masks = dropout_masks(pk.num, 24, 2, dropout, policy.head.weight) if dropout else None
+    grad_out = torch.randn(pk.num, 24)
+
+    def run(native: bool):
+        monkeypatch.setattr(lstm_native, "kernels", original if native else (lambda: None))
+        policy.zero_grad()
+        out = lstm_over_tokens(pk, policy.lstm, dropout, masks)
+        (out * grad_out).sum().backward()
+        return out.detach(), [p.grad.clone() for p in policy.lstm.parameters()]
+
+    original = lstm_native.kernels
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref_out, ref_grads = run(False)
+        out, grads = run(True)
+    finally:
+        torch.set_num_threads(previous)
+    assert (out - ref_out).abs().max() <= 1e-5
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert (g - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@native_only
+def test_native_sampler_equals_torch_ops_sampler(monkeypatch):
+    """Same generator, same draws: the compiled per-step bookkeeping writes the torch path's tokens,
+    per-symbol and total log-probabilities, and both equal teacher forcing."""
+    torch.manual_seed(4)
+    policy = LSTMPolicy(16, 2, dropout=0.2).eval()
+    with torch.no_grad():
+        policy.head.bias.copy_(torch.tensor([0.8, 0.8, -1.5]))  # lengths spread over 1..max_len
+    native = policy.sample(3000, 20, torch.Generator().manual_seed(5))
+    monkeypatch.setattr(lstm_native, "kernels", lambda: None)
+    torch_ops = policy.sample(3000, 20, torch.Generator().manual_seed(5))
+    assert (~native.finished).any() and native.finished.any()
+    assert torch.equal(native.tokens, torch_ops.tokens)
+    assert torch.equal(native.finished, torch_ops.finished)
+    assert torch.allclose(native.log_prob, torch_ops.log_prob, atol=1e-5)
+    assert torch.allclose(native.token_log_prob, torch_ops.token_log_prob, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(policy.log_prob(native.tokens), native.log_prob, atol=1e-4)
+
+
+def test_native_falls_back_to_torch_ops_with_a_warning(monkeypatch):
+    monkeypatch.setattr(lstm_native, "_state", {})
+    monkeypatch.setattr(lstm_native, "_compiler", lambda: None)
+    with pytest.warns(UserWarning, match="no C compiler"):
+        assert lstm_native.kernels() is None
+    monkeypatch.setattr(lstm_native, "_state", {})
+    monkeypatch.setenv("GAM_RL_NATIVE", "0")
+    assert lstm_native.kernels() is None  # switched off: no warning, no build
+    assert "lib" not in lstm_native._state
+
+
+@native_only
+def test_native_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("GAM_RL_NATIVE_CACHE", str(tmp_path))
+    first = lstm_native._build(lstm_native._compiler())
+    stamp = first.stat().st_mtime_ns
+    assert first.parent == tmp_path and lstm_native._build(lstm_native._compiler()) == first
+    assert first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left

@@ -1,0 +1,118 @@
+/* The LSTM cell's elementwise math in one pass per step (gam_rl/lstm_native.py builds and loads it).
+
+   After the step's matmul has written the pre-activations a = [a_i, a_f, a_g2, a_o] of n rows
+   (the g rows of the weights doubled, so a_g2 = 2 a_g), the torch path needs 8 to 11 separate
+   elementwise ops per layer and step, each a pass over memory with its own dispatch; here every
+   step is one loop over the rows. Rows are split between OpenMP threads (torch's own runtime:
+   the library links the libgomp that torch loaded).
+
+   Cell (sigma = logistic, tanh(x) = 2 sigma(2x) - 1):
+       i, f, o = sigma(a_i), sigma(a_f), sigma(a_o),   g = 2 sigma(a_g2) - 1 = tanh(a_g)
+       c' = f c + i g,   h' = o tanh(c')
+   Backward at one step, with dh the gradient on h' (from above and from the next step) and
+   dcf = dc_{t+1} f_{t+1} the gradient reaching c' from the next step:
+       dc   = dcf + dh o (1 - tanh(c')^2)
+       da_o = dh tanh(c') o (1 - o)
+       da_i = dc g i (1 - i),   da_f = dc c f (1 - f),   da_g = dc i (1 - g^2)
+       dcf <- dc f  (carried to the step before)
+   Compiled with -ffast-math only at compile time (never at link time, which would set the
+   process's flush-to-zero flags); inputs of exp are clamped so no infinity is formed. */
+
+#include <math.h>
+#include <stdint.h>
+
+#define CLAMP 80.0f
+
+static inline float logistic(float x) {
+    x = fminf(fmaxf(x, -CLAMP), CLAMP);
+    return 1.0f / (1.0f + expf(-x));
+}
+
+#define PARALLEL_ROWS(n, H, threads) \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if((n) * (H) >= 16384 && (threads) > 1)")
+
+/* One step of one layer over n rows. pre: (n, 4H) pre-activations, row stride ld_pre.
+   c_prev: (n, H) cell of the previous step (NULL at t = 0), row stride H; may equal c_out.
+   Writes c_out (n, H), h_out (row stride ld_h) and, when not NULL, the activated gates
+   [i, f, g, o] into act (row stride 4H) and tanh(c') into tanh_c (row stride H): what the
+   backward needs. */
+void gam_cell_forward(int64_t n, int64_t H, const float *pre, int64_t ld_pre, const float *c_prev,
+                      float *c_out, float *h_out, int64_t ld_h, float *act, float *tanh_c, int threads) {
+    PARALLEL_ROWS(n, H, threads)
+    for (int64_t r = 0; r < n; r++) {
+        const float *a = pre + r * ld_pre;
+        const float *cp = c_prev ? c_prev + r * H : 0;
+        float *c = c_out + r * H, *h = h_out + r * ld_h;
+        float *g_act = act ? act + r * 4 * H : 0, *tc_out = tanh_c ? tanh_c + r * H : 0;
+#pragma omp simd
+        for (int64_t j = 0; j < H; j++) {
+            float i = logistic(a[j]), f = logistic(a[H + j]);
+            float g = 2.0f * logistic(a[2 * H + j]) - 1.0f, o = logistic(a[3 * H + j]);
+            float cn = cp ? f * cp[j] + i * g : i * g;  /* c' = f c + i g  (c = 0 at t = 0) */
+            float tc = 2.0f * logistic(2.0f * cn) - 1.0f;  /* tanh(c') */
+            c[j] = cn;
+            h[j] = o * tc;  /* h' = o tanh(c') */
+            if (g_act) {
+                g_act[j] = i; g_act[H + j] = f; g_act[2 * H + j] = g; g_act[3 * H + j] = o;
+                tc_out[j] = tc;
+            }
+        }
+    }
+}
+
+/* Backward of one step of one layer over the n rows alive at it; the first m (<= n) are alive at
+   the next step, so only they carry dcf in (the others start from 0). gates: (n, 4H) activated
+   [i, f, g, o] in, overwritten with [da_i, da_f, da_g, da_o]. c_prev: c (n, H), NULL at t = 0;
+   tanh_c: tanh(c'); dh: (n, H); dcf: (n, H) in (first m rows) and out. */
+void gam_cell_backward(int64_t n, int64_t m, int64_t H, float *gates, const float *c_prev, const float *tanh_c,
+                       const float *dh, float *dcf, int threads) {
+    PARALLEL_ROWS(n, H, threads)
+    for (int64_t r = 0; r < n; r++) {
+        float *ga = gates + r * 4 * H, *d = dcf + r * H;
+        const float *tc = tanh_c + r * H, *dhr = dh + r * H, *cp = c_prev ? c_prev + r * H : 0;
+        const float carry = r < m ? 1.0f : 0.0f;
+#pragma omp simd
+        for (int64_t j = 0; j < H; j++) {
+            float i = ga[j], f = ga[H + j], g = ga[2 * H + j], o = ga[3 * H + j], t = tc[j];
+            float dc = carry * d[j] + dhr[j] * o * (1.0f - t * t);  /* dc = dcf + dh o (1 - tanh(c')^2) */
+            ga[3 * H + j] = dhr[j] * t * o * (1.0f - o);           /* da_o */
+            ga[j] = dc * g * i * (1.0f - i);                        /* da_i */
+            ga[H + j] = cp ? dc * cp[j] * f * (1.0f - f) : 0.0f;     /* da_f (c = 0 at t = 0) */
+            ga[2 * H + j] = dc * i * (1.0f - g * g);                /* da_g */
+            d[j] = dc * f;                                          /* dc_t f_t, to step t - 1 */
+        }
+    }
+}
+
+/* The sampler's per-step bookkeeping after the head: n working rows with logits (n, 3) (row
+   stride 3) and uniforms u (n,); symbol k is drawn when cdf_{k-1} < u <= cdf_k (inverse CDF
+   over 0, 1, EOS = 2). rows: original index of each working row; running: 1 while the row has
+   not written EOS. Writes tok (n,) (PAD = pad for finished rows), tokens[rows[r], t] and
+   token_logp[rows[r], t] (row stride ld), adds log p(tok) to log_prob[rows[r]], clears running
+   at EOS; returns the number of rows still running. */
+int64_t gam_sample_step(int64_t n, const float *logits, const float *u, const int64_t *rows, uint8_t *running,
+                        int64_t *tok, int64_t *tokens, float *token_logp, float *log_prob, int64_t ld, int64_t t,
+                        int64_t eos, int64_t pad) {
+    int64_t alive = 0;
+    for (int64_t r = 0; r < n; r++) {
+        const float *z = logits + 3 * r;
+        /* log softmax over 3: log p_k = z_k - (mx + log sum exp(z - mx)) */
+        float mx = fmaxf(z[0], fmaxf(z[1], z[2]));
+        float e0 = expf(z[0] - mx), e1 = expf(z[1] - mx), e2 = expf(z[2] - mx);
+        float s = e0 + e1 + e2, lse = mx + logf(s);
+        float p0 = e0 / s, p01 = (e0 + e1) / s;
+        int64_t k = (u[r] > p0) + (u[r] > p01);
+        int64_t pos = rows[r] * ld + t;
+        if (running[r]) {
+            float lp = z[k] - lse;
+            tok[r] = k;
+            tokens[pos] = k;
+            token_logp[pos] = lp;
+            log_prob[rows[r]] += lp;
+            if (k == eos) running[r] = 0; else alive++;
+        } else {
+            tok[r] = pad;
+        }
+    }
+    return alive;
+}
