@@ -11,7 +11,7 @@ from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
 from gam_rl.stages.distill import DistillConfig, distill
-from gam_rl.stages.dpg import DPGConfig, dpg_loss, train_dpg
+from gam_rl.stages.dpg import DPGConfig, DPGModule, dpg_loss, train_dpg
 from gam_rl.stages.draws import ProposalDraws, RunningZ
 from gam_rl.stages.mle import MLEConfig
 from gam_rl.tokens import encode
@@ -124,6 +124,91 @@ def test_dpg_off_named_options_together_reach_the_target(kept, baseline, clip):
     assert fit.log_z_running == pytest.approx(potential.log_z, abs=0.1)
 
 
+def test_adaptive_draw_size_follows_the_effective_sample_size():
+    """next_draw_size: N' = ess_per_draw N / ESS, growing at once, shrinking at most by half, within
+    [min_proposal_batch, proposal_batch]; without ess_per_draw always proposal_batch."""
+    _, potential, _, _, _ = true_target_problem()
+    draws = ProposalDraws(long_proposal(seed=2, hidden=16), potential, minibatch=64, proposal_batch=8000,
+                          keep_per_draw=128, replay=0, steps_per_draw=1, updates_per_epoch=1, max_len=8,
+                          generator=torch.Generator().manual_seed(0), ess_per_draw=500, min_proposal_batch=1000)
+    assert draws.next_draw_size(8000.0, 8000) == 4000  # q = p: halves
+    assert draws.next_draw_size(1000.0, 1000) == 1000  # ... down to the floor
+    assert draws.next_draw_size(250.0, 2000) == 4000  # ESS 1/8 of N: 500 / (1/8) at once
+    assert draws.next_draw_size(5.0, 2000) == 8000 and draws.next_draw_size(0.0, 2000) == 8000  # capped; no weight
+    fixed = ProposalDraws(long_proposal(seed=2, hidden=16), potential, minibatch=64, proposal_batch=8000,
+                          keep_per_draw=128, replay=0, steps_per_draw=1, updates_per_epoch=1, max_len=8,
+                          generator=torch.Generator().manual_seed(0))
+    assert fixed.next_draw_size(8000.0, 8000) == 8000
+    first = draws.fresh()  # a real draw: sized by proposal_batch, the next one by its ESS
+    assert draws.samples_drawn == 8000 and draws.last_draw_size == 8000 and len(first) <= 8000
+    assert draws.draw_size == draws.next_draw_size(draws.last_ess, 8000)
+
+
+def test_dpg_off_with_adaptive_draws_reaches_the_target_with_fewer_samples():
+    """Thinned, replayed DPG_off whose draws shrink once swaps bring q close to p: the same KL threshold
+    as with fixed draws of 4096, and fewer samples drawn (a wrong share or ESS rule misses either)."""
+    options = dict(proposal_batch=4096, keep_per_draw=256, replay=2048, steps_per_draw=4, normalise="running_z")
+    fixed, pi_fixed, _, _, space, log_p = run_dpg(small_schedule(**options))
+    adaptive, pi_adaptive, _, _, _, _ = run_dpg(small_schedule(**options, ess_per_draw=512))
+    assert policy_kl(log_p, pi_adaptive, space) < 0.25 and policy_kl(log_p, pi_fixed, space) < 0.25
+    assert adaptive.samples < 0.7 * fixed.samples, (adaptive.samples, fixed.samples)
+
+
+def gam_problem():
+    """P_lambda = r exp(-5 [x contains 11]) over at most 7 symbols: exactly enumerable."""
+    r = long_proposal(seed=6, hidden=8)
+    p_lambda = gam(r, Features("1000000", "11"), torch.tensor([-5.0]))
+    space = all_outputs(7)
+    with torch.no_grad():
+        log_p, log_z = exact_distribution(p_lambda.log_potential(space))
+    valid = space[torch.multinomial(log_p.exp(), 500, replacement=True, generator=torch.Generator().manual_seed(9))]
+    return r, p_lambda, space, log_p, log_z, valid
+
+
+def test_gap_to_p_lambda_and_its_noise_are_the_paired_statistics_over_v():
+    r, p_lambda, space, log_p, log_z, valid = gam_problem()
+    with torch.no_grad():
+        valid_log_p = p_lambda.log_potential(valid).double() - log_z
+    cfg = small_schedule(stop_within_noise=1.0)
+    draws = ProposalDraws(r, p_lambda, minibatch=8, proposal_batch=None, keep_per_draw=None, replay=0,
+                          steps_per_draw=1, updates_per_epoch=1, max_len=7, generator=torch.Generator())
+    module = DPGModule(LSTMPolicy(8, 1, 0.0), draws, cfg, symbols_per_seq=7, ce_valid_proposal=1.0,
+                       valid_log_p=valid_log_p, log_z_se=0.03)
+    with torch.no_grad():
+        log_r = r.log_prob(valid).double()
+    gap, se = module.gap_to_target(log_r)
+    diff = (valid_log_p - log_r).numpy()
+    assert gap == pytest.approx(diff.mean() / 7, rel=1e-12)  # = CE(V, r) - CE(V, p_lambda) per symbol
+    assert se == pytest.approx(math.sqrt(diff.var(ddof=1) / 500 + 0.03**2) / 7, rel=1e-9)
+    assert gap > 3 * se  # r is far from p_lambda here; p_lambda itself has gap 0
+    assert module.gap_to_target(valid_log_p)[0] == 0.0
+
+
+def test_dpg_stops_once_pi_is_within_noise_of_p_lambda():
+    r, p_lambda, space, log_p, log_z, valid = gam_problem()
+    with torch.no_grad():
+        valid_log_p = p_lambda.log_potential(valid).double() - log_z
+
+    def fit(**options):
+        torch.manual_seed(3)
+        pi = LSTMPolicy(16, 1, dropout=0.0)
+        cfg = small_schedule(max_epochs=12, patience=12, **options)
+        with eval_mode(r):
+            ce_r = -float(r.log_prob(valid).mean()) / 7
+        result = train_dpg(pi, r, p_lambda, valid, cfg, max_len=7, symbols_per_seq=7, ce_valid_proposal=ce_r,
+                           seed=4, valid_log_p=valid_log_p)
+        return result, pi
+
+    full, _ = fit()
+    stopped, pi = fit(stop_within_noise=2.0)
+    hit = stopped.stopped_within_noise
+    assert full.stopped_within_noise is None and hit is not None
+    assert hit["gap"] <= 2 * hit["gap_se"] and stopped.epochs < full.epochs and stopped.samples < full.samples
+    # within two paired s.e. on V (0.003 nats per symbol here, from 0.04 for r) is close on the whole space
+    # too: KL(p || r) is 0.46, the full run ends at 0.03
+    assert policy_kl(log_p, pi, space) < 0.1
+
+
 def test_dpg_option_combinations_that_cannot_work_are_named():
     assert any(p.startswith("method.replay=100") for p in small_schedule(replay=100).problems())  # < a minibatch
     assert any(p.startswith("method.swap_gate='kl_is'") for p in small_schedule(swap_gate="kl_is", minibatch=16)
@@ -132,6 +217,11 @@ def test_dpg_option_combinations_that_cannot_work_are_named():
     assert any(p.startswith("method.baseline=true with thinning") for p in thinned.problems())
     assert small_schedule(proposal_batch=1024, baseline=True).problems() == []  # the GAM: P > 0 everywhere
     assert any("pg" in p for p in small_schedule(algorithm="pg", baseline=True).problems())
+    assert any(p.startswith("method.ess_per_draw=512") for p in small_schedule(ess_per_draw=512).problems())
+    assert any(p.startswith("method.min_proposal_batch=9000")
+               for p in small_schedule(proposal_batch=4096, min_proposal_batch=9000).problems())
+    assert any("stop_within_noise" in p for p in small_schedule(stop_within_noise=1.0, target="true").problems())
+    assert small_schedule(proposal_batch=4096, ess_per_draw=512, stop_within_noise=1.0).problems() == []
 
 
 def test_running_z_is_one_until_a_draw_has_a_nonzero_weight():

@@ -121,6 +121,13 @@ class DPGConfig:
     patience: int = setting(10, ge=1)  # on CE(V, pi)
     clip: float | None = setting(0.25, gt=0)  # grad-norm clip; None: none
     target_margin: float = setting(0.01, gt=0)  # results record when CE(V, pi) first reaches (1 + margin) CE(V, p)
+    # adaptive draw size: each fresh draw sized for this many effective samples (draws.py), between
+    # min_proposal_batch (None: max(minibatch, keep_per_draw)) and proposal_batch; None: always proposal_batch
+    ess_per_draw: int | None = setting(None, ge=1)
+    min_proposal_batch: int | None = setting(None, ge=1)
+    # stop at the first check where CE(V, pi) - CE(V, p_lambda) <= this many standard errors of that
+    # difference (paired over V, with log Z-hat's); None: the plateau rule alone (the paper)
+    stop_within_noise: float | None = setting(None, gt=0)
 
     def thins(self) -> bool:
         """Whether a draw keeps fewer items than it samples."""
@@ -138,6 +145,14 @@ class DPGConfig:
             out.append(f"method.swap_gate='kl_is' with {min(kept, drawn)} items per draw: the gate swaps only on an "
                        f"effective sample size >= {KL_GATE_MIN_ESS:.0f}; raise method.keep_per_draw / "
                        "method.minibatch")
+        if self.ess_per_draw is not None and (self.proposal_batch or self.minibatch) <= self.minibatch:
+            out.append(f"method.ess_per_draw={self.ess_per_draw}: an adaptive draw size needs room to move; set "
+                       f"method.proposal_batch (the largest draw) above method.minibatch ({self.minibatch})")
+        if self.min_proposal_batch is not None and self.min_proposal_batch > (self.proposal_batch or self.minibatch):
+            out.append(f"method.min_proposal_batch={self.min_proposal_batch}: above method.proposal_batch "
+                       f"({self.proposal_batch or self.minibatch})")
+        if self.stop_within_noise is not None and self.target == "true":
+            out.append("method.stop_within_noise with method.target='true': the stop compares pi with p_lambda on V")
         if self.baseline and self.algorithm == "pg":
             out.append("method.baseline=true: the pi/q baseline is a control variate of the importance-weighted "
                        "DPG update, not of pg's reward")
@@ -181,12 +196,17 @@ def on_policy(cfg: DPGConfig) -> bool:
 
 class DPGModule(pl.LightningModule):
     def __init__(self, pi: LSTMPolicy, draws: ProposalDraws, cfg: DPGConfig, *, symbols_per_seq: int,
-                 ce_valid_proposal: float, target_ce_valid: float | None = None):
+                 ce_valid_proposal: float, target_ce_valid: float | None = None,
+                 valid_log_p: torch.Tensor | None = None, log_z_se: float = 0.0):
         super().__init__()
         self.pi, self.draws, self.cfg, self.symbols = pi, draws, cfg, symbols_per_seq
         self.gate = None if on_policy(cfg) else SWAP_GATES[cfg.swap_gate]
         self.ce_valid_q = ce_valid_proposal
-        self._val_sum, self._val_count = 0.0, 0
+        self._val_log_pi: list[torch.Tensor] = []
+        # log p_lambda(x) = log P(x) - log Z-hat of each sequence of V (in the loader's order) and log Z-hat's
+        # standard error: the noise of CE(V, pi) - CE(V, p_lambda), for cfg.stop_within_noise
+        self.valid_log_p, self.log_z_se = valid_log_p, log_z_se
+        self.stopped_within_noise: dict | None = None
         self.swaps: list[dict] = []
         # first check where CE(V, pi) <= target_ce_valid: samples, updates and seconds spent until then
         self.target_ce_valid, self.reached_target = target_ce_valid, None
@@ -213,12 +233,19 @@ class DPGModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self._val_sum += float(self.pi.log_prob(batch).sum())
-        self._val_count += len(batch)
+        self._val_log_pi.append(self.pi.log_prob(batch).double())
+
+    def gap_to_target(self, log_pi: torch.Tensor) -> tuple[float, float]:
+        """CE(V, pi) - CE(V, p_lambda) per symbol = mean_V(log p - log pi) / symbols, and its standard error:
+        the paired s.e. over V, sqrt(var(log p - log pi) / |V|), with log Z-hat's s.e. (the same for every
+        x, so it adds in quadrature), divided by symbols."""
+        diff = self.valid_log_p.to(log_pi) - log_pi
+        se_paired = float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else math.inf
+        return float(diff.mean()) / self.symbols, math.hypot(se_paired, self.log_z_se) / self.symbols
 
     def on_validation_epoch_end(self):
-        ce_pi = -self._val_sum / (self._val_count * self.symbols)  # CE(V, pi) in nats per symbol
-        self._val_sum, self._val_count = 0.0, 0
+        log_pi, self._val_log_pi = torch.cat(self._val_log_pi), []
+        ce_pi = -float(log_pi.sum()) / (len(log_pi) * self.symbols)  # CE(V, pi) in nats per symbol
         if self.gate is not None:
             swap = self.gate(self, ce_pi)
             if swap is not None:
@@ -228,7 +255,18 @@ class DPGModule(pl.LightningModule):
                                    "seconds": round(time.perf_counter() - self._started, 3), "ce_valid_pi": ce_pi}
             log.info("[dpg] CE(V, pi) %.4f <= target %.4f after %d samples", ce_pi, self.target_ce_valid,
                      self.draws.samples_drawn)
+        if self.valid_log_p is not None:
+            gap, gap_se = self.gap_to_target(log_pi)
+            self.log("dpg/val_gap", gap)
+            self.log("dpg/val_gap_se", gap_se)
+            k = self.cfg.stop_within_noise
+            if k is not None and gap <= k * gap_se and not self.trainer.sanity_checking:
+                self.stopped_within_noise = {"samples": self.draws.samples_drawn, "updates": int(self.global_step),
+                                             "gap": gap, "gap_se": gap_se, "ce_valid_pi": ce_pi}
+                log.info("[dpg] CE(V, pi) - CE(V, p_lambda) = %.5f <= %g x its s.e. %.5f: stop", gap, k, gap_se)
+                self.trainer.should_stop = True
         self.log("dpg/val_ce_pi", ce_pi)
+        self.log("dpg/draw_size", float(self.draws.last_draw_size))
         if self.gate is not None:
             self.log("dpg/val_ce_q", self.ce_valid_q)
         self.log("dpg/log_z_running", self.draws.running_z.log_z)
@@ -259,13 +297,15 @@ class DPGResult:
     swaps: list[dict] = field(default_factory=list)
     log_z_running: float | None = None
     reached_target: dict | None = None  # {samples, updates, seconds, ce_valid_pi} at the first check under target
+    stopped_within_noise: dict | None = None  # {samples, updates, gap, gap_se, ce_valid_pi} where the noise stop hit
     extra: dict = field(default_factory=dict)  # a method's own results (the twist methods: twist_*)
     values: Callable | None = None  # the twist methods: tokens -> learned V(s_t) (not a result: not in results())
 
     def results(self) -> dict:
         return {"ce_valid_pi": self.best_val_ce, "t2_epochs": self.epochs, "t2_best_epoch": self.best_epoch,
                 "t2_updates": self.updates, "swaps": self.swaps, "swap_count": len(self.swaps),
-                "dpg_log_z_running": self.log_z_running, "dpg_reached_target": self.reached_target, **self.extra}
+                "dpg_log_z_running": self.log_z_running, "dpg_reached_target": self.reached_target,
+                "dpg_stopped_within_noise": self.stopped_within_noise, **self.extra}
 
 
 def proposal_draws(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, cfg: DPGConfig, *, max_len: int,
@@ -276,7 +316,8 @@ def proposal_draws(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, cfg:
                          minibatch=cfg.minibatch, proposal_batch=cfg.proposal_batch,
                          keep_per_draw=keep_per_draw or cfg.keep_per_draw, replay=cfg.replay,
                          steps_per_draw=cfg.steps_per_draw, updates_per_epoch=cfg.updates_per_epoch, max_len=max_len,
-                         generator=torch.Generator(device=pi.device).manual_seed(seed))
+                         generator=torch.Generator(device=pi.device).manual_seed(seed), ess_per_draw=cfg.ess_per_draw,
+                         min_proposal_batch=cfg.min_proposal_batch)
 
 
 def fit_checked(module: DPGModule, valid: torch.Tensor, *, callbacks: list | None, logger, accelerator: str,
@@ -298,16 +339,17 @@ def fit_checked(module: DPGModule, valid: torch.Tensor, *, callbacks: list | Non
     module.pi.eval()
     return DPGResult(plateau.best, trainer.current_epoch, plateau.best_epoch, int(trainer.global_step),
                      draws.samples_drawn, module.swaps, draws.running_z.log_z if draws.running_z.count else None,
-                     module.reached_target)
+                     module.reached_target, module.stopped_within_noise)
 
 
 def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, valid: torch.Tensor, cfg: DPGConfig, *,
               max_len: int, symbols_per_seq: int, ce_valid_proposal: float, seed: int = 0,
-              target_ce_valid: float | None = None, logger=None, accelerator: str = "cpu",
-              callbacks: list | None = None) -> DPGResult:
+              target_ce_valid: float | None = None, valid_log_p: torch.Tensor | None = None, log_z_se: float = 0.0,
+              logger=None, accelerator: str = "cpu", callbacks: list | None = None) -> DPGResult:
     """Train `pi` in place towards p = P / Z from draws of `proposal` (dpg_off) or of pi itself
-    (dpg_on, pg); on return pi holds the best-CE(V) weights."""
+    (dpg_on, pg); on return pi holds the best-CE(V) weights. valid_log_p: log p_lambda of every
+    sequence of `valid` (with log_z_se, log Z-hat's s.e.), for the gap to p_lambda and cfg.stop_within_noise."""
     draws = proposal_draws(pi, proposal, target, cfg, max_len=max_len, seed=seed)
     module = DPGModule(pi, draws, cfg, symbols_per_seq=symbols_per_seq, ce_valid_proposal=ce_valid_proposal,
-                       target_ce_valid=target_ce_valid)
+                       target_ce_valid=target_ce_valid, valid_log_p=valid_log_p, log_z_se=log_z_se)
     return fit_checked(module, valid, callbacks=callbacks, logger=logger, accelerator=accelerator, clip=cfg.clip)

@@ -20,6 +20,10 @@ the paper) is the unbiased stochastic gradient.
 
 The running Z-hat is the mean of every weight drawn so far: E_q[P/q] = Z for any q, so the
 draws of every proposal count.
+
+An adaptive draw size (`ess_per_draw`) sizes each fresh draw from the effective sample size of
+the one before (next_draw_size); every draw is still its own N-sample estimate (share 1/N), so
+draws of different sizes mix in the buffer without bias.
 """
 
 from __future__ import annotations
@@ -92,15 +96,20 @@ class ProposalDraws(torch.utils.data.IterableDataset):
 
     def __init__(self, proposal: LSTMPolicy, target: Potential, *, minibatch: int, proposal_batch: int | None,
                  keep_per_draw: int | None, replay: int, steps_per_draw: int, updates_per_epoch: int,
-                 max_len: int, generator: torch.Generator):
+                 max_len: int, generator: torch.Generator, ess_per_draw: int | None = None,
+                 min_proposal_batch: int | None = None):
         super().__init__()
         self.proposal, self.target, self.max_len, self.generator = proposal, target, max_len, generator
         self.minibatch, self.replay, self.updates_per_epoch = minibatch, replay, updates_per_epoch
         self.proposal_batch = max(proposal_batch or minibatch, minibatch)
         self.keep_per_draw = keep_per_draw or minibatch
+        # adaptive draw size: aim each fresh draw at ess_per_draw effective samples (None: always proposal_batch)
+        self.ess_per_draw = ess_per_draw
+        self.min_proposal_batch = min(self.proposal_batch, min_proposal_batch or max(minibatch, self.keep_per_draw))
+        self.draw_size = self.proposal_batch  # the size of the next fresh draw
         self.steps_per_draw = max(1, steps_per_draw)
         self.running_z = RunningZ()
-        self.samples_drawn, self.last_ess = 0, math.nan
+        self.samples_drawn, self.last_ess, self.last_draw_size = 0, math.nan, 0
         self._buffer: WeightedDraw | None = None
         self._pending: WeightedDraw | None = None  # drawn (and looked at) by a swap gate, not yet trained on
         self._updates = 0
@@ -111,12 +120,14 @@ class ProposalDraws(torch.utils.data.IterableDataset):
             draw, self._pending = self._pending, None
             return draw
         with torch.no_grad():
-            samples = self.proposal.sample(self.proposal_batch, self.max_len, self.generator)  # carries log q(x)
+            samples = self.proposal.sample(self.draw_size, self.max_len, self.generator)  # carries log q(x)
             self.samples_drawn += len(samples)
             log_w = self.target.log_weight(self.proposal, samples).double()  # log P(x) - log q(x)
             self.running_z.add(log_w)
-            if torch.isfinite(log_w).any():
-                self.last_ess = effective_sample_size(log_w)
+            ess = effective_sample_size(log_w) if torch.isfinite(log_w).any() else 0.0
+            if ess > 0:
+                self.last_ess = ess
+            self.last_draw_size, self.draw_size = len(samples), self.next_draw_size(ess, len(samples))
             keep, thinned = thin_by_weight(log_w, self.keep_per_draw, self.generator)
             kept_w = log_w[keep]
             # share of item i: (w_i / p_i) / (N w_i) = 1 / (N p_i); a zero weight keeps 1 / N where it is kept
@@ -125,6 +136,19 @@ class ProposalDraws(torch.utils.data.IterableDataset):
             share = torch.full((len(keep),), 1.0 / len(keep), dtype=torch.float64, device=log_w.device)
             return WeightedDraw(samples.tokens[keep], kept_w, samples.log_prob.double()[keep], log_h, share,
                                 samples.token_log_prob[keep])
+
+    def next_draw_size(self, ess: float, drawn: int) -> int:
+        """N' = ess_per_draw / (ESS / N) of the draw just made: once q is close to p (after swaps) its
+        draws are nearly unweighted and a few thousand samples carry what 50,000 did. Grows at once,
+        shrinks at most by half per draw (one lucky draw does not collapse it), within
+        [min_proposal_batch, proposal_batch]; a draw without a finite ESS goes back to proposal_batch."""
+        if self.ess_per_draw is None:
+            return self.proposal_batch
+        fraction = ess / drawn if drawn else 0.0
+        if not fraction > 0:  # no nonzero weight in the draw
+            return self.proposal_batch
+        wanted = math.ceil(self.ess_per_draw / fraction)
+        return int(min(self.proposal_batch, max(self.min_proposal_batch, drawn // 2, wanted)))
 
     def peek(self) -> WeightedDraw:
         """A fresh draw of the current proposal that the next update will train on."""
