@@ -25,10 +25,13 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -263,6 +266,36 @@ def bench_z(timer: Timer, sizes: Sizes) -> float:
     return sizes.z_samples / seconds
 
 
+# One reduced-size cpu-profile job, end to end in a fresh process (Hydra, data, r, Training-1, Z,
+# DPG_off with the profile's adaptive draws, evaluation): the same code and overheads as a sweep
+# job at a few percent of its budgets. tiny (the test suite): the smoke profile.
+SWEEP_JOB = {
+    "quick": ["profile=cpu", "dataset_size=500", "method=dpg_off", "r.max_epochs=4", "training1.max_epochs=3",
+              "z.samples=20000", "method.max_epochs=2", "method.updates_per_epoch=48", "eval.samples=1000"],
+    "full": ["profile=cpu", "dataset_size=500", "method=dpg_off", "r.max_epochs=10", "training1.max_epochs=5",
+             "z.samples=50000", "method.max_epochs=3", "method.updates_per_epoch=96", "eval.samples=2000"],
+    "tiny": ["profile=smoke", "method=dpg_off"],
+}
+
+
+def bench_sweep_job(mode: str, device: torch.device) -> dict:
+    """Wall seconds of `gam-rl <SWEEP_JOB[mode]>` run as a subprocess (one thread, csv logger, no
+    Training-1 cache) and the job's own per-stage seconds from its results.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "gam_rl.cli", *SWEEP_JOB[mode], "motif=10001011111000", "features=1001111",
+               "seed=1234", "threads=1", "logger=csv", "cache.training1=false", f"device={device.type}",
+               f"hydra.run.dir={tmp}/job"]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                              env={**os.environ, "WANDB_MODE": "offline"})
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"the sweep job failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+        results = json.loads((Path(tmp) / "job" / "results.json").read_text())
+    return {"seconds": seconds, "stages": {k: v for k, v in results["timings"].items() if v is not None},
+            "overrides": SWEEP_JOB[mode]}
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -362,6 +395,10 @@ def run_bench(mode: str, device: torch.device) -> dict:
     out["dpg_update_s_q_is_r"] = bench_dpg_update(timer, sizes, q_is_r=True)
     progress(f"Z: {sizes.z_samples} r-samples through importance_z")
     out["z_samples_per_s"] = bench_z(timer, sizes)
+    progress(f"sweep job: gam-rl {' '.join(SWEEP_JOB[mode])} (one thread)")
+    job = bench_sweep_job(mode, device)
+    out["sweep_job_s"], out["sweep_job_stage_s"], out["sweep_job_overrides"] = (job["seconds"], job["stages"],
+                                                                             job["overrides"])
     out["load_avg_1min_end"] = load_average()
     out["wall_s"] = round(time.time() - started, 1)
     return out
@@ -382,6 +419,8 @@ def summary(r: dict) -> str:
         f"  Training-1 SNIS step  {r['snis_step_s']:8.3f} s",
         f"  DPG_off update        {r['dpg_update_s']:8.3f} s ({r['dpg_update_s_q_is_r']:.3f} s while q = r)",
         f"  Z                     {r['z_samples_per_s']:8.0f} r-samples/s",
+        f"  sweep job             {r['sweep_job_s']:8.1f} s  (reduced cpu-profile dpg_off job, one thread: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in r["sweep_job_stage_s"].items() if v >= 0.05) + ")",
         "  (all figures: --json; --out FILE also writes them)",
     ])
 

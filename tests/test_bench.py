@@ -14,7 +14,7 @@ FIGURES = [
     "train_seq_per_s", "train_gflops", "train_roofline_ratio",
     "sampler_seq_per_s_2x64", "sampler_roofline_ratio_2x64", "train_seq_per_s_2x64", "train_roofline_ratio_2x64",
     "features_seq_per_s", "features_seq_per_s_Mv1001111",
-    "snis_step_s", "dpg_update_s", "dpg_update_s_q_is_r", "z_samples_per_s",
+    "snis_step_s", "dpg_update_s", "dpg_update_s_q_is_r", "z_samples_per_s", "sweep_job_s",
 ]
 RATIOS = [k for k in FIGURES if "roofline_ratio" in k]
 
@@ -47,6 +47,10 @@ def test_bench_reports_every_figure_as_a_positive_finite_number(tiny_run):
     for key in ("device", "torch", "date", "flops", "sampler_policy"):
         assert isinstance(result[key], str) and result[key]
     assert "2*(input+hidden)*4*hidden" in result["flops"]
+    # the sweep job ran end to end: its own stage seconds sum to at most the wall time around it
+    stages = result["sweep_job_stage_s"]
+    assert {"r", "training1", "z", "training2"} <= set(stages) and 0 < sum(stages.values()) < result["sweep_job_s"]
+    assert "profile=smoke" in result["sweep_job_overrides"]
     # per-figure FLOPs per sequence: paper LSTM 2x200 over 31 symbols, training step = 3 forwards
     fwd = (2 * (3 + 200) * 800 + 2 * (200 + 200) * 800) * 31
     assert result["flops_per_seq"]["sampler_seq_per_s"] == fwd
@@ -57,7 +61,7 @@ def test_bench_prints_a_summary_without_json(tiny_run):
     from gam_rl.bench import summary
 
     text = summary(json.loads(tiny_run[0].stdout))
-    assert "sampler 2 x 64" in text and "of the matmul rate" in text and "--json" in text
+    assert "sampler 2 x 64" in text and "of the matmul rate" in text and "--json" in text and "sweep job" in text
 
 
 def test_bench_console_script_is_declared():
