@@ -20,7 +20,10 @@ unchanged), with a hand-written backward instead of autograd through ~20 small o
   each weight gradient is ONE matmul over all N positions;
 * dropout masks come from numpy's PCG64 seeded by torch's generator (torch's CPU bernoulli_
   costs ~10 ns per element: ~15% of a training step at 2 x 200);
-* large buffers are reused between calls (_BufferPool).
+* large buffers are reused between calls (_BufferPool);
+* in float32 on the CPU the cell's elementwise math (the forward below, the backward's per-step
+  part and the sampler's bookkeeping) runs as one compiled C pass per step (lstm_native), with the
+  torch ops as the fallback: at the cpu profile's 2 x 64 those ops cost as much as the matmuls.
 
 `StepLSTM` is the same cell one step of every layer at a time (no autograd, one matmul per
 layer per step, preallocated buffers): LSTMPolicy.sample and log_prob under no_grad use it.
