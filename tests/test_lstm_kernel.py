@@ -232,7 +232,7 @@ def test_native_cell_forward_and_backward_equal_torch_ops(dropout, threads, monk
     or a missing carry of dc moves them by > 1e-2)."""
     torch.manual_seed(3)
     policy = LSTMPolicy(24, 2, dropout=dropout).train()
-    tokens = random_batch(rows=300, width=25, seed=3)  # 300 x 24 >= the kernels' threading threshold
+    tokens = random_batch(rows=800, width=25, seed=3)  # early steps: n x H >= 16384, the kernels' threading threshold
     pk = pack_tokens(tokens)
     masks = dropout_masks(pk.num, 24, 2, dropout, policy.head.weight) if dropout else None
     grad_out = torch.randn(pk.num, 24)
