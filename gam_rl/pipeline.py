@@ -242,7 +242,8 @@ def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger
             if method.target == "gam":  # log p_lambda(x) on V: the gap to p_lambda and its noise, checked every check
                 with torch.no_grad():
                     common["valid_log_p"] = p_lambda.log_potential(splits.valid).double() - res["log_z_hat"]
-                common["log_z_se"] = res["z_rel_se"]  # s.e. of log Z-hat = relative s.e. of Z-hat (delta method)
+                # s.e. of log Z-hat = relative s.e. of Z-hat (delta method); unknown: 0 (the paired s.e. alone)
+                common["log_z_se"] = float(res.get("z_rel_se") or 0.0)
             fit = train_dpg(pi, t1.r, target, splits.valid, method, **common)
         run.count_samples("training2", fit.samples)
     res.update(fit.results())
