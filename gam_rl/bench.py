@@ -267,7 +267,7 @@ def bench_z(timer: Timer, sizes: Sizes) -> float:
 
 
 # One reduced-size cpu-profile job, end to end in a fresh process (Hydra, data, r, Training-1, Z,
-# DPG_off with the profile's adaptive draws, evaluation): the same code and overheads as a sweep
+# DPG_off, evaluation): the same code and overheads as a sweep
 # job at a few percent of its budgets. tiny (the test suite): the smoke profile.
 SWEEP_JOB = {
     "quick": ["profile=cpu", "dataset_size=500", "method=dpg_off", "r.max_epochs=4", "training1.max_epochs=3",

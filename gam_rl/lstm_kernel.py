@@ -261,10 +261,58 @@ def _coefficients(pk: PackedTokens, r0: int, r1: int, gates, cell, tanh_c, c_pre
     torch.mul(cp, s[:, H:], out=f)  # K_f = c_{t-1} f (1 - f)
 
 
+class _NativeSteps:
+    """The backward's reverse loop over the steps of one layer with the compiled cell (lstm_native):
+    per step one matmul (dh += da_{t+1} W_hh) and one C pass (gates -> da, dc carried in d_cs[0])."""
+
+    def __init__(self, native):
+        self.native, self.threads = native, torch.get_num_threads()
+
+    def reverse(self, pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H) -> None:
+        sizes, offs, T = pk.sizes, pk.offsets, len(pk.sizes)
+        for t in reversed(range(T)):
+            n, a = sizes[t], offs[t]
+            dh = d_h[a : a + n]
+            m = sizes[t + 1] if t + 1 < T else 0
+            if m:  # dh_t += da_{t+1} W_hh (rows alive at t + 1)
+                dh[:m].addmm_(gates[offs[t + 1] : offs[t + 1] + m], w_hh)
+            # gates [i, f, g, o] -> [da_i, da_f, da_g, da_o]; d_cs[0] carries dc_{t+1} f_{t+1} to step t
+            c_prev = cell[offs[t - 1]].data_ptr() if t > 0 else None
+            self.native.gam_cell_backward(n, m, H, gates[a].data_ptr(), c_prev, tanh_c[a].data_ptr(),
+                                          dh.data_ptr(), d_cs[0].data_ptr(), self.threads)
+
+
+class _TorchSteps:
+    """The same reverse loop as torch ops: the saved activations become coefficients a cache-sized
+    block of steps at a time (_coefficients), then four elementwise ops per step."""
+
+    def __init__(self, pk: PackedTokens, like: torch.Tensor, H: int):
+        # coefficients are made a block of steps at a time, COEFFICIENT_BLOCK elements per (rows, H) block
+        self.chunks = _chunks(pk.sizes, pk.offsets, max(1, COEFFICIENT_BLOCK // H))
+        rows = max(pk.offsets[t1 - 1] + pk.sizes[t1 - 1] - pk.offsets[t0] for t0, t1 in self.chunks)
+        self.scratch = like.new_empty(rows, H), like.new_empty(rows, H), like.new_empty(rows, 2 * H)
+
+    def reverse(self, pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H) -> None:
+        sizes, offs, T = pk.sizes, pk.offsets, len(pk.sizes)
+        for t0, t1 in reversed(self.chunks):
+            _coefficients(pk, offs[t0], offs[t1 - 1] + sizes[t1 - 1], gates, cell, tanh_c, *self.scratch, H)
+            for t in reversed(range(t0, t1)):
+                n, a = sizes[t], offs[t]
+                dh = d_h[a : a + n]
+                if t + 1 < T:  # dh_t += da_{t+1} W_hh (rows alive at t + 1)
+                    m = sizes[t + 1]
+                    dh[:m].addmm_(gates[offs[t + 1] : offs[t + 1] + m], w_hh)
+                g = gates[a : a + n]  # [K_i, K_f, K_g, K_o], replaced by [da_i, da_f, da_g, da_o]
+                dc, dc_prev = d_cs[t % 2][:n], d_cs[(t + 1) % 2][:n]
+                dc.addcmul_(dh, cell[a : a + n])  # dc_t = dc_{t+1} f_{t+1} + dh_t o (1 - tanh(c_t)^2)
+                torch.mul(dc, tanh_c[a : a + n], out=dc_prev)  # dc_t f_t, carried to step t - 1
+                g[:, 3 * H :].mul_(dh)  # da_o = dh tanh(c_t) o (1 - o)
+                g[:, : 3 * H].view(n, 3, H).mul_(dc.unsqueeze(1))  # da_i, da_f, da_g = dc * K_i, K_f, K_g
+
+
 def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks: list[torch.Tensor] | None,
               weights: list[torch.Tensor], hidden: int, layers: int, saved, grad_out: torch.Tensor):
-    H, N, sizes, offs = hidden, pk.num, pk.sizes, pk.offsets
-    T, B0 = len(sizes), sizes[0]
+    H, N, B0 = hidden, pk.num, pk.sizes[0]
     like = weights[0]
     grads: list[torch.Tensor | None] = [None] * len(weights)
     # dL/dh of the current layer at every position: from above (the head, or the next layer's
@@ -276,41 +324,15 @@ def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, mask
         d_h.copy_(grad_out)
     # dc double-buffered: rows beyond those alive at t + 1 are still zero when step t reads them
     d_cs = [like.new_zeros(B0, H), like.new_zeros(B0, H)]
-    # coefficients are made a block of steps at a time, COEFFICIENT_BLOCK elements per (rows, H) block
-    chunks = _chunks(sizes, offs, max(1, COEFFICIENT_BLOCK // H))
-    rows = max(offs[t1 - 1] + sizes[t1 - 1] - offs[t0] for t0, t1 in chunks)
-    c_prev, tmp, sig_d = like.new_empty(rows, H), like.new_empty(rows, H), like.new_empty(rows, 2 * H)
-    native, threads = native_kernels(like), torch.get_num_threads()
+    native = native_kernels(like)
+    steps = _NativeSteps(native) if native is not None else _TorchSteps(pk, like, H)
     for l in reversed(range(layers)):
         gates, cell, tanh_c, h_out, x = saved[l]
         w_ih, w_hh = weights[4 * l], weights[4 * l + 1]
         d_gates = gates  # coefficients, then da, overwrite the activations
         for d_c in d_cs:
             d_c.zero_()
-        for t in reversed(range(T)) if native is not None else ():  # the compiled cell backward
-            n, a = sizes[t], offs[t]
-            dh = d_h[a : a + n]
-            m = sizes[t + 1] if t + 1 < T else 0
-            if m:  # dh_t += da_{t+1} W_hh (rows alive at t + 1)
-                dh[:m].addmm_(d_gates[offs[t + 1] : offs[t + 1] + m], w_hh)
-            # gates [i, f, g, o] -> [da_i, da_f, da_g, da_o]; d_cs[0] carries dc_{t+1} f_{t+1} to step t
-            c_prev = cell[offs[t - 1]].data_ptr() if t > 0 else None
-            native.gam_cell_backward(n, m, H, gates[a].data_ptr(), c_prev, tanh_c[a].data_ptr(), dh.data_ptr(),
-                                     d_cs[0].data_ptr(), threads)
-        for t0, t1 in reversed(chunks) if native is None else ():
-            _coefficients(pk, offs[t0], offs[t1 - 1] + sizes[t1 - 1], gates, cell, tanh_c, c_prev, tmp, sig_d, H)
-            for t in reversed(range(t0, t1)):
-                n, a = sizes[t], offs[t]
-                dh = d_h[a : a + n]
-                if t + 1 < T:  # dh_t += da_{t+1} W_hh (rows alive at t + 1)
-                    m = sizes[t + 1]
-                    dh[:m].addmm_(d_gates[offs[t + 1] : offs[t + 1] + m], w_hh)
-                g = gates[a : a + n]  # [K_i, K_f, K_g, K_o], replaced by [da_i, da_f, da_g, da_o]
-                dc, dc_prev = d_cs[t % 2][:n], d_cs[(t + 1) % 2][:n]
-                dc.addcmul_(dh, cell[a : a + n])  # dc_t = dc_{t+1} f_{t+1} + dh_t o (1 - tanh(c_t)^2)
-                torch.mul(dc, tanh_c[a : a + n], out=dc_prev)  # dc_t f_t, carried to step t - 1
-                g[:, 3 * H :].mul_(dh)  # da_o = dh tanh(c_t) o (1 - o)
-                g[:, : 3 * H].view(n, 3, H).mul_(dc.unsqueeze(1))  # da_i, da_f, da_g = dc * K_i, K_f, K_g
+        steps.reverse(pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H)
         # weight gradients, one matmul each over all positions (computed transposed, (in, 4H):
         # MKL is faster with the long dimension N inside than as x^T's rows)
         if N > B0:  # dW_hh^T = sum_t h_{t-1}^T da_t  (h_{-1} = 0)

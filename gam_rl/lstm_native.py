@@ -6,7 +6,8 @@ matmul: this module compiles the cell forward, its backward and the sampler's pe
 bookkeeping as plain C (gcc or cc, -O3 -march=native, OpenMP through the libgomp that torch
 itself loaded), once per machine and source, into a cache folder, and calls them through ctypes
 on the tensors' memory. torch.compile was measured on the same cell first: 30 s to compile per
-process and 0.76 ms per call at 4096 x 64 against 0.94 ms for the in-place torch ops (docs/profiles.md).
+process and 0.76 ms per call at 4096 x 64 against 0.94 ms for the in-place torch ops
+(docs/measurements.md).
 
 `kernels()` returns the loaded library, or None when it is switched off (GAM_RL_NATIVE=0), when
 no C compiler is found or the build fails (a warning says why, once): lstm_kernel then runs its
@@ -120,7 +121,3 @@ def kernels() -> ctypes.CDLL | None:
             except (OSError, RuntimeError) as err:
                 warnings.warn(f"gam_rl: building the native LSTM cell failed, using torch ops: {err}", stacklevel=2)
     return _state["lib"]
-
-
-def ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
