@@ -278,6 +278,7 @@ def test_native_sampler_equals_torch_ops_sampler(monkeypatch):
 
 
 def test_native_falls_back_to_torch_ops_with_a_warning(monkeypatch):
+    monkeypatch.delenv("GAM_RL_NATIVE", raising=False)  # the suite may run with it switched off
     monkeypatch.setattr(lstm_native, "_state", {})
     monkeypatch.setattr(lstm_native, "_compiler", lambda: None)
     with pytest.warns(UserWarning, match="no C compiler"):
