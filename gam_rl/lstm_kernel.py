@@ -23,7 +23,10 @@ unchanged), with a hand-written backward instead of autograd through ~20 small o
 * large buffers are reused between calls (_BufferPool);
 * in float32 on the CPU the cell's elementwise math (the forward below, the backward's per-step
   part and the sampler's bookkeeping) runs as one compiled C pass per step (lstm_native), with the
-  torch ops as the fallback: at the cpu profile's 2 x 64 those ops cost as much as the matmuls.
+  torch ops as the fallback: at the cpu profile's 2 x 64 those ops cost as much as the matmuls;
+  where torch exports its MKL sgemm, each layer's whole loop over steps (the step's matmul, then
+  the cell) is one compiled call, so no Python runs between steps (at batch 100, r's batch, that
+  per-step Python cost about as much as the step's matmul).
 
 `StepLSTM` is the same cell one step of every layer at a time (no autograd, one matmul per
 layer per step, preallocated buffers): LSTMPolicy.sample and log_prob under no_grad use it.
@@ -43,6 +46,7 @@ Backward at step t, given dh_t (from above, plus da_{t+1} W_hh from step t + 1):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -69,6 +73,11 @@ class PackedTokens:
     @property
     def num(self) -> int:
         return len(self.prev)
+
+    @cached_property
+    def step_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """sizes and offsets as int64 arrays, for the compiled layer loops (kept alive with pk)."""
+        return np.asarray(self.sizes, dtype=np.int64), np.asarray(self.offsets, dtype=np.int64)
 
 
 def pack_tokens(tokens: torch.Tensor) -> PackedTokens:
@@ -167,13 +176,46 @@ def _input_table(w_ih: torch.Tensor, bias: torch.Tensor, keep: float | None) -> 
     return torch.cat([rows, bias.expand_as(rows)]) if keep is not None else rows
 
 
+def _ptr(tensor: torch.Tensor | None) -> int | None:
+    """A tensor's data address for ctypes (None: NULL)."""
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _forward_steps(pk: PackedTokens, gates, cell, tanh_c, h_out, w_hh, H: int, native, threads: int) -> None:
+    """One layer's steps from Python: a matmul per step, then the cell (compiled, or torch ops)."""
+    sizes, offs = pk.sizes, pk.offsets
+    for t, (n, a) in enumerate(zip(sizes, offs, strict=True)):
+        g = gates[a : a + n]
+        if t > 0:  # a += h_{t-1} W_hh^T (the rows alive at t are a prefix of those alive at t - 1)
+            g.addmm_(h_out[offs[t - 1] : offs[t - 1] + n], w_hh.t())
+        if native is not None:  # the cell below in one compiled pass: gates activated in place
+            c_prev = cell[offs[t - 1]].data_ptr() if t > 0 else None
+            native.gam_cell_forward(n, H, g.data_ptr(), 4 * H, c_prev, cell[a].data_ptr(), h_out[a].data_ptr(),
+                                    H, g.data_ptr(), tanh_c[a].data_ptr(), threads)
+            continue
+        torch.sigmoid_(g)  # i, f, o = sigma(a); the g block holds sigma(2 a_g)
+        i, f, gg, o = _gates(g, H)
+        gg.mul_(2).sub_(1)  # g = tanh(a_g) = 2 sigma(2 a_g) - 1
+        c = cell[a : a + n]
+        if t == 0:  # c_{-1} = 0
+            torch.mul(i, gg, out=c)
+        else:  # c_t = f * c_{t-1} + i * g
+            torch.mul(f, cell[offs[t - 1] : offs[t - 1] + n], out=c)
+            c.addcmul_(i, gg)
+        tc = tanh_c[a : a + n]
+        torch.add(c, c, out=tc)
+        torch.sigmoid_(tc).mul_(2).sub_(1)  # tanh(c_t) = 2 sigma(2 c_t) - 1
+        torch.mul(o, tc, out=h_out[a : a + n])  # h_t = o * tanh(c_t)
+
+
 def _forward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks: list[torch.Tensor] | None,
              weights: list[torch.Tensor], hidden: int, layers: int):
     """Layer by layer over all positions: the output (dropout(top-layer h), (N, H)) and what the
     backward needs, per layer (activated gates, c, tanh(c), h, the layer's input x)."""
-    H, N, sizes, offs = hidden, pk.num, pk.sizes, pk.offsets
+    H, N, sizes = hidden, pk.num, pk.sizes
     like = weights[0]
     native, threads = native_kernels(like), torch.get_num_threads()
+    sgemm = lstm_native.sgemm_address() if native is not None else None
     saved = []
     x = None  # input of layer l > 0 at every position: dropout(h_{l-1}), (N, H)
     for l in range(layers):
@@ -181,32 +223,21 @@ def _forward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks
         w_ih, w_hh, bias = _forward_weights(weights, l)
         gates, cell, tanh_c, h_out = (_POOL.take((N, 4 * H), like), _POOL.take((N, H), like),
                                       _POOL.take((N, H), like), _POOL.take((N, H), like))
-        if l == 0:  # a = gathered table row (input + bias)
-            torch.index_select(_input_table(w_ih, bias, keep), 0, in_index, out=gates)
-        else:  # one matmul over all positions: a = x W_ih^T + b
-            torch.addmm(bias, x, w_ih.t(), out=gates)
-        for t, (n, a) in enumerate(zip(sizes, offs, strict=True)):
-            g = gates[a : a + n]
-            if t > 0:  # a += h_{t-1} W_hh^T (the rows alive at t are a prefix of those alive at t - 1)
-                g.addmm_(h_out[offs[t - 1] : offs[t - 1] + n], w_hh.t())
-            if native is not None:  # the cell below in one compiled pass: gates activated in place
-                c_prev = cell[offs[t - 1]].data_ptr() if t > 0 else None
-                native.gam_cell_forward(n, H, g.data_ptr(), 4 * H, c_prev, cell[a].data_ptr(), h_out[a].data_ptr(),
-                                        H, g.data_ptr(), tanh_c[a].data_ptr(), threads)
-                continue
-            torch.sigmoid_(g)  # i, f, o = sigma(a); the g block holds sigma(2 a_g)
-            i, f, gg, o = _gates(g, H)
-            gg.mul_(2).sub_(1)  # g = tanh(a_g) = 2 sigma(2 a_g) - 1
-            c = cell[a : a + n]
-            if t == 0:  # c_{-1} = 0
-                torch.mul(i, gg, out=c)
-            else:  # c_t = f * c_{t-1} + i * g
-                torch.mul(f, cell[offs[t - 1] : offs[t - 1] + n], out=c)
-                c.addcmul_(i, gg)
-            tc = tanh_c[a : a + n]
-            torch.add(c, c, out=tc)
-            torch.sigmoid_(tc).mul_(2).sub_(1)  # tanh(c_t) = 2 sigma(2 c_t) - 1
-            torch.mul(o, tc, out=h_out[a : a + n])  # h_t = o * tanh(c_t)
+        if sgemm is not None:  # every step (input, matmul, cell) in one compiled call: no Python per step
+            if l == 0:  # a = gathered table row (input + bias), copied step by step in the C loop
+                table, index, b = _input_table(w_ih, bias, keep).contiguous(), in_index.contiguous(), None
+            else:  # a = x W_ih^T: one matmul over all positions; the C loop adds the bias
+                table, index, b = None, None, bias.contiguous()
+                torch.mm(x, w_ih.t(), out=gates)
+            native.gam_layer_forward(sgemm, len(sizes), *(arr.ctypes.data for arr in pk.step_arrays), H,
+                                     gates.data_ptr(), _ptr(table), _ptr(index), _ptr(b), w_hh.data_ptr(),
+                                     cell.data_ptr(), h_out.data_ptr(), tanh_c.data_ptr(), threads)
+        else:
+            if l == 0:  # a = gathered table row (input + bias)
+                torch.index_select(_input_table(w_ih, bias, keep), 0, in_index, out=gates)
+            else:  # one matmul over all positions: a = x W_ih^T + b
+                torch.addmm(bias, x, w_ih.t(), out=gates)
+            _forward_steps(pk, gates, cell, tanh_c, h_out, w_hh, H, native, threads)
         saved.append((gates, cell, tanh_c, h_out, x))
         # dropout on every layer's output: the next layer's input, or the LSTM's output
         if masks is None:
@@ -263,13 +294,19 @@ def _coefficients(pk: PackedTokens, r0: int, r1: int, gates, cell, tanh_c, c_pre
 
 class _NativeSteps:
     """The backward's reverse loop over the steps of one layer with the compiled cell (lstm_native):
-    per step one matmul (dh += da_{t+1} W_hh) and one C pass (gates -> da, dc carried in d_cs[0])."""
+    per step one matmul (dh += da_{t+1} W_hh) and one C pass (gates -> da, dc carried in d_cs[0]);
+    with torch's sgemm available, the whole loop is one compiled call (gam_layer_backward)."""
 
     def __init__(self, native):
-        self.native, self.threads = native, torch.get_num_threads()
+        self.native, self.threads, self.sgemm = native, torch.get_num_threads(), lstm_native.sgemm_address()
 
     def reverse(self, pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H) -> None:
         sizes, offs, T = pk.sizes, pk.offsets, len(pk.sizes)
+        if self.sgemm is not None:
+            self.native.gam_layer_backward(self.sgemm, T, *(arr.ctypes.data for arr in pk.step_arrays), H,
+                                           gates.data_ptr(), w_hh.contiguous().data_ptr(), cell.data_ptr(),
+                                           tanh_c.data_ptr(), d_h.data_ptr(), d_cs[0].data_ptr(), self.threads)
+            return
         for t in reversed(range(T)):
             n, a = sizes[t], offs[t]
             dh = d_h[a : a + n]

@@ -9,6 +9,11 @@ on the tensors' memory. torch.compile was measured on the same cell first: 30 s 
 process and 0.76 ms per call at 4096 x 64 against 0.94 ms for the in-place torch ops
 (docs/measurements.md).
 
+Where torch's CPU library exports MKL's sgemm (`sgemm_address()`), the teacher-forcing loops over
+the steps of a layer, forward and backward, also run in C (gam_layer_forward / _backward), calling
+that sgemm for each step's matmul: the same library and threads as torch.mm, and no Python between
+steps. GAM_RL_NATIVE_SGEMM=0 keeps those loops in Python.
+
 `kernels()` returns the loaded library, or None when it is switched off (GAM_RL_NATIVE=0), when
 no C compiler is found or the build fails (a warning says why, once): lstm_kernel then runs its
 torch ops, with the same results to float rounding.
@@ -102,7 +107,29 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.gam_cell_backward.restype = None
     lib.gam_sample_step.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.gam_sample_step.restype = i64
+    lib.gam_layer_forward.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.gam_layer_forward.restype = None
+    lib.gam_layer_backward.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.gam_layer_backward.restype = None
     return lib
+
+
+def sgemm_address() -> int | None:
+    """The address of the sgemm_ (Fortran BLAS) that torch's CPU library exports, i.e. torch's own
+    MKL, for the compiled layer loops (gam_layer_forward / _backward); None where torch has no MKL or
+    does not export it (those loops then run in Python, a matmul per step through torch)."""
+    if "sgemm" not in _state:
+        _state["sgemm"] = None
+        if os.environ.get("GAM_RL_NATIVE_SGEMM", "1") != "0" and torch.backends.mkl.is_available():
+            for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+                path = Path(torch.__file__).parent / "lib" / name
+                if path.exists():
+                    try:
+                        _state["sgemm"] = ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
+                    except (OSError, AttributeError):
+                        pass
+                    break
+    return _state["sgemm"]
 
 
 def kernels() -> ctypes.CDLL | None:

@@ -116,3 +116,73 @@ int64_t gam_sample_step(int64_t n, const float *logits, const float *u, const in
     }
     return alive;
 }
+
+/* A BLAS sgemm (Fortran interface, 32-bit integers, column-major): torch's own MKL, whose address
+   lstm_native passes in, so the step's matmul runs on the same library and threads as torch.mm. */
+typedef void (*sgemm_fn)(const char *ta, const char *tb, const int *m, const int *n, const int *k,
+                         const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
+                         const float *beta, float *c, const int *ldc);
+
+/* Every step of one layer over a packed batch (rows alive at step t: a prefix of sizes[t] rows
+   starting at packed position offsets[t]), with no Python between steps:
+       a_t  = table[index]  (layer 0: its one-hot input's gathered table row, bias included)
+          or += bias        (layer l > 0: gates already hold x W_ih^T, without the bias)
+       a_t += h_{t-1} W_hh^T   (one sgemm; row-major (n, 4H) = column-major (4H, n))
+       then the cell (gam_cell_forward), activations kept for the backward.
+   gates: (N, 4H); table: (rows, 4H) with index (N,) into it, or NULL; bias: (4H,) or NULL;
+   w_hh: (4H, H) row-major (g rows doubled); cell, h_out, tanh_c: (N, H). */
+void gam_layer_forward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const int64_t *offsets, int64_t H,
+                       float *gates, const float *table, const int64_t *index, const float *bias,
+                       const float *w_hh, float *cell, float *h_out, float *tanh_c, int threads) {
+    sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    const int four_h = (int)(4 * H), h = (int)H;
+    const float one = 1.0f;
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t n = sizes[t], a = offsets[t];
+        float *g = gates + a * 4 * H;
+        if (table || bias) {
+            PARALLEL_ROWS(n, H, threads)
+            for (int64_t r = 0; r < n; r++) {
+                float *gr = g + r * 4 * H;
+                if (table) {
+                    const float *src = table + index[a + r] * 4 * H;
+#pragma omp simd
+                    for (int64_t j = 0; j < 4 * H; j++) gr[j] = src[j];
+                } else {
+#pragma omp simd
+                    for (int64_t j = 0; j < 4 * H; j++) gr[j] += bias[j];
+                }
+            }
+        }
+        const float *c_prev = 0;
+        if (t > 0) {
+            const int rows = (int)n;
+            const float *h_prev = h_out + offsets[t - 1] * H;  /* rows alive at t: a prefix of those at t - 1 */
+            sgemm("T", "N", &four_h, &rows, &h, &one, w_hh, &h, h_prev, &h, &one, g, &four_h);
+            c_prev = cell + offsets[t - 1] * H;
+        }
+        gam_cell_forward(n, H, g, 4 * H, c_prev, cell + a * H, h_out + a * H, H, g, tanh_c + a * H, threads);
+    }
+}
+
+/* The backward's reverse loop over every step of one layer:
+       dh_t += da_{t+1} W_hh   (one sgemm over the rows alive at t + 1)
+       then gam_cell_backward (gates -> da in place, dc carried in dcf).
+   w_hh: (4H, H) row-major (the layer's own weights, not doubled); d_h: (N, H); dcf: (sizes[0], H). */
+void gam_layer_backward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const int64_t *offsets, int64_t H,
+                        float *gates, const float *w_hh, const float *cell, const float *tanh_c, float *d_h,
+                        float *dcf, int threads) {
+    sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    const int four_h = (int)(4 * H), h = (int)H;
+    const float one = 1.0f;
+    for (int64_t t = T - 1; t >= 0; t--) {
+        const int64_t n = sizes[t], a = offsets[t], m = t + 1 < T ? sizes[t + 1] : 0;
+        float *dh = d_h + a * H;
+        if (m) {
+            const int rows = (int)m;
+            sgemm("N", "N", &h, &rows, &four_h, &one, w_hh, &h, gates + offsets[t + 1] * 4 * H, &four_h, &one, dh, &h);
+        }
+        gam_cell_backward(n, m, H, gates + a * 4 * H, t > 0 ? cell + offsets[t - 1] * H : 0, tanh_c + a * H, dh,
+                          dcf, threads);
+    }
+}
