@@ -125,8 +125,9 @@ def test_dpg_off_named_options_together_reach_the_target(kept, baseline, clip):
 
 
 def test_adaptive_draw_size_follows_the_effective_sample_size():
-    """next_draw_size: N' = ess_per_draw N / ESS, growing at once, shrinking at most by half, within
-    [min_proposal_batch, proposal_batch]; without ess_per_draw always proposal_batch."""
+    """next_draw_size: N' = ess_per_draw N / ESS, growing at once, shrinking at most by half and only once
+    ESS / N >= shrink_at_ess_fraction, within [min_proposal_batch, proposal_batch]; without ess_per_draw
+    always proposal_batch."""
     _, potential, _, _, _ = true_target_problem()
     draws = ProposalDraws(long_proposal(seed=2, hidden=16), potential, minibatch=64, proposal_batch=8000,
                           keep_per_draw=128, replay=0, steps_per_draw=1, updates_per_epoch=1, max_len=8,
@@ -135,6 +136,14 @@ def test_adaptive_draw_size_follows_the_effective_sample_size():
     assert draws.next_draw_size(1000.0, 1000) == 1000  # ... down to the floor
     assert draws.next_draw_size(250.0, 2000) == 4000  # ESS 1/8 of N: 500 / (1/8) at once
     assert draws.next_draw_size(5.0, 2000) == 8000 and draws.next_draw_size(0.0, 2000) == 8000  # capped; no weight
+    # ESS / N under the default 0.5: q still far from p, the size holds (500 / 0.3 would shrink it to 1667)
+    assert draws.next_draw_size(1200.0, 4000) == 4000
+    assert draws.next_draw_size(2000.0, 4000) == 2000  # ESS / N = 0.5: shrinks (by half at most)
+    eager = ProposalDraws(long_proposal(seed=2, hidden=16), potential, minibatch=64, proposal_batch=8000,
+                          keep_per_draw=128, replay=0, steps_per_draw=1, updates_per_epoch=1, max_len=8,
+                          generator=torch.Generator().manual_seed(0), ess_per_draw=500, min_proposal_batch=1000,
+                          shrink_at_ess_fraction=0.25)
+    assert eager.next_draw_size(1200.0, 4000) == 2000  # ESS / N = 0.3 >= 0.25: shrinks by half at most
     fixed = ProposalDraws(long_proposal(seed=2, hidden=16), potential, minibatch=64, proposal_batch=8000,
                           keep_per_draw=128, replay=0, steps_per_draw=1, updates_per_epoch=1, max_len=8,
                           generator=torch.Generator().manual_seed(0))

@@ -125,6 +125,8 @@ class DPGConfig:
     # min_proposal_batch (None: max(minibatch, keep_per_draw)) and proposal_batch; None: always proposal_batch
     ess_per_draw: int | None = setting(None, ge=1)
     min_proposal_batch: int | None = setting(None, ge=1)
+    # ... and a draw shrinks only once its ESS / N is at least this (q close enough to p for the ESS to tell)
+    shrink_at_ess_fraction: float = setting(0.5, gt=0, le=1)
     # stop at the first check where CE(V, pi) - CE(V, p_lambda) <= this many standard errors of that
     # difference (paired over V, with log Z-hat's); None: the plateau rule alone (the paper)
     stop_within_noise: float | None = setting(None, gt=0)
@@ -317,7 +319,8 @@ def proposal_draws(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, cfg:
                          keep_per_draw=keep_per_draw or cfg.keep_per_draw, replay=cfg.replay,
                          steps_per_draw=cfg.steps_per_draw, updates_per_epoch=cfg.updates_per_epoch, max_len=max_len,
                          generator=torch.Generator(device=pi.device).manual_seed(seed), ess_per_draw=cfg.ess_per_draw,
-                         min_proposal_batch=cfg.min_proposal_batch)
+                         min_proposal_batch=cfg.min_proposal_batch,
+                         shrink_at_ess_fraction=cfg.shrink_at_ess_fraction)
 
 
 def fit_checked(module: DPGModule, valid: torch.Tensor, *, callbacks: list | None, logger, accelerator: str,

@@ -97,7 +97,7 @@ class ProposalDraws(torch.utils.data.IterableDataset):
     def __init__(self, proposal: LSTMPolicy, target: Potential, *, minibatch: int, proposal_batch: int | None,
                  keep_per_draw: int | None, replay: int, steps_per_draw: int, updates_per_epoch: int,
                  max_len: int, generator: torch.Generator, ess_per_draw: int | None = None,
-                 min_proposal_batch: int | None = None):
+                 min_proposal_batch: int | None = None, shrink_at_ess_fraction: float = 0.5):
         super().__init__()
         self.proposal, self.target, self.max_len, self.generator = proposal, target, max_len, generator
         self.minibatch, self.replay, self.updates_per_epoch = minibatch, replay, updates_per_epoch
@@ -106,6 +106,7 @@ class ProposalDraws(torch.utils.data.IterableDataset):
         # adaptive draw size: aim each fresh draw at ess_per_draw effective samples (None: always proposal_batch)
         self.ess_per_draw = ess_per_draw
         self.min_proposal_batch = min(self.proposal_batch, min_proposal_batch or max(minibatch, self.keep_per_draw))
+        self.shrink_at_ess_fraction = shrink_at_ess_fraction  # a draw shrinks only once ESS / N reaches this
         self.draw_size = self.proposal_batch  # the size of the next fresh draw
         self.steps_per_draw = max(1, steps_per_draw)
         self.running_z = RunningZ()
@@ -139,15 +140,19 @@ class ProposalDraws(torch.utils.data.IterableDataset):
 
     def next_draw_size(self, ess: float, drawn: int) -> int:
         """N' = ess_per_draw / (ESS / N) of the draw just made: once q is close to p (after swaps) its
-        draws are nearly unweighted and a few thousand samples carry what 50,000 did. Grows at once,
-        shrinks at most by half per draw (one lucky draw does not collapse it), within
-        [min_proposal_batch, proposal_batch]; a draw without a finite ESS goes back to proposal_batch."""
+        draws are nearly unweighted and a few thousand samples carry what 50,000 did. Grows at once;
+        shrinks only once the draw's ESS / N is at least shrink_at_ess_fraction (while q is still far
+        from p, a few heavy weights make the ESS say little about the tail that a smaller draw would
+        miss), and then at most by half per draw (one lucky draw does not collapse it); always within
+        [min_proposal_batch, proposal_batch]. A draw without a finite ESS goes back to proposal_batch."""
         if self.ess_per_draw is None:
             return self.proposal_batch
         fraction = ess / drawn if drawn else 0.0
         if not fraction > 0:  # no nonzero weight in the draw
             return self.proposal_batch
         wanted = math.ceil(self.ess_per_draw / fraction)
+        if wanted < drawn and fraction < self.shrink_at_ess_fraction:  # q still far from p: hold the size
+            return int(min(self.proposal_batch, max(self.min_proposal_batch, drawn)))
         return int(min(self.proposal_batch, max(self.min_proposal_batch, drawn // 2, wanted)))
 
     def peek(self) -> WeightedDraw:
