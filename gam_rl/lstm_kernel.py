@@ -303,9 +303,10 @@ class _NativeSteps:
     def reverse(self, pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H) -> None:
         sizes, offs, T = pk.sizes, pk.offsets, len(pk.sizes)
         if self.sgemm is not None:
+            w = w_hh.contiguous()  # held here until the call returns
             self.native.gam_layer_backward(self.sgemm, T, *(arr.ctypes.data for arr in pk.step_arrays), H,
-                                           gates.data_ptr(), w_hh.contiguous().data_ptr(), cell.data_ptr(),
-                                           tanh_c.data_ptr(), d_h.data_ptr(), d_cs[0].data_ptr(), self.threads)
+                                           gates.data_ptr(), w.data_ptr(), cell.data_ptr(), tanh_c.data_ptr(),
+                                           d_h.data_ptr(), d_cs[0].data_ptr(), self.threads)
             return
         for t in reversed(range(T)):
             n, a = sizes[t], offs[t]

@@ -183,6 +183,25 @@ def test_all_problems_are_reported_together_and_every_job_of_a_sweep_is_checked(
     assert preflight(["--help"]) == []
 
 
+def test_cpu_profile_per_size_budgets_reach_only_their_method_and_size():
+    """conf/dataset_size/cpu/<method>/<|D|>.yaml: DPG_off's stop at |D| <= 1000, distillation's 2500 samples
+    at |D| = 1000, nowhere else (other sizes, other methods of the family, the paper profile)."""
+    def method(*overrides):
+        return typed(list(overrides)).method
+
+    assert method("method=dpg_off", "dataset_size=500").stop_within_noise == 1.0
+    assert method("method=dpg_off", "dataset_size=1000").stop_within_noise == 1.0
+    assert method("method=dpg_off", "dataset_size=5000").stop_within_noise is None
+    assert method("method=dpg_on", "dataset_size=500").stop_within_noise is None
+    assert method("profile=paper", "method=dpg_off", "dataset_size=500").stop_within_noise is None
+    assert method("method=distill", "dataset_size=1000").size == 2500
+    assert method("method=distill", "dataset_size=500").size == 5000
+    assert method("method=distill_qrs", "dataset_size=1000").size == 5000
+    # DPG_off towards the true process has no p_lambda to stop near: refused before any work, saying how
+    problems = preflight(["method=dpg_off", "method.target='true'", "dataset_size=500"])
+    assert any(p.startswith("method.stop_within_noise=1.0") and "stop_within_noise=null" in p for p in problems)
+
+
 def test_paper_profile_keeps_every_named_option_at_the_reference_value():
     cfg = typed(["profile=paper"])
     m = cfg.method

@@ -4,6 +4,8 @@ Comparisons run in float64, where both paths agree to ~1e-15, so the 1e-10 toler
 below are far from either rounding and from any real discrepancy (a wrong gate, mask or
 time shift moves results by > 1e-3)."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,6 +263,54 @@ def test_native_cell_forward_and_backward_equal_torch_ops(dropout, threads, laye
     assert (out - ref_out).abs().max() <= 1e-5
     for g, ref in zip(grads, ref_grads, strict=True):
         assert (g - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@native_only
+@pytest.mark.parametrize("layers, shape", [(1, "ragged"), (2, "equal"), (2, "one_step"), (3, "ragged")])
+def test_compiled_layer_loops_equal_the_python_loops(layers, shape, monkeypatch):
+    """The layer loops compiled around torch's sgemm against the Python loops (same compiled cell), on
+    1-3 layers, ragged rows, equal rows (the slice shift) and a batch of one step (all rows EOS)."""
+    if lstm_native.sgemm_address() is None:
+        pytest.skip("torch exports no MKL sgemm here: the layer loops run in Python")
+    torch.manual_seed(5)
+    policy = LSTMPolicy(16, layers, dropout=0.2).train()
+    if shape == "ragged":
+        tokens = random_batch(rows=300, width=12, seed=5)
+    elif shape == "equal":
+        tokens = torch.randint(0, 2, (300, 12))
+        tokens[:, -1] = EOS
+    else:
+        tokens = torch.full((300, 1), EOS)
+    pk = pack_tokens(tokens)
+    masks = dropout_masks(pk.num, 16, layers, 0.2, policy.head.weight)
+    grad_out = torch.randn(pk.num, 16)
+    compiled = lstm_native.sgemm_address
+
+    def run(loops):
+        monkeypatch.setattr(lstm_native, "sgemm_address", loops)
+        policy.zero_grad()
+        out = lstm_over_tokens(pk, policy.lstm, 0.2, masks)
+        (out * grad_out).sum().backward()
+        return out.detach(), [p.grad.clone() for p in policy.lstm.parameters()]
+
+    ref_out, ref_grads = run(lambda: None)
+    out, grads = run(compiled)
+    assert (out - ref_out).abs().max() <= 1e-5
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert (g - ref).abs().max() <= 1e-4 * max(ref.abs().max(), 1e-6)
+
+
+def test_sgemm_switch_and_lookup(monkeypatch):
+    """GAM_RL_NATIVE_SGEMM=0 keeps the layer loops in Python; otherwise the lookup finds torch's sgemm_
+    where torch has MKL (and caches it)."""
+    monkeypatch.setattr(lstm_native, "_state", {})
+    monkeypatch.setenv("GAM_RL_NATIVE_SGEMM", "0")
+    assert lstm_native.sgemm_address() is None
+    monkeypatch.setattr(lstm_native, "_state", {})
+    monkeypatch.delenv("GAM_RL_NATIVE_SGEMM")
+    found = lstm_native.sgemm_address()
+    assert (found is not None) == (torch.backends.mkl.is_available() and sys.platform.startswith("linux"))
+    assert lstm_native._state["sgemm"] == found
 
 
 @native_only

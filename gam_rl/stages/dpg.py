@@ -154,7 +154,9 @@ class DPGConfig:
             out.append(f"method.min_proposal_batch={self.min_proposal_batch}: above method.proposal_batch "
                        f"({self.proposal_batch or self.minibatch})")
         if self.stop_within_noise is not None and self.target == "true":
-            out.append("method.stop_within_noise with method.target='true': the stop compares pi with p_lambda on V")
+            out.append(f"method.stop_within_noise={self.stop_within_noise} with method.target='true': the stop "
+                       "compares pi with p_lambda on V; set method.stop_within_noise=null (the cpu profile sets it "
+                       "for dpg_off at |D| <= 1000)")
         if self.baseline and self.algorithm == "pg":
             out.append("method.baseline=true: the pi/q baseline is a control variate of the importance-weighted "
                        "DPG update, not of pg's reward")
