@@ -120,15 +120,12 @@ def sgemm_address() -> int | None:
     does not export it (those loops then run in Python, a matmul per step through torch)."""
     if "sgemm" not in _state:
         _state["sgemm"] = None
-        if os.environ.get("GAM_RL_NATIVE_SGEMM", "1") != "0" and torch.backends.mkl.is_available():
-            for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
-                path = Path(torch.__file__).parent / "lib" / name
-                if path.exists():
-                    try:
-                        _state["sgemm"] = ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
-                    except (OSError, AttributeError):
-                        pass
-                    break
+        path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+        if os.environ.get("GAM_RL_NATIVE_SGEMM", "1") != "0" and torch.backends.mkl.is_available() and path.exists():
+            try:
+                _state["sgemm"] = ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
+            except (OSError, AttributeError):  # not loadable, or no exported sgemm_
+                pass
     return _state["sgemm"]
 
 
