@@ -218,6 +218,41 @@ def test_dpg_stops_once_pi_is_within_noise_of_p_lambda():
     assert policy_kl(log_p, pi, space) < 0.1
 
 
+def test_keep_start_makes_r_check_zero_of_the_plateau():
+    """keep_start with init=r: pi stays r when no check beats CE(V, r), stopping after `patience`
+    checks; when DPG improves on r at once, the run is the same as without the option."""
+    r, p_lambda, space, log_p, log_z, valid = gam_problem()
+    ce_r = ce_valid(r, valid)
+
+    def fit(target, valid, **options):
+        pi = LSTMPolicy(8, 1, 0.0)
+        pi.load_state_dict(r.state_dict())  # init=r
+        cfg = small_schedule(init="r", max_epochs=8, patience=3, **options)
+        result = train_dpg(pi, r, target, valid, cfg, max_len=7, symbols_per_seq=7,
+                           ce_valid_proposal=ce_valid(r, valid), seed=4)
+        return result, pi
+
+    # the target is r itself (lambda = 0) and V is drawn from it: the updates only add noise, and every
+    # check is worse than r
+    r_itself = gam(r, Features("1000000", "11"), torch.tensor([0.0]))
+    with torch.no_grad():
+        log_r, _ = exact_distribution(r_itself.log_potential(space))
+    valid_r = space[torch.multinomial(log_r.exp(), 500, replacement=True, generator=torch.Generator().manual_seed(9))]
+    ruined, _ = fit(r_itself, valid_r, lr=0.05)
+    kept, pi_kept = fit(r_itself, valid_r, lr=0.05, keep_start=True)
+    assert ruined.best_val_ce > ce_valid(r, valid_r) and ruined.best_epoch >= 0  # the best check is worse than r
+    assert kept.best_val_ce == ce_valid(r, valid_r) and kept.best_epoch == -1 and kept.epochs == 3  # none better
+    assert all(torch.equal(a, b) for a, b in zip(pi_kept.state_dict().values(), r.state_dict().values(), strict=True))
+    # a schedule that beats r at check 1 (P_lambda penalises "11"): the start is never the best, nothing changes
+    plain, pi_plain = fit(p_lambda, valid)
+    started, pi_started = fit(p_lambda, valid, keep_start=True)
+    assert plain.best_val_ce < ce_r - 0.01 and started.best_epoch == plain.best_epoch >= 0
+    assert (started.epochs, started.samples, started.best_val_ce) == (plain.epochs, plain.samples, plain.best_val_ce)
+    assert all(torch.equal(a, b) for a, b in zip(pi_started.state_dict().values(), pi_plain.state_dict().values(),
+                                                 strict=True))
+    assert policy_kl(log_p, pi_started, space) < policy_kl(log_p, r, space)
+
+
 def test_dpg_option_combinations_that_cannot_work_are_named():
     assert any(p.startswith("method.replay=100") for p in small_schedule(replay=100).problems())  # < a minibatch
     assert any(p.startswith("method.swap_gate='kl_is'") for p in small_schedule(swap_gate="kl_is", minibatch=16)
@@ -231,6 +266,9 @@ def test_dpg_option_combinations_that_cannot_work_are_named():
                for p in small_schedule(proposal_batch=4096, min_proposal_batch=9000).problems())
     assert any("stop_within_noise" in p for p in small_schedule(stop_within_noise=1.0, target="true").problems())
     assert small_schedule(proposal_batch=4096, ess_per_draw=512, stop_within_noise=1.0).problems() == []
+    assert any(p.startswith("method.keep_start=true with method.init='fresh'")
+               for p in small_schedule(keep_start=True).problems())
+    assert small_schedule(keep_start=True, init="r").problems() == []
 
 
 def test_running_z_is_one_until_a_draw_has_a_nonzero_weight():

@@ -33,6 +33,10 @@ class Plateau:
         self.best, self.best_epoch, self.bad_checks = math.inf, -1, 0
         self.decay_epochs: list[int] = []
 
+    def start_at(self, value: float) -> None:
+        """The starting state's value is check 0 (best_epoch -1): the first best to beat."""
+        self.best, self.best_epoch, self.bad_checks = value, -1, 0
+
     def update(self, value: float, epoch: int) -> str:
         if not math.isfinite(value) and self.stop_on_nonfinite:
             log.warning("monitored value %s is not finite: stopping", value)
@@ -59,15 +63,22 @@ class KeepBestPlateau(pl.Callback):
         self.monitor, self.attr, self.plateau = monitor, attr, plateau
         self.best_state = None
 
+    def start_from(self, module, value: float) -> None:
+        """`module.<attr>` as it is now, with its monitored value, is the best so far (check 0)."""
+        self.plateau.start_at(value)
+        self.best_state = self.snapshot(getattr(module, self.attr))
+
+    @staticmethod
+    def snapshot(target):
+        return target.detach().clone() if isinstance(target, torch.Tensor) else copy.deepcopy(target.state_dict())
+
     def on_validation_end(self, trainer, module):
         value = trainer.callback_metrics.get(self.monitor)
         if value is None or trainer.sanity_checking:
             return
         action = self.plateau.update(float(value), trainer.current_epoch)
         if action == Plateau.BEST:
-            target = getattr(module, self.attr)
-            self.best_state = (target.detach().clone() if isinstance(target, torch.Tensor)
-                               else copy.deepcopy(target.state_dict()))
+            self.best_state = self.snapshot(getattr(module, self.attr))
         elif action == Plateau.DECAY:
             self.restore(module)
             for optimizer in trainer.optimizers:
@@ -112,14 +123,17 @@ class StageProgress(pl.Callback):
             return
         values = ", ".join(f"{k.split('/')[-1]} {float(trainer.callback_metrics[k]):.4f}"
                            for k in self.keys if k in trainer.callback_metrics)
-        best = f"best {self.plateau.best:.4f} at epoch {self.plateau.best_epoch + 1}"
+        best = f"best {self.plateau.best:.4f} at {self.where_best()}"
         self.progress.update(trainer.global_step, f"epoch {trainer.current_epoch + 1}/{self.max_epochs}: {values}; "
                                                   f"{best}")
 
     def on_fit_end(self, trainer, module):
         self.progress.close()
-        log.info("[%s] stopped after epoch %d of %d: best %s %.4f at epoch %d", self.stage, trainer.current_epoch,
-                 self.max_epochs, self.monitor, self.plateau.best, self.plateau.best_epoch + 1)
+        log.info("[%s] stopped after epoch %d of %d: best %s %.4f at %s", self.stage, trainer.current_epoch,
+                 self.max_epochs, self.monitor, self.plateau.best, self.where_best())
+
+    def where_best(self) -> str:
+        return "the start" if self.plateau.best_epoch < 0 else f"epoch {self.plateau.best_epoch + 1}"
 
 
 def make_trainer(max_epochs: int, callbacks: list, logger=None, accelerator: str = "cpu",

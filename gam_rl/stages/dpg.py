@@ -130,6 +130,9 @@ class DPGConfig:
     # stop at the first check where CE(V, pi) - CE(V, p_lambda) <= this many standard errors of that
     # difference (paired over V, with log Z-hat's); None: the plateau rule alone (the paper)
     stop_within_noise: float | None = setting(None, gt=0)
+    # init=r: pi's starting weights are the plateau's check 0 (their CE(V) is CE(V, r)), so pi is r
+    # unless a check beats it, and patience counts from the start; false: check 1 is the first candidate
+    keep_start: bool = False
 
     def thins(self) -> bool:
         """Whether a draw keeps fewer items than it samples."""
@@ -157,6 +160,9 @@ class DPGConfig:
             out.append(f"method.stop_within_noise={self.stop_within_noise} with method.target='true': the stop "
                        "compares pi with p_lambda on V; set method.stop_within_noise=null (the cpu profile sets it "
                        "for dpg_off at |D| <= 1000)")
+        if self.keep_start and self.init != "r":
+            out.append(f"method.keep_start=true with method.init={self.init!r}: only a pi that starts as r has a known "
+                       "CE(V) to keep; set method.init=r or method.keep_start=false")
         if self.baseline and self.algorithm == "pg":
             out.append("method.baseline=true: the pi/q baseline is a control variate of the importance-weighted "
                        "DPG update, not of pg's reward")
@@ -327,16 +333,20 @@ def proposal_draws(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, cfg:
 
 def fit_checked(module: DPGModule, valid: torch.Tensor, *, callbacks: list | None, logger, accelerator: str,
                 extra_keys: tuple[str, ...] = (), steps_per_check: int | None = None, keep: str = "pi",
-                clip: float | None = None) -> DPGResult:
+                clip: float | None = None, start_ce: float | None = None) -> DPGResult:
     """Fit a DPG-family module: a check of CE(V, pi) every cfg.updates_per_epoch draws, the plateau rule
     keeping the best check's `module.<keep>` (pi, or pi with its critic), progress in optimiser steps
-    (steps_per_check per check, at most), Lightning's grad-norm clip at `clip`."""
+    (steps_per_check per check, at most), Lightning's grad-norm clip at `clip`. start_ce: CE(V) of the
+    starting weights, which are then check 0 (best_epoch -1): kept unless a check is better."""
     cfg, draws = module.cfg, module.draws
     # a CE(V, pi) that is not finite (pg's collapse) is a check without progress, not a reason to stop
     plateau = Plateau(cfg.patience, stop_on_nonfinite=False)
+    keep_best = KeepBestPlateau("dpg/val_ce_pi", keep, plateau)
+    if start_ce is not None:
+        keep_best.start_from(module, start_ce)
     keys = ["dpg/val_ce_pi", *extra_keys] + (["dpg/val_ce_q"] if module.gate is not None else [])
     # extra callbacks (e.g. exact.ExactCurve) first: they see the weights just checked, before a restore
-    callbacks = list(callbacks or []) + [KeepBestPlateau("dpg/val_ce_pi", keep, plateau),
+    callbacks = list(callbacks or []) + [keep_best,
                  StageProgress(cfg.algorithm, keys, plateau, steps_per_check or cfg.updates_per_epoch, cfg.max_epochs,
                                unit="updates", monitor="dpg/val_ce_pi")]
     trainer = make_trainer(cfg.max_epochs, callbacks, logger, accelerator, gradient_clip_val=clip)
@@ -357,4 +367,7 @@ def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, valid: to
     draws = proposal_draws(pi, proposal, target, cfg, max_len=max_len, seed=seed)
     module = DPGModule(pi, draws, cfg, symbols_per_seq=symbols_per_seq, ce_valid_proposal=ce_valid_proposal,
                        target_ce_valid=target_ce_valid, valid_log_p=valid_log_p, log_z_se=log_z_se)
-    return fit_checked(module, valid, callbacks=callbacks, logger=logger, accelerator=accelerator, clip=cfg.clip)
+    # keep_start: pi = r so far, and CE(V, r) is the proposal's CE(V), already measured
+    start_ce = ce_valid_proposal if cfg.keep_start else None
+    return fit_checked(module, valid, callbacks=callbacks, logger=logger, accelerator=accelerator, clip=cfg.clip,
+                       start_ce=start_ce)

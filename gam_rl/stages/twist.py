@@ -70,6 +70,9 @@ class TwistConfig(DPGConfig):
         if self.target != "gam":
             out.append(f"method.target={self.target!r} with method.algorithm={alg!r}: the twist methods need a "
                        "reward log P - log r that is finite everywhere; use target=gam")
+        if self.keep_start:
+            out.append(f"method.keep_start=true with method.algorithm={alg!r}: the twist methods keep pi with its "
+                       "critic, whose start has no CE(V) to keep; set method.keep_start=false")
         if alg == "pcl" and self.critic_warmup and self.critic == "none":
             out.append("method.critic_warmup with method.algorithm='pcl' and critic=none: the warm-up trains the "
                        "offset head alone; use critic=head or critic_warmup=0")
