@@ -184,16 +184,23 @@ def test_all_problems_are_reported_together_and_every_job_of_a_sweep_is_checked(
 
 
 def test_cpu_profile_per_size_budgets_reach_only_their_method_and_size():
-    """conf/dataset_size/cpu/<method>/<|D|>.yaml: DPG_off's stop at |D| <= 1000, distillation's 2500 samples
-    at |D| = 1000, nowhere else (other sizes, other methods of the family, the paper profile)."""
+    """conf/dataset_size/cpu/<method>/<|D|>.yaml: DPG_off's stop at |D| <= 1000 and r kept at |D| >= 10000,
+    distillation's 2500 samples at |D| = 1000, nowhere else (other sizes, other methods of the family, the
+    paper profile)."""
     def method(*overrides):
         return typed(list(overrides)).method
 
     assert method("method=dpg_off", "dataset_size=500").stop_within_noise == 1.0
     assert method("method=dpg_off", "dataset_size=1000").stop_within_noise == 1.0
     assert method("method=dpg_off", "dataset_size=5000").stop_within_noise is None
+    assert [method("method=dpg_off", f"dataset_size={size}").patience for size in (500, 1000, 5000)] == [5, 5, 3]
     assert method("method=dpg_on", "dataset_size=500").stop_within_noise is None
     assert method("profile=paper", "method=dpg_off", "dataset_size=500").stop_within_noise is None
+    # r kept as check 0, at most 6 checks: |D| >= 10000 only
+    for size, kept, checks in (("5000", False, 30), ("10000", True, 6), ("20000", True, 6)):
+        dpg = method("method=dpg_off", f"dataset_size={size}")
+        assert (dpg.keep_start, dpg.max_epochs) == (kept, checks), size
+    assert not method("method=dpg_on", "dataset_size=20000").keep_start
     assert method("method=distill", "dataset_size=1000").size == 2500
     assert method("method=distill", "dataset_size=500").size == 5000
     assert method("method=distill_qrs", "dataset_size=1000").size == 5000
@@ -205,7 +212,8 @@ def test_cpu_profile_per_size_budgets_reach_only_their_method_and_size():
 def test_paper_profile_keeps_every_named_option_at_the_reference_value():
     cfg = typed(["profile=paper"])
     m = cfg.method
-    assert (m.init, m.proposal_batch, m.keep_per_draw, m.replay, m.steps_per_draw) == ("fresh", None, None, 0, 1)
+    assert (m.init, m.keep_start, m.proposal_batch, m.keep_per_draw, m.replay, m.steps_per_draw) == (
+        "fresh", False, None, None, 0, 1)
     assert (m.normalise, m.baseline, m.swap_gate, m.updates_per_epoch, m.lr, m.minibatch, m.clip) == (
         "none", False, "ce_valid", 4000, 0.01, 500, 0.25)
     assert cfg.training1.reuse == "epoch" and cfg.z.rel_tol is None and cfg.z.samples == 1_000_000
