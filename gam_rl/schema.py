@@ -188,7 +188,12 @@ def _check_section(cls: type, values: Any, prefix: str, out: list[str]) -> Any:
                 converted = OmegaConf.to_container(converted)
             problem = constraint_problem(converted, f.metadata)
             if problem:
-                close = difflib.get_close_matches(str(value), [str(c) for c in f.metadata.get("choices", ())], 1)
+                choices = [str(c) for c in f.metadata.get("choices", ())]
+                if isinstance(value, bool) and str(value).lower() in choices:  # YAML read true / false as a boolean
+                    out.append(f"{path}={value!r}: {problem}; the command line reads {str(value).lower()} as a "
+                               f"boolean: quote it, {path}='{str(value).lower()}'")
+                    continue
+                close = difflib.get_close_matches(str(value), choices, 1)
                 out.append(f"{path}={value!r}: {problem}" + (f"; did you mean {close[0]}?" if close else ""))
             kwargs[f.name] = converted
     return cls(**kwargs) if len(out) == found else None

@@ -169,6 +169,9 @@ def test_bad_values_fail_before_any_work_and_name_their_key(override, key):
     ("method=dpg_of", "did you mean method=dpg_off?"),
     ("profile=gpu", "profile=gpu: no such option"),
     ("training1.estimator=snis", "did you mean snis_r?"),
+    # YAML reads an unquoted true as a boolean: the fix is to quote it, not another choice
+    ("method=dpg_off method.target=true", "method.target=True: choose one of ['gam', 'true']; the command line reads "
+                                          "true as a boolean: quote it, method.target='true'"),
 ])
 def test_unknown_keys_and_options_are_refused_with_a_did_you_mean(override, problem):
     problems = preflight(override.split())
