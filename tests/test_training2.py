@@ -253,6 +253,25 @@ def test_keep_start_makes_r_check_zero_of_the_plateau():
     assert policy_kl(log_p, pi_started, space) < policy_kl(log_p, r, space)
 
 
+def test_lr_warmup_raises_the_learning_rate_linearly_per_update():
+    import lightning.pytorch as pl
+
+    class RecordLr(pl.Callback):
+        def __init__(self):
+            self.lrs = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    r, p_lambda, _, _, _, valid = gam_problem()
+    record = RecordLr()
+    pi = LSTMPolicy(8, 1, 0.0)
+    cfg = small_schedule(lr=0.02, lr_warmup=40, updates_per_epoch=30, max_epochs=2, patience=2)
+    train_dpg(pi, r, p_lambda, valid, cfg, max_len=7, symbols_per_seq=7, ce_valid_proposal=ce_valid(r, valid),
+              seed=4, callbacks=[record])
+    assert record.lrs == pytest.approx([0.02 * min(1.0, (k + 1) / 40) for k in range(60)])
+
+
 def test_dpg_option_combinations_that_cannot_work_are_named():
     assert any(p.startswith("method.replay=100") for p in small_schedule(replay=100).problems())  # < a minibatch
     assert any(p.startswith("method.swap_gate='kl_is'") for p in small_schedule(swap_gate="kl_is", minibatch=16)

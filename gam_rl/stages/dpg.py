@@ -133,6 +133,7 @@ class DPGConfig:
     # init=r: pi's starting weights are the plateau's check 0 (their CE(V) is CE(V, r)), so pi is r
     # unless a check beats it, and patience counts from the start; false: check 1 is the first candidate
     keep_start: bool = False
+    lr_warmup: int = setting(0, ge=0)  # updates over which the lr rises linearly to `lr`; 0: none (the paper)
 
     def thins(self) -> bool:
         """Whether a draw keeps fewer items than it samples."""
@@ -223,7 +224,13 @@ class DPGModule(pl.LightningModule):
         self._started = time.perf_counter()
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.pi.parameters(), lr=self.cfg.lr)
+        optimizer = torch.optim.Adam(self.pi.parameters(), lr=self.cfg.lr)
+        if not self.cfg.lr_warmup:
+            return optimizer
+        # lr_k = lr min(1, (k + 1) / warmup): Adam's first steps move every parameter by about lr whatever
+        # the gradient's size, which throws a pi that starts close to p (init=r at large |D|) away from it
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / self.cfg.lr_warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
     def training_step(self, draw: WeightedDraw, batch_idx):
         log_pi = self.pi.log_prob(draw.tokens)
