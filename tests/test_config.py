@@ -219,8 +219,8 @@ def test_cpu_profile_per_size_budgets_reach_only_their_method_and_size():
 def test_paper_profile_keeps_every_named_option_at_the_reference_value():
     cfg = typed(["profile=paper"])
     m = cfg.method
-    assert (m.init, m.keep_start, m.proposal_batch, m.keep_per_draw, m.replay, m.steps_per_draw) == (
-        "fresh", False, None, None, 0, 1)
+    assert (m.init, m.keep_start, m.lr_warmup, m.proposal_batch, m.keep_per_draw, m.replay, m.steps_per_draw) == (
+        "fresh", False, 0, None, None, 0, 1)
     assert (m.normalise, m.baseline, m.swap_gate, m.updates_per_epoch, m.lr, m.minibatch, m.clip) == (
         "none", False, "ce_valid", 4000, 0.01, 500, 0.25)
     assert cfg.training1.reuse == "epoch" and cfg.z.rel_tol is None and cfg.z.samples == 1_000_000
