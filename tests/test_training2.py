@@ -272,6 +272,40 @@ def test_lr_warmup_raises_the_learning_rate_linearly_per_update():
     assert record.lrs == pytest.approx([0.02 * min(1.0, (k + 1) / 40) for k in range(60)])
 
 
+def test_lr_decays_restart_dpg_from_the_best_weights_at_a_lower_lr():
+    """lr_decays with keep_start, towards r itself (every check worse than r): after each bad check pi is r
+    again and the lr halves, twice; the third bad check stops, with pi = r."""
+    import lightning.pytorch as pl
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.lrs, self.starts_at_r = [], []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+        def on_train_epoch_start(self, trainer, module):
+            self.starts_at_r.append(all(torch.equal(a, b) for a, b in zip(
+                module.pi.state_dict().values(), r.state_dict().values(), strict=True)))
+
+    r, _, space, _, _, _ = gam_problem()
+    r_itself = gam(r, Features("1000000", "11"), torch.tensor([0.0]))
+    with torch.no_grad():
+        log_r, _ = exact_distribution(r_itself.log_potential(space))
+    valid_r = space[torch.multinomial(log_r.exp(), 500, replacement=True, generator=torch.Generator().manual_seed(9))]
+    pi, record = LSTMPolicy(8, 1, 0.0), Record()
+    pi.load_state_dict(r.state_dict())
+    cfg = small_schedule(init="r", lr=0.2, keep_start=True, patience=1, lr_decays=2, updates_per_epoch=10,
+                         max_epochs=8)
+    result = train_dpg(pi, r, r_itself, valid_r, cfg, max_len=7, symbols_per_seq=7,
+                       ce_valid_proposal=ce_valid(r, valid_r), seed=4, callbacks=[record])
+    assert (result.epochs, result.best_epoch, result.decay_epochs) == (3, -1, [0, 1])
+    assert record.lrs == pytest.approx([0.2] * 10 + [0.1] * 10 + [0.05] * 10)
+    assert record.starts_at_r == [True, True, True]
+    assert all(torch.equal(a, b) for a, b in zip(pi.state_dict().values(), r.state_dict().values(), strict=True))
+    assert result.results()["t2_lr_decay_epochs"] == [0, 1]
+
+
 def test_dpg_option_combinations_that_cannot_work_are_named():
     assert any(p.startswith("method.replay=100") for p in small_schedule(replay=100).problems())  # < a minibatch
     assert any(p.startswith("method.swap_gate='kl_is'") for p in small_schedule(swap_gate="kl_is", minibatch=16)
@@ -288,6 +322,8 @@ def test_dpg_option_combinations_that_cannot_work_are_named():
     assert any(p.startswith("method.keep_start=true with method.init='fresh'")
                for p in small_schedule(keep_start=True).problems())
     assert small_schedule(keep_start=True, init="r").problems() == []
+    assert any(p.startswith("method.lr_decays=2 with method.lr_warmup=100")
+               for p in small_schedule(lr_decays=2, lr_warmup=100).problems())
 
 
 def test_running_z_is_one_until_a_draw_has_a_nonzero_weight():

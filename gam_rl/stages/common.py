@@ -37,6 +37,9 @@ class Plateau:
         """The starting state's value is check 0 (best_epoch -1): the first best to beat."""
         self.best, self.best_epoch, self.bad_checks = value, -1, 0
 
+    def where_best(self) -> str:
+        return "the start" if self.best_epoch < 0 else f"epoch {self.best_epoch + 1}"
+
     def update(self, value: float, epoch: int) -> str:
         if not math.isfinite(value) and self.stop_on_nonfinite:
             log.warning("monitored value %s is not finite: stopping", value)
@@ -84,8 +87,8 @@ class KeepBestPlateau(pl.Callback):
             for optimizer in trainer.optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] *= self.plateau.factor
-            log.info("[%s] no better %s for %d checks: best weights (epoch %d) back, lr x %g",
-                     self.monitor.split("/")[0], self.monitor, self.plateau.patience, self.plateau.best_epoch + 1,
+            log.info("[%s] no better %s for %d checks: best weights (%s) back, lr x %g",
+                     self.monitor.split("/")[0], self.monitor, self.plateau.patience, self.plateau.where_best(),
                      self.plateau.factor)
         elif action == Plateau.STOP:
             trainer.should_stop = True
@@ -123,17 +126,14 @@ class StageProgress(pl.Callback):
             return
         values = ", ".join(f"{k.split('/')[-1]} {float(trainer.callback_metrics[k]):.4f}"
                            for k in self.keys if k in trainer.callback_metrics)
-        best = f"best {self.plateau.best:.4f} at {self.where_best()}"
+        best = f"best {self.plateau.best:.4f} at {self.plateau.where_best()}"
         self.progress.update(trainer.global_step, f"epoch {trainer.current_epoch + 1}/{self.max_epochs}: {values}; "
                                                   f"{best}")
 
     def on_fit_end(self, trainer, module):
         self.progress.close()
         log.info("[%s] stopped after epoch %d of %d: best %s %.4f at %s", self.stage, trainer.current_epoch,
-                 self.max_epochs, self.monitor, self.plateau.best, self.where_best())
-
-    def where_best(self) -> str:
-        return "the start" if self.plateau.best_epoch < 0 else f"epoch {self.plateau.best_epoch + 1}"
+                 self.max_epochs, self.monitor, self.plateau.best, self.plateau.where_best())
 
 
 def make_trainer(max_epochs: int, callbacks: list, logger=None, accelerator: str = "cpu",

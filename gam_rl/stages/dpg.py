@@ -134,6 +134,10 @@ class DPGConfig:
     # unless a check beats it, and patience counts from the start; false: check 1 is the first candidate
     keep_start: bool = False
     lr_warmup: int = setting(0, ge=0)  # updates over which the lr rises linearly to `lr`; 0: none (the paper)
+    # > 0: after `patience` checks without a better CE(V, pi), restart from the best weights (or r, with
+    # keep_start) at lr x lr_decay_factor, at most lr_decays times, then stop (0: stop at once, the paper)
+    lr_decays: int = setting(0, ge=0)
+    lr_decay_factor: float = setting(0.5, gt=0, lt=1)
 
     def thins(self) -> bool:
         """Whether a draw keeps fewer items than it samples."""
@@ -161,6 +165,9 @@ class DPGConfig:
             out.append(f"method.stop_within_noise={self.stop_within_noise} with method.target='true': the stop "
                        "compares pi with p_lambda on V; set method.stop_within_noise=null (the cpu profile sets it "
                        "for dpg_off at |D| <= 1000)")
+        if self.lr_decays and self.lr_warmup:
+            out.append(f"method.lr_decays={self.lr_decays} with method.lr_warmup={self.lr_warmup}: the warm-up's "
+                       "schedule sets the lr at every update and would undo a decay; set one of them to 0")
         if self.keep_start and self.init != "r":
             out.append(f"method.keep_start=true with method.init={self.init!r}: only a pi that starts as r has a known "
                        "CE(V) to keep; set method.init=r or method.keep_start=false")
@@ -315,6 +322,7 @@ class DPGResult:
     log_z_running: float | None = None
     reached_target: dict | None = None  # {samples, updates, seconds, ce_valid_pi} at the first check under target
     stopped_within_noise: dict | None = None  # {samples, updates, gap, gap_se, ce_valid_pi} where the noise stop hit
+    decay_epochs: list[int] = field(default_factory=list)  # checks (0-based) after which the lr was decayed
     extra: dict = field(default_factory=dict)  # a method's own results (the twist methods: twist_*)
     values: Callable | None = None  # the twist methods: tokens -> learned V(s_t) (not a result: not in results())
 
@@ -322,7 +330,8 @@ class DPGResult:
         return {"ce_valid_pi": self.best_val_ce, "t2_epochs": self.epochs, "t2_best_epoch": self.best_epoch,
                 "t2_updates": self.updates, "swaps": self.swaps, "swap_count": len(self.swaps),
                 "dpg_log_z_running": self.log_z_running, "dpg_reached_target": self.reached_target,
-                "dpg_stopped_within_noise": self.stopped_within_noise, **self.extra}
+                "dpg_stopped_within_noise": self.stopped_within_noise, "t2_lr_decay_epochs": self.decay_epochs,
+                **self.extra}
 
 
 def proposal_draws(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, cfg: DPGConfig, *, max_len: int,
@@ -347,7 +356,7 @@ def fit_checked(module: DPGModule, valid: torch.Tensor, *, callbacks: list | Non
     starting weights, which are then check 0 (best_epoch -1): kept unless a check is better."""
     cfg, draws = module.cfg, module.draws
     # a CE(V, pi) that is not finite (pg's collapse) is a check without progress, not a reason to stop
-    plateau = Plateau(cfg.patience, stop_on_nonfinite=False)
+    plateau = Plateau(cfg.patience, cfg.lr_decays, cfg.lr_decay_factor, stop_on_nonfinite=False)
     keep_best = KeepBestPlateau("dpg/val_ce_pi", keep, plateau)
     if start_ce is not None:
         keep_best.start_from(module, start_ce)
@@ -361,7 +370,7 @@ def fit_checked(module: DPGModule, valid: torch.Tensor, *, callbacks: list | Non
     module.pi.eval()
     return DPGResult(plateau.best, trainer.current_epoch, plateau.best_epoch, int(trainer.global_step),
                      draws.samples_drawn, module.swaps, draws.running_z.log_z if draws.running_z.count else None,
-                     module.reached_target, module.stopped_within_noise)
+                     module.reached_target, module.stopped_within_noise, plateau.decay_epochs)
 
 
 def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, valid: torch.Tensor, cfg: DPGConfig, *,
