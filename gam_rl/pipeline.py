@@ -231,7 +231,7 @@ def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger
         common = dict(max_len=cfg.max_len, symbols_per_seq=data.symbols, ce_valid_proposal=res["ce_valid_r"],
                       seed=cfg.seed + 3, target_ce_valid=target_ce, logger=logger, accelerator=accelerator,
                       callbacks=[] if exact_target is None else [  # dpg_true: KL(p_true || pi) too
-                          ExactCurve(exact_target, "dpg", with_true=method.target == "true")])
+                          ExactCurve(exact_target, "dpg", attr="checked", with_true=method.target == "true")])
         if method.algorithm in TWIST_ALGORITHMS:  # pcl, ac_dpg, ppo_dpg: r is also the base of their rewards
             fit = train_twist(pi, t1.r, target, splits.valid, method, data=splits.train, **common)
             run.learned_values = fit.values

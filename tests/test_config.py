@@ -147,6 +147,8 @@ def test_a_run_carries_only_the_keys_its_method_uses():
     ("method=pcl method.data_share=1", "method.data_share"),
     ("method=ac_dpg method.keep_start=true", "method.keep_start"),  # pi with its critic: no start to keep
     ("method=pcl method.lr_warmup=100", "method.lr_warmup"),  # the twist methods step by hand
+    ("method=ac_dpg method.ema_decay=0.99", "method.ema_decay"),  # pi with its critic: no average of pi alone
+    ("method.ema_decay=1.0", "method.ema_decay"),
     ("method.lr_warmup=-1", "method.lr_warmup"),
     ("profile=paper method.keep_start=true", "method.keep_start"),  # a fresh pi has no CE(V, r) to keep
     ("resume=maybe", "resume"),

@@ -306,6 +306,42 @@ def test_lr_decays_restart_dpg_from_the_best_weights_at_a_lower_lr():
     assert result.results()["t2_lr_decay_epochs"] == [0, 1]
 
 
+def test_ema_decay_checks_keeps_and_returns_the_moving_average_of_the_weights():
+    """ema_decay d: after every update theta_avg <- d theta_avg + (1 - d) theta, from pi's starting weights;
+    the checks measure theta_avg, and the returned pi is theta_avg at the best check."""
+    import lightning.pytorch as pl
+
+    class Record(pl.Callback):
+        def __init__(self, start):
+            self.avg = [t.detach().clone() for t in start.parameters()]
+            self.at_checks, self.checked_ok = [], []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            for a, t in zip(self.avg, module.pi.parameters(), strict=True):
+                a.mul_(0.9).add_(t.detach(), alpha=0.1)
+
+        def on_validation_epoch_start(self, trainer, module):
+            self.checked_ok.append(all(torch.allclose(a, c, atol=1e-6) for a, c in zip(
+                self.avg, module.checked.parameters(), strict=True)))
+            self.at_checks.append([a.clone() for a in self.avg])
+
+    r, p_lambda, _, _, _, valid = gam_problem()
+    pi = LSTMPolicy(8, 1, 0.0)
+    pi.load_state_dict(r.state_dict())
+    record = Record(pi)
+    cfg = small_schedule(init="r", ema_decay=0.9, updates_per_epoch=10, max_epochs=4, patience=4)
+    result = train_dpg(pi, r, p_lambda, valid, cfg, max_len=7, symbols_per_seq=7,
+                       ce_valid_proposal=ce_valid(r, valid), seed=4, callbacks=[record])
+    assert record.checked_ok == [True] * 4 and result.epochs == 4
+    trained_last = record.at_checks[-1]
+    assert not all(torch.equal(a, b) for a, b in zip(trained_last, record.at_checks[-2], strict=True))  # it moves
+    kept = record.at_checks[result.best_epoch]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kept, pi.parameters(), strict=True))
+    assert result.best_val_ce == pytest.approx(ce_valid(pi, valid), abs=1e-5)
+    assert any(p.startswith("method.ema_decay=0.9 with method.lr_decays=1")
+               for p in small_schedule(ema_decay=0.9, lr_decays=1).problems())
+
+
 def test_dpg_option_combinations_that_cannot_work_are_named():
     assert any(p.startswith("method.replay=100") for p in small_schedule(replay=100).problems())  # < a minibatch
     assert any(p.startswith("method.swap_gate='kl_is'") for p in small_schedule(swap_gate="kl_is", minibatch=16)

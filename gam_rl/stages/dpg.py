@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gam_rl.config_fields import MISSING, setting
 from gam_rl.estimators import effective_sample_size
@@ -84,8 +85,8 @@ def kl_is_gate(module: DPGModule, ce_pi: float) -> dict | None:
     if not torch.isfinite(log_c).any():  # no sample of q in the support of P: nothing to compare on
         gain, gain_se, ess = 0.0, math.inf, 0.0
     else:
-        with eval_mode(module.pi):
-            diff = module.pi.log_prob(draw.tokens).double() - draw.log_q
+        with eval_mode(module.checked):
+            diff = module.checked.log_prob(draw.tokens).double() - draw.log_q
         weights = torch.softmax(log_c, 0)
         gain = float((weights * diff).sum())
         gain_se, ess = float(torch.sqrt((weights**2 * (diff - gain) ** 2).sum())), effective_sample_size(log_c)
@@ -138,6 +139,10 @@ class DPGConfig:
     # keep_start) at lr x lr_decay_factor, at most lr_decays times, then stop (0: stop at once, the paper)
     lr_decays: int = setting(0, ge=0)
     lr_decay_factor: float = setting(0.5, gt=0, lt=1)
+    # average the iterates: the pi that is checked, swapped into q, kept and returned is the exponential
+    # moving average of the trained weights, theta_avg <- d theta_avg + (1 - d) theta after every update,
+    # starting from pi's initial weights; None: the trained weights themselves (the paper)
+    ema_decay: float | None = setting(None, gt=0, lt=1)
 
     def thins(self) -> bool:
         """Whether a draw keeps fewer items than it samples."""
@@ -168,6 +173,9 @@ class DPGConfig:
         if self.lr_decays and self.lr_warmup:
             out.append(f"method.lr_decays={self.lr_decays} with method.lr_warmup={self.lr_warmup}: the warm-up's "
                        "schedule sets the lr at every update and would undo a decay; set one of them to 0")
+        if self.ema_decay is not None and self.lr_decays:
+            out.append(f"method.ema_decay={self.ema_decay} with method.lr_decays={self.lr_decays}: a restart would "
+                       "put back the averaged weights, not the trained ones; set one of them off")
         if self.keep_start and self.init != "r":
             out.append(f"method.keep_start=true with method.init={self.init!r}: only a pi that starts as r has a known "
                        "CE(V) to keep; set method.init=r or method.keep_start=false")
@@ -218,6 +226,13 @@ class DPGModule(pl.LightningModule):
                  valid_log_p: torch.Tensor | None = None, log_z_se: float = 0.0):
         super().__init__()
         self.pi, self.draws, self.cfg, self.symbols = pi, draws, cfg, symbols_per_seq
+        # `checked`: the policy that the checks measure, the swap gate copies into q and the plateau keeps:
+        # pi itself, or (cfg.ema_decay) the moving average of pi's weights, from pi's starting weights on
+        self.average = None
+        if getattr(cfg, "ema_decay", None) is not None:
+            self.average = AveragedModel(pi, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)).requires_grad_(False)
+            self.average.update_parameters(pi)  # the first update copies: theta_avg = theta_0
+        self.checked = pi if self.average is None else self.average.module
         self.gate = None if on_policy(cfg) else SWAP_GATES[cfg.swap_gate]
         self.ce_valid_q = ce_valid_proposal
         self._val_log_pi: list[torch.Tensor] = []
@@ -256,8 +271,12 @@ class DPGModule(pl.LightningModule):
         self.log("dpg/ess", self.draws.last_ess, on_step=True, on_epoch=False, batch_size=len(draw))
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.average is not None:  # theta_avg <- d theta_avg + (1 - d) theta, after the optimiser's step
+            self.average.update_parameters(self.pi)
+
     def validation_step(self, batch, batch_idx):
-        self._val_log_pi.append(self.pi.log_prob(batch).double())
+        self._val_log_pi.append(self.checked.log_prob(batch).double())
 
     def gap_to_target(self, log_pi: torch.Tensor) -> tuple[float, float]:
         """CE(V, pi) - CE(V, p_lambda) per symbol = mean_V(log p - log pi) / symbols, and its standard error:
@@ -304,9 +323,9 @@ class DPGModule(pl.LightningModule):
         log.info("[dpg] step %d: q <- pi (CE(V, pi) %.4f, CE(V, q) %.4f%s)", swap["step"], ce_pi, self.ce_valid_q,
                  "" if swap["kl_gain"] is None else f", KL gain {swap['kl_gain']:.4f} +- {swap['kl_gain_se']:.4f}")
         if self.swaps[:-1]:  # q is already our frozen copy of pi
-            self.draws.proposal.load_state_dict(self.pi.state_dict())
+            self.draws.proposal.load_state_dict(self.checked.state_dict())
         else:  # q was the proposal we were given (r): from now on a frozen copy of pi
-            self.draws.proposal = copy.deepcopy(self.pi).eval().requires_grad_(False)
+            self.draws.proposal = copy.deepcopy(self.checked).eval().requires_grad_(False)
         self.ce_valid_q = ce_pi
         self.log("dpg/swap", 1.0)
 
@@ -348,12 +367,13 @@ def proposal_draws(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, cfg:
 
 
 def fit_checked(module: DPGModule, valid: torch.Tensor, *, callbacks: list | None, logger, accelerator: str,
-                extra_keys: tuple[str, ...] = (), steps_per_check: int | None = None, keep: str = "pi",
+                extra_keys: tuple[str, ...] = (), steps_per_check: int | None = None, keep: str = "checked",
                 clip: float | None = None, start_ce: float | None = None) -> DPGResult:
     """Fit a DPG-family module: a check of CE(V, pi) every cfg.updates_per_epoch draws, the plateau rule
-    keeping the best check's `module.<keep>` (pi, or pi with its critic), progress in optimiser steps
-    (steps_per_check per check, at most), Lightning's grad-norm clip at `clip`. start_ce: CE(V) of the
-    starting weights, which are then check 0 (best_epoch -1): kept unless a check is better."""
+    keeping the best check's `module.<keep>` (`checked`: pi or its average; or pi with its critic),
+    progress in optimiser steps (steps_per_check per check, at most), Lightning's grad-norm clip at `clip`.
+    start_ce: CE(V) of the starting weights, which are then check 0 (best_epoch -1): kept unless a check
+    is better."""
     cfg, draws = module.cfg, module.draws
     # a CE(V, pi) that is not finite (pg's collapse) is a check without progress, not a reason to stop
     plateau = Plateau(cfg.patience, cfg.lr_decays, cfg.lr_decay_factor, stop_on_nonfinite=False)
@@ -367,6 +387,8 @@ def fit_checked(module: DPGModule, valid: torch.Tensor, *, callbacks: list | Non
                                unit="updates", monitor="dpg/val_ce_pi")]
     trainer = make_trainer(cfg.max_epochs, callbacks, logger, accelerator, gradient_clip_val=clip)
     trainer.fit(module, torch.utils.data.DataLoader(draws, batch_size=None), token_loader(valid, 1000, shuffle=False))
+    if module.checked is not module.pi:  # the kept average is the stage's pi
+        module.pi.load_state_dict(module.checked.state_dict())
     module.pi.eval()
     return DPGResult(plateau.best, trainer.current_epoch, plateau.best_epoch, int(trainer.global_step),
                      draws.samples_drawn, module.swaps, draws.running_z.log_z if draws.running_z.count else None,

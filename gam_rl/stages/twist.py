@@ -70,6 +70,9 @@ class TwistConfig(DPGConfig):
         if self.target != "gam":
             out.append(f"method.target={self.target!r} with method.algorithm={alg!r}: the twist methods need a "
                        "reward log P - log r that is finite everywhere; use target=gam")
+        if self.ema_decay is not None:
+            out.append(f"method.ema_decay={self.ema_decay} with method.algorithm={alg!r}: the twist methods keep pi "
+                       "with its critic, not an average of pi alone; set method.ema_decay=null")
         if self.lr_warmup:
             out.append(f"method.lr_warmup={self.lr_warmup} with method.algorithm={alg!r}: the twist methods step "
                        "their optimisers by hand, without the warm-up; set method.lr_warmup=0")
