@@ -206,9 +206,13 @@ def test_cpu_profile_per_size_budgets_reach_only_their_method_and_size():
     assert method("method=dpg_on", "dataset_size=500").stop_within_noise is None
     assert method("profile=paper", "method=dpg_off", "dataset_size=500").stop_within_noise is None
     # r kept as check 0, at most 6 checks: |D| >= 10000 only
-    for size, kept, checks in (("5000", False, 30), ("10000", True, 6), ("20000", True, 6)):
+    for size, kept, checks in (("5000", False, 8), ("10000", True, 6), ("20000", True, 6)):
         dpg = method("method=dpg_off", f"dataset_size={size}")
         assert (dpg.keep_start, dpg.max_epochs) == (kept, checks), size
+    # the checks measure the weights' moving average at |D| = 1000 and 5000 only
+    assert [method("method=dpg_off", f"dataset_size={size}").ema_decay for size in (500, 1000, 5000, 10000)] == [
+        None, 0.99, 0.99, None]
+    assert method("method=fdpg", "dataset_size=5000").ema_decay is None
     assert not method("method=dpg_on", "dataset_size=20000").keep_start
     assert method("method=distill", "dataset_size=1000").size == 2500
     assert method("method=distill", "dataset_size=500").size == 5000
@@ -223,6 +227,7 @@ def test_paper_profile_keeps_every_named_option_at_the_reference_value():
     m = cfg.method
     assert (m.init, m.keep_start, m.lr_warmup, m.proposal_batch, m.keep_per_draw, m.replay, m.steps_per_draw) == (
         "fresh", False, 0, None, None, 0, 1)
+    assert (m.ema_decay, m.lr_decays) == (None, 0)
     assert (m.normalise, m.baseline, m.swap_gate, m.updates_per_epoch, m.lr, m.minibatch, m.clip) == (
         "none", False, "ce_valid", 4000, 0.01, 500, 0.25)
     assert cfg.training1.reuse == "epoch" and cfg.z.rel_tol is None and cfg.z.samples == 1_000_000
