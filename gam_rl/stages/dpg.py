@@ -229,7 +229,7 @@ class DPGModule(pl.LightningModule):
         # `checked`: the policy that the checks measure, the swap gate copies into q and the plateau keeps:
         # pi itself, or (cfg.ema_decay) the moving average of pi's weights, from pi's starting weights on
         self.average = None
-        if getattr(cfg, "ema_decay", None) is not None:
+        if cfg.ema_decay is not None:
             self.average = AveragedModel(pi, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)).requires_grad_(False)
             self.average.update_parameters(pi)  # the first update copies: theta_avg = theta_0
         self.checked = pi if self.average is None else self.average.module
