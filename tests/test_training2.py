@@ -201,7 +201,7 @@ def test_dpg_stops_once_pi_is_within_noise_of_p_lambda():
     def fit(**options):
         torch.manual_seed(3)
         pi = LSTMPolicy(16, 1, dropout=0.0)
-        cfg = small_schedule(max_epochs=12, patience=12, **options)
+        cfg = small_schedule(max_epochs=16, patience=16, **options)
         with eval_mode(r):
             ce_r = -float(r.log_prob(valid).mean()) / 7
         result = train_dpg(pi, r, p_lambda, valid, cfg, max_len=7, symbols_per_seq=7, ce_valid_proposal=ce_r,
