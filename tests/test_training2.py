@@ -2,6 +2,7 @@
 
 import math
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -218,6 +219,25 @@ def test_dpg_stops_once_pi_is_within_noise_of_p_lambda():
     assert policy_kl(log_p, pi, space) < 0.1
 
 
+def r_itself_target(r, space):
+    """P = r (lambda = 0) and a V of 500 sequences drawn from r: every DPG update only adds noise."""
+    target = gam(r, Features("1000000", "11"), torch.tensor([0.0]))
+    with torch.no_grad():
+        log_r, _ = exact_distribution(target.log_potential(space))
+    valid = space[torch.multinomial(log_r.exp(), 500, replacement=True, generator=torch.Generator().manual_seed(9))]
+    return target, valid
+
+
+class RecordLr(pl.Callback):
+    """The learning rate of every update."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
 def test_keep_start_makes_r_check_zero_of_the_plateau():
     """keep_start with init=r: pi stays r when no check beats CE(V, r), stopping after `patience`
     checks; when DPG improves on r at once, the run is the same as without the option."""
@@ -232,12 +252,8 @@ def test_keep_start_makes_r_check_zero_of_the_plateau():
                            ce_valid_proposal=ce_valid(r, valid), seed=4)
         return result, pi
 
-    # the target is r itself (lambda = 0) and V is drawn from it: the updates only add noise, and every
-    # check is worse than r
-    r_itself = gam(r, Features("1000000", "11"), torch.tensor([0.0]))
-    with torch.no_grad():
-        log_r, _ = exact_distribution(r_itself.log_potential(space))
-    valid_r = space[torch.multinomial(log_r.exp(), 500, replacement=True, generator=torch.Generator().manual_seed(9))]
+    # the target is r itself (lambda = 0) and V is drawn from it: every check is worse than r
+    r_itself, valid_r = r_itself_target(r, space)
     ruined, _ = fit(r_itself, valid_r, lr=0.05)
     kept, pi_kept = fit(r_itself, valid_r, lr=0.05, keep_start=True)
     assert ruined.best_val_ce > ce_valid(r, valid_r) and ruined.best_epoch >= 0  # the best check is worse than r
@@ -254,15 +270,6 @@ def test_keep_start_makes_r_check_zero_of_the_plateau():
 
 
 def test_lr_warmup_raises_the_learning_rate_linearly_per_update():
-    import lightning.pytorch as pl
-
-    class RecordLr(pl.Callback):
-        def __init__(self):
-            self.lrs = []
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-
     r, p_lambda, _, _, _, valid = gam_problem()
     record = RecordLr()
     pi = LSTMPolicy(8, 1, 0.0)
@@ -275,24 +282,17 @@ def test_lr_warmup_raises_the_learning_rate_linearly_per_update():
 def test_lr_decays_restart_dpg_from_the_best_weights_at_a_lower_lr():
     """lr_decays with keep_start, towards r itself (every check worse than r): after each bad check pi is r
     again and the lr halves, twice; the third bad check stops, with pi = r."""
-    import lightning.pytorch as pl
-
-    class Record(pl.Callback):
+    class Record(RecordLr):
         def __init__(self):
-            self.lrs, self.starts_at_r = [], []
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+            super().__init__()
+            self.starts_at_r = []
 
         def on_train_epoch_start(self, trainer, module):
             self.starts_at_r.append(all(torch.equal(a, b) for a, b in zip(
                 module.pi.state_dict().values(), r.state_dict().values(), strict=True)))
 
     r, _, space, _, _, _ = gam_problem()
-    r_itself = gam(r, Features("1000000", "11"), torch.tensor([0.0]))
-    with torch.no_grad():
-        log_r, _ = exact_distribution(r_itself.log_potential(space))
-    valid_r = space[torch.multinomial(log_r.exp(), 500, replacement=True, generator=torch.Generator().manual_seed(9))]
+    r_itself, valid_r = r_itself_target(r, space)
     pi, record = LSTMPolicy(8, 1, 0.0), Record()
     pi.load_state_dict(r.state_dict())
     cfg = small_schedule(init="r", lr=0.2, keep_start=True, patience=1, lr_decays=2, updates_per_epoch=10,
@@ -309,7 +309,6 @@ def test_lr_decays_restart_dpg_from_the_best_weights_at_a_lower_lr():
 def test_ema_decay_checks_keeps_and_returns_the_moving_average_of_the_weights():
     """ema_decay d: after every update theta_avg <- d theta_avg + (1 - d) theta, from pi's starting weights;
     the checks measure theta_avg, and the returned pi is theta_avg at the best check."""
-    import lightning.pytorch as pl
 
     class Record(pl.Callback):
         def __init__(self, start):
