@@ -18,15 +18,19 @@ unchanged), with a hand-written backward instead of autograd through ~20 small o
   into per-position coefficients (below), so its reverse loop costs one matmul and four
   elementwise ops per layer per step; dL/d(pre-activation) overwrites the coefficients, and
   each weight gradient is ONE matmul over all N positions;
-* dropout masks come from numpy's PCG64 seeded by torch's generator (torch's CPU bernoulli_
-  costs ~10 ns per element: ~15% of a training step at 2 x 200);
+* dropout masks come from a counter-based SplitMix64 compiled in lstm_native (numpy's PCG64
+  without it), seeded by torch's generator (torch's CPU bernoulli_ costs ~10 ns per element:
+  ~15% of a training step at 2 x 200); the compiled layer loops apply them as they go;
 * large buffers are reused between calls (_BufferPool);
 * in float32 on the CPU the cell's elementwise math (the forward below, the backward's per-step
   part and the sampler's bookkeeping) runs as one compiled C pass per step (lstm_native), with the
   torch ops as the fallback: at the cpu profile's 2 x 64 those ops cost as much as the matmuls;
   where torch exports its MKL sgemm, each layer's whole loop over steps (the step's matmul, then
-  the cell) is one compiled call, so no Python runs between steps (at batch 100, r's batch, that
-  per-step Python cost about as much as the step's matmul).
+  the cell, the dropout on its output, and in the backward the sums of da that give layer 0's
+  table and the biases' gradients) is one compiled call, so no Python runs between steps (at
+  batch 100, r's batch, that per-step Python cost about as much as the step's matmul);
+* the output head's log-softmax at the target and its backward are one compiled pass each
+  (head_log_prob).
 
 `StepLSTM` is the same cell one step of every layer at a time (no autograd, one matmul per
 layer per step, preallocated buffers): LSTMPolicy.sample and log_prob under no_grad use it.
@@ -223,7 +227,10 @@ def _forward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks
         w_ih, w_hh, bias = _forward_weights(weights, l)
         gates, cell, tanh_c, h_out = (_POOL.take((N, 4 * H), like), _POOL.take((N, H), like),
                                       _POOL.take((N, H), like), _POOL.take((N, H), like))
-        if sgemm is not None:  # every step (input, matmul, cell) in one compiled call: no Python per step
+        # dropout on every layer's output: the next layer's input, or the LSTM's output
+        mask = masks[l] if masks is not None else None
+        x_next = None if mask is None else _POOL.take((N, H), like) if l < layers - 1 else like.new_empty(N, H)
+        if sgemm is not None:  # every step (input, matmul, cell, dropout) in one compiled call: no Python per step
             if l == 0:  # a = gathered table row (input + bias), copied step by step in the C loop
                 table, index, b = _input_table(w_ih, bias, keep).contiguous(), in_index.contiguous(), None
             else:  # a = x W_ih^T: one matmul over all positions; the C loop adds the bias
@@ -231,19 +238,18 @@ def _forward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks
                 torch.mm(x, w_ih.t(), out=gates)
             native.gam_layer_forward(sgemm, len(sizes), *(arr.ctypes.data for arr in pk.step_arrays), H,
                                      gates.data_ptr(), _ptr(table), _ptr(index), _ptr(b), w_hh.data_ptr(),
-                                     cell.data_ptr(), h_out.data_ptr(), tanh_c.data_ptr(), threads)
+                                     cell.data_ptr(), h_out.data_ptr(), tanh_c.data_ptr(), _ptr(mask),
+                                     _ptr(x_next), threads)
         else:
             if l == 0:  # a = gathered table row (input + bias)
                 torch.index_select(_input_table(w_ih, bias, keep), 0, in_index, out=gates)
             else:  # one matmul over all positions: a = x W_ih^T + b
                 torch.addmm(bias, x, w_ih.t(), out=gates)
             _forward_steps(pk, gates, cell, tanh_c, h_out, w_hh, H, native, threads)
+            if mask is not None:
+                torch.mul(h_out, mask, out=x_next)
         saved.append((gates, cell, tanh_c, h_out, x))
-        # dropout on every layer's output: the next layer's input, or the LSTM's output
-        if masks is None:
-            x = h_out
-        else:
-            x = torch.mul(h_out, masks[l], out=_POOL.take((N, H), like) if l < layers - 1 else like.new_empty(N, H))
+        x = h_out if mask is None else x_next
     return x, saved
 
 
@@ -299,14 +305,19 @@ class _NativeSteps:
 
     def __init__(self, native):
         self.native, self.threads, self.sgemm = native, torch.get_num_threads(), lstm_native.sgemm_address()
+        self.masks_in_loop = self.sgemm is not None  # reverse() applies the dropout mask on d_h itself
 
-    def reverse(self, pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H) -> None:
+    def reverse(self, pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H, acc, index, mask=None) -> None:
+        """acc (threads, rows, 4H) gathers every position's da by index (index None: all in row 0);
+        mask: the layer's output dropout, applied to d_h step by step (only where masks_in_loop)."""
         sizes, offs, T = pk.sizes, pk.offsets, len(pk.sizes)
+        acc_rows = acc.shape[1]
         if self.sgemm is not None:
             w = w_hh.contiguous()  # held here until the call returns
             self.native.gam_layer_backward(self.sgemm, T, *(arr.ctypes.data for arr in pk.step_arrays), H,
                                            gates.data_ptr(), w.data_ptr(), cell.data_ptr(), tanh_c.data_ptr(),
-                                           d_h.data_ptr(), d_cs[0].data_ptr(), self.threads)
+                                           d_h.data_ptr(), d_cs[0].data_ptr(), _ptr(mask), self.threads,
+                                           acc.data_ptr(), _ptr(index), acc_rows)
             return
         for t in reversed(range(T)):
             n, a = sizes[t], offs[t]
@@ -317,12 +328,15 @@ class _NativeSteps:
             # gates [i, f, g, o] -> [da_i, da_f, da_g, da_o]; d_cs[0] carries dc_{t+1} f_{t+1} to step t
             c_prev = cell[offs[t - 1]].data_ptr() if t > 0 else None
             self.native.gam_cell_backward(n, m, H, gates[a].data_ptr(), c_prev, tanh_c[a].data_ptr(),
-                                          dh.data_ptr(), d_cs[0].data_ptr(), self.threads)
+                                          dh.data_ptr(), d_cs[0].data_ptr(), self.threads, acc.data_ptr(),
+                                          None if index is None else index[a].data_ptr(), acc_rows)
 
 
 class _TorchSteps:
     """The same reverse loop as torch ops: the saved activations become coefficients a cache-sized
     block of steps at a time (_coefficients), then four elementwise ops per step."""
+
+    masks_in_loop = False
 
     def __init__(self, pk: PackedTokens, like: torch.Tensor, H: int):
         # coefficients are made a block of steps at a time, COEFFICIENT_BLOCK elements per (rows, H) block
@@ -330,7 +344,7 @@ class _TorchSteps:
         rows = max(pk.offsets[t1 - 1] + pk.sizes[t1 - 1] - pk.offsets[t0] for t0, t1 in self.chunks)
         self.scratch = like.new_empty(rows, H), like.new_empty(rows, H), like.new_empty(rows, 2 * H)
 
-    def reverse(self, pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H) -> None:
+    def reverse(self, pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H, acc, index, mask=None) -> None:
         sizes, offs, T = pk.sizes, pk.offsets, len(pk.sizes)
         for t0, t1 in reversed(self.chunks):
             _coefficients(pk, offs[t0], offs[t1 - 1] + sizes[t1 - 1], gates, cell, tanh_c, *self.scratch, H)
@@ -364,13 +378,21 @@ def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, mask
     d_cs = [like.new_zeros(B0, H), like.new_zeros(B0, H)]
     native = native_kernels(like)
     steps = _NativeSteps(native) if native is not None else _TorchSteps(pk, like, H)
+    table_rows = 8 if keep is not None else 4
     for l in reversed(range(layers)):
         gates, cell, tanh_c, h_out, x = saved[l]
         w_ih, w_hh = weights[4 * l], weights[4 * l + 1]
         d_gates = gates  # coefficients, then da, overwrite the activations
         for d_c in d_cs:
             d_c.zero_()
-        steps.reverse(pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H)
+        # the compiled loop also sums da per thread as it goes: by table row (layer 0) or all (the bias)
+        acc = like.new_zeros(steps.threads, table_rows if l == 0 else 1, 4 * H) if native is not None else None
+        # below the top layer, d_h holds dL/d dropout(h): the mask is applied here or in the loop
+        mask = masks[l] if masks is not None and l < layers - 1 else None
+        if mask is not None and not steps.masks_in_loop:
+            d_h.mul_(mask)
+        steps.reverse(pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H, acc, in_index if l == 0 else None,
+                      mask if steps.masks_in_loop else None)
         # weight gradients, one matmul each over all positions (computed transposed, (in, 4H):
         # MKL is faster with the long dimension N inside than as x^T's rows)
         if N > B0:  # dW_hh^T = sum_t h_{t-1}^T da_t  (h_{-1} = 0)
@@ -378,15 +400,14 @@ def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, mask
         else:
             d_w_hh = like.new_zeros(H, 4 * H)
         if l == 0:  # table rows: d_table[k] = sum of da over positions with index k
-            d_table = like.new_zeros(8 if keep is not None else 4, 4 * H).index_add_(0, in_index, d_gates)
+            d_table = (acc.sum(dim=0) if acc is not None
+                       else like.new_zeros(table_rows, 4 * H).index_add_(0, in_index, d_gates))
             d_bias = d_table.sum(dim=0)  # every row carries the bias
             d_w_ih = d_table[:3] / (keep or 1.0)
         else:
-            d_bias = d_gates.sum(dim=0)
+            d_bias = acc.sum(dim=(0, 1)) if acc is not None else d_gates.sum(dim=0)
             d_w_ih = x.t() @ d_gates  # dW_ih^T = sum_t x_t^T da_t
-            torch.mm(d_gates, w_ih, out=d_h)  # dx = da W_ih, then through the dropout mask
-            if masks is not None:
-                d_h.mul_(masks[l - 1])
+            torch.mm(d_gates, w_ih, out=d_h)  # dx = da W_ih (the layer below applies its dropout mask)
         grads[4 * l : 4 * l + 4] = [d_w_ih.t().contiguous(), d_w_hh.t().contiguous(), d_bias, d_bias.clone()]
         _POOL.give(gates, cell, tanh_c, h_out if masks is not None or l < layers - 1 else None,
                    x if masks is not None else None)
@@ -494,19 +515,71 @@ class _FusedLSTM(torch.autograd.Function):
         return (None,) * 6 + tuple(grads)
 
 
+class _HeadLogProb(torch.autograd.Function):
+    """log softmax(out W^T + b)[target] per position through the compiled head (gam_head_logp /
+    gam_head_backward): the logits' matmul stays torch's; the softmax, the pick and the backward's
+    dh = dz W run as one pass each, where torch needs four ops and a slow (n, 3) @ (3, H) matmul."""
+
+    @staticmethod
+    def forward(ctx, out, weight, bias, target, native):
+        n, V, threads = out.shape[0], weight.shape[0], torch.get_num_threads()
+        out, target = out.contiguous(), target.contiguous()
+        probs = torch.addmm(bias, out, weight.t())  # the logits z, then softmax(z) in place
+        picked = out.new_empty(n)
+        native.gam_head_logp(n, V, probs.data_ptr(), target.data_ptr(), picked.data_ptr(), threads)
+        ctx.save_for_backward(out, weight)
+        ctx.probs, ctx.target, ctx.native = probs, target, native
+        return picked
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_picked):
+        out, weight = ctx.saved_tensors
+        (n, H), V = out.shape, weight.shape[0]
+        dz, w, d_out = ctx.probs, weight.contiguous(), out.new_empty(out.shape)
+        ctx.native.gam_head_backward(n, V, H, grad_picked.contiguous().data_ptr(), dz.data_ptr(), ctx.target.data_ptr(),
+                                     w.data_ptr(), d_out.data_ptr(), torch.get_num_threads())
+        return d_out, dz.t() @ out, dz.sum(dim=0), None, None  # dh = dz W, dW = dz^T h, db = sum dz
+
+
+def head_log_prob(out: torch.Tensor, head: torch.nn.Linear, target: torch.Tensor) -> torch.Tensor:
+    """log softmax(head(out))[target] at every row of out (n, H); differentiable. Compiled on float32
+    CPU tensors (lstm_native), else torch ops: the same values to float rounding."""
+    native = native_kernels(out)
+    if native is None or out.dtype != head.weight.dtype:
+        return torch.log_softmax(head(out), dim=-1).gather(1, target.unsqueeze(1)).squeeze(1)
+    return _HeadLogProb.apply(out, head.weight, head.bias, target, native)
+
+
 def dropout_masks(num: int, hidden: int, layers: int, p: float, like: torch.Tensor):
     """(input keep (num,) bool, [(num, hidden) masks with entries 0 or 1/(1-p), one per layer]).
 
-    On the CPU the bits come from numpy's PCG64 (~10x faster than torch's bernoulli_), seeded
-    from torch's default generator so torch.manual_seed still fixes them; each element is
-    kept iff a uniform 32-bit integer falls below (1 - p) 2^32.
+    On the CPU each element is kept iff a uniform 32-bit integer falls below (1 - p) 2^32, from a
+    seed drawn from torch's default generator, so torch.manual_seed still fixes them. With the
+    compiled kernels (float32) the integers come from a counter-based SplitMix64 written straight
+    into the float masks in one pass (gam_dropout_mask: about 10x less than numpy's bits, then a
+    compare and a scale, which cost ~10% of a 2 x 64 training step); otherwise from numpy's
+    PCG64 (~10x faster than torch's bernoulli_).
     """
     keep = 1.0 - p
     if like.device.type != "cpu":
         kept = torch.rand(num, device=like.device) < keep
         return kept, [torch.empty(num, hidden, dtype=like.dtype, device=like.device).bernoulli_(keep).div_(keep)
                       for _ in range(layers)]
-    rng = np.random.Generator(np.random.PCG64(int(torch.randint(0, 2**62, (1,)))))
+    seed = int(torch.randint(0, 2**62, (1,)))
+    native = native_kernels(like)
+    if native is not None:  # disjoint counter ranges of one seed: the input's mask, then one per layer
+        threshold, threads = min(round(keep * 2**32), 2**32 - 1), torch.get_num_threads()
+        masks, start = [], (num + 1) // 2
+        kept_scaled = like.new_empty(num)
+        native.gam_dropout_mask(num, seed, 0, threshold, 1.0, kept_scaled.data_ptr(), threads)
+        for _ in range(layers):
+            m = like.new_empty(num, hidden)
+            native.gam_dropout_mask(num * hidden, seed, start, threshold, 1.0 / keep, m.data_ptr(), threads)
+            masks.append(m)
+            start += (num * hidden + 1) // 2
+        return kept_scaled != 0, masks
+    rng = np.random.Generator(np.random.PCG64(seed))
     threshold = min(round(keep * 2**32) - 2**31, 2**31 - 1)  # int32 r < threshold  <=>  r + 2^31 < keep 2^32
 
     def uniform_int32(count: int) -> torch.Tensor:
@@ -536,7 +609,7 @@ def lstm_over_tokens(pk: PackedTokens, lstm: torch.nn.LSTM, dropout: float = 0.0
     if masks is None and dropout > 0:
         masks = dropout_masks(pk.num, H, L, dropout, weights[0])
     if masks is not None:
-        kept, layer_masks = masks
+        kept, layer_masks = masks[0], [m.contiguous() for m in masks[1]]  # the compiled loops read them flat
         keep = 1.0 - dropout
         in_index = pk.prev + 4 * (~kept).long()  # dropped symbols use the bias-only rows 4..7
     if torch.is_grad_enabled() and any(w.requires_grad for w in weights):

@@ -1,12 +1,13 @@
 """The LSTM cell's elementwise math as one compiled loop per step (gam_rl/native/lstm_cell.c).
 
 At the cpu profile's 2 x 64 the step's matmul is small, and the 8 to 11 separate torch ops of the
-cell's elementwise math (each a pass over memory with its own dispatch) cost as much as the
-matmul: this module compiles the cell forward, its backward and the sampler's per-step
-bookkeeping as plain C (gcc or cc, -O3 -march=native, OpenMP through the libgomp that torch
-itself loaded), once per machine and source, into a cache folder, and calls them through ctypes
-on the tensors' memory. torch.compile was measured on the same cell first: 30 s to compile per
-process and 0.76 ms per call at 4096 x 64 against 0.94 ms for the in-place torch ops
+cell's elementwise math (each a pass over memory with its own dispatch) cost as much as the matmul:
+this module compiles the cell forward (with an inline polynomial exp: libm's vector expf made the
+cell cost as much as the matmul), its backward, the sampler's per-step bookkeeping, the dropout
+masks and the output head's log-softmax as plain C (gcc or cc, -O3 -march=native, OpenMP through the
+libgomp that torch itself loaded), once per machine and source, into a cache folder, and calls them
+through ctypes on the tensors' memory. torch.compile was measured on the same cell first: 30 s to
+compile per process and 0.76 ms per call at 4096 x 64 against 0.94 ms for the in-place torch ops
 (docs/measurements.md).
 
 Where torch's CPU library exports MKL's sgemm (`sgemm_address()`), the teacher-forcing loops over
@@ -37,7 +38,7 @@ import torch
 SOURCE = Path(__file__).parent / "native" / "lstm_cell.c"
 # -ffast-math at compile time only: linked into a shared library it would set the process's
 # flush-to-zero flags (crtfastmath); exp's inputs are clamped in the source, so no infinities
-COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c11"]
+COMPILE_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-std=c11"]
 _state: dict = {}
 
 
@@ -103,14 +104,21 @@ def _load(path: Path) -> ctypes.CDLL:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.gam_cell_forward.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i32]
     lib.gam_cell_forward.restype = None
-    lib.gam_cell_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.gam_cell_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, i64]
     lib.gam_cell_backward.restype = None
     lib.gam_sample_step.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.gam_sample_step.restype = i64
-    lib.gam_layer_forward.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.gam_layer_forward.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.gam_layer_forward.restype = None
-    lib.gam_layer_backward.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.gam_layer_backward.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr,
+                                       i64]
     lib.gam_layer_backward.restype = None
+    lib.gam_dropout_mask.argtypes = [i64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ptr, i32]
+    lib.gam_dropout_mask.restype = None
+    lib.gam_head_logp.argtypes = [i64, i64, ptr, ptr, ptr, i32]
+    lib.gam_head_logp.restype = None
+    lib.gam_head_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.gam_head_backward.restype = None
     return lib
 
 

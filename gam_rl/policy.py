@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from gam_rl.config_fields import setting
-from gam_rl.lstm_kernel import StepLSTM, lstm_over_tokens, pack_tokens
+from gam_rl.lstm_kernel import StepLSTM, head_log_prob, lstm_over_tokens, pack_tokens
 from gam_rl.potentials import Potential
 from gam_rl.tokens import BOS, EOS, PAD, VOCAB
 
@@ -108,8 +108,7 @@ class LSTMPolicy(nn.Module, Potential):
             return torch.zeros(len(tokens), dtype=self.head.weight.dtype, device=tokens.device)
         # the kernel applies dropout to the input and to every layer's output (the head's input)
         out = lstm_over_tokens(packed, self.lstm, self.dropout_p if self.training else 0.0)
-        logp = torch.log_softmax(self.head(out), dim=-1)  # (symbols in batch, VOCAB)
-        picked = logp.gather(1, packed.target.unsqueeze(1)).squeeze(1)
+        picked = head_log_prob(out, self.head, packed.target)  # log pi(x_t | x_<t) at every symbol
         return torch.zeros(len(tokens), dtype=picked.dtype, device=tokens.device).index_add_(0, packed.row, picked)
 
     def _inputs(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -180,7 +180,12 @@ def test_backward_twice_is_refused():
         loss.backward()
 
 
-def test_dropout_masks_are_seeded_and_scaled():
+@pytest.mark.parametrize("bits", ["compiled", "numpy"])
+def test_dropout_masks_are_seeded_and_scaled(bits, monkeypatch):
+    if bits == "numpy":
+        monkeypatch.setattr(lstm_native, "kernels", lambda: None)
+    elif lstm_native.kernels() is None:
+        pytest.skip("no C compiler for gam_rl.lstm_native")
     like = torch.zeros(1)
     torch.manual_seed(11)
     kept, masks = dropout_masks(4000, 50, 2, 0.2, like)
@@ -353,3 +358,65 @@ def test_native_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
     assert first.parent == tmp_path and lstm_native._build(lstm_native._compiler()) == first
     assert first.stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
+
+
+@native_only
+def test_compiled_exp_gives_the_cell_to_float_rounding():
+    """The cell's inline exp (Cody-Waite reduction, degree-5 polynomial) against float64 sigmoid and
+    tanh over pre-activations in [-100, 100], clamp included: c' and h' within 1e-6 (a wrong
+    reduction or polynomial coefficient is off by > 1e-4 somewhere in the range)."""
+    H, n = 64, 4001
+    shuffle = torch.randperm(n, generator=torch.Generator().manual_seed(1))  # each row a spread of values
+    pre = torch.linspace(-100, 100, n * 4 * H).view(n, 4 * H)[shuffle].contiguous()
+    c_prev = torch.linspace(-3, 3, n * H).view(n, H).contiguous()
+    cell, h = torch.empty(n, H), torch.empty(n, H)
+    lstm_native.kernels().gam_cell_forward(n, H, pre.data_ptr(), 4 * H, c_prev.data_ptr(), cell.data_ptr(),
+                                          h.data_ptr(), H, None, None, 1)
+    a = pre.double()
+    i, f, o = torch.sigmoid(a[:, :H]), torch.sigmoid(a[:, H : 2 * H]), torch.sigmoid(a[:, 3 * H :])
+    g = 2 * torch.sigmoid(a[:, 2 * H : 3 * H]) - 1  # the g rows arrive doubled: tanh(a_g) = 2 sigma(2 a_g) - 1
+    c = f * c_prev.double() + i * g
+    assert (cell.double() - c).abs().max() <= 1e-6
+    assert (h.double() - o * torch.tanh(c)).abs().max() <= 1e-6
+
+
+@native_only
+def test_compiled_dropout_bits_are_independent_within_and_across_masks():
+    """SplitMix64's two halves, neighbouring counters and the masks that share a seed: the kept
+    fraction, the pairwise kept-together rate of neighbours (keep^2 if independent) and the overlap
+    of two layers' masks, on 2M draws (sd about 3e-4); an odd count fills its last element."""
+    torch.manual_seed(7)
+    kept, masks = dropout_masks(1001, 999, 2, 0.5, torch.zeros(1))  # odd sizes: the tail element
+    a, b = (masks[0] > 0).double(), (masks[1] > 0).double()
+    for m in (a, b):
+        flat = m.flatten()
+        assert flat.mean().item() == pytest.approx(0.5, abs=0.002)
+        assert (flat[1:] * flat[:-1]).mean().item() == pytest.approx(0.25, abs=0.002)  # halves and neighbours
+        assert (flat[2:] * flat[:-2]).mean().item() == pytest.approx(0.25, abs=0.002)
+    assert (a * b).mean().item() == pytest.approx(0.25, abs=0.002)  # the layers' masks do not repeat
+    assert kept.double().mean().item() == pytest.approx(0.5, abs=0.06)
+    assert masks[0][-1, -1].item() in (0.0, 2.0) and masks[1].flatten()[-3:].abs().sum() > 0
+
+
+@native_only
+def test_compiled_head_log_prob_and_gradients_equal_torch_ops(monkeypatch):
+    """log softmax(head(out))[target] and its gradients on out, W and b: the compiled head against
+    torch's ops, to float32 rounding (a wrong sign or a missing softmax term is off by > 1e-2)."""
+    torch.manual_seed(9)
+    out = (3 * torch.randn(5000, 24)).requires_grad_()
+    head = torch.nn.Linear(24, 3)
+    target = torch.randint(0, 3, (5000,))
+    weight = torch.randn(5000)
+
+    def run(native: bool):
+        if not native:
+            monkeypatch.setattr(lstm_native, "kernels", lambda: None)
+        out.grad = None
+        head.zero_grad()
+        picked = lstm_kernel.head_log_prob(out, head, target)
+        (picked * weight).sum().backward()
+        return [picked.detach(), out.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+
+    compiled, reference = run(True), run(False)
+    for got, ref in zip(compiled, reference, strict=True):
+        assert (got - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max())

@@ -20,13 +20,41 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define CLAMP 80.0f
 
+/* exp(x) for |x| <= CLAMP, inline so the cell's loops vectorise without a call per vector (libm's
+   vector expf cost about 2 ns per element there, as much as the step's matmul at 2 x 64):
+   exp(x) = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2], ln 2 split
+   in two parts (Cody-Waite) so r keeps its precision; e^r = 1 + r + r^2 P(r), P Cephes' degree-5
+   fit (relative error about 1e-7, float rounding); 2^n built from its exponent bits. */
+static inline float exp_clamped(float x) {
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const int32_t bits = ((int32_t)n + 127) << 23;  /* 2^n: n in [-116, 116] for |x| <= 80 */
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return (p * r * r + r + 1.0f) * two_n;
+}
+
 static inline float logistic(float x) {
     x = fminf(fmaxf(x, -CLAMP), CLAMP);
-    return 1.0f / (1.0f + expf(-x));
+    return 1.0f / (1.0f + exp_clamped(-x));
 }
+
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_NUM omp_get_thread_num()
+#else
+#define THREAD_NUM 0
+#endif
 
 #define PARALLEL_ROWS(n, H, threads) \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if((n) * (H) >= 16384 && (threads) > 1)")
@@ -63,9 +91,13 @@ void gam_cell_forward(int64_t n, int64_t H, const float *pre, int64_t ld_pre, co
 /* Backward of one step of one layer over the n rows alive at it; the first m (<= n) are alive at
    the next step, so only they carry dcf in (the others start from 0). gates: (n, 4H) activated
    [i, f, g, o] in, overwritten with [da_i, da_f, da_g, da_o]. c_prev: c (n, H), NULL at t = 0;
-   tanh_c: tanh(c'); dh: (n, H); dcf: (n, H) in (first m rows) and out. */
+   tanh_c: tanh(c'); dh: (n, H); dcf: (n, H) in (first m rows) and out.
+   acc (NULL: none): each row's da is also added to acc[thread][index[r]] (index NULL: row 0), a
+   (threads, acc_rows, 4H) block of per-thread sums, while it is still in cache: layer 0's table
+   gradient (rows by input symbol) or layer l's bias gradient, which would otherwise be another pass
+   over all N positions (an index_add or a sum: ~5% of a 2 x 64 training step). */
 void gam_cell_backward(int64_t n, int64_t m, int64_t H, float *gates, const float *c_prev, const float *tanh_c,
-                       const float *dh, float *dcf, int threads) {
+                       const float *dh, float *dcf, int threads, float *acc, const int64_t *index, int64_t acc_rows) {
     PARALLEL_ROWS(n, H, threads)
     for (int64_t r = 0; r < n; r++) {
         float *ga = gates + r * 4 * H, *d = dcf + r * H;
@@ -80,6 +112,11 @@ void gam_cell_backward(int64_t n, int64_t m, int64_t H, float *gates, const floa
             ga[H + j] = cp ? dc * cp[j] * f * (1.0f - f) : 0.0f;     /* da_f (c = 0 at t = 0) */
             ga[2 * H + j] = dc * i * (1.0f - g * g);                /* da_g */
             d[j] = dc * f;                                          /* dc_t f_t, to step t - 1 */
+        }
+        if (acc) {
+            float *sum = acc + ((int64_t)THREAD_NUM * acc_rows + (index ? index[r] : 0)) * 4 * H;
+#pragma omp simd
+            for (int64_t j = 0; j < 4 * H; j++) sum[j] += ga[j];
         }
     }
 }
@@ -130,10 +167,12 @@ typedef void (*sgemm_fn)(const char *ta, const char *tb, const int *m, const int
        a_t += h_{t-1} W_hh^T   (one sgemm; row-major (n, 4H) = column-major (4H, n))
        then the cell (gam_cell_forward), activations kept for the backward.
    gates: (N, 4H); table: (rows, 4H) with index (N,) into it, or NULL; bias: (4H,) or NULL;
-   w_hh: (4H, H) row-major (g rows doubled); cell, h_out, tanh_c: (N, H). */
+   w_hh: (4H, H) row-major (g rows doubled); cell, h_out, tanh_c: (N, H); mask (N, H) or NULL: then
+   also x_out = h_out * mask, the dropout on the layer's output (the next layer's input). */
 void gam_layer_forward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const int64_t *offsets, int64_t H,
                        float *gates, const float *table, const int64_t *index, const float *bias,
-                       const float *w_hh, float *cell, float *h_out, float *tanh_c, int threads) {
+                       const float *w_hh, float *cell, float *h_out, float *tanh_c, const float *mask, float *x_out,
+                       int threads) {
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
     const int four_h = (int)(4 * H), h = (int)H;
     const float one = 1.0f;
@@ -162,27 +201,103 @@ void gam_layer_forward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const i
             c_prev = cell + offsets[t - 1] * H;
         }
         gam_cell_forward(n, H, g, 4 * H, c_prev, cell + a * H, h_out + a * H, H, g, tanh_c + a * H, threads);
+        if (mask) {  /* dropout on the layer's output while it is in cache: x = h' mask */
+            const int64_t count = n * H;
+            const float *hs = h_out + a * H, *ms = mask + a * H;
+            float *xs = x_out + a * H;
+            _Pragma("omp parallel for simd schedule(static) num_threads(threads) if(count >= 16384 && threads > 1)")
+            for (int64_t k = 0; k < count; k++) xs[k] = hs[k] * ms[k];
+        }
     }
 }
 
 /* The backward's reverse loop over every step of one layer:
+       dh_t *= mask_t          (mask not NULL: d_h holds the gradient on dropout(h) from above)
        dh_t += da_{t+1} W_hh   (one sgemm over the rows alive at t + 1)
-       then gam_cell_backward (gates -> da in place, dc carried in dcf).
+       then gam_cell_backward (gates -> da in place, dc carried in dcf; da summed into acc).
    w_hh: (4H, H) row-major (the layer's own weights, not doubled); d_h: (N, H); dcf: (sizes[0], H). */
 void gam_layer_backward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const int64_t *offsets, int64_t H,
                         float *gates, const float *w_hh, const float *cell, const float *tanh_c, float *d_h,
-                        float *dcf, int threads) {
+                        float *dcf, const float *mask, int threads, float *acc, const int64_t *index,
+                        int64_t acc_rows) {
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
     const int four_h = (int)(4 * H), h = (int)H;
     const float one = 1.0f;
     for (int64_t t = T - 1; t >= 0; t--) {
         const int64_t n = sizes[t], a = offsets[t], m = t + 1 < T ? sizes[t + 1] : 0;
         float *dh = d_h + a * H;
+        if (mask) {  /* the gradient from above reached h' through the dropout on the layer's output */
+            const int64_t count = n * H;
+            const float *ms = mask + a * H;
+            _Pragma("omp parallel for simd schedule(static) num_threads(threads) if(count >= 16384 && threads > 1)")
+            for (int64_t k = 0; k < count; k++) dh[k] *= ms[k];
+        }
         if (m) {
             const int rows = (int)m;
             sgemm("N", "N", &h, &rows, &four_h, &one, w_hh, &h, gates + offsets[t + 1] * 4 * H, &four_h, &one, dh, &h);
         }
         gam_cell_backward(n, m, H, gates + a * 4 * H, t > 0 ? cell + offsets[t - 1] * H : 0, tanh_c + a * H, dh,
-                          dcf, threads);
+                          dcf, threads, acc, index ? index + a : 0, acc_rows);
+    }
+}
+
+/* Dropout masks: out[i] = scale if u_i < threshold else 0, for i in [0, count), with u_i a uniform
+   32-bit integer: the low (i even) or high (i odd) half of SplitMix64 at counter start + i / 2,
+       z = seed + (k + 1) gamma,  z = (z ^ z >> 30) m1,  z = (z ^ z >> 27) m2,  z ^ z >> 31
+   (Steele, Lea and Flood 2014; the stream passes BigCrush). Counter-based, so the rows split between
+   threads and the loop vectorises, and one seed serves several masks at disjoint counter ranges. */
+void gam_dropout_mask(int64_t count, uint64_t seed, uint64_t start, uint32_t threshold, float scale, float *out,
+                      int threads) {
+    const int64_t pairs = count / 2;
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(count >= 65536 && threads > 1)")
+    for (int64_t k = 0; k < pairs; k++) {
+        uint64_t z = seed + (start + (uint64_t)k + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        out[2 * k] = (uint32_t)z < threshold ? scale : 0.0f;
+        out[2 * k + 1] = (uint32_t)(z >> 32) < threshold ? scale : 0.0f;
+    }
+    if (count % 2) {  /* the last element: the low half of the next counter */
+        uint64_t z = seed + (start + (uint64_t)pairs + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        out[count - 1] = (uint32_t)z < threshold ? scale : 0.0f;
+    }
+}
+
+/* The output head's log-softmax at the target symbol, over n positions and V symbols:
+       log p(y) = (z_y - m) - log sum_k exp(z_k - m),   m = max_k z_k
+   logits (n, V) are overwritten with the softmax p, which the backward needs. */
+void gam_head_logp(int64_t n, int64_t V, float *logits, const int64_t *target, float *picked, int threads) {
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(n >= 8192 && threads > 1)")
+    for (int64_t r = 0; r < n; r++) {
+        float *z = logits + r * V;
+        float m = z[0], s = 0.0f;
+        for (int64_t k = 1; k < V; k++) m = fmaxf(m, z[k]);
+        const float zy = z[target[r]] - m;
+        for (int64_t k = 0; k < V; k++) s += (z[k] = expf(z[k] - m));
+        picked[r] = zy - logf(s);
+        for (int64_t k = 0; k < V; k++) z[k] /= s;
+    }
+}
+
+/* Its backward, with g (n,) the gradient on log p(y) at every position and w (V, H) the head's weight:
+       dz_k = g (1[k = y] - p_k)   (written over p, for dW = dz^T h and db = sum dz),
+       dh   = dz w = sum_k dz_k w_k   (d_out (n, H); a (n, V) @ (V, H) matmul that MKL runs slowly at V = 3). */
+void gam_head_backward(int64_t n, int64_t V, int64_t H, const float *g, float *probs, const int64_t *target,
+                       const float *w, float *d_out, int threads) {
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(n * H >= 65536 && threads > 1)")
+    for (int64_t r = 0; r < n; r++) {
+        float *dz = probs + r * V, *d = d_out + r * H;
+        for (int64_t k = 0; k < V; k++) dz[k] = g[r] * ((k == target[r]) - dz[k]);
+#pragma omp simd
+        for (int64_t j = 0; j < H; j++) d[j] = dz[0] * w[j];
+        for (int64_t k = 1; k < V; k++) {
+            const float c = dz[k], *wk = w + k * H;
+#pragma omp simd
+            for (int64_t j = 0; j < H; j++) d[j] += c * wk[j];
+        }
     }
 }
