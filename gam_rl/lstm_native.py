@@ -38,7 +38,11 @@ import torch
 SOURCE = Path(__file__).parent / "native" / "lstm_cell.c"
 # -ffast-math at compile time only: linked into a shared library it would set the process's
 # flush-to-zero flags (crtfastmath); exp's inputs are clamped in the source, so no infinities
-COMPILE_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-std=c11"]
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c11"]
+# x86: let the vectoriser use 512-bit registers where the CPU has them (gcc defaults to 256; the cell
+# is compute-bound on its exps); the flag is x86-only, and a no-op without AVX-512
+if platform.machine().lower() in ("x86_64", "amd64"):
+    COMPILE_FLAGS.insert(2, "-mprefer-vector-width=512")
 _state: dict = {}
 
 
