@@ -37,6 +37,7 @@ import torch
 
 from gam_rl.estimators import importance_z
 from gam_rl.features import Features
+from gam_rl.memory import retain_freed_memory
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import gam
 from gam_rl.stages.dpg import dpg_loss
@@ -442,6 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="also write the full JSON to this file")
     parser.add_argument("--json", action="store_true", help="print the full JSON instead of the summary")
     args = parser.parse_args(argv)
+    retain_freed_memory()  # as every gam-rl job does
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gam_rl import schema
+from gam_rl.memory import retain_freed_memory
 from gam_rl.run_io import RunLogger, atomic_write_json
 from gam_rl.schema import ConfigError
 from gam_rl.sweep import SweepSummary, complete_results, folder_conflict, remove_stale_files, sweep_summary
@@ -363,6 +364,7 @@ def execute(cfg: DictConfig | dict, run_dir: Path, sweep_dir: Path | None = None
 @hydra.main(config_path="pkg://gam_rl.conf", config_name="config", version_base="1.3")
 def hydra_app(cfg: DictConfig) -> None:
     _quiet_lightning()
+    retain_freed_memory()  # here, not in main(): a parallel launcher's jobs run in worker processes
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
