@@ -52,12 +52,33 @@ static inline float logistic(float x) {
 #ifdef _OPENMP
 #include <omp.h>
 #define THREAD_NUM omp_get_thread_num()
+#define NUM_THREADS omp_get_num_threads()
 #else
 #define THREAD_NUM 0
+#define NUM_THREADS 1
 #endif
 
 #define PARALLEL_ROWS(n, H, threads) \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if((n) * (H) >= 16384 && (threads) > 1)")
+
+/* The cell on one row: a (4H) pre-activations, cp (H) the previous c (NULL at t = 0); writes c, h
+   and, when g_act is not NULL, the activated gates [i, f, g, o] (4H) and tanh(c') into tc_out. */
+static inline void cell_forward_row(int64_t H, const float *a, const float *cp, float *c, float *h, float *g_act,
+                                    float *tc_out) {
+#pragma omp simd
+    for (int64_t j = 0; j < H; j++) {
+        float i = logistic(a[j]), f = logistic(a[H + j]);
+        float g = 2.0f * logistic(a[2 * H + j]) - 1.0f, o = logistic(a[3 * H + j]);
+        float cn = cp ? f * cp[j] + i * g : i * g;  /* c' = f c + i g  (c = 0 at t = 0) */
+        float tc = 2.0f * logistic(2.0f * cn) - 1.0f;  /* tanh(c') */
+        c[j] = cn;
+        h[j] = o * tc;  /* h' = o tanh(c') */
+        if (g_act) {
+            g_act[j] = i; g_act[H + j] = f; g_act[2 * H + j] = g; g_act[3 * H + j] = o;
+            tc_out[j] = tc;
+        }
+    }
+}
 
 /* One step of one layer over n rows. pre: (n, 4H) pre-activations, row stride ld_pre.
    c_prev: (n, H) cell of the previous step (NULL at t = 0), row stride H; may equal c_out.
@@ -67,24 +88,29 @@ static inline float logistic(float x) {
 void gam_cell_forward(int64_t n, int64_t H, const float *pre, int64_t ld_pre, const float *c_prev,
                       float *c_out, float *h_out, int64_t ld_h, float *act, float *tanh_c, int threads) {
     PARALLEL_ROWS(n, H, threads)
-    for (int64_t r = 0; r < n; r++) {
-        const float *a = pre + r * ld_pre;
-        const float *cp = c_prev ? c_prev + r * H : 0;
-        float *c = c_out + r * H, *h = h_out + r * ld_h;
-        float *g_act = act ? act + r * 4 * H : 0, *tc_out = tanh_c ? tanh_c + r * H : 0;
+    for (int64_t r = 0; r < n; r++)
+        cell_forward_row(H, pre + r * ld_pre, c_prev ? c_prev + r * H : 0, c_out + r * H, h_out + r * ld_h,
+                         act ? act + r * 4 * H : 0, tanh_c ? tanh_c + r * H : 0);
+}
+
+/* Backward of the cell on one row (see the formulas above): ga (4H) activated [i, f, g, o] in,
+   [da_i, da_f, da_g, da_o] out; cp the previous c (NULL at t = 0); tc tanh(c'); dh the gradient on
+   h'; d (H) carries dcf in (when carry is 1) and dc f out; sum (4H, NULL: none) += da. */
+static inline void cell_backward_row(int64_t H, float *ga, const float *cp, const float *tc, const float *dhr,
+                                     float *d, float carry, float *sum) {
 #pragma omp simd
-        for (int64_t j = 0; j < H; j++) {
-            float i = logistic(a[j]), f = logistic(a[H + j]);
-            float g = 2.0f * logistic(a[2 * H + j]) - 1.0f, o = logistic(a[3 * H + j]);
-            float cn = cp ? f * cp[j] + i * g : i * g;  /* c' = f c + i g  (c = 0 at t = 0) */
-            float tc = 2.0f * logistic(2.0f * cn) - 1.0f;  /* tanh(c') */
-            c[j] = cn;
-            h[j] = o * tc;  /* h' = o tanh(c') */
-            if (g_act) {
-                g_act[j] = i; g_act[H + j] = f; g_act[2 * H + j] = g; g_act[3 * H + j] = o;
-                tc_out[j] = tc;
-            }
-        }
+    for (int64_t j = 0; j < H; j++) {
+        float i = ga[j], f = ga[H + j], g = ga[2 * H + j], o = ga[3 * H + j], t = tc[j];
+        float dc = carry * d[j] + dhr[j] * o * (1.0f - t * t);  /* dc = dcf + dh o (1 - tanh(c')^2) */
+        ga[3 * H + j] = dhr[j] * t * o * (1.0f - o);           /* da_o */
+        ga[j] = dc * g * i * (1.0f - i);                        /* da_i */
+        ga[H + j] = cp ? dc * cp[j] * f * (1.0f - f) : 0.0f;     /* da_f (c = 0 at t = 0) */
+        ga[2 * H + j] = dc * i * (1.0f - g * g);                /* da_g */
+        d[j] = dc * f;                                          /* dc_t f_t, to step t - 1 */
+    }
+    if (sum) {
+#pragma omp simd
+        for (int64_t j = 0; j < 4 * H; j++) sum[j] += ga[j];
     }
 }
 
@@ -99,26 +125,10 @@ void gam_cell_forward(int64_t n, int64_t H, const float *pre, int64_t ld_pre, co
 void gam_cell_backward(int64_t n, int64_t m, int64_t H, float *gates, const float *c_prev, const float *tanh_c,
                        const float *dh, float *dcf, int threads, float *acc, const int64_t *index, int64_t acc_rows) {
     PARALLEL_ROWS(n, H, threads)
-    for (int64_t r = 0; r < n; r++) {
-        float *ga = gates + r * 4 * H, *d = dcf + r * H;
-        const float *tc = tanh_c + r * H, *dhr = dh + r * H, *cp = c_prev ? c_prev + r * H : 0;
-        const float carry = r < m ? 1.0f : 0.0f;
-#pragma omp simd
-        for (int64_t j = 0; j < H; j++) {
-            float i = ga[j], f = ga[H + j], g = ga[2 * H + j], o = ga[3 * H + j], t = tc[j];
-            float dc = carry * d[j] + dhr[j] * o * (1.0f - t * t);  /* dc = dcf + dh o (1 - tanh(c')^2) */
-            ga[3 * H + j] = dhr[j] * t * o * (1.0f - o);           /* da_o */
-            ga[j] = dc * g * i * (1.0f - i);                        /* da_i */
-            ga[H + j] = cp ? dc * cp[j] * f * (1.0f - f) : 0.0f;     /* da_f (c = 0 at t = 0) */
-            ga[2 * H + j] = dc * i * (1.0f - g * g);                /* da_g */
-            d[j] = dc * f;                                          /* dc_t f_t, to step t - 1 */
-        }
-        if (acc) {
-            float *sum = acc + ((int64_t)THREAD_NUM * acc_rows + (index ? index[r] : 0)) * 4 * H;
-#pragma omp simd
-            for (int64_t j = 0; j < 4 * H; j++) sum[j] += ga[j];
-        }
-    }
+    for (int64_t r = 0; r < n; r++)
+        cell_backward_row(H, gates + r * 4 * H, c_prev ? c_prev + r * H : 0, tanh_c + r * H, dh + r * H,
+                          dcf + r * H, r < m ? 1.0f : 0.0f,
+                          acc ? acc + ((int64_t)THREAD_NUM * acc_rows + (index ? index[r] : 0)) * 4 * H : 0);
 }
 
 /* The sampler's per-step bookkeeping after the head: n working rows with logits (n, 3) (row
@@ -165,10 +175,13 @@ typedef void (*sgemm_fn)(const char *ta, const char *tb, const int *m, const int
        a_t  = table[index]  (layer 0: its one-hot input's gathered table row, bias included)
           or += bias        (layer l > 0: gates already hold x W_ih^T, without the bias)
        a_t += h_{t-1} W_hh^T   (one sgemm; row-major (n, 4H) = column-major (4H, n))
-       then the cell (gam_cell_forward), activations kept for the backward.
+       then the cell, activations kept for the backward, and x_t = h_t mask_t when mask is not NULL.
+   One parallel region for all steps: each thread takes a contiguous share of the step's rows and
+   runs all of the above on them (its sgemm single-threaded: MKL does not nest inside a parallel
+   region); a row at step t only reads its own row at t - 1, so a barrier per step is all the
+   threads share (3 fork-joins per step before, each a few microseconds against a step of ~50).
    gates: (N, 4H); table: (rows, 4H) with index (N,) into it, or NULL; bias: (4H,) or NULL;
-   w_hh: (4H, H) row-major (g rows doubled); cell, h_out, tanh_c: (N, H); mask (N, H) or NULL: then
-   also x_out = h_out * mask, the dropout on the layer's output (the next layer's input). */
+   w_hh: (4H, H) row-major (g rows doubled); cell, h_out, tanh_c: (N, H); mask, x_out: (N, H) or NULL. */
 void gam_layer_forward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const int64_t *offsets, int64_t H,
                        float *gates, const float *table, const int64_t *index, const float *bias,
                        const float *w_hh, float *cell, float *h_out, float *tanh_c, const float *mask, float *x_out,
@@ -176,45 +189,48 @@ void gam_layer_forward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const i
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
     const int four_h = (int)(4 * H), h = (int)H;
     const float one = 1.0f;
-    for (int64_t t = 0; t < T; t++) {
-        const int64_t n = sizes[t], a = offsets[t];
-        float *g = gates + a * 4 * H;
-        if (table || bias) {
-            PARALLEL_ROWS(n, H, threads)
-            for (int64_t r = 0; r < n; r++) {
-                float *gr = g + r * 4 * H;
+    _Pragma("omp parallel num_threads(threads) if(threads > 1 && sizes[0] * H >= 4096)")
+    {
+        const int64_t share = NUM_THREADS, me = THREAD_NUM;
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t n = sizes[t], a = offsets[t], lo = n * me / share, hi = n * (me + 1) / share;
+            for (int64_t r = lo; r < hi; r++) {
+                float *gr = gates + (a + r) * 4 * H;
                 if (table) {
                     const float *src = table + index[a + r] * 4 * H;
 #pragma omp simd
                     for (int64_t j = 0; j < 4 * H; j++) gr[j] = src[j];
-                } else {
+                } else if (bias) {
 #pragma omp simd
                     for (int64_t j = 0; j < 4 * H; j++) gr[j] += bias[j];
                 }
             }
-        }
-        const float *c_prev = 0;
-        if (t > 0) {
-            const int rows = (int)n;
-            const float *h_prev = h_out + offsets[t - 1] * H;  /* rows alive at t: a prefix of those at t - 1 */
-            sgemm("T", "N", &four_h, &rows, &h, &one, w_hh, &h, h_prev, &h, &one, g, &four_h);
-            c_prev = cell + offsets[t - 1] * H;
-        }
-        gam_cell_forward(n, H, g, 4 * H, c_prev, cell + a * H, h_out + a * H, H, g, tanh_c + a * H, threads);
-        if (mask) {  /* dropout on the layer's output while it is in cache: x = h' mask */
-            const int64_t count = n * H;
-            const float *hs = h_out + a * H, *ms = mask + a * H;
-            float *xs = x_out + a * H;
-            _Pragma("omp parallel for simd schedule(static) num_threads(threads) if(count >= 16384 && threads > 1)")
-            for (int64_t k = 0; k < count; k++) xs[k] = hs[k] * ms[k];
+            if (t > 0 && hi > lo) {  /* rows alive at t are a prefix of those at t - 1 */
+                const int rows = (int)(hi - lo);
+                sgemm("T", "N", &four_h, &rows, &h, &one, w_hh, &h, h_out + (offsets[t - 1] + lo) * H, &h, &one,
+                      gates + (a + lo) * 4 * H, &four_h);
+            }
+            for (int64_t r = lo; r < hi; r++) {
+                const int64_t p = a + r;
+                cell_forward_row(H, gates + p * 4 * H, t > 0 ? cell + (offsets[t - 1] + r) * H : 0, cell + p * H,
+                                 h_out + p * H, gates + p * 4 * H, tanh_c + p * H);
+                if (mask) {  /* dropout on the layer's output while it is in cache: x = h' mask */
+                    const float *hs = h_out + p * H, *ms = mask + p * H;
+                    float *xs = x_out + p * H;
+#pragma omp simd
+                    for (int64_t j = 0; j < H; j++) xs[j] = hs[j] * ms[j];
+                }
+            }
+            _Pragma("omp barrier")
         }
     }
 }
 
-/* The backward's reverse loop over every step of one layer:
+/* The backward's reverse loop over every step of one layer, in one parallel region as the forward:
        dh_t *= mask_t          (mask not NULL: d_h holds the gradient on dropout(h) from above)
        dh_t += da_{t+1} W_hh   (one sgemm over the rows alive at t + 1)
-       then gam_cell_backward (gates -> da in place, dc carried in dcf; da summed into acc).
+       then the cell's backward (gates -> da in place, dc carried in dcf; da summed into acc, see
+       gam_cell_backward).
    w_hh: (4H, H) row-major (the layer's own weights, not doubled); d_h: (N, H); dcf: (sizes[0], H). */
 void gam_layer_backward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const int64_t *offsets, int64_t H,
                         float *gates, const float *w_hh, const float *cell, const float *tanh_c, float *d_h,
@@ -223,21 +239,32 @@ void gam_layer_backward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const 
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
     const int four_h = (int)(4 * H), h = (int)H;
     const float one = 1.0f;
-    for (int64_t t = T - 1; t >= 0; t--) {
-        const int64_t n = sizes[t], a = offsets[t], m = t + 1 < T ? sizes[t + 1] : 0;
-        float *dh = d_h + a * H;
-        if (mask) {  /* the gradient from above reached h' through the dropout on the layer's output */
-            const int64_t count = n * H;
-            const float *ms = mask + a * H;
-            _Pragma("omp parallel for simd schedule(static) num_threads(threads) if(count >= 16384 && threads > 1)")
-            for (int64_t k = 0; k < count; k++) dh[k] *= ms[k];
+    _Pragma("omp parallel num_threads(threads) if(threads > 1 && sizes[0] * H >= 4096)")
+    {
+        const int64_t share = NUM_THREADS, me = THREAD_NUM;
+        float *my_acc = acc ? acc + me * acc_rows * 4 * H : 0;
+        for (int64_t t = T - 1; t >= 0; t--) {
+            const int64_t n = sizes[t], a = offsets[t], m = t + 1 < T ? sizes[t + 1] : 0;
+            const int64_t lo = n * me / share, hi = n * (me + 1) / share, carried = hi < m ? hi : m;
+            if (mask) {  /* the gradient from above reached h' through the dropout on the layer's output */
+                float *dh = d_h + (a + lo) * H;
+                const float *ms = mask + (a + lo) * H;
+#pragma omp simd
+                for (int64_t k = 0; k < (hi - lo) * H; k++) dh[k] *= ms[k];
+            }
+            if (carried > lo) {  /* the rows alive at t + 1 are a prefix of those at t */
+                const int rows = (int)(carried - lo);
+                sgemm("N", "N", &h, &rows, &four_h, &one, w_hh, &h, gates + (offsets[t + 1] + lo) * 4 * H, &four_h,
+                      &one, d_h + (a + lo) * H, &h);
+            }
+            for (int64_t r = lo; r < hi; r++) {
+                const int64_t p = a + r;
+                cell_backward_row(H, gates + p * 4 * H, t > 0 ? cell + (offsets[t - 1] + r) * H : 0, tanh_c + p * H,
+                                  d_h + p * H, dcf + r * H, r < m ? 1.0f : 0.0f,
+                                  my_acc ? my_acc + (index ? index[p] : 0) * 4 * H : 0);
+            }
+            _Pragma("omp barrier")
         }
-        if (m) {
-            const int rows = (int)m;
-            sgemm("N", "N", &h, &rows, &four_h, &one, w_hh, &h, gates + offsets[t + 1] * 4 * H, &four_h, &one, dh, &h);
-        }
-        gam_cell_backward(n, m, H, gates + a * 4 * H, t > 0 ? cell + offsets[t - 1] * H : 0, tanh_c + a * H, dh,
-                          dcf, threads, acc, index ? index + a : 0, acc_rows);
     }
 }
 
