@@ -458,6 +458,15 @@ class StepLSTM:
         # the compiled cell (float32 CPU) keeps c itself; the torch ops below keep c2 = 2c
         self.native, self.threads = native_kernels(like), torch.get_num_threads()
 
+    def compiled_layout(self) -> tuple[np.ndarray, ...]:
+        """(weight addresses, bias addresses (0: none), K, first column) per layer, int64, for the
+        compiled sampler step (lstm_native's gam_sample_forward_step); self.mats keeps the tensors."""
+        w_addr = [w.data_ptr() for w, _, _ in self.mats]
+        b_addr = [0 if b is None else b.data_ptr() for _, b, _ in self.mats]
+        k = [cols.stop - cols.start for _, _, cols in self.mats]
+        col = [cols.start for _, _, cols in self.mats]
+        return tuple(np.asarray(v, dtype=np.int64) for v in (w_addr, b_addr, k, col))
+
     def h(self, layer: int, n: int) -> torch.Tensor:
         """h of `layer` for the first n rows (a view into z)."""
         a = self.P + layer * self.hidden

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from gam_rl import lstm_native
 from gam_rl.config_fields import setting
 from gam_rl.lstm_kernel import StepLSTM, head_log_prob, lstm_over_tokens, pack_tokens
 from gam_rl.potentials import Potential
@@ -174,7 +175,6 @@ class LSTMPolicy(nn.Module, Potential):
         tokens = torch.full((num, max_len), PAD, dtype=torch.long, device=dev)
         log_prob = torch.zeros(num, dtype=w_head.dtype, device=dev)
         token_log_prob = torch.zeros(num, max_len, dtype=w_head.dtype, device=dev)
-        finished = torch.zeros(num, dtype=torch.bool, device=dev)
         rows = torch.arange(num, device=dev)  # original index of each working row
         running = torch.ones(num, dtype=torch.bool, device=dev)  # working rows not yet at EOS
         prev = torch.full((num,), BOS, dtype=torch.long, device=dev)
@@ -182,6 +182,11 @@ class LSTMPolicy(nn.Module, Potential):
         if native is not None:  # the per-step bookkeeping below as one compiled call
             tok = torch.empty(num, dtype=torch.long, device=dev)
             running_bytes = running.view(torch.uint8)
+            sgemm = lstm_native.sgemm_address()
+            if sgemm is not None and w_head.shape[1] == VOCAB == 3:
+                self._sample_compiled(steps, sgemm, max_len, generator, tokens, log_prob, token_log_prob, rows,
+                                      running, tok)
+                return self._samples(tokens, log_prob, token_log_prob)
         for t in range(max_len):
             logits = torch.addmm(b_head, steps.step(prev), w_head)
             if native is not None:
@@ -220,7 +225,37 @@ class LSTMPolicy(nn.Module, Potential):
                 steps.keep(keep)
                 rows, tok, running = rows[keep], tok[keep], running[keep]
             prev = tok
+        return self._samples(tokens, log_prob, token_log_prob)
+
+    @staticmethod
+    def _samples(tokens: torch.Tensor, log_prob: torch.Tensor, token_log_prob: torch.Tensor) -> Samples:
         finished = (tokens == EOS).any(dim=1)
-        width = int((tokens != PAD).sum(dim=1).max().item()) if num else 0
+        width = int((tokens != PAD).sum(dim=1).max().item()) if len(tokens) else 0
         width = max(width, 1)
         return Samples(tokens[:, :width], log_prob, finished, token_log_prob[:, :width])
+
+    def _sample_compiled(self, steps: StepLSTM, sgemm: int, max_len: int, generator, tokens, log_prob, token_log_prob,
+                         rows, running, tok) -> None:
+        """sample()'s loop with each step (every layer, the head, the draw and its book-keeping, the next
+        one-hot input) one compiled call (gam_sample_forward_step); the same draws as the loop in
+        sample() from the same uniforms, to float rounding."""
+        native, H, L = steps.native, steps.hidden, steps.layers
+        layout = steps.compiled_layout()
+        w_head, b_head = self.head.weight.detach().contiguous(), self.head.bias.detach().contiguous()
+        steps.z[:, :4] = 0.0
+        steps.z[:, BOS] = 1.0  # every row starts from BOS
+        running_bytes = running.view(torch.uint8)
+        for t in range(max_len):
+            n = len(rows)
+            u = torch.rand(n, device=rows.device, dtype=w_head.dtype, generator=generator)
+            alive = native.gam_sample_forward_step(
+                sgemm, n, L, H, steps.P, steps.z.data_ptr(), steps.z.stride(0), *(a.ctypes.data for a in layout),
+                steps.cell.data_ptr(), steps.cell.stride(0), steps.gates.data_ptr(), w_head.data_ptr(),
+                b_head.data_ptr(), u.data_ptr(), rows.data_ptr(), running_bytes.data_ptr(), tok.data_ptr(),
+                tokens.data_ptr(), token_log_prob.data_ptr(), log_prob.data_ptr(), max_len, t, EOS, PAD, steps.threads)
+            if alive == 0:
+                break
+            if n - alive >= max(1, n // 16):  # keep only the rows still running (z carries their next input)
+                keep = running[:n].nonzero().squeeze(1)
+                steps.keep(keep)
+                rows, running[: len(keep)] = rows[keep], True

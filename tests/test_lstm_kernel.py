@@ -319,14 +319,21 @@ def test_sgemm_switch_and_lookup(monkeypatch):
 
 
 @native_only
-def test_native_sampler_equals_torch_ops_sampler(monkeypatch):
-    """Same generator, same draws: the compiled per-step bookkeeping writes the torch path's tokens,
-    per-symbol and total log-probabilities, and both equal teacher forcing."""
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_native_sampler_equals_torch_ops_sampler(layers, monkeypatch):
+    """Same generator, same draws: the compiled steps (every layer, the head and the book-keeping in
+    one call where torch exports its sgemm; 3 layers: a middle layer with its own bias) write the
+    torch path's tokens, per-symbol and total log-probabilities, and both equal teacher forcing."""
     torch.manual_seed(4)
-    policy = LSTMPolicy(16, 2, dropout=0.2).eval()
+    policy = LSTMPolicy(16, layers, dropout=0.2).eval()
     with torch.no_grad():
         policy.head.bias.copy_(torch.tensor([0.8, 0.8, -1.5]))  # lengths spread over 1..max_len
     native = policy.sample(3000, 20, torch.Generator().manual_seed(5))
+    if lstm_native.sgemm_address() is not None:  # the per-step book-keeping alone, the layers through torch
+        monkeypatch.setattr(lstm_native, "sgemm_address", lambda: None)
+        per_step = policy.sample(3000, 20, torch.Generator().manual_seed(5))
+        assert torch.equal(native.tokens, per_step.tokens)
+        assert torch.allclose(native.log_prob, per_step.log_prob, atol=1e-5)
     monkeypatch.setattr(lstm_native, "kernels", lambda: None)
     torch_ops = policy.sample(3000, 20, torch.Generator().manual_seed(5))
     assert (~native.finished).any() and native.finished.any()

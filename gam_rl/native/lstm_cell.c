@@ -137,30 +137,40 @@ void gam_cell_backward(int64_t n, int64_t m, int64_t H, float *gates, const floa
    not written EOS. Writes tok (n,) (PAD = pad for finished rows), tokens[rows[r], t] and
    token_logp[rows[r], t] (row stride ld), adds log p(tok) to log_prob[rows[r]], clears running
    at EOS; returns the number of rows still running. */
+/* One row's draw and its book-keeping (gam_sample_step); returns 1 if the row is still running. */
+static inline int64_t sample_row(const float *z, float u, int64_t row, uint8_t *running, int64_t *tok,
+                                 int64_t *tokens, float *token_logp, float *log_prob, int64_t ld, int64_t t,
+                                 int64_t eos, int64_t pad) {
+    /* log softmax over 3: log p_k = z_k - (mx + log sum exp(z - mx)) */
+    float mx = fmaxf(z[0], fmaxf(z[1], z[2]));
+    float e0 = expf(z[0] - mx), e1 = expf(z[1] - mx), e2 = expf(z[2] - mx);
+    float s = e0 + e1 + e2, lse = mx + logf(s);
+    float p0 = e0 / s, p01 = (e0 + e1) / s;
+    int64_t k = (u > p0) + (u > p01);
+    if (!*running) {
+        *tok = pad;
+        return 0;
+    }
+    const int64_t pos = row * ld + t;
+    const float lp = z[k] - lse;
+    *tok = k;
+    tokens[pos] = k;
+    token_logp[pos] = lp;
+    log_prob[row] += lp;
+    if (k == eos) {
+        *running = 0;
+        return 0;
+    }
+    return 1;
+}
+
 int64_t gam_sample_step(int64_t n, const float *logits, const float *u, const int64_t *rows, uint8_t *running,
                         int64_t *tok, int64_t *tokens, float *token_logp, float *log_prob, int64_t ld, int64_t t,
                         int64_t eos, int64_t pad) {
     int64_t alive = 0;
-    for (int64_t r = 0; r < n; r++) {
-        const float *z = logits + 3 * r;
-        /* log softmax over 3: log p_k = z_k - (mx + log sum exp(z - mx)) */
-        float mx = fmaxf(z[0], fmaxf(z[1], z[2]));
-        float e0 = expf(z[0] - mx), e1 = expf(z[1] - mx), e2 = expf(z[2] - mx);
-        float s = e0 + e1 + e2, lse = mx + logf(s);
-        float p0 = e0 / s, p01 = (e0 + e1) / s;
-        int64_t k = (u[r] > p0) + (u[r] > p01);
-        int64_t pos = rows[r] * ld + t;
-        if (running[r]) {
-            float lp = z[k] - lse;
-            tok[r] = k;
-            tokens[pos] = k;
-            token_logp[pos] = lp;
-            log_prob[rows[r]] += lp;
-            if (k == eos) running[r] = 0; else alive++;
-        } else {
-            tok[r] = pad;
-        }
-    }
+    for (int64_t r = 0; r < n; r++)
+        alive += sample_row(logits + 3 * r, u[r], rows[r], running + r, tok + r, tokens, token_logp, log_prob, ld, t,
+                            eos, pad);
     return alive;
 }
 
@@ -266,6 +276,67 @@ void gam_layer_backward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const 
             _Pragma("omp barrier")
         }
     }
+}
+
+/* One step of the sampler over its n working rows, every layer and the head in one parallel region
+   (StepLSTM's layout): row r of z is [onehot(prev) (P) | h_0 | ... | h_{L-1} | 1 0 ... 0 (P)],
+   layer l reads K[l] columns of z from col[l] and multiplies them by w[l] (K[l], 4H) row-major
+   (input projection, recurrence and, where folded in, the bias; the g rows doubled), adds bias[l]
+   if not NULL, and runs the cell on c (cell + l * cell_stride) writing its h into z; the head
+   gives logits z_k = b_k + h_top . w_head[k] over the 3 symbols, and the row's draw is booked as
+   gam_sample_step books it. Each thread takes a contiguous share of the rows and does all of it
+   on them (its sgemm single-threaded), so a step costs one fork-join and no Python between the
+   layers. The next step's one-hot input (of tok; PAD matches no symbol) is written into z.
+   Returns the number of rows still running. */
+int64_t gam_sample_forward_step(void *sgemm_ptr, int64_t n, int64_t L, int64_t H, int64_t P, float *z, int64_t ld_z,
+                                const int64_t *w_addr, const int64_t *b_addr, const int64_t *K, const int64_t *col,
+                                float *cell, int64_t cell_stride, float *gates, const float *head_w,
+                                const float *head_b, const float *u, const int64_t *rows, uint8_t *running,
+                                int64_t *tok, int64_t *tokens, float *token_logp, float *log_prob, int64_t ld,
+                                int64_t t, int64_t eos, int64_t pad, int threads) {
+    sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    const int four_h = (int)(4 * H), lz = (int)ld_z;
+    const float one = 1.0f, zero = 0.0f;
+    int64_t alive = 0;
+    _Pragma("omp parallel num_threads(threads) if(threads > 1 && n * H >= 8192) reduction(+ : alive)")
+    {
+        const int64_t share = NUM_THREADS, me = THREAD_NUM;
+        const int64_t lo = n * me / share, hi = n * (me + 1) / share;
+        if (hi > lo) {
+            const int m = (int)(hi - lo);
+            for (int64_t l = 0; l < L; l++) {
+                const int k = (int)K[l];
+                const float *w = (const float *)(intptr_t)w_addr[l], *b = (const float *)(intptr_t)b_addr[l];
+                /* a = z[:, col:col+K] W  (row-major (m, 4H) = column-major (4H, m)) */
+                sgemm("N", "N", &four_h, &m, &k, &one, w, &four_h, z + lo * ld_z + col[l], &lz, &zero,
+                      gates + lo * 4 * H, &four_h);
+                float *c = cell + l * cell_stride;
+                for (int64_t r = lo; r < hi; r++) {
+                    float *g = gates + r * 4 * H;
+                    if (b) {
+#pragma omp simd
+                        for (int64_t j = 0; j < 4 * H; j++) g[j] += b[j];
+                    }
+                    cell_forward_row(H, g, c + r * H, c + r * H, z + r * ld_z + P + l * H, 0, 0);
+                }
+            }
+            for (int64_t r = lo; r < hi; r++) {
+                const float *h = z + r * ld_z + P + (L - 1) * H;
+                float logits[3];
+                for (int64_t v = 0; v < 3; v++) {
+                    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                    for (int64_t j = 0; j < H; j++) acc += h[j] * head_w[v * H + j];
+                    logits[v] = head_b[v] + acc;
+                }
+                alive += sample_row(logits, u[r], rows[r], running + r, tok + r, tokens, token_logp, log_prob, ld, t,
+                                    eos, pad);
+                float *onehot = z + r * ld_z;
+                for (int64_t v = 0; v < P; v++) onehot[v] = (float)(tok[r] == v);
+            }
+        }
+    }
+    return alive;
 }
 
 /* Dropout masks: out[i] = scale if u_i < threshold else 0, for i in [0, count), with u_i a uniform
