@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from gam_rl import lstm_native
 from gam_rl.config_fields import setting
-from gam_rl.lstm_kernel import StepLSTM, head_log_prob, lstm_over_tokens, pack_tokens
+from gam_rl.lstm_kernel import StepLSTM, head_log_prob, lstm_over_tokens, pack_tokens, score_rows
 from gam_rl.potentials import Potential
 from gam_rl.tokens import BOS, EOS, PAD, VOCAB
 
@@ -104,6 +104,12 @@ class LSTMPolicy(nn.Module, Potential):
 
     def _log_prob_fused(self, tokens: torch.Tensor) -> torch.Tensor:
         """log_prob through gam_rl.lstm_kernel (same parameters, hand-written backward)."""
+        scoring = not (self.training and self.dropout_p > 0) and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        if scoring and len(tokens):  # no dropout, no gradient: the compiled scorer where it applies
+            scored = score_rows(tokens, self.lstm, self.head)
+            if scored is not None:
+                return scored
         packed = pack_tokens(tokens)
         if packed.num == 0:
             return torch.zeros(len(tokens), dtype=self.head.weight.dtype, device=tokens.device)

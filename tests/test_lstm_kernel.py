@@ -427,3 +427,34 @@ def test_compiled_head_log_prob_and_gradients_equal_torch_ops(monkeypatch):
     compiled, reference = run(True), run(False)
     for got, ref in zip(compiled, reference, strict=True):
         assert (got - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max())
+
+
+@native_only
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_scorer_equals_teacher_forcing(layers, threads, monkeypatch):
+    """log_prob without gradient or dropout goes through the compiled scorer (blocks of rows through
+    all their steps, one thread each): equal to the differentiable path and to the step loop, on
+    ragged rows over several blocks (lengths 1 to width, rows without EOS, an all-PAD row, a batch
+    wider than its longest row), to float32 rounding."""
+    if lstm_native.sgemm_address() is None:
+        pytest.skip("torch exports no MKL sgemm here: no compiled scorer")
+    torch.manual_seed(6)
+    policy = LSTMPolicy(16, layers, dropout=0.2).eval()
+    tokens = random_batch(rows=3 * lstm_kernel.SCORE_BLOCK + 17, width=14, seed=6)
+    tokens[5] = PAD
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            compiled = policy.log_prob(tokens)
+        differentiable = policy.log_prob(tokens).detach()  # grad enabled: the fused autograd path
+        monkeypatch.setattr("gam_rl.policy.score_rows", lambda *args: None)
+        with torch.no_grad():
+            step_loop = policy.log_prob(tokens)
+    finally:
+        torch.set_num_threads(previous)
+    assert compiled[5] == 0.0
+    assert (compiled - differentiable).abs().max() <= 2e-5
+    assert (compiled - step_loop).abs().max() <= 2e-5
+    assert lstm_kernel.score_rows(tokens, policy.lstm, policy.head) is not None  # the path did run

@@ -339,6 +339,83 @@ int64_t gam_sample_forward_step(void *sgemm_ptr, int64_t n, int64_t L, int64_t H
     return alive;
 }
 
+/* log pi(x) of B rows under the LSTM and its head, without gradients (teacher forcing for scoring):
+   rows sorted by length (longest first; lengths[r] symbols, EOS included, from target (B, W)) are
+   taken a block of `block` rows at a time, each block by one thread through all of its steps:
+   per step, every layer (as gam_sample_forward_step: z = [onehot(prev) | h_0 .. h_{L-1} | 1 0 ..],
+   w[l] (K[l], 4H) over K[l] columns of z from col[l], bias[l] if not NULL, the cell), then the head's
+   log-softmax over V symbols at the row's target, added to log_prob[r] (and written to
+   token_logp[r, t] when not NULL), then the target's one-hot as the next input (BOS at t = 0).
+   A block's z, cells and gates stay in the core's cache for all its steps, and the threads share
+   nothing (no barrier, no (N, H) array through memory). scratch: threads x gam_score_scratch(...)
+   floats, each thread's z, cells, gates and logits. */
+/* Floats of one thread's scratch for gam_score_rows. */
+int64_t gam_score_scratch(int64_t block, int64_t L, int64_t H, int64_t P, int64_t V) {
+    return block * (2 * P + L * H) + L * block * H + block * 4 * H + V;
+}
+
+void gam_score_rows(void *sgemm_ptr, int64_t B, int64_t W, const int64_t *target, const int64_t *lengths, int64_t L,
+                    int64_t H, int64_t P, const int64_t *w_addr, const int64_t *b_addr, const int64_t *K,
+                    const int64_t *col, const float *head_w, const float *head_b, int64_t V, int64_t bos,
+                    int64_t block, float *log_prob, float *token_logp, float *scratch, int threads) {
+    sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    const int64_t ld_z = 2 * P + L * H, blocks = (B + block - 1) / block;
+    const int four_h = (int)(4 * H), lz = (int)ld_z;
+    const float one = 1.0f, zero = 0.0f;
+    _Pragma("omp parallel num_threads(threads) if(threads > 1 && blocks > 1)")
+    {
+        float *z = scratch + THREAD_NUM * gam_score_scratch(block, L, H, P, V);
+        float *cells = z + block * ld_z, *gates = cells + L * block * H, *logits = gates + block * 4 * H;
+        _Pragma("omp for schedule(dynamic, 1)")
+        for (int64_t bi = 0; bi < blocks; bi++) {
+            const int64_t r0 = bi * block, nb = B - r0 < block ? B - r0 : block;
+            memset(z, 0, sizeof(float) * nb * ld_z);
+            memset(cells, 0, sizeof(float) * L * block * H);
+            for (int64_t r = 0; r < nb; r++) {
+                z[r * ld_z + bos] = 1.0f;            /* input at t = 0 */
+                z[r * ld_z + P + L * H] = 1.0f;      /* the constant column (the top layer's bias row) */
+            }
+            int64_t m = nb;
+            for (int64_t t = 0; t < lengths[r0]; t++) {
+                while (m > 0 && lengths[r0 + m - 1] <= t) m--;  /* rows still running: a prefix */
+                const int rows = (int)m;
+                for (int64_t l = 0; l < L; l++) {
+                    const int k = (int)K[l];
+                    const float *w = (const float *)(intptr_t)w_addr[l], *b = (const float *)(intptr_t)b_addr[l];
+                    sgemm("N", "N", &four_h, &rows, &k, &one, w, &four_h, z + col[l], &lz, &zero, gates, &four_h);
+                    float *c = cells + l * block * H;
+                    for (int64_t r = 0; r < m; r++) {
+                        float *g = gates + r * 4 * H;
+                        if (b) {
+#pragma omp simd
+                            for (int64_t j = 0; j < 4 * H; j++) g[j] += b[j];
+                        }
+                        cell_forward_row(H, g, c + r * H, c + r * H, z + r * ld_z + P + l * H, 0, 0);
+                    }
+                }
+                for (int64_t r = 0; r < m; r++) {
+                    const float *h = z + r * ld_z + P + (L - 1) * H;
+                    for (int64_t v = 0; v < V; v++) {
+                        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                        for (int64_t j = 0; j < H; j++) acc += h[j] * head_w[v * H + j];
+                        logits[v] = head_b[v] + acc;
+                    }
+                    float mx = logits[0], sum = 0.0f;
+                    for (int64_t v = 1; v < V; v++) mx = fmaxf(mx, logits[v]);
+                    for (int64_t v = 0; v < V; v++) sum += expf(logits[v] - mx);
+                    const int64_t y = target[(r0 + r) * W + t];
+                    const float lp = logits[y] - mx - logf(sum);  /* log softmax at the target */
+                    log_prob[r0 + r] += lp;
+                    if (token_logp) token_logp[(r0 + r) * W + t] = lp;
+                    float *onehot = z + r * ld_z;
+                    for (int64_t v = 0; v < P; v++) onehot[v] = (float)(y == v);
+                }
+            }
+        }
+    }
+}
+
 /* Dropout masks: out[i] = scale if u_i < threshold else 0, for i in [0, count), with u_i a uniform
    32-bit integer: the low (i even) or high (i odd) half of SplitMix64 at counter start + i / 2,
        z = seed + (k + 1) gamma,  z = (z ^ z >> 30) m1,  z = (z ^ z >> 27) m2,  z ^ z >> 31
