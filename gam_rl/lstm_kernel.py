@@ -460,7 +460,8 @@ class StepLSTM:
 
     def compiled_layout(self) -> tuple[np.ndarray, ...]:
         """(weight addresses, bias addresses (0: none), K, first column) per layer, int64, for the
-        compiled sampler step (lstm_native's gam_sample_forward_step); self.mats keeps the tensors."""
+        compiled sampler and scorer (lstm_native's gam_sample_rows, gam_score_rows); self.mats keeps
+        the tensors."""
         w_addr = [w.data_ptr() for w, _, _ in self.mats]
         b_addr = [0 if b is None else b.data_ptr() for _, b, _ in self.mats]
         k = [cols.stop - cols.start for _, _, cols in self.mats]

@@ -117,14 +117,16 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.gam_layer_backward.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr,
                                        i64]
     lib.gam_layer_backward.restype = None
-    lib.gam_sample_forward_step.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr,
-                                            ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
-    lib.gam_sample_forward_step.restype = i64
     lib.gam_score_rows.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
                                    ptr, ptr, ptr, i32]
     lib.gam_score_scratch.argtypes = [i64, i64, i64, i64, i64]
     lib.gam_score_scratch.restype = i64
     lib.gam_score_rows.restype = None
+    lib.gam_sample_rows.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr,
+                                    i64, i64, i64, ptr, ptr, i32]
+    lib.gam_sample_rows.restype = None
+    lib.gam_sample_scratch.argtypes = [i64, i64, i64, i64]
+    lib.gam_sample_scratch.restype = i64
     lib.gam_dropout_mask.argtypes = [i64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ptr, i32]
     lib.gam_dropout_mask.restype = None
     lib.gam_head_logp.argtypes = [i64, i64, ptr, ptr, ptr, i32]

@@ -22,6 +22,8 @@ from gam_rl.lstm_kernel import StepLSTM, head_log_prob, lstm_over_tokens, pack_t
 from gam_rl.potentials import Potential
 from gam_rl.tokens import BOS, EOS, PAD, VOCAB
 
+SAMPLE_BLOCK = 128  # samples per block of the compiled sampler: its z, cells and gates stay in L2
+
 
 @dataclass
 class ModelConfig:
@@ -168,36 +170,39 @@ class LSTMPolicy(nn.Module, Potential):
     def sample(self, num: int, max_len: int, generator: torch.Generator | None = None) -> Samples:
         """Draw `num` sequences (no dropout), each with its exact log-probability.
 
-        Stops a row at EOS or after max_len symbols (EOS included). Finished rows are
-        dropped from the working batch once they are 1/16 of it, so a few long samples do
-        not keep the whole batch running. The LSTM runs through lstm_kernel.StepLSTM: one
-        matmul per layer per step into preallocated buffers.
+        Stops a row at EOS or after max_len symbols (EOS included). Symbol t of sample i is drawn
+        by inverse CDF from u[i, t], a (num, max_len) table of uniforms drawn up front, so a
+        generator's samples do not depend on how the work is split. Where torch exports its
+        sgemm (float32 CPU), every block of SAMPLE_BLOCK samples runs through all its steps in
+        one compiled call on one thread (lstm_native's gam_sample_rows: its state stays in the
+        core's cache); otherwise the LSTM steps through lstm_kernel.StepLSTM over all running
+        rows, and finished rows are dropped from the working batch once they are 1/16 of it.
         """
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         dev = self.device
-        steps = StepLSTM(self.lstm, num)
         w_head, b_head = self.head.weight.t(), self.head.bias
         tokens = torch.full((num, max_len), PAD, dtype=torch.long, device=dev)
         log_prob = torch.zeros(num, dtype=w_head.dtype, device=dev)
         token_log_prob = torch.zeros(num, max_len, dtype=w_head.dtype, device=dev)
+        uniforms = torch.rand(num, max_len, device=dev, dtype=w_head.dtype, generator=generator)
+        native = lstm_native.kernels() if dev.type == "cpu" and w_head.dtype == torch.float32 else None
+        sgemm = lstm_native.sgemm_address() if native is not None else None
+        if sgemm is not None and w_head.shape[1] == VOCAB == 3 and num:
+            self._sample_blocks(native, sgemm, max_len, uniforms, tokens, log_prob, token_log_prob)
+            return self._samples(tokens, log_prob, token_log_prob)
+        steps = StepLSTM(self.lstm, num)
         rows = torch.arange(num, device=dev)  # original index of each working row
         running = torch.ones(num, dtype=torch.bool, device=dev)  # working rows not yet at EOS
         prev = torch.full((num,), BOS, dtype=torch.long, device=dev)
-        native = steps.native
         if native is not None:  # the per-step bookkeeping below as one compiled call
             tok = torch.empty(num, dtype=torch.long, device=dev)
             running_bytes = running.view(torch.uint8)
-            sgemm = lstm_native.sgemm_address()
-            if sgemm is not None and w_head.shape[1] == VOCAB == 3:
-                self._sample_compiled(steps, sgemm, max_len, generator, tokens, log_prob, token_log_prob, rows,
-                                      running, tok)
-                return self._samples(tokens, log_prob, token_log_prob)
         for t in range(max_len):
             logits = torch.addmm(b_head, steps.step(prev), w_head)
+            u = uniforms[rows, t]
             if native is not None:
                 n = len(rows)
-                u = torch.rand(n, device=dev, dtype=logits.dtype, generator=generator)
                 alive = native.gam_sample_step(n, logits.data_ptr(), u.data_ptr(), rows.data_ptr(),
                                                running_bytes.data_ptr(), tok.data_ptr(), tokens.data_ptr(),
                                                token_log_prob.data_ptr(), log_prob.data_ptr(), max_len, t, EOS, PAD)
@@ -214,9 +219,8 @@ class LSTMPolicy(nn.Module, Potential):
                 continue
             logp = torch.log_softmax(logits, dim=1)
             # inverse-CDF draw among 3 symbols: token = #{k : u > cdf_k}
-            u = torch.rand(len(rows), 1, device=dev, dtype=logp.dtype, generator=generator)
             cdf = logp.exp().cumsum(dim=1)[:, : VOCAB - 1]
-            tok = (u > cdf).sum(dim=1)
+            tok = (u.unsqueeze(1) > cdf).sum(dim=1)
             # rows already at EOS (kept until the next compaction) write PAD and add 0
             tokens[rows, t] = tok.masked_fill(~running, PAD)
             picked = logp.gather(1, tok.unsqueeze(1)).squeeze(1).masked_fill(~running, 0.0)
@@ -240,28 +244,17 @@ class LSTMPolicy(nn.Module, Potential):
         width = max(width, 1)
         return Samples(tokens[:, :width], log_prob, finished, token_log_prob[:, :width])
 
-    def _sample_compiled(self, steps: StepLSTM, sgemm: int, max_len: int, generator, tokens, log_prob, token_log_prob,
-                         rows, running, tok) -> None:
-        """sample()'s loop with each step (every layer, the head, the draw and its book-keeping, the next
-        one-hot input) one compiled call (gam_sample_forward_step); the same draws as the loop in
-        sample() from the same uniforms, to float rounding."""
-        native, H, L = steps.native, steps.hidden, steps.layers
-        layout = steps.compiled_layout()
+    def _sample_blocks(self, native, sgemm: int, max_len: int, uniforms, tokens, log_prob, token_log_prob) -> None:
+        """sample() with each block of SAMPLE_BLOCK samples through all its steps in one compiled call
+        (gam_sample_rows: every layer, the head, the draw from uniforms[i, t] and its book-keeping);
+        the same draws as the step loop from the same uniforms, to float rounding."""
+        layout_of = StepLSTM(self.lstm, 1)  # its weight layout; the compiled sampler keeps its own rows
+        layout, (H, L, P) = layout_of.compiled_layout(), (layout_of.hidden, layout_of.layers, layout_of.P)
+        threads, like = torch.get_num_threads(), self.head.weight
         w_head, b_head = self.head.weight.detach().contiguous(), self.head.bias.detach().contiguous()
-        steps.z[:, :4] = 0.0
-        steps.z[:, BOS] = 1.0  # every row starts from BOS
-        running_bytes = running.view(torch.uint8)
-        for t in range(max_len):
-            n = len(rows)
-            u = torch.rand(n, device=rows.device, dtype=w_head.dtype, generator=generator)
-            alive = native.gam_sample_forward_step(
-                sgemm, n, L, H, steps.P, steps.z.data_ptr(), steps.z.stride(0), *(a.ctypes.data for a in layout),
-                steps.cell.data_ptr(), steps.cell.stride(0), steps.gates.data_ptr(), w_head.data_ptr(),
-                b_head.data_ptr(), u.data_ptr(), rows.data_ptr(), running_bytes.data_ptr(), tok.data_ptr(),
-                tokens.data_ptr(), token_log_prob.data_ptr(), log_prob.data_ptr(), max_len, t, EOS, PAD, steps.threads)
-            if alive == 0:
-                break
-            if n - alive >= max(1, n // 16):  # keep only the rows still running (z carries their next input)
-                keep = running[:n].nonzero().squeeze(1)
-                steps.keep(keep)
-                rows, running[: len(keep)] = rows[keep], True
+        scratch = like.new_empty(threads * native.gam_sample_scratch(SAMPLE_BLOCK, L, H, P))
+        idx = torch.empty(threads * SAMPLE_BLOCK, dtype=torch.long)
+        native.gam_sample_rows(sgemm, len(tokens), max_len, L, H, P, *(a.ctypes.data for a in layout),
+                               w_head.data_ptr(), b_head.data_ptr(), uniforms.data_ptr(), SAMPLE_BLOCK,
+                               tokens.data_ptr(), token_log_prob.data_ptr(), log_prob.data_ptr(), EOS, PAD, BOS,
+                               scratch.data_ptr(), idx.data_ptr(), threads)

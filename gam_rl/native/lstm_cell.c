@@ -278,77 +278,6 @@ void gam_layer_backward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const 
     }
 }
 
-/* One step of the sampler over its n working rows, every layer and the head in one parallel region
-   (StepLSTM's layout): row r of z is [onehot(prev) (P) | h_0 | ... | h_{L-1} | 1 0 ... 0 (P)],
-   layer l reads K[l] columns of z from col[l] and multiplies them by w[l] (K[l], 4H) row-major
-   (input projection, recurrence and, where folded in, the bias; the g rows doubled), adds bias[l]
-   if not NULL, and runs the cell on c (cell + l * cell_stride) writing its h into z; the head
-   gives logits z_k = b_k + h_top . w_head[k] over the 3 symbols, and the row's draw is booked as
-   gam_sample_step books it. Each thread takes a contiguous share of the rows and does all of it
-   on them (its sgemm single-threaded), so a step costs one fork-join and no Python between the
-   layers. The next step's one-hot input (of tok; PAD matches no symbol) is written into z.
-   Returns the number of rows still running. */
-int64_t gam_sample_forward_step(void *sgemm_ptr, int64_t n, int64_t L, int64_t H, int64_t P, float *z, int64_t ld_z,
-                                const int64_t *w_addr, const int64_t *b_addr, const int64_t *K, const int64_t *col,
-                                float *cell, int64_t cell_stride, float *gates, const float *head_w,
-                                const float *head_b, const float *u, const int64_t *rows, uint8_t *running,
-                                int64_t *tok, int64_t *tokens, float *token_logp, float *log_prob, int64_t ld,
-                                int64_t t, int64_t eos, int64_t pad, int threads) {
-    sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
-    const int four_h = (int)(4 * H), lz = (int)ld_z;
-    const float one = 1.0f, zero = 0.0f;
-    int64_t alive = 0;
-    _Pragma("omp parallel num_threads(threads) if(threads > 1 && n * H >= 8192) reduction(+ : alive)")
-    {
-        const int64_t share = NUM_THREADS, me = THREAD_NUM;
-        const int64_t lo = n * me / share, hi = n * (me + 1) / share;
-        if (hi > lo) {
-            const int m = (int)(hi - lo);
-            for (int64_t l = 0; l < L; l++) {
-                const int k = (int)K[l];
-                const float *w = (const float *)(intptr_t)w_addr[l], *b = (const float *)(intptr_t)b_addr[l];
-                /* a = z[:, col:col+K] W  (row-major (m, 4H) = column-major (4H, m)) */
-                sgemm("N", "N", &four_h, &m, &k, &one, w, &four_h, z + lo * ld_z + col[l], &lz, &zero,
-                      gates + lo * 4 * H, &four_h);
-                float *c = cell + l * cell_stride;
-                for (int64_t r = lo; r < hi; r++) {
-                    float *g = gates + r * 4 * H;
-                    if (b) {
-#pragma omp simd
-                        for (int64_t j = 0; j < 4 * H; j++) g[j] += b[j];
-                    }
-                    cell_forward_row(H, g, c + r * H, c + r * H, z + r * ld_z + P + l * H, 0, 0);
-                }
-            }
-            for (int64_t r = lo; r < hi; r++) {
-                const float *h = z + r * ld_z + P + (L - 1) * H;
-                float logits[3];
-                for (int64_t v = 0; v < 3; v++) {
-                    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                    for (int64_t j = 0; j < H; j++) acc += h[j] * head_w[v * H + j];
-                    logits[v] = head_b[v] + acc;
-                }
-                alive += sample_row(logits, u[r], rows[r], running + r, tok + r, tokens, token_logp, log_prob, ld, t,
-                                    eos, pad);
-                float *onehot = z + r * ld_z;
-                for (int64_t v = 0; v < P; v++) onehot[v] = (float)(tok[r] == v);
-            }
-        }
-    }
-    return alive;
-}
-
-/* log pi(x) of B rows under the LSTM and its head, without gradients (teacher forcing for scoring):
-   rows sorted by length (longest first; lengths[r] symbols, EOS included, from target (B, W)) are
-   taken a block of `block` rows at a time, each block by one thread through all of its steps:
-   per step, every layer (as gam_sample_forward_step: z = [onehot(prev) | h_0 .. h_{L-1} | 1 0 ..],
-   w[l] (K[l], 4H) over K[l] columns of z from col[l], bias[l] if not NULL, the cell), then the head's
-   log-softmax over V symbols at the row's target, added to log_prob[r] (and written to
-   token_logp[r, t] when not NULL), then the target's one-hot as the next input (BOS at t = 0).
-   A block's z, cells and gates stay in the core's cache for all its steps, and the threads share
-   nothing (no barrier, no (N, H) array through memory). scratch: threads x gam_score_scratch(...)
-   floats, each thread's z, cells, gates and logits. */
 /* Floats of one thread's scratch for gam_score_rows. */
 int64_t gam_score_scratch(int64_t block, int64_t L, int64_t H, int64_t P, int64_t V) {
     return block * (2 * P + L * H) + L * block * H + block * 4 * H + V;
@@ -411,6 +340,93 @@ void gam_score_rows(void *sgemm_ptr, int64_t B, int64_t W, const int64_t *target
                     float *onehot = z + r * ld_z;
                     for (int64_t v = 0; v < P; v++) onehot[v] = (float)(y == v);
                 }
+            }
+        }
+    }
+}
+
+/* Floats of one thread's scratch for gam_sample_rows (its working rows' index goes in idx). */
+int64_t gam_sample_scratch(int64_t block, int64_t L, int64_t H, int64_t P) {
+    return block * (2 * P + L * H) + L * block * H + block * 4 * H;
+}
+
+/* The sampler with every block of `block` rows taken through all its steps by one thread, as
+   gam_score_rows scores: per step every layer over the block's running rows, the head's logits
+   z_k = b_k + h_top . w_head[k] over the 3 symbols, the draw from u[row, t] ((num, max_len)
+   uniforms drawn up front, so the samples do not depend on the blocks or the threads) booked as
+   sample_row books it, the token's one-hot as the next input; a row that wrote EOS leaves the
+   block's working rows at once (the rows after it move up, with their z and cells). A block's
+   z, cells and gates stay in the core's cache for all its steps. tokens (num, max_len) must hold
+   pad, token_logp and log_prob zeros. scratch: threads x gam_sample_scratch(...) floats; idx:
+   threads x block int64. */
+void gam_sample_rows(void *sgemm_ptr, int64_t num, int64_t max_len, int64_t L, int64_t H, int64_t P,
+                     const int64_t *w_addr, const int64_t *b_addr, const int64_t *K, const int64_t *col,
+                     const float *head_w, const float *head_b, const float *u, int64_t block, int64_t *tokens,
+                     float *token_logp, float *log_prob, int64_t eos, int64_t pad, int64_t bos, float *scratch,
+                     int64_t *idx_scratch, int threads) {
+    sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    const int64_t ld_z = 2 * P + L * H, blocks = (num + block - 1) / block;
+    const int four_h = (int)(4 * H), lz = (int)ld_z;
+    const float one = 1.0f, zero = 0.0f;
+    _Pragma("omp parallel num_threads(threads) if(threads > 1 && blocks > 1)")
+    {
+        float *z = scratch + THREAD_NUM * gam_sample_scratch(block, L, H, P);
+        float *cells = z + block * ld_z, *gates = cells + L * block * H;
+        int64_t *idx = idx_scratch + THREAD_NUM * block;
+        _Pragma("omp for schedule(dynamic, 1)")
+        for (int64_t bi = 0; bi < blocks; bi++) {
+            const int64_t r0 = bi * block;
+            int64_t m = num - r0 < block ? num - r0 : block;  /* the block's running rows, a prefix */
+            memset(z, 0, sizeof(float) * m * ld_z);
+            memset(cells, 0, sizeof(float) * L * block * H);
+            for (int64_t r = 0; r < m; r++) {
+                idx[r] = r0 + r;                      /* the sample each working row writes */
+                z[r * ld_z + bos] = 1.0f;             /* input at t = 0 */
+                z[r * ld_z + P + L * H] = 1.0f;       /* the constant column (the top layer's bias row) */
+            }
+            for (int64_t t = 0; t < max_len && m > 0; t++) {
+                const int rows = (int)m;
+                for (int64_t l = 0; l < L; l++) {
+                    const int k = (int)K[l];
+                    const float *w = (const float *)(intptr_t)w_addr[l], *b = (const float *)(intptr_t)b_addr[l];
+                    sgemm("N", "N", &four_h, &rows, &k, &one, w, &four_h, z + col[l], &lz, &zero, gates, &four_h);
+                    float *c = cells + l * block * H;
+                    for (int64_t r = 0; r < m; r++) {
+                        float *g = gates + r * 4 * H;
+                        if (b) {
+#pragma omp simd
+                            for (int64_t j = 0; j < 4 * H; j++) g[j] += b[j];
+                        }
+                        cell_forward_row(H, g, c + r * H, c + r * H, z + r * ld_z + P + l * H, 0, 0);
+                    }
+                }
+                int64_t kept = 0;
+                for (int64_t r = 0; r < m; r++) {
+                    const float *h = z + r * ld_z + P + (L - 1) * H;
+                    float logits[3];
+                    for (int64_t v = 0; v < 3; v++) {
+                        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                        for (int64_t j = 0; j < H; j++) acc += h[j] * head_w[v * H + j];
+                        logits[v] = head_b[v] + acc;
+                    }
+                    uint8_t running = 1;
+                    int64_t tok;
+                    const int64_t row = idx[r];
+                    if (!sample_row(logits, u[row * max_len + t], row, &running, &tok, tokens, token_logp, log_prob,
+                                    max_len, t, eos, pad))
+                        continue;  /* EOS: the row leaves the working rows */
+                    if (kept != r) {  /* move the row up over the finished ones */
+                        memcpy(z + kept * ld_z, z + r * ld_z, sizeof(float) * ld_z);
+                        for (int64_t l = 0; l < L; l++)
+                            memcpy(cells + (l * block + kept) * H, cells + (l * block + r) * H, sizeof(float) * H);
+                        idx[kept] = row;
+                    }
+                    float *onehot = z + kept * ld_z;
+                    for (int64_t v = 0; v < P; v++) onehot[v] = (float)(tok == v);
+                    kept++;
+                }
+                m = kept;
             }
         }
     }
