@@ -201,7 +201,7 @@ def test_dpg_stops_once_pi_is_within_noise_of_p_lambda():
 
     def fit(**options):
         torch.manual_seed(3)
-        pi = LSTMPolicy(16, 1, dropout=0.0)
+        pi = LSTMPolicy(32, 1, dropout=0.0)  # at 16 hidden units the gap stalled above 2 s.e. in 5 of 10 seeds
         cfg = small_schedule(max_epochs=16, patience=16, **options)
         with eval_mode(r):
             ce_r = -float(r.log_prob(valid).mean()) / 7
@@ -215,16 +215,19 @@ def test_dpg_stops_once_pi_is_within_noise_of_p_lambda():
     assert full.stopped_within_noise is None and hit is not None
     assert hit["gap"] <= 2 * hit["gap_se"] and stopped.epochs < full.epochs and stopped.samples < full.samples
     # within two paired s.e. on V (0.003 nats per symbol here, from 0.04 for r) is close on the whole space
-    # too: KL(p || r) is 0.46, the full run ends at 0.03
+    # too: KL(p || r) is 0.46; the stop came at checks 4-10 with KL 0.02-0.05 over 10 draw seeds
     assert policy_kl(log_p, pi, space) < 0.1
 
 
 def r_itself_target(r, space):
-    """P = r (lambda = 0) and a V of 500 sequences drawn from r: every DPG update only adds noise."""
+    """P = r (lambda = 0) and a V of 20,000 sequences drawn from r: every DPG update only adds noise, and
+    CE(V, pi) - CE(V, r) estimates KL(r || pi) > 0 with a paired noise well below it (with 500
+    sequences a noisy pi beat r on V in 6 of 10 seeds of the lr_decays schedule; with 20,000, in
+    none)."""
     target = gam(r, Features("1000000", "11"), torch.tensor([0.0]))
     with torch.no_grad():
         log_r, _ = exact_distribution(target.log_potential(space))
-    valid = space[torch.multinomial(log_r.exp(), 500, replacement=True, generator=torch.Generator().manual_seed(9))]
+    valid = space[torch.multinomial(log_r.exp(), 20000, replacement=True, generator=torch.Generator().manual_seed(9))]
     return target, valid
 
 
