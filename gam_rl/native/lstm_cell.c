@@ -278,6 +278,53 @@ void gam_layer_backward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const 
     }
 }
 
+/* The first step's state of a block of m rows (StepLSTM's layout, see gam_sample_rows): z zeroed
+   but for the BOS input and the constant column, every layer's c zeroed. */
+static inline void block_start(int64_t m, int64_t L, int64_t H, int64_t P, int64_t ld_z, int64_t block, int64_t bos,
+                               float *z, float *cells) {
+    memset(z, 0, sizeof(float) * m * ld_z);
+    memset(cells, 0, sizeof(float) * L * block * H);
+    for (int64_t r = 0; r < m; r++) {
+        z[r * ld_z + bos] = 1.0f;         /* input at t = 0 */
+        z[r * ld_z + P + L * H] = 1.0f;   /* the constant column (the top layer's bias row) */
+    }
+}
+
+/* One step of every layer over the first m rows of a block: a = z[:, col:col+K] w (one sgemm,
+   row-major (m, 4H) = column-major (4H, m)), + bias where not NULL, then the cell, whose h goes
+   back into z where the layer above and the next step read it. */
+static inline void block_layers(sgemm_fn sgemm, int64_t m, int64_t L, int64_t H, int64_t P, int64_t ld_z,
+                                int64_t block, const int64_t *w_addr, const int64_t *b_addr, const int64_t *K,
+                                const int64_t *col, float *z, float *cells, float *gates) {
+    const int four_h = (int)(4 * H), lz = (int)ld_z, rows = (int)m;
+    const float one = 1.0f, zero = 0.0f;
+    for (int64_t l = 0; l < L; l++) {
+        const int k = (int)K[l];
+        const float *w = (const float *)(intptr_t)w_addr[l], *b = (const float *)(intptr_t)b_addr[l];
+        sgemm("N", "N", &four_h, &rows, &k, &one, w, &four_h, z + col[l], &lz, &zero, gates, &four_h);
+        float *c = cells + l * block * H;
+        for (int64_t r = 0; r < m; r++) {
+            float *g = gates + r * 4 * H;
+            if (b) {
+#pragma omp simd
+                for (int64_t j = 0; j < 4 * H; j++) g[j] += b[j];
+            }
+            cell_forward_row(H, g, c + r * H, c + r * H, z + r * ld_z + P + l * H, 0, 0);
+        }
+    }
+}
+
+/* The head's logits of one row: logits_v = b_v + h . w_v over V symbols. */
+static inline void head_logits(const float *h, int64_t H, int64_t V, const float *head_w, const float *head_b,
+                               float *logits) {
+    for (int64_t v = 0; v < V; v++) {
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < H; j++) acc += h[j] * head_w[v * H + j];
+        logits[v] = head_b[v] + acc;
+    }
+}
+
 /* Floats of one thread's scratch for gam_score_rows. */
 int64_t gam_score_scratch(int64_t block, int64_t L, int64_t H, int64_t P, int64_t V) {
     return block * (2 * P + L * H) + L * block * H + block * 4 * H + V;
@@ -289,8 +336,6 @@ void gam_score_rows(void *sgemm_ptr, int64_t B, int64_t W, const int64_t *target
                     int64_t block, float *log_prob, float *token_logp, float *scratch, int threads) {
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
     const int64_t ld_z = 2 * P + L * H, blocks = (B + block - 1) / block;
-    const int four_h = (int)(4 * H), lz = (int)ld_z;
-    const float one = 1.0f, zero = 0.0f;
     _Pragma("omp parallel num_threads(threads) if(threads > 1 && blocks > 1)")
     {
         float *z = scratch + THREAD_NUM * gam_score_scratch(block, L, H, P, V);
@@ -298,34 +343,15 @@ void gam_score_rows(void *sgemm_ptr, int64_t B, int64_t W, const int64_t *target
         _Pragma("omp for schedule(dynamic, 1)")
         for (int64_t bi = 0; bi < blocks; bi++) {
             const int64_t r0 = bi * block, nb = B - r0 < block ? B - r0 : block;
-            memset(z, 0, sizeof(float) * nb * ld_z);
-            memset(cells, 0, sizeof(float) * L * block * H);
-            for (int64_t r = 0; r < nb; r++) {
-                z[r * ld_z + bos] = 1.0f;            /* input at t = 0 */
-                z[r * ld_z + P + L * H] = 1.0f;      /* the constant column (the top layer's bias row) */
-            }
+            block_start(nb, L, H, P, ld_z, block, bos, z, cells);
             int64_t m = nb;
             for (int64_t t = 0; t < lengths[r0]; t++) {
                 while (m > 0 && lengths[r0 + m - 1] <= t) m--;  /* rows still running: a prefix */
-                const int rows = (int)m;
-                for (int64_t l = 0; l < L; l++) {
-                    const int k = (int)K[l];
-                    const float *w = (const float *)(intptr_t)w_addr[l], *b = (const float *)(intptr_t)b_addr[l];
-                    sgemm("N", "N", &four_h, &rows, &k, &one, w, &four_h, z + col[l], &lz, &zero, gates, &four_h);
-                    float *c = cells + l * block * H;
-                    for (int64_t r = 0; r < m; r++) {
-                        float *g = gates + r * 4 * H;
-                        if (b) {
-#pragma omp simd
-                            for (int64_t j = 0; j < 4 * H; j++) g[j] += b[j];
-                        }
-                        cell_forward_row(H, g, c + r * H, c + r * H, z + r * ld_z + P + l * H, 0, 0);
-                    }
-                }
+                block_layers(sgemm, m, L, H, P, ld_z, block, w_addr, b_addr, K, col, z, cells, gates);
                 for (int64_t r = 0; r < m; r++) {
                     const float *h = z + r * ld_z + P + (L - 1) * H;
-                    for (int64_t v = 0; v < V; v++) {
-                        float acc = 0.0f;
+                    for (int64_t v = 0; v < V; v++) {  /* the head's logits (not head_logits(): its */
+                        float acc = 0.0f;              /* vectorised sums round differently here) */
 #pragma omp simd reduction(+ : acc)
                         for (int64_t j = 0; j < H; j++) acc += h[j] * head_w[v * H + j];
                         logits[v] = head_b[v] + acc;
@@ -366,8 +392,6 @@ void gam_sample_rows(void *sgemm_ptr, int64_t num, int64_t max_len, int64_t L, i
                      int64_t *idx_scratch, int threads) {
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
     const int64_t ld_z = 2 * P + L * H, blocks = (num + block - 1) / block;
-    const int four_h = (int)(4 * H), lz = (int)ld_z;
-    const float one = 1.0f, zero = 0.0f;
     _Pragma("omp parallel num_threads(threads) if(threads > 1 && blocks > 1)")
     {
         float *z = scratch + THREAD_NUM * gam_sample_scratch(block, L, H, P);
@@ -377,39 +401,14 @@ void gam_sample_rows(void *sgemm_ptr, int64_t num, int64_t max_len, int64_t L, i
         for (int64_t bi = 0; bi < blocks; bi++) {
             const int64_t r0 = bi * block;
             int64_t m = num - r0 < block ? num - r0 : block;  /* the block's running rows, a prefix */
-            memset(z, 0, sizeof(float) * m * ld_z);
-            memset(cells, 0, sizeof(float) * L * block * H);
-            for (int64_t r = 0; r < m; r++) {
-                idx[r] = r0 + r;                      /* the sample each working row writes */
-                z[r * ld_z + bos] = 1.0f;             /* input at t = 0 */
-                z[r * ld_z + P + L * H] = 1.0f;       /* the constant column (the top layer's bias row) */
-            }
+            block_start(m, L, H, P, ld_z, block, bos, z, cells);
+            for (int64_t r = 0; r < m; r++) idx[r] = r0 + r;  /* the sample each working row writes */
             for (int64_t t = 0; t < max_len && m > 0; t++) {
-                const int rows = (int)m;
-                for (int64_t l = 0; l < L; l++) {
-                    const int k = (int)K[l];
-                    const float *w = (const float *)(intptr_t)w_addr[l], *b = (const float *)(intptr_t)b_addr[l];
-                    sgemm("N", "N", &four_h, &rows, &k, &one, w, &four_h, z + col[l], &lz, &zero, gates, &four_h);
-                    float *c = cells + l * block * H;
-                    for (int64_t r = 0; r < m; r++) {
-                        float *g = gates + r * 4 * H;
-                        if (b) {
-#pragma omp simd
-                            for (int64_t j = 0; j < 4 * H; j++) g[j] += b[j];
-                        }
-                        cell_forward_row(H, g, c + r * H, c + r * H, z + r * ld_z + P + l * H, 0, 0);
-                    }
-                }
+                block_layers(sgemm, m, L, H, P, ld_z, block, w_addr, b_addr, K, col, z, cells, gates);
                 int64_t kept = 0;
                 for (int64_t r = 0; r < m; r++) {
-                    const float *h = z + r * ld_z + P + (L - 1) * H;
                     float logits[3];
-                    for (int64_t v = 0; v < 3; v++) {
-                        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                        for (int64_t j = 0; j < H; j++) acc += h[j] * head_w[v * H + j];
-                        logits[v] = head_b[v] + acc;
-                    }
+                    head_logits(z + r * ld_z + P + (L - 1) * H, H, 3, head_w, head_b, logits);
                     uint8_t running = 1;
                     int64_t tok;
                     const int64_t row = idx[r];
