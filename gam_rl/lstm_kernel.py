@@ -33,7 +33,8 @@ unchanged), with a hand-written backward instead of autograd through ~20 small o
   (head_log_prob).
 
 `StepLSTM` is the same cell one step of every layer at a time (no autograd, one matmul per
-layer per step, preallocated buffers): LSTMPolicy.sample and log_prob under no_grad use it.
+layer per step, preallocated buffers): LSTMPolicy.sample and log_prob under no_grad use it where
+the compiled block sampler and scorer (gam_sample_rows, gam_score_rows) do not apply.
 
 Cell (per layer, per step; x input, h/c the state of the previous step, sigma = sigmoid):
     [i, f, g, o] = [sigma, sigma, tanh, sigma](a),   a = x W_ih^T + h W_hh^T + b_ih + b_hh

@@ -3,7 +3,8 @@
 At the cpu profile's 2 x 64 the step's matmul is small, and the 8 to 11 separate torch ops of the
 cell's elementwise math (each a pass over memory with its own dispatch) cost as much as the matmul:
 this module compiles the cell forward (with an inline polynomial exp: libm's vector expf made the
-cell cost as much as the matmul), its backward, the sampler's per-step bookkeeping, the dropout
+cell cost as much as the matmul), its backward, the sampler (a block of samples through all its
+steps, or, without torch's sgemm, its per-step bookkeeping), the no-gradient scorer, the dropout
 masks and the output head's log-softmax as plain C (gcc or cc, -O3 -march=native, OpenMP through the
 libgomp that torch itself loaded), once per machine and source, into a cache folder, and calls them
 through ctypes on the tensors' memory. torch.compile was measured on the same cell first: 30 s to
@@ -119,9 +120,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.gam_layer_backward.restype = None
     lib.gam_score_rows.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
                                    ptr, ptr, ptr, i32]
+    lib.gam_score_rows.restype = None
     lib.gam_score_scratch.argtypes = [i64, i64, i64, i64, i64]
     lib.gam_score_scratch.restype = i64
-    lib.gam_score_rows.restype = None
     lib.gam_sample_rows.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr,
                                     i64, i64, i64, ptr, ptr, i32]
     lib.gam_sample_rows.restype = None

@@ -330,6 +330,17 @@ int64_t gam_score_scratch(int64_t block, int64_t L, int64_t H, int64_t P, int64_
     return block * (2 * P + L * H) + L * block * H + block * 4 * H + V;
 }
 
+/* log pi(x) of B rows under the LSTM and its head, without gradients (teacher forcing for scoring):
+   rows sorted by length (longest first; lengths[r] symbols, EOS included, from target (B, W)) are
+   taken a block of `block` rows at a time, each block by one thread through all of its steps:
+   per step, every layer (block_layers: z = [onehot(prev) | h_0 .. h_{L-1} | 1 0 ..], w[l] (K[l], 4H)
+   over K[l] columns of z from col[l], bias[l] if not NULL, the cell), then the head's log-softmax
+   over V symbols at the row's target, added to log_prob[r] (and written to token_logp[r, t] when
+   not NULL: no caller asks yet, but without that store gcc vectorises the loop otherwise and the
+   scores move by ~4e-6 per sequence from those the sweeps in docs/measurements.md ran with), then
+   the target's one-hot as the next input (BOS at t = 0). A block's z, cells and gates stay in the core's cache for all its steps,
+   and the threads share nothing (no barrier, no (N, H) array through memory). scratch: threads x
+   gam_score_scratch(...) floats, each thread's z, cells, gates and logits. */
 void gam_score_rows(void *sgemm_ptr, int64_t B, int64_t W, const int64_t *target, const int64_t *lengths, int64_t L,
                     int64_t H, int64_t P, const int64_t *w_addr, const int64_t *b_addr, const int64_t *K,
                     const int64_t *col, const float *head_w, const float *head_b, int64_t V, int64_t bos,
