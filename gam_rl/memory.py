@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed value on 64-bit
 TRIM_THRESHOLD = 2**30
-_done: list[bool] = []
 
 
+@functools.cache  # once per process
 def retain_freed_memory() -> bool:
-    """Set glibc's thresholds (once per process); False where it does not apply: not glibc, switched
+    """Set glibc's thresholds; False where it does not apply: not glibc, switched
     off (GAM_RL_MALLOC=0), or the user set MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ already."""
-    if _done:
-        return _done[0]
     applies = (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
                and os.environ.get("GAM_RL_MALLOC", "1") != "0"
                and not any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")))
@@ -37,5 +36,4 @@ def retain_freed_memory() -> bool:
                 libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
         except (OSError, AttributeError):
             applies = False
-    _done.append(applies)
     return applies
