@@ -60,6 +60,30 @@ def snis_moments(log_w: torch.Tensor, phi: torch.Tensor) -> MomentEstimate:
     return MomentEstimate(moments.float(), se.float(), effective_sample_size(log_w))
 
 
+@dataclass
+class MomentGap:
+    gap: torch.Tensor  # (K,) estimate of E_p[phi] - E_q[phi]
+    se: torch.Tensor  # (K,) its standard error
+    ess: float  # effective sample size of the weights
+
+
+def snis_moment_gap(log_w: torch.Tensor, phi: torch.Tensor) -> MomentGap:
+    """E_p[phi] - E_q[phi] from the same draws x_i ~ q: sum_i wbar_i phi_i - mean_i phi_i, with wbar
+    the normalised weights p~(x_i)/q(x_i). Paired, so it is close to 0 with a small s.e. when q ~ p.
+
+    Standard error by the delta method: each draw's influence on the difference is
+    N wbar_i (phi_i - E_hat_p) - (phi_i - E_hat_q), and Var ~ sum_i influence_i^2 / N^2 (as for
+    snis_moments: too small while the weights' heavy part is unseen)."""
+    check_log_weights(log_w, "SNIS")
+    n = len(log_w)
+    weights = torch.softmax(log_w.double(), dim=0).unsqueeze(1)
+    phi = phi.double()
+    mean_p, mean_q = (weights * phi).sum(0), phi.mean(0)
+    influence = n * weights * (phi - mean_p) - (phi - mean_q)
+    se = torch.sqrt((influence**2).sum(0)) / n
+    return MomentGap(mean_p - mean_q, se, effective_sample_size(log_w))
+
+
 def accept(log_w: torch.Tensor, log_bound: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Accept x ~ q with probability min(1, P(x) / (beta q(x))) = exp(min(0, log w - log beta)):
     accepted x ~ P / Z when beta bounds P/q (rejection), x ~ p_beta below that (quasi-rejection)."""
