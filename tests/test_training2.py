@@ -9,7 +9,7 @@ import torch
 
 from gam_rl.features import Features
 from gam_rl.policy import LSTMPolicy, eval_mode
-from gam_rl.potentials import TrueProcess, gam
+from gam_rl.potentials import Tilt, TrueProcess, gam
 from gam_rl.process import MotifProcess
 from gam_rl.stages.distill import DistillConfig, distill
 from gam_rl.stages.dpg import DPGConfig, DPGModule, dpg_loss, train_dpg
@@ -217,6 +217,45 @@ def test_dpg_stops_once_pi_is_within_noise_of_p_lambda():
     # within two paired s.e. on V (0.003 nats per symbol here, from 0.04 for r) is close on the whole space
     # too: KL(p || r) is 0.46; the stop came at checks 4-10 with KL 0.02-0.05 over 10 draw seeds
     assert policy_kl(log_p, pi, space) < 0.1
+
+
+def test_the_tilt_test_holds_the_noise_stop_until_pi_puts_the_tilt_where_p_lambda_does(seed=4):
+    """With a Z-hat this uncertain (log Z-hat s.e. 1 nat, as when Z-hat comes from a few hundred
+    effective draws) the CE test passes at the first check, where pi's mean of the tilt
+    lambda . phi = -5 [no '11'] is still far from p_lambda's; stop_tilt_samples holds the stop until
+    that gap is not shown to exceed the tolerance, and the pi returned (the stop's check) is that
+    close on the whole space too."""
+    r, p_lambda, space, log_p, log_z, valid = gam_problem()
+    tilt = Tilt(Features("1000000", "11"), torch.tensor([-5.0]))
+    with torch.no_grad():
+        valid_log_p = p_lambda.log_potential(valid).double() - log_z
+        t = tilt.log_potential(space).double()  # -5 where '11' is absent
+    target_mean = float((log_p.exp() * t).sum())
+
+    def fit(**options):
+        torch.manual_seed(3)
+        pi = LSTMPolicy(32, 1, dropout=0.0)
+        cfg = small_schedule(max_epochs=16, patience=16, stop_within_noise=1.0, **options)
+        with eval_mode(r):
+            ce_r = -float(r.log_prob(valid).mean()) / 7
+        result = train_dpg(pi, r, p_lambda, valid, cfg, max_len=7, symbols_per_seq=7, ce_valid_proposal=ce_r,
+                           seed=seed, valid_log_p=valid_log_p, log_z_se=1.0, tilt=tilt)
+        with eval_mode(pi), torch.no_grad():
+            tilt_gap = target_mean - float((pi.log_prob(space).double().exp() * t).sum())
+        return result, tilt_gap
+
+    ce_only, ce_only_gap = fit()
+    held, held_gap = fit(stop_tilt_samples=4000, stop_tilt_tolerance=0.05)
+    assert ce_only.stopped_within_noise["tilt"] is None and ce_only.tilt_holds == []
+    assert ce_only.epochs == 1 and abs(ce_only_gap) > 0.5, ce_only_gap
+    hit = held.stopped_within_noise
+    assert held.tilt_holds and all(h["excess"] > 0.05 and not h["passed"] for h in held.tilt_holds)
+    assert hit is not None and hit["tilt"]["passed"] and hit["tilt"]["excess"] <= 0.05
+    # the tilt's gap is lambda times the feature's: one feature here
+    assert hit["tilt"]["tilt_gap"] == pytest.approx(-5.0 * hit["tilt"]["gap"]["motif"], rel=1e-9)
+    assert held.epochs > ce_only.epochs and held.best_epoch == held.epochs - 1  # the stop's check is returned
+    # the exact gap of the returned pi: within the tolerance and 4 of the estimate's s.e. (0.005-0.01)
+    assert abs(held_gap) <= 0.05 + 4 * hit["tilt"]["tilt_se"], (held_gap, hit)
 
 
 def r_itself_target(r, space):

@@ -28,9 +28,9 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gam_rl.config_fields import MISSING, setting
-from gam_rl.estimators import effective_sample_size
+from gam_rl.estimators import effective_sample_size, snis_moment_gap
 from gam_rl.policy import LSTMPolicy, eval_mode
-from gam_rl.potentials import Potential
+from gam_rl.potentials import Potential, Tilt
 from gam_rl.stages.common import KeepBestPlateau, Plateau, StageProgress, make_trainer, token_loader
 from gam_rl.stages.draws import ProposalDraws, WeightedDraw
 from gam_rl.stages.fdpg import DIVERGENCES, fdpg_loss
@@ -131,6 +131,12 @@ class DPGConfig:
     # stop at the first check where CE(V, pi) - CE(V, p_lambda) <= this many standard errors of that
     # difference (paired over V, with log Z-hat's); None: the plateau rule alone (the paper)
     stop_within_noise: float | None = setting(None, gt=0)
+    # ... and only if pi puts the tilt lambda . phi(x) where p_lambda does: at such a check, draw this many
+    # samples of pi and require |E_p[lambda . phi] - E_pi[lambda . phi]| - stop_tilt_z s.e. <=
+    # stop_tilt_tolerance nats (weighted by P/pi: TiltCheck); None: the CE test alone
+    stop_tilt_samples: int | None = setting(None, ge=100)
+    stop_tilt_z: float = setting(2.0, ge=0)
+    stop_tilt_tolerance: float = setting(0.2, ge=0)
     # init=r: pi's starting weights are the plateau's check 0 (their CE(V) is CE(V, r)), so pi is r
     # unless a check beats it, and patience counts from the start; false: check 1 is the first candidate
     keep_start: bool = False
@@ -170,6 +176,10 @@ class DPGConfig:
             out.append(f"method.stop_within_noise={self.stop_within_noise} with method.target='true': the stop "
                        "compares pi with p_lambda on V; set method.stop_within_noise=null (the cpu profile sets it "
                        "for dpg_off at |D| <= 1000)")
+        if self.stop_tilt_samples is not None and self.stop_within_noise is None:
+            out.append(f"method.stop_tilt_samples={self.stop_tilt_samples} without method.stop_within_noise: the "
+                       "tilt test is part of the stop within noise; set method.stop_within_noise (e.g. 1) or "
+                       "method.stop_tilt_samples=null")
         if self.lr_decays and self.lr_warmup:
             out.append(f"method.lr_decays={self.lr_decays} with method.lr_warmup={self.lr_warmup}: the warm-up's "
                        "schedule sets the lr at every update and would undo a decay; set one of them to 0")
@@ -220,10 +230,46 @@ def on_policy(cfg: DPGConfig) -> bool:
     return cfg.algorithm in ON_POLICY or getattr(cfg, "on_policy", False)
 
 
+class TiltCheck:
+    """The stop within noise's second test: does pi put the log-linear term where p_lambda does? The
+    tilt t(x) = lambda . phi(x) = log P_lambda(x) - log r(x) is what DPG adds to r; from `samples`
+    fresh draws x_i ~ pi (their own generator: DPG's draws are untouched), weighted by P(x_i)/pi(x_i),
+    estimators.snis_moment_gap gives E_p[t] - E_pi[t] (nats per sequence) and its s.e., and the test
+    passes when that gap is not shown to exceed the tolerance: |gap| - z s.e. <= tolerance. The
+    record also has every feature's own gap E_p[phi_k] - E_pi[phi_k] and s.e.
+
+    Why: CE(V, pi) - CE(V, p_lambda) carries log Z-hat's s.e., which at small |D| (Z-hat from r with an
+    ESS of a few hundred) lets the CE test accept a pi whose motif frequency is still well below
+    p_lambda's; the tilt needs no Z. Weighted by lambda, a feature that barely shapes P_lambda (a
+    distractor with lambda near 0, whose frequency DPG's pi can miss by 0.04 for 20 checks) does not
+    hold the stop, and the motif, with |lambda| about 10, does."""
+
+    def __init__(self, target: Potential, tilt: Tilt, *, samples: int, z: float, tolerance: float,
+                 max_len: int, seed: int, device):
+        self.target, self.tilt, self.samples, self.max_len = target, tilt, samples, max_len
+        self.z, self.tolerance = z, tolerance
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, pi: LSTMPolicy) -> dict:
+        features = self.tilt.features
+        with torch.no_grad():
+            draw = pi.sample(self.samples, self.max_len, self.generator)
+            log_w = self.target.log_weight(pi, draw)  # log P(x) - log pi(x)
+            phi = features(draw.tokens).double()
+            t = phi @ self.tilt.lam.to(phi)  # lambda . phi(x), nats
+            gap = snis_moment_gap(log_w, torch.cat([t.unsqueeze(1), phi], dim=1))
+        tilt_gap, tilt_se = float(gap.gap[0]), float(gap.se[0])
+        excess = abs(tilt_gap) - self.z * tilt_se  # how far the gap is shown to be from 0
+        return {"passed": excess <= self.tolerance, "tilt_gap": tilt_gap, "tilt_se": tilt_se, "excess": excess,
+                "ess": gap.ess, "gap": dict(zip(features.names, gap.gap[1:].tolist(), strict=True)),
+                "se": dict(zip(features.names, gap.se[1:].tolist(), strict=True))}
+
+
 class DPGModule(pl.LightningModule):
     def __init__(self, pi: LSTMPolicy, draws: ProposalDraws, cfg: DPGConfig, *, symbols_per_seq: int,
                  ce_valid_proposal: float, target_ce_valid: float | None = None,
-                 valid_log_p: torch.Tensor | None = None, log_z_se: float = 0.0):
+                 valid_log_p: torch.Tensor | None = None, log_z_se: float = 0.0,
+                 tilt_check: TiltCheck | None = None):
         super().__init__()
         self.pi, self.draws, self.cfg, self.symbols = pi, draws, cfg, symbols_per_seq
         # `checked`: the policy that the checks measure, the swap gate copies into q and the plateau keeps:
@@ -240,6 +286,9 @@ class DPGModule(pl.LightningModule):
         # standard error: the noise of CE(V, pi) - CE(V, p_lambda), for cfg.stop_within_noise
         self.valid_log_p, self.log_z_se = valid_log_p, log_z_se
         self.stopped_within_noise: dict | None = None
+        # cfg.stop_tilt_samples: the stop's tilt test, and the checks where it held the stop back
+        self.tilt_check, self.tilt_holds = tilt_check, []
+        self.plateau: Plateau | None = None  # fit_checked's plateau rule: the best check so far
         self.swaps: list[dict] = []
         # first check where CE(V, pi) <= target_ce_valid: samples, updates and seconds spent until then
         self.target_ce_valid, self.reached_target = target_ce_valid, None
@@ -303,17 +352,35 @@ class DPGModule(pl.LightningModule):
             self.log("dpg/val_gap", gap)
             self.log("dpg/val_gap_se", gap_se)
             k = self.cfg.stop_within_noise
-            if k is not None and gap <= k * gap_se and not self.trainer.sanity_checking:
-                self.stopped_within_noise = {"samples": self.draws.samples_drawn, "updates": int(self.global_step),
-                                             "gap": gap, "gap_se": gap_se, "ce_valid_pi": ce_pi}
-                log.info("[dpg] CE(V, pi) - CE(V, p_lambda) = %.5f <= %g x its s.e. %.5f: stop", gap, k, gap_se)
-                self.trainer.should_stop = True
+            # only at a new best check: the pi that the stop measures is the pi that the stage returns
+            new_best = self.plateau is None or ce_pi < self.plateau.best
+            if k is not None and gap <= k * gap_se and new_best and not self.trainer.sanity_checking:
+                tilt = self._tilt_agrees()
+                if tilt is None or tilt["passed"]:
+                    self.stopped_within_noise = {"samples": self.draws.samples_drawn, "updates": int(self.global_step),
+                                                 "gap": gap, "gap_se": gap_se, "ce_valid_pi": ce_pi, "tilt": tilt}
+                    log.info("[dpg] CE(V, pi) - CE(V, p_lambda) = %.5f <= %g x its s.e. %.5f: stop", gap, k, gap_se)
+                    self.trainer.should_stop = True
         self.log("dpg/val_ce_pi", ce_pi)
         self.log("dpg/draw_size", float(self.draws.last_draw_size))
         if self.gate is not None:
             self.log("dpg/val_ce_q", self.ce_valid_q)
         self.log("dpg/log_z_running", self.draws.running_z.log_z)
         self.log("dpg/draws", float(self.draws.samples_drawn))  # proposals drawn so far: the x-axis of the curves
+
+    def _tilt_agrees(self) -> dict | None:
+        """The tilt test on the checked pi (None: not configured); a failed one is kept in tilt_holds."""
+        if self.tilt_check is None:
+            return None
+        check = self.tilt_check
+        tilt = check(self.checked)
+        self.log("dpg/tilt_gap", tilt["tilt_gap"])
+        if not tilt["passed"]:
+            self.tilt_holds.append({"epoch": int(self.current_epoch), **tilt})
+            log.info("[dpg] CE(V, pi) is within noise of p_lambda, but E_p - E_pi[lambda . phi] = %.3f +- %.3f nats "
+                     "is more than %g s.e. + %g from 0: no stop", tilt["tilt_gap"], tilt["tilt_se"], check.z,
+                     check.tolerance)
+        return tilt
 
     def _swap(self, ce_pi: float, details: dict) -> None:
         swap = {"step": int(self.global_step), "epoch": int(self.current_epoch), "gate": self.cfg.swap_gate,
@@ -340,7 +407,9 @@ class DPGResult:
     swaps: list[dict] = field(default_factory=list)
     log_z_running: float | None = None
     reached_target: dict | None = None  # {samples, updates, seconds, ce_valid_pi} at the first check under target
-    stopped_within_noise: dict | None = None  # {samples, updates, gap, gap_se, ce_valid_pi} where the noise stop hit
+    # {samples, updates, gap, gap_se, ce_valid_pi, tilt}: where the noise stop hit
+    stopped_within_noise: dict | None = None
+    tilt_holds: list[dict] = field(default_factory=list)  # checks where the tilt test held the noise stop back
     decay_epochs: list[int] = field(default_factory=list)  # checks (0-based) after which the lr was decayed
     extra: dict = field(default_factory=dict)  # a method's own results (the twist methods: twist_*)
     values: Callable | None = None  # the twist methods: tokens -> learned V(s_t) (not a result: not in results())
@@ -349,7 +418,8 @@ class DPGResult:
         return {"ce_valid_pi": self.best_val_ce, "t2_epochs": self.epochs, "t2_best_epoch": self.best_epoch,
                 "t2_updates": self.updates, "swaps": self.swaps, "swap_count": len(self.swaps),
                 "dpg_log_z_running": self.log_z_running, "dpg_reached_target": self.reached_target,
-                "dpg_stopped_within_noise": self.stopped_within_noise, "t2_lr_decay_epochs": self.decay_epochs,
+                "dpg_stopped_within_noise": self.stopped_within_noise, "dpg_tilt_holds": self.tilt_holds,
+                "t2_lr_decay_epochs": self.decay_epochs,
                 **self.extra}
 
 
@@ -378,6 +448,7 @@ def fit_checked(module: DPGModule, valid: torch.Tensor, *, callbacks: list | Non
     # a CE(V, pi) that is not finite (pg's collapse) is a check without progress, not a reason to stop
     plateau = Plateau(cfg.patience, cfg.lr_decays, cfg.lr_decay_factor, stop_on_nonfinite=False)
     keep_best = KeepBestPlateau("dpg/val_ce_pi", keep, plateau)
+    module.plateau = plateau
     if start_ce is not None:
         keep_best.start_from(module, start_ce)
     keys = ["dpg/val_ce_pi", *extra_keys] + (["dpg/val_ce_q"] if module.gate is not None else [])
@@ -392,19 +463,29 @@ def fit_checked(module: DPGModule, valid: torch.Tensor, *, callbacks: list | Non
     module.pi.eval()
     return DPGResult(plateau.best, trainer.current_epoch, plateau.best_epoch, int(trainer.global_step),
                      draws.samples_drawn, module.swaps, draws.running_z.log_z if draws.running_z.count else None,
-                     module.reached_target, module.stopped_within_noise, plateau.decay_epochs)
+                     module.reached_target, module.stopped_within_noise, module.tilt_holds, plateau.decay_epochs)
 
 
 def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, valid: torch.Tensor, cfg: DPGConfig, *,
               max_len: int, symbols_per_seq: int, ce_valid_proposal: float, seed: int = 0,
               target_ce_valid: float | None = None, valid_log_p: torch.Tensor | None = None, log_z_se: float = 0.0,
-              logger=None, accelerator: str = "cpu", callbacks: list | None = None) -> DPGResult:
+              tilt: Tilt | None = None, logger=None, accelerator: str = "cpu",
+              callbacks: list | None = None) -> DPGResult:
     """Train `pi` in place towards p = P / Z from draws of `proposal` (dpg_off) or of pi itself
     (dpg_on, pg); on return pi holds the best-CE(V) weights. valid_log_p: log p_lambda of every
-    sequence of `valid` (with log_z_se, log Z-hat's s.e.), for the gap to p_lambda and cfg.stop_within_noise."""
+    sequence of `valid` (with log_z_se, log Z-hat's s.e.), for the gap to p_lambda and cfg.stop_within_noise;
+    tilt: p_lambda's exp(lambda . phi), for cfg.stop_tilt_samples."""
     draws = proposal_draws(pi, proposal, target, cfg, max_len=max_len, seed=seed)
+    tilt_check = None
+    if cfg.stop_within_noise is not None and cfg.stop_tilt_samples is not None and valid_log_p is not None:
+        if tilt is None:
+            raise ValueError(f"method.stop_tilt_samples={cfg.stop_tilt_samples}: the tilt test needs the "
+                             "target's lambda and features (train_dpg(tilt=...))")
+        tilt_check = TiltCheck(target, tilt, samples=cfg.stop_tilt_samples, z=cfg.stop_tilt_z,
+                               tolerance=cfg.stop_tilt_tolerance, max_len=max_len, seed=seed + 1, device=pi.device)
     module = DPGModule(pi, draws, cfg, symbols_per_seq=symbols_per_seq, ce_valid_proposal=ce_valid_proposal,
-                       target_ce_valid=target_ce_valid, valid_log_p=valid_log_p, log_z_se=log_z_se)
+                       target_ce_valid=target_ce_valid, valid_log_p=valid_log_p, log_z_se=log_z_se,
+                       tilt_check=tilt_check)
     # keep_start: pi = r so far, and CE(V, r) is the proposal's CE(V), already measured
     start_ce = ce_valid_proposal if cfg.keep_start else None
     return fit_checked(module, valid, callbacks=callbacks, logger=logger, accelerator=accelerator, clip=cfg.clip,
