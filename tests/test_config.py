@@ -202,6 +202,11 @@ def test_cpu_profile_per_size_budgets_reach_only_their_method_and_size():
     assert method("method=dpg_off", "dataset_size=500").stop_within_noise == 1.0
     assert method("method=dpg_off", "dataset_size=1000").stop_within_noise == 1.0
     assert method("method=dpg_off", "dataset_size=5000").stop_within_noise is None
+    # ... with its tilt test, 10000 draws of pi, 2 s.e. beyond a tolerance of 0.2 nats
+    for size in (500, 1000):
+        dpg = method("method=dpg_off", f"dataset_size={size}")
+        assert (dpg.stop_tilt_samples, dpg.stop_tilt_z, dpg.stop_tilt_tolerance) == (10000, 2.0, 0.2), size
+    assert method("method=dpg_off", "dataset_size=5000").stop_tilt_samples is None
     assert [method("method=dpg_off", f"dataset_size={size}").patience for size in (500, 1000, 5000)] == [5, 5, 3]
     assert method("method=dpg_on", "dataset_size=500").stop_within_noise is None
     assert method("profile=paper", "method=dpg_off", "dataset_size=500").stop_within_noise is None
@@ -220,6 +225,9 @@ def test_cpu_profile_per_size_budgets_reach_only_their_method_and_size():
     # DPG_off towards the true process has no p_lambda to stop near: refused before any work, saying how
     problems = preflight(["method=dpg_off", "method.target='true'", "dataset_size=500"])
     assert any(p.startswith("method.stop_within_noise=1.0") and "stop_within_noise=null" in p for p in problems)
+    # the tilt test is part of that stop: alone it is refused, naming both keys
+    problems = preflight(["method=dpg_off", "dataset_size=5000", "method.stop_tilt_samples=5000"])
+    assert any(p.startswith("method.stop_tilt_samples=5000 without method.stop_within_noise") for p in problems)
 
 
 def test_paper_profile_keeps_every_named_option_at_the_reference_value():
