@@ -2,8 +2,10 @@
 print what they measured on the validation set, with their seconds: how the per-|D| schedules in
 conf/dataset_size/<profile>/ are chosen (on V, on a cell other than the one reported).
 
-usage: python scripts/training1_only.py [gam-rl overrides ...]
+usage: python scripts/training1_only.py [--stream-seed S] [gam-rl overrides ...]
   e.g. python scripts/training1_only.py motif=1011100111001 seed=4444 dataset_size=10000 r.batch_size=250
+--stream-seed S: the same D, V and T (drawn from `seed`), but every later random stream (r's start,
+  dropout and batches, Training-1's and Z's draws) from S instead: the run-to-run spread of a cell.
 One JSON line per run goes to stdout; progress to stderr. Nothing is cached or written elsewhere.
 """
 
@@ -29,6 +31,9 @@ class _NoLogger:
 
 
 def main(argv: list[str]) -> None:
+    stream_seed = None
+    if argv[:1] == ["--stream-seed"]:
+        stream_seed, argv = int(argv[1]), argv[2:]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     _quiet_lightning()
     args, problems = check_command_line(argv)
@@ -45,11 +50,15 @@ def main(argv: list[str]) -> None:
     run = Run(cfg)
     data = load_data(cfg, run, device)
     features = Features.from_config(cfg.features, cfg.motif.pattern)
+    if stream_seed is not None:  # the data are drawn: from here on every stream follows stream_seed
+        cfg.seed = stream_seed
+        pl.seed_everything(stream_seed, workers=False, verbose=False)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         t1 = training1(cfg, run, data, features, _NoLogger(), Path(tmp), device, accelerator)
-    out = {"overrides": argv, "seconds": round(time.time() - started, 1), "timings": run.results["timings"],
+    out = {"overrides": argv, "stream_seed": stream_seed, "seconds": round(time.time() - started, 1),
+           "timings": run.results["timings"],
            "samples": run.results["samples"], **{k: v for k, v in t1.results().items()
                                                   if k not in ("lambda", "moments_data", "moments_model")}}
     print(json.dumps(out), flush=True)
