@@ -202,12 +202,12 @@ def test_cpu_profile_per_size_budgets_reach_only_their_method_and_size():
     assert method("method=dpg_off", "dataset_size=500").stop_within_noise == 1.0
     assert method("method=dpg_off", "dataset_size=1000").stop_within_noise == 1.0
     assert method("method=dpg_off", "dataset_size=5000").stop_within_noise is None
-    # ... with its tilt test, 10000 draws of pi, 2 s.e. beyond a tolerance of 0.2 nats
+    # ... with its tilt test, 10000 draws of pi, 2 s.e. beyond a tolerance of 0.3 nats
     for size in (500, 1000):
         dpg = method("method=dpg_off", f"dataset_size={size}")
-        assert (dpg.stop_tilt_samples, dpg.stop_tilt_z, dpg.stop_tilt_tolerance) == (10000, 2.0, 0.2), size
+        assert (dpg.stop_tilt_samples, dpg.stop_tilt_z, dpg.stop_tilt_tolerance) == (10000, 2.0, 0.3), size
     assert method("method=dpg_off", "dataset_size=5000").stop_tilt_samples is None
-    assert [method("method=dpg_off", f"dataset_size={size}").patience for size in (500, 1000, 5000)] == [5, 5, 3]
+    assert [method("method=dpg_off", f"dataset_size={size}").patience for size in (500, 1000, 5000)] == [5, 3, 3]
     assert method("method=dpg_on", "dataset_size=500").stop_within_noise is None
     assert method("profile=paper", "method=dpg_off", "dataset_size=500").stop_within_noise is None
     # r kept as check 0, at most 6 checks: |D| >= 10000 only

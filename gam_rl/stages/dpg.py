@@ -136,7 +136,7 @@ class DPGConfig:
     # stop_tilt_tolerance nats (weighted by P/pi: TiltCheck); None: the CE test alone
     stop_tilt_samples: int | None = setting(None, ge=100)
     stop_tilt_z: float = setting(2.0, ge=0)
-    stop_tilt_tolerance: float = setting(0.2, ge=0)
+    stop_tilt_tolerance: float = setting(0.3, ge=0)
     # init=r: pi's starting weights are the plateau's check 0 (their CE(V) is CE(V, r)), so pi is r
     # unless a check beats it, and patience counts from the start; false: check 1 is the first candidate
     keep_start: bool = False
