@@ -9,9 +9,9 @@
 #   multirun_scripts/table1.sh profile=paper hydra.sweep.dir=multirun/table1_paper
 #   multirun_scripts/table1.sh dataset_size=500,1000 hydra.launcher.n_jobs=4 threads=2
 #
-# The cpu profile (default), one thread per job on 2 cores (2026-12-03, commit 7c505a8):
-# 0.6-3 min per dpg_off job and 1.5-4 min per distill job; one motif x mask x seed (10 jobs)
-# took 1138-1376 job-seconds, 10-12 min; all 120 jobs about 2.1 h (docs/measurements.md).
+# The cpu profile (default), one thread per job on 2 cores (2026-12-03, commit 2911c64, on a day the
+# machine ran 1.27x slower than the day before): 0.3-6.5 min per job; one motif x mask x seed (10
+# jobs) took 1441-2019 job-seconds, 13-18 min; all 120 jobs about 2.9 h (docs/measurements.md).
 # Exit 0 when every job is ok, 1 when some failed (the report lists them), 2-3 on setup errors.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_sweep.sh"
