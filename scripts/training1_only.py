@@ -33,6 +33,8 @@ class _NoLogger:
 def main(argv: list[str]) -> None:
     stream_seed = None
     if argv[:1] == ["--stream-seed"]:
+        if len(argv) < 2 or not argv[1].lstrip("-").isdigit():
+            sys.exit(f"--stream-seed needs an integer, got {argv[1] if len(argv) > 1 else 'nothing'}")
         stream_seed, argv = int(argv[1]), argv[2:]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     _quiet_lightning()
