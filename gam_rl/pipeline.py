@@ -23,7 +23,7 @@ from gam_rl.exact import ExactCurve, ExactTarget, OutputSpace, exact_results, le
 from gam_rl.features import Features
 from gam_rl.metrics import batched_log_prob, evaluate_policy, policy_cross_entropy
 from gam_rl.policy import LSTMPolicy
-from gam_rl.potentials import Tilt, TrueProcess, gam
+from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
 from gam_rl.run_io import RESULT_KEYS
 from gam_rl.schema import Config
@@ -101,7 +101,7 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
             log.info("exact: log Z = %.4f over %d outputs (importance-sampled %.4f)", exact_target.log_z,
                      exact_target.space.size, res["log_z_hat"])
     with run.stage("training2"):
-        pi = training2(cfg, run, t1, p_lambda, features, data, logger, accelerator, exact_target)
+        pi = training2(cfg, run, t1, p_lambda, data, logger, accelerator, exact_target)
         torch.save({"config": pi.config(), "state_dict": pi.state_dict()}, run_dir / "pi.pt")
     with run.stage("eval_pi"):
         evaluation = evaluate_policy(pi, data.splits.test, data.process.contains_motif, cfg.eval, data.symbols)
@@ -205,10 +205,9 @@ def training1(cfg: Config, run: Run, data: Data, features: Features, logger, run
     return Training1(r, r_fit, r_eval, moments, partition, timings, samples, recorder.calls)
 
 
-def training2(cfg: Config, run: Run, t1: Training1, p_lambda, features: Features, data: Data, logger, accelerator: str,
+def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger, accelerator: str,
               exact_target: ExactTarget | None = None) -> LSTMPolicy:
-    """pi by the configured method, from (proposal r, target P = p_lambda = r exp(lambda . features)); fills
-    the run's Training-2 results."""
+    """pi by the configured method, from (proposal r, target P); fills the run's Training-2 results."""
     method, res, splits = cfg.method, run.results, data.splits
     init = LSTMPolicy.from_config(cfg.model).to(t1.r.device)  # fresh: the paper
     if method.init == "r":
@@ -245,7 +244,6 @@ def training2(cfg: Config, run: Run, t1: Training1, p_lambda, features: Features
                     common["valid_log_p"] = p_lambda.log_potential(splits.valid).double() - res["log_z_hat"]
                 # s.e. of log Z-hat = relative s.e. of Z-hat (delta method); unknown: 0 (the paired s.e. alone)
                 common["log_z_se"] = float(res.get("z_rel_se") or 0.0)
-                common["tilt"] = Tilt(features, t1.lam)  # p_lambda's exp(lambda . phi): the stop's tilt test
             fit = train_dpg(pi, t1.r, target, splits.valid, method, **common)
         run.count_samples("training2", fit.samples)
     res.update(fit.results())

@@ -126,3 +126,9 @@ class TrueProcess(Potential):
 def gam(r: Potential, features: Features, lam: torch.Tensor) -> Product:
     """P_lambda = r * exp(lambda . phi)."""
     return r * Tilt(features, lam)
+
+
+def tilt_of(potential: Potential) -> Tilt | None:
+    """The exp(lambda . phi) factor of a GAM (or the potential itself if it is one); None if it has none."""
+    factors = potential.factors if isinstance(potential, Product) else [potential]
+    return next((f for f in factors if isinstance(f, Tilt)), None)

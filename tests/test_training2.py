@@ -9,7 +9,7 @@ import torch
 
 from gam_rl.features import Features
 from gam_rl.policy import LSTMPolicy, eval_mode
-from gam_rl.potentials import Tilt, TrueProcess, gam
+from gam_rl.potentials import TrueProcess, gam, tilt_of
 from gam_rl.process import MotifProcess
 from gam_rl.stages.distill import DistillConfig, distill
 from gam_rl.stages.dpg import DPGConfig, DPGModule, dpg_loss, train_dpg
@@ -226,7 +226,7 @@ def test_the_tilt_test_holds_the_noise_stop_until_pi_puts_the_tilt_where_p_lambd
     that gap is not shown to exceed the tolerance, and the pi returned (the stop's check) is that
     close on the whole space too."""
     r, p_lambda, space, log_p, log_z, valid = gam_problem()
-    tilt = Tilt(Features("1000000", "11"), torch.tensor([-5.0]))
+    tilt = tilt_of(p_lambda)  # exp(-5 [no '11'])
     with torch.no_grad():
         valid_log_p = p_lambda.log_potential(valid).double() - log_z
         t = tilt.log_potential(space).double()  # -5 where '11' is absent
@@ -239,7 +239,7 @@ def test_the_tilt_test_holds_the_noise_stop_until_pi_puts_the_tilt_where_p_lambd
         with eval_mode(r):
             ce_r = -float(r.log_prob(valid).mean()) / 7
         result = train_dpg(pi, r, p_lambda, valid, cfg, max_len=7, symbols_per_seq=7, ce_valid_proposal=ce_r,
-                           seed=seed, valid_log_p=valid_log_p, log_z_se=1.0, tilt=tilt)
+                           seed=seed, valid_log_p=valid_log_p, log_z_se=1.0)
         with eval_mode(pi), torch.no_grad():
             tilt_gap = target_mean - float((pi.log_prob(space).double().exp() * t).sum())
         return result, tilt_gap

@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from gam_rl.config_fields import MISSING, setting
 from gam_rl.estimators import effective_sample_size, snis_moment_gap
 from gam_rl.policy import LSTMPolicy, eval_mode
-from gam_rl.potentials import Potential, Tilt
+from gam_rl.potentials import Potential, Tilt, tilt_of
 from gam_rl.stages.common import KeepBestPlateau, Plateau, StageProgress, make_trainer, token_loader
 from gam_rl.stages.draws import ProposalDraws, WeightedDraw
 from gam_rl.stages.fdpg import DIVERGENCES, fdpg_loss
@@ -469,18 +469,18 @@ def fit_checked(module: DPGModule, valid: torch.Tensor, *, callbacks: list | Non
 def train_dpg(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, valid: torch.Tensor, cfg: DPGConfig, *,
               max_len: int, symbols_per_seq: int, ce_valid_proposal: float, seed: int = 0,
               target_ce_valid: float | None = None, valid_log_p: torch.Tensor | None = None, log_z_se: float = 0.0,
-              tilt: Tilt | None = None, logger=None, accelerator: str = "cpu",
-              callbacks: list | None = None) -> DPGResult:
+              logger=None, accelerator: str = "cpu", callbacks: list | None = None) -> DPGResult:
     """Train `pi` in place towards p = P / Z from draws of `proposal` (dpg_off) or of pi itself
     (dpg_on, pg); on return pi holds the best-CE(V) weights. valid_log_p: log p_lambda of every
-    sequence of `valid` (with log_z_se, log Z-hat's s.e.), for the gap to p_lambda and cfg.stop_within_noise;
-    tilt: p_lambda's exp(lambda . phi), for cfg.stop_tilt_samples."""
+    sequence of `valid` (with log_z_se, log Z-hat's s.e.), for the gap to p_lambda and cfg.stop_within_noise
+    (and cfg.stop_tilt_samples: then `target` is a GAM, whose exp(lambda . phi) factor the test reads)."""
     draws = proposal_draws(pi, proposal, target, cfg, max_len=max_len, seed=seed)
     tilt_check = None
     if cfg.stop_within_noise is not None and cfg.stop_tilt_samples is not None and valid_log_p is not None:
+        tilt = tilt_of(target)
         if tilt is None:
-            raise ValueError(f"method.stop_tilt_samples={cfg.stop_tilt_samples}: the tilt test needs the "
-                             "target's lambda and features (train_dpg(tilt=...))")
+            raise ValueError(f"method.stop_tilt_samples={cfg.stop_tilt_samples}: the tilt test needs a GAM "
+                             "target r exp(lambda . phi), and this target has no exp(lambda . phi) factor")
         tilt_check = TiltCheck(target, tilt, samples=cfg.stop_tilt_samples, z=cfg.stop_tilt_z,
                                tolerance=cfg.stop_tilt_tolerance, max_len=max_len, seed=seed + 1, device=pi.device)
     module = DPGModule(pi, draws, cfg, symbols_per_seq=symbols_per_seq, ce_valid_proposal=ce_valid_proposal,
