@@ -218,6 +218,11 @@ def test_cpu_profile_per_size_budgets_reach_only_their_method_and_size():
     assert [method("method=dpg_off", f"dataset_size={size}").ema_decay for size in (500, 1000, 5000, 10000)] == [
         None, 0.99, 0.99, None]
     assert method("method=fdpg", "dataset_size=5000").ema_decay is None
+    # 96 updates per fresh draw for dpg_off at |D| <= 5000; the profile's 48 elsewhere and for the rest of the family
+    assert [method("method=dpg_off", f"dataset_size={size}").steps_per_draw
+            for size in (500, 1000, 5000, 10000, 20000)] == [96, 96, 96, 48, 48]
+    assert method("method=dpg_on", "dataset_size=500").steps_per_draw == 48
+    assert method("method=fdpg", "dataset_size=10000").steps_per_draw == 48
     assert not method("method=dpg_on", "dataset_size=20000").keep_start
     assert method("method=distill", "dataset_size=1000").size == 2500
     assert method("method=distill", "dataset_size=500").size == 5000
