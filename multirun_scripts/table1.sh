@@ -9,9 +9,9 @@
 #   multirun_scripts/table1.sh profile=paper hydra.sweep.dir=multirun/table1_paper
 #   multirun_scripts/table1.sh dataset_size=500,1000 hydra.launcher.n_jobs=4 threads=2
 #
-# The cpu profile (default), one thread per job on 2 cores (2026-12-03, commit 2911c64, on a day the
-# machine ran 1.27x slower than the day before): 0.3-6.5 min per job; one motif x mask x seed (10
-# jobs) took 1441-2019 job-seconds, 13-18 min; all 120 jobs about 2.9 h (docs/measurements.md).
+# The cpu profile (default), one thread per job on 2 cores (2026-12-03, commit a194c86, on a day the
+# machine ran about 1.15x slower than its fastest): 0.3-6 min per job; one motif x mask x seed (10
+# jobs) took 1265-1644 job-seconds, 11.5-14.4 min; all 120 jobs about 2.4 h (docs/measurements.md).
 # Exit 0 when every job is ok, 1 when some failed (the report lists them), 2-3 on setup errors.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_sweep.sh"
