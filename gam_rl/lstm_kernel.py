@@ -9,8 +9,12 @@ unchanged), with a hand-written backward instead of autograd through ~20 small o
 * layer 0's input is one-hot, so its input projection is a gathered row of a gate table
   (bias + W_ih[:, symbol]); input dropout on a one-hot vector only ever zeroes (or scales by
   1/keep) that one symbol, so it picks between two tables;
-* layers run one after the other over all steps (as cuDNN does): the input projection of
-  layer l > 0 is one matmul over every packed position, the recurrence one matmul per step;
+* layers run one after the other over all steps (as cuDNN does). In the compiled layer loops
+  layer l > 0 keeps its input and its previous output side by side, z = [x_t | h_{t-1}], so each
+  step is ONE matmul with [W_ih | W_hh], the backward's per-step matmul da [W_ih | W_hh] also gives
+  dx (the layer below's gradient), and [dW_ih | dW_hh] is one matmul over all positions; in the
+  Python loops the input projection is one matmul over every packed position and the recurrence
+  one matmul per step;
 * tanh is computed as 2 sigmoid(2a) - 1 (torch's CPU sigmoid is ~8x cheaper than its tanh)
   with the g-gate rows of the weights doubled, so one sigmoid call activates all four gates;
   activations, c and tanh(c) go into (N, .) buffers;
@@ -216,11 +220,14 @@ def _forward_steps(pk: PackedTokens, gates, cell, tanh_c, h_out, w_hh, H: int, n
 def _forward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks: list[torch.Tensor] | None,
              weights: list[torch.Tensor], hidden: int, layers: int):
     """Layer by layer over all positions: the output (dropout(top-layer h), (N, H)) and what the
-    backward needs, per layer (activated gates, c, tanh(c), h, the layer's input x)."""
-    H, N, sizes = hidden, pk.num, pk.sizes
+    backward needs, per layer: with the compiled layer loops (gates, c, tanh(c), z), see
+    _forward_compiled; else (activated gates, c, tanh(c), h, the layer's input x)."""
     like = weights[0]
-    native, threads = native_kernels(like), torch.get_num_threads()
+    native = native_kernels(like)
     sgemm = lstm_native.sgemm_address() if native is not None else None
+    if sgemm is not None:
+        return _forward_compiled(pk, in_index, keep, masks, weights, hidden, layers, native, sgemm)
+    H, N, threads = hidden, pk.num, torch.get_num_threads()
     saved = []
     x = None  # input of layer l > 0 at every position: dropout(h_{l-1}), (N, H)
     for l in range(layers):
@@ -228,30 +235,47 @@ def _forward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks
         w_ih, w_hh, bias = _forward_weights(weights, l)
         gates, cell, tanh_c, h_out = (_POOL.take((N, 4 * H), like), _POOL.take((N, H), like),
                                       _POOL.take((N, H), like), _POOL.take((N, H), like))
-        # dropout on every layer's output: the next layer's input, or the LSTM's output
-        mask = masks[l] if masks is not None else None
-        x_next = None if mask is None else _POOL.take((N, H), like) if l < layers - 1 else like.new_empty(N, H)
-        if sgemm is not None:  # every step (input, matmul, cell, dropout) in one compiled call: no Python per step
-            if l == 0:  # a = gathered table row (input + bias), copied step by step in the C loop
-                table, index, b = _input_table(w_ih, bias, keep).contiguous(), in_index.contiguous(), None
-            else:  # a = x W_ih^T: one matmul over all positions; the C loop adds the bias
-                table, index, b = None, None, bias.contiguous()
-                torch.mm(x, w_ih.t(), out=gates)
-            native.gam_layer_forward(sgemm, len(sizes), *(arr.ctypes.data for arr in pk.step_arrays), H,
-                                     gates.data_ptr(), _ptr(table), _ptr(index), _ptr(b), w_hh.data_ptr(),
-                                     cell.data_ptr(), h_out.data_ptr(), tanh_c.data_ptr(), _ptr(mask),
-                                     _ptr(x_next), threads)
-        else:
-            if l == 0:  # a = gathered table row (input + bias)
-                torch.index_select(_input_table(w_ih, bias, keep), 0, in_index, out=gates)
-            else:  # one matmul over all positions: a = x W_ih^T + b
-                torch.addmm(bias, x, w_ih.t(), out=gates)
-            _forward_steps(pk, gates, cell, tanh_c, h_out, w_hh, H, native, threads)
-            if mask is not None:
-                torch.mul(h_out, mask, out=x_next)
+        if l == 0:  # a = gathered table row (input + bias)
+            torch.index_select(_input_table(w_ih, bias, keep), 0, in_index, out=gates)
+        else:  # one matmul over all positions: a = x W_ih^T + b
+            torch.addmm(bias, x, w_ih.t(), out=gates)
+        _forward_steps(pk, gates, cell, tanh_c, h_out, w_hh, H, native, threads)
         saved.append((gates, cell, tanh_c, h_out, x))
-        x = h_out if mask is None else x_next
+        # dropout on every layer's output: the next layer's input, or the LSTM's output
+        if masks is not None:
+            x = torch.mul(h_out, masks[l], out=_POOL.take((N, H), like) if l < layers - 1 else like.new_empty(N, H))
+        else:
+            x = h_out
     return x, saved
+
+
+def _forward_compiled(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, masks: list[torch.Tensor] | None,
+                      weights: list[torch.Tensor], hidden: int, layers: int, native, sgemm: int):
+    """Every layer's steps in one compiled call (gam_layer_forward: no Python per step). Layer l's step
+    matmul reads z_l: (N, H) h_{t-1} for layer 0 (its input is the table), (N, 2H) [x_t | h_{t-1}] for
+    l > 0, where the layer below writes x = dropout(h) and the layer itself its h at the position of
+    the same row one step later; so a = z W^T with W = [W_ih | W_hh] is one sgemm per step, and the
+    backward's dW = z^T da one matmul per layer. Saved per layer: (activated gates, c, tanh(c), z)."""
+    H, N = hidden, pk.num
+    like = weights[0]
+    zs = [_POOL.take((N, H if l == 0 else 2 * H), like) for l in range(layers)]
+    out = like.new_empty(N, H)  # dropout(top-layer h): returned, so never a pooled buffer
+    saved = []
+    for l in range(layers):
+        w_ih, w_hh, bias = _forward_weights(weights, l)  # g rows doubled: one sigmoid for all four gates
+        if l == 0:  # a = z W_hh^T + table row (input + bias)
+            w, table, index, b = w_hh, _input_table(w_ih, bias, keep).contiguous(), in_index.contiguous(), None
+        else:  # a = [x | h_{t-1}] [W_ih | W_hh]^T + bias
+            w, table, index, b = torch.cat([w_ih, w_hh], dim=1), None, None, bias.contiguous()
+        gates, cell, tanh_c = _POOL.take((N, 4 * H), like), _POOL.take((N, H), like), _POOL.take((N, H), like)
+        x_out = zs[l + 1] if l < layers - 1 else out  # dropout(h): the next layer's input columns, or the output
+        native.gam_layer_forward(sgemm, len(pk.sizes), *(arr.ctypes.data for arr in pk.step_arrays), H,
+                                 zs[l].shape[1], gates.data_ptr(), _ptr(table), _ptr(index), _ptr(b),
+                                 w.data_ptr(), zs[l].data_ptr(), cell.data_ptr(), tanh_c.data_ptr(),
+                                 _ptr(masks[l] if masks is not None else None), x_out.data_ptr(), x_out.shape[1],
+                                 torch.get_num_threads())
+        saved.append((gates, cell, tanh_c, zs[l]))
+    return out, saved
 
 
 COEFFICIENT_BLOCK = 2**17  # elements (512 KiB in fp32) per block of the backward's coefficients: cache-sized
@@ -300,26 +324,17 @@ def _coefficients(pk: PackedTokens, r0: int, r1: int, gates, cell, tanh_c, c_pre
 
 
 class _NativeSteps:
-    """The backward's reverse loop over the steps of one layer with the compiled cell (lstm_native):
-    per step one matmul (dh += da_{t+1} W_hh) and one C pass (gates -> da, dc carried in d_cs[0]);
-    with torch's sgemm available, the whole loop is one compiled call (gam_layer_backward)."""
+    """The backward's reverse loop over the steps of one layer with the compiled cell (lstm_native), from
+    Python: per step one matmul (dh += da_{t+1} W_hh) and one C pass (gates -> da, dc carried in d_cs[0]).
+    (With torch's sgemm the whole backward is _backward_compiled instead.)"""
 
     def __init__(self, native):
-        self.native, self.threads, self.sgemm = native, torch.get_num_threads(), lstm_native.sgemm_address()
-        self.masks_in_loop = self.sgemm is not None  # reverse() applies the dropout mask on d_h itself
+        self.native, self.threads = native, torch.get_num_threads()
 
-    def reverse(self, pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H, acc, index, mask=None) -> None:
-        """acc (threads, rows, 4H) gathers every position's da by index (index None: all in row 0);
-        mask: the layer's output dropout, applied to d_h step by step (only where masks_in_loop)."""
+    def reverse(self, pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H, acc, index) -> None:
+        """acc (threads, rows, 4H) gathers every position's da by index (index None: all in row 0)."""
         sizes, offs, T = pk.sizes, pk.offsets, len(pk.sizes)
         acc_rows = acc.shape[1]
-        if self.sgemm is not None:
-            w = w_hh.contiguous()  # held here until the call returns
-            self.native.gam_layer_backward(self.sgemm, T, *(arr.ctypes.data for arr in pk.step_arrays), H,
-                                           gates.data_ptr(), w.data_ptr(), cell.data_ptr(), tanh_c.data_ptr(),
-                                           d_h.data_ptr(), d_cs[0].data_ptr(), _ptr(mask), self.threads,
-                                           acc.data_ptr(), _ptr(index), acc_rows)
-            return
         for t in reversed(range(T)):
             n, a = sizes[t], offs[t]
             dh = d_h[a : a + n]
@@ -337,15 +352,13 @@ class _TorchSteps:
     """The same reverse loop as torch ops: the saved activations become coefficients a cache-sized
     block of steps at a time (_coefficients), then four elementwise ops per step."""
 
-    masks_in_loop = False
-
     def __init__(self, pk: PackedTokens, like: torch.Tensor, H: int):
         # coefficients are made a block of steps at a time, COEFFICIENT_BLOCK elements per (rows, H) block
         self.chunks = _chunks(pk.sizes, pk.offsets, max(1, COEFFICIENT_BLOCK // H))
         rows = max(pk.offsets[t1 - 1] + pk.sizes[t1 - 1] - pk.offsets[t0] for t0, t1 in self.chunks)
         self.scratch = like.new_empty(rows, H), like.new_empty(rows, H), like.new_empty(rows, 2 * H)
 
-    def reverse(self, pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H, acc, index, mask=None) -> None:
+    def reverse(self, pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H, acc, index) -> None:
         sizes, offs, T = pk.sizes, pk.offsets, len(pk.sizes)
         for t0, t1 in reversed(self.chunks):
             _coefficients(pk, offs[t0], offs[t1 - 1] + sizes[t1 - 1], gates, cell, tanh_c, *self.scratch, H)
@@ -367,6 +380,10 @@ def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, mask
               weights: list[torch.Tensor], hidden: int, layers: int, saved, grad_out: torch.Tensor):
     H, N, B0 = hidden, pk.num, pk.sizes[0]
     like = weights[0]
+    native = native_kernels(like)
+    sgemm = lstm_native.sgemm_address() if native is not None else None
+    if sgemm is not None:  # saved by _forward_compiled
+        return _backward_compiled(pk, in_index, keep, masks, weights, hidden, layers, saved, grad_out, native, sgemm)
     grads: list[torch.Tensor | None] = [None] * len(weights)
     # dL/dh of the current layer at every position: from above (the head, or the next layer's
     # input) plus, added step by step below, from the same layer's next step
@@ -377,7 +394,6 @@ def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, mask
         d_h.copy_(grad_out)
     # dc double-buffered: rows beyond those alive at t + 1 are still zero when step t reads them
     d_cs = [like.new_zeros(B0, H), like.new_zeros(B0, H)]
-    native = native_kernels(like)
     steps = _NativeSteps(native) if native is not None else _TorchSteps(pk, like, H)
     table_rows = 8 if keep is not None else 4
     for l in reversed(range(layers)):
@@ -386,14 +402,11 @@ def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, mask
         d_gates = gates  # coefficients, then da, overwrite the activations
         for d_c in d_cs:
             d_c.zero_()
-        # the compiled loop also sums da per thread as it goes: by table row (layer 0) or all (the bias)
+        # the compiled cell also sums da per thread as it goes: by table row (layer 0) or all (the bias)
         acc = like.new_zeros(steps.threads, table_rows if l == 0 else 1, 4 * H) if native is not None else None
-        # below the top layer, d_h holds dL/d dropout(h): the mask is applied here or in the loop
-        mask = masks[l] if masks is not None and l < layers - 1 else None
-        if mask is not None and not steps.masks_in_loop:
-            d_h.mul_(mask)
-        steps.reverse(pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H, acc, in_index if l == 0 else None,
-                      mask if steps.masks_in_loop else None)
+        if masks is not None and l < layers - 1:  # d_h holds dL/d dropout(h)
+            d_h.mul_(masks[l])
+        steps.reverse(pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H, acc, in_index if l == 0 else None)
         # weight gradients, one matmul each over all positions (computed transposed, (in, 4H):
         # MKL is faster with the long dimension N inside than as x^T's rows)
         if N > B0:  # dW_hh^T = sum_t h_{t-1}^T da_t  (h_{-1} = 0)
@@ -403,8 +416,7 @@ def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, mask
         if l == 0:  # table rows: d_table[k] = sum of da over positions with index k
             d_table = (acc.sum(dim=0) if acc is not None
                        else like.new_zeros(table_rows, 4 * H).index_add_(0, in_index, d_gates))
-            d_bias = d_table.sum(dim=0)  # every row carries the bias
-            d_w_ih = d_table[:3] / (keep or 1.0)
+            d_bias, d_w_ih = _table_grads(d_table, keep)
         else:
             d_bias = acc.sum(dim=(0, 1)) if acc is not None else d_gates.sum(dim=0)
             d_w_ih = x.t() @ d_gates  # dW_ih^T = sum_t x_t^T da_t
@@ -413,6 +425,55 @@ def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, mask
         _POOL.give(gates, cell, tanh_c, h_out if masks is not None or l < layers - 1 else None,
                    x if masks is not None else None)
     _POOL.give(d_h)
+    return grads
+
+
+def _table_grads(d_table: torch.Tensor, keep: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer 0's bias and W_ih^T gradients from its table's: every row carries the bias, and rows 0..2
+    carry W_ih[:, k] / keep (_input_table)."""
+    return d_table.sum(dim=0), d_table[:3] / (keep or 1.0)
+
+
+def _backward_compiled(pk: PackedTokens, in_index: torch.Tensor, keep: float | None,
+                       masks: list[torch.Tensor] | None, weights: list[torch.Tensor], hidden: int, layers: int, saved,
+                       grad_out: torch.Tensor, native, sgemm: int):
+    """The backward of _forward_compiled, one compiled call per layer (gam_layer_backward): its
+    per-step sgemm dz = da [W_ih | W_hh] gives both the gradient sent back to h_{t-1} and dx, the
+    layer below's gradient from above (so dx needs no matmul over all positions), and
+    dW^T = z^T da = [dW_ih | dW_hh]^T is one matmul per layer."""
+    H, N, B0 = hidden, pk.num, pk.sizes[0]
+    like, threads = weights[0], torch.get_num_threads()
+    grads: list[torch.Tensor | None] = [None] * len(weights)
+    above = grad_out.contiguous()  # the gradient on the layer's output: (N, H), then dz's first H columns
+    dcf = like.new_empty(B0, H)  # dc_{t+1} f_{t+1}, carried to step t
+    table_rows = 8 if keep is not None else 4
+    for l in reversed(range(layers)):
+        gates, cell, tanh_c, z = saved[l]
+        w_ih, w_hh = weights[4 * l], weights[4 * l + 1]
+        K = z.shape[1]
+        w = w_hh.contiguous() if l == 0 else torch.cat([w_ih, w_hh], dim=1)
+        dz = _POOL.take((N, K), like)
+        dcf.zero_()
+        # the loop sums da per thread as it goes: by table row (layer 0) or all (the bias)
+        acc = like.new_zeros(threads, table_rows if l == 0 else 1, 4 * H)
+        native.gam_layer_backward(sgemm, len(pk.sizes), *(arr.ctypes.data for arr in pk.step_arrays), H, K,
+                                  gates.data_ptr(), w.data_ptr(), cell.data_ptr(), tanh_c.data_ptr(), above.data_ptr(),
+                                  above.stride(0), _ptr(masks[l] if masks is not None else None), dz.data_ptr(),
+                                  dcf.data_ptr(), threads, acc.data_ptr(), _ptr(in_index if l == 0 else None),
+                                  acc.shape[1])
+        # dW^T = z^T da, (K, 4H) (transposed: MKL is faster with the long dimension N inside);
+        # layer 0's z is zero at t = 0 (h_{-1}), so its rows from B0 on
+        d_w = z[B0:].t() @ gates[B0:] if l == 0 else z.t() @ gates
+        if l == 0:  # table rows: d_table[k] = sum of da over positions with index k
+            d_bias, d_w_ih = _table_grads(acc.sum(dim=0), keep)
+            d_w_hh = d_w
+        else:
+            d_bias = acc.sum(dim=(0, 1))
+            d_w_ih, d_w_hh = d_w[:H], d_w[H:]
+        grads[4 * l : 4 * l + 4] = [d_w_ih.t().contiguous(), d_w_hh.t().contiguous(), d_bias, d_bias.clone()]
+        _POOL.give(gates, cell, tanh_c, z, above if l < layers - 1 else None)
+        above = dz[:, :H]  # dx: the gradient on the layer below's output (its dropout mask applied in its loop)
+    _POOL.give(dz)
     return grads
 
 

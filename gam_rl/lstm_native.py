@@ -113,10 +113,11 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.gam_cell_backward.restype = None
     lib.gam_sample_step.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.gam_sample_step.restype = i64
-    lib.gam_layer_forward.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.gam_layer_forward.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                      i64, i32]
     lib.gam_layer_forward.restype = None
-    lib.gam_layer_backward.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr,
-                                       i64]
+    lib.gam_layer_backward.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32,
+                                       ptr, ptr, i64]
     lib.gam_layer_backward.restype = None
     lib.gam_score_rows.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
                                    ptr, ptr, ptr, i32]

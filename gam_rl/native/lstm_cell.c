@@ -61,23 +61,55 @@ static inline float logistic(float x) {
 #define PARALLEL_ROWS(n, H, threads) \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if((n) * (H) >= 16384 && (threads) > 1)")
 
-/* The cell on one row: a (4H) pre-activations, cp (H) the previous c (NULL at t = 0); writes c, h
-   and, when g_act is not NULL, the activated gates [i, f, g, o] (4H) and tanh(c') into tc_out. */
-static inline void cell_forward_row(int64_t H, const float *a, const float *cp, float *c, float *h, float *g_act,
-                                    float *tc_out) {
+/* What a call of cell_forward / cell_backward reads and writes besides the cell itself. Every call
+   passes these flags as constants, so each inlined copy is straight-line vector code: a pointer tested
+   per element would be if-converted into masked loads and stores (vmaskmovps), which cost ~10 cycles
+   each on AMD's Zen and made the cell ~3x slower than its arithmetic. */
+#define CELL_ADD 1   /* forward: a + add */
+#define CELL_CP 2    /* the previous c (else c = 0: t = 0) */
+#define CELL_X 4     /* forward: also x = h' (times mask with CELL_MASK) */
+#define CELL_MASK 8  /* a dropout mask: on x (forward), on the gradient from above (backward) */
+#define CELL_ACT 16  /* forward: keep the activated gates and tanh(c') for the backward */
+#define CELL_REC 32    /* backward: add rec, the gradient the next step sends back to h' */
+#define CELL_CARRY 64  /* backward: add dcf = dc_{t+1} f_{t+1} (the row is alive at t + 1) */
+
+/* The cell on one row: pre-activations a (4H) (+ add), cp (H) the previous c; writes c, h' and, per
+   flags, x and the activated gates [i, f, g, o] (into g_act, 4H, may be a itself) and tanh(c') (tc_out). */
+static inline void cell_forward(int64_t H, const int flags, const float *a, const float *add, const float *cp,
+                                float *c, float *h, float *x, const float *mask, float *g_act, float *tc_out) {
 #pragma omp simd
     for (int64_t j = 0; j < H; j++) {
-        float i = logistic(a[j]), f = logistic(a[H + j]);
-        float g = 2.0f * logistic(a[2 * H + j]) - 1.0f, o = logistic(a[3 * H + j]);
-        float cn = cp ? f * cp[j] + i * g : i * g;  /* c' = f c + i g  (c = 0 at t = 0) */
+        float ai = a[j], af = a[H + j], ag = a[2 * H + j], ao = a[3 * H + j];
+        if (flags & CELL_ADD) {
+            ai += add[j]; af += add[H + j]; ag += add[2 * H + j]; ao += add[3 * H + j];
+        }
+        float i = logistic(ai), f = logistic(af);
+        float g = 2.0f * logistic(ag) - 1.0f, o = logistic(ao);
+        float cn = flags & CELL_CP ? f * cp[j] + i * g : i * g;  /* c' = f c + i g  (c = 0 at t = 0) */
         float tc = 2.0f * logistic(2.0f * cn) - 1.0f;  /* tanh(c') */
+        float hn = o * tc;                              /* h' = o tanh(c') */
         c[j] = cn;
-        h[j] = o * tc;  /* h' = o tanh(c') */
-        if (g_act) {
+        h[j] = hn;
+        if (flags & CELL_X) x[j] = flags & CELL_MASK ? hn * mask[j] : hn;
+        if (flags & CELL_ACT) {
             g_act[j] = i; g_act[H + j] = f; g_act[2 * H + j] = g; g_act[3 * H + j] = o;
             tc_out[j] = tc;
         }
     }
+}
+
+/* The cell on one row as the sampler, the scorer and the per-step loops call it: a (4H) pre-activations
+   (bias included), cp NULL at t = 0; writes c, h and (g_act not NULL) the activated gates and tanh(c'). */
+static inline void cell_forward_row(int64_t H, const float *a, const float *cp, float *c, float *h, float *g_act,
+                                    float *tc_out) {
+    if (cp && g_act)
+        cell_forward(H, CELL_CP | CELL_ACT, a, 0, cp, c, h, 0, 0, g_act, tc_out);
+    else if (cp)
+        cell_forward(H, CELL_CP, a, 0, cp, c, h, 0, 0, 0, 0);
+    else if (g_act)
+        cell_forward(H, CELL_ACT, a, 0, 0, c, h, 0, 0, g_act, tc_out);
+    else
+        cell_forward(H, 0, a, 0, 0, c, h, 0, 0, 0, 0);
 }
 
 /* One step of one layer over n rows. pre: (n, 4H) pre-activations, row stride ld_pre.
@@ -94,19 +126,23 @@ void gam_cell_forward(int64_t n, int64_t H, const float *pre, int64_t ld_pre, co
 }
 
 /* Backward of the cell on one row (see the formulas above): ga (4H) activated [i, f, g, o] in,
-   [da_i, da_f, da_g, da_o] out; cp the previous c (NULL at t = 0); tc tanh(c'); dh the gradient on
-   h'; d (H) carries dcf in (when carry is 1) and dc f out; sum (4H, NULL: none) += da. */
-static inline void cell_backward_row(int64_t H, float *ga, const float *cp, const float *tc, const float *dhr,
-                                     float *d, float carry, float *sum) {
+   [da_i, da_f, da_g, da_o] out; cp the previous c (CELL_CP; else t = 0); tc tanh(c'); the gradient on h'
+   is dh = above mask (CELL_MASK) + rec (CELL_REC: what the next step sends back, da_{t+1} W_hh); d (H)
+   carries dcf = dc_{t+1} f_{t+1} in (CELL_CARRY) and dc f out; sum (4H, NULL: none) += da. */
+static inline void cell_backward(int64_t H, const int flags, float *ga, const float *cp, const float *tc,
+                                 const float *above, const float *mask, const float *rec, float *d, float *sum) {
 #pragma omp simd
     for (int64_t j = 0; j < H; j++) {
         float i = ga[j], f = ga[H + j], g = ga[2 * H + j], o = ga[3 * H + j], t = tc[j];
-        float dc = carry * d[j] + dhr[j] * o * (1.0f - t * t);  /* dc = dcf + dh o (1 - tanh(c')^2) */
-        ga[3 * H + j] = dhr[j] * t * o * (1.0f - o);           /* da_o */
-        ga[j] = dc * g * i * (1.0f - i);                        /* da_i */
-        ga[H + j] = cp ? dc * cp[j] * f * (1.0f - f) : 0.0f;     /* da_f (c = 0 at t = 0) */
-        ga[2 * H + j] = dc * i * (1.0f - g * g);                /* da_g */
-        d[j] = dc * f;                                          /* dc_t f_t, to step t - 1 */
+        float dh = flags & CELL_MASK ? above[j] * mask[j] : above[j];
+        if (flags & CELL_REC) dh += rec[j];
+        float dc = dh * o * (1.0f - t * t);  /* dc = dcf + dh o (1 - tanh(c')^2) */
+        if (flags & CELL_CARRY) dc += d[j];
+        ga[3 * H + j] = dh * t * o * (1.0f - o);  /* da_o */
+        ga[j] = dc * g * i * (1.0f - i);           /* da_i */
+        ga[H + j] = flags & CELL_CP ? dc * cp[j] * f * (1.0f - f) : 0.0f;  /* da_f (c = 0 at t = 0) */
+        ga[2 * H + j] = dc * i * (1.0f - g * g);   /* da_g */
+        d[j] = dc * f;                             /* dc_t f_t, to step t - 1 */
     }
     if (sum) {
 #pragma omp simd
@@ -125,10 +161,18 @@ static inline void cell_backward_row(int64_t H, float *ga, const float *cp, cons
 void gam_cell_backward(int64_t n, int64_t m, int64_t H, float *gates, const float *c_prev, const float *tanh_c,
                        const float *dh, float *dcf, int threads, float *acc, const int64_t *index, int64_t acc_rows) {
     PARALLEL_ROWS(n, H, threads)
-    for (int64_t r = 0; r < n; r++)
-        cell_backward_row(H, gates + r * 4 * H, c_prev ? c_prev + r * H : 0, tanh_c + r * H, dh + r * H,
-                          dcf + r * H, r < m ? 1.0f : 0.0f,
-                          acc ? acc + ((int64_t)THREAD_NUM * acc_rows + (index ? index[r] : 0)) * 4 * H : 0);
+    for (int64_t r = 0; r < n; r++) {
+        float *ga = gates + r * 4 * H, *sum = acc ? acc + ((int64_t)THREAD_NUM * acc_rows + (index ? index[r] : 0)) * 4 * H : 0;
+        const float *cp = c_prev ? c_prev + r * H : 0;  /* dh already holds what step t + 1 sent back */
+        if (cp && r < m)
+            cell_backward(H, CELL_CP | CELL_CARRY, ga, cp, tanh_c + r * H, dh + r * H, 0, 0, dcf + r * H, sum);
+        else if (cp)
+            cell_backward(H, CELL_CP, ga, cp, tanh_c + r * H, dh + r * H, 0, 0, dcf + r * H, sum);
+        else if (r < m)
+            cell_backward(H, CELL_CARRY, ga, 0, tanh_c + r * H, dh + r * H, 0, 0, dcf + r * H, sum);
+        else
+            cell_backward(H, 0, ga, 0, tanh_c + r * H, dh + r * H, 0, 0, dcf + r * H, sum);
+    }
 }
 
 /* The sampler's per-step bookkeeping after the head: n working rows with logits (n, 3) (row
@@ -181,97 +225,107 @@ typedef void (*sgemm_fn)(const char *ta, const char *tb, const int *m, const int
                          const float *beta, float *c, const int *ldc);
 
 /* Every step of one layer over a packed batch (rows alive at step t: a prefix of sizes[t] rows
-   starting at packed position offsets[t]), with no Python between steps:
-       a_t  = table[index]  (layer 0: its one-hot input's gathered table row, bias included)
-          or += bias        (layer l > 0: gates already hold x W_ih^T, without the bias)
-       a_t += h_{t-1} W_hh^T   (one sgemm; row-major (n, 4H) = column-major (4H, n))
-       then the cell, activations kept for the backward, and x_t = h_t mask_t when mask is not NULL.
+   starting at packed position offsets[t]), with no Python between steps. The step's matmul reads
+   row p of z (N, K): layer 0 (K = H) z_p = h_{t-1}; layer l > 0 (K = 2H) z_p = [x_t | h_{t-1}], its
+   input (written there by the layer below) beside its own previous output, so that
+       a_t = z_t W^T (+ table[index] or + bias)     W = [W_ih | W_hh] (4H, K) (layer 0: W_hh), g rows doubled
+   is ONE sgemm per step (row-major (n, 4H) = column-major (4H, n)) and the input projection needs no
+   separate matmul over all positions; at t = 0 (h_{-1} = 0) only the first K - H columns count:
+   layer 0's a_0 is its table row alone. Then the cell, the activations kept for the backward, h_t
+   into z's last H columns at its position at t + 1 (rows alive then), and the layer's output
+   x_t = h_t mask_t (mask NULL: h_t) into x_out (row stride ld_x): the next layer's z, or the LSTM's
+   output. z's last H columns at t = 0 are zeroed here (the backward's dW = z^T da reads them).
    One parallel region for all steps: each thread takes a contiguous share of the step's rows and
    runs all of the above on them (its sgemm single-threaded: MKL does not nest inside a parallel
-   region); a row at step t only reads its own row at t - 1, so a barrier per step is all the
-   threads share (3 fork-joins per step before, each a few microseconds against a step of ~50).
-   gates: (N, 4H); table: (rows, 4H) with index (N,) into it, or NULL; bias: (4H,) or NULL;
-   w_hh: (4H, H) row-major (g rows doubled); cell, h_out, tanh_c: (N, H); mask, x_out: (N, H) or NULL. */
-void gam_layer_forward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const int64_t *offsets, int64_t H,
-                       float *gates, const float *table, const int64_t *index, const float *bias,
-                       const float *w_hh, float *cell, float *h_out, float *tanh_c, const float *mask, float *x_out,
+   region, and a thread's share stays in its core's cache, where a (250 x 128) @ (128 x 256) runs at
+   ~1.5x the per-core rate of one (N x 64) @ (64 x 256) over all positions); a row at step t only
+   reads rows of t - 1, so a barrier per step is all the threads share.
+   gates, cell, tanh_c: (N, 4H), (N, H), (N, H); table: (rows, 4H) with index (N,) into it, or NULL;
+   bias: (4H,) or NULL; mask: (N, H) or NULL. */
+void gam_layer_forward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const int64_t *offsets, int64_t H, int64_t K,
+                       float *gates, const float *table, const int64_t *index, const float *bias, const float *w,
+                       float *z, float *cell, float *tanh_c, const float *mask, float *x_out, int64_t ld_x,
                        int threads) {
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
-    const int four_h = (int)(4 * H), h = (int)H;
-    const float one = 1.0f;
+    const int four_h = (int)(4 * H), k_all = (int)K, k_input = (int)(K - H);
+    const float one = 1.0f, zero = 0.0f;
     _Pragma("omp parallel num_threads(threads) if(threads > 1 && sizes[0] * H >= 4096)")
     {
         const int64_t share = NUM_THREADS, me = THREAD_NUM;
+        float sink[H], zeros[4 * H];  /* sink: h of a row that ends at t (no step t + 1 reads it) */
+        memset(zeros, 0, sizeof zeros);
+        for (int64_t r = sizes[0] * me / share; r < sizes[0] * (me + 1) / share; r++)
+            memset(z + r * K + K - H, 0, sizeof(float) * H);  /* h_{-1} = 0 */
+        _Pragma("omp barrier")
         for (int64_t t = 0; t < T; t++) {
             const int64_t n = sizes[t], a = offsets[t], lo = n * me / share, hi = n * (me + 1) / share;
-            for (int64_t r = lo; r < hi; r++) {
-                float *gr = gates + (a + r) * 4 * H;
-                if (table) {
-                    const float *src = table + index[a + r] * 4 * H;
-#pragma omp simd
-                    for (int64_t j = 0; j < 4 * H; j++) gr[j] = src[j];
-                } else if (bias) {
-#pragma omp simd
-                    for (int64_t j = 0; j < 4 * H; j++) gr[j] += bias[j];
-                }
-            }
-            if (t > 0 && hi > lo) {  /* rows alive at t are a prefix of those at t - 1 */
+            const int64_t next = t + 1 < T ? sizes[t + 1] : 0, a_next = t + 1 < T ? offsets[t + 1] : 0;
+            const int k = t > 0 ? k_all : k_input;  /* columns of z that are not zero */
+            if (hi > lo && k > 0) {
                 const int rows = (int)(hi - lo);
-                sgemm("T", "N", &four_h, &rows, &h, &one, w_hh, &h, h_out + (offsets[t - 1] + lo) * H, &h, &one,
+                sgemm("T", "N", &four_h, &rows, &k, &one, w, &k_all, z + (a + lo) * K, &k_all, &zero,
                       gates + (a + lo) * 4 * H, &four_h);
             }
             for (int64_t r = lo; r < hi; r++) {
                 const int64_t p = a + r;
-                cell_forward_row(H, gates + p * 4 * H, t > 0 ? cell + (offsets[t - 1] + r) * H : 0, cell + p * H,
-                                 h_out + p * H, gates + p * 4 * H, tanh_c + p * H);
-                if (mask) {  /* dropout on the layer's output while it is in cache: x = h' mask */
-                    const float *hs = h_out + p * H, *ms = mask + p * H;
-                    float *xs = x_out + p * H;
-#pragma omp simd
-                    for (int64_t j = 0; j < H; j++) xs[j] = hs[j] * ms[j];
-                }
+                float *g = gates + p * 4 * H, *h = r < next ? z + (a_next + r) * K + K - H : sink;
+                const float *row = table ? table + index[p] * 4 * H : bias;  /* added to z W^T */
+                const float *pre = k > 0 ? g : row, *add = k > 0 ? row : zeros;  /* layer 0, t = 0: the row alone */
+                const float *cp = t > 0 ? cell + (offsets[t - 1] + r) * H : zeros;  /* c_{-1} = 0 */
+                if (mask)
+                    cell_forward(H, CELL_ADD | CELL_CP | CELL_X | CELL_MASK | CELL_ACT, pre, add, cp, cell + p * H, h,
+                                 x_out + p * ld_x, mask + p * H, g, tanh_c + p * H);
+                else
+                    cell_forward(H, CELL_ADD | CELL_CP | CELL_X | CELL_ACT, pre, add, cp, cell + p * H, h,
+                                 x_out + p * ld_x, 0, g, tanh_c + p * H);
             }
             _Pragma("omp barrier")
         }
     }
 }
 
-/* The backward's reverse loop over every step of one layer, in one parallel region as the forward:
-       dh_t *= mask_t          (mask not NULL: d_h holds the gradient on dropout(h) from above)
-       dh_t += da_{t+1} W_hh   (one sgemm over the rows alive at t + 1)
-       then the cell's backward (gates -> da in place, dc carried in dcf; da summed into acc, see
-       gam_cell_backward).
-   w_hh: (4H, H) row-major (the layer's own weights, not doubled); d_h: (N, H); dcf: (sizes[0], H). */
-void gam_layer_backward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const int64_t *offsets, int64_t H,
-                        float *gates, const float *w_hh, const float *cell, const float *tanh_c, float *d_h,
-                        float *dcf, const float *mask, int threads, float *acc, const int64_t *index,
-                        int64_t acc_rows) {
+/* The backward's reverse loop over every step of one layer, in one parallel region as the forward.
+   At step t, row by row, the gradient on h_t is
+       dh_t = above_t mask_t + dz_{t+1}[last H columns]      (mask NULL: 1; the second term for rows alive at t + 1)
+   (above: (N, ld_above), the gradient on the layer's output x from the head or from the layer above),
+   then the cell's backward (gates -> da in place, dc carried in dcf; da summed into acc, see
+   gam_cell_backward), then ONE sgemm over the step's rows
+       dz_t = da_t W   (N, K):  [dx_t | the gradient sent back to h_{t-1}]   (layer 0: the latter alone)
+   (dx_t is the layer below's `above`); at t = 0 only the first K - H columns (dx) are formed.
+   w: (4H, K) row-major, the layer's own [W_ih | W_hh] (not doubled); dcf: (sizes[0], H), zero. */
+void gam_layer_backward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const int64_t *offsets, int64_t H, int64_t K,
+                        float *gates, const float *w, const float *cell, const float *tanh_c, const float *above,
+                        int64_t ld_above, const float *mask, float *dz, float *dcf, int threads, float *acc,
+                        const int64_t *index, int64_t acc_rows) {
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
-    const int four_h = (int)(4 * H), h = (int)H;
-    const float one = 1.0f;
+    const int four_h = (int)(4 * H), k_all = (int)K, k_input = (int)(K - H);
+    const float one = 1.0f, zero = 0.0f;
     _Pragma("omp parallel num_threads(threads) if(threads > 1 && sizes[0] * H >= 4096)")
     {
         const int64_t share = NUM_THREADS, me = THREAD_NUM;
-        float *my_acc = acc ? acc + me * acc_rows * 4 * H : 0;
+        float *my_acc = acc ? acc + me * acc_rows * 4 * H : 0, zeros[H];
+        memset(zeros, 0, sizeof zeros);
         for (int64_t t = T - 1; t >= 0; t--) {
             const int64_t n = sizes[t], a = offsets[t], m = t + 1 < T ? sizes[t + 1] : 0;
-            const int64_t lo = n * me / share, hi = n * (me + 1) / share, carried = hi < m ? hi : m;
-            if (mask) {  /* the gradient from above reached h' through the dropout on the layer's output */
-                float *dh = d_h + (a + lo) * H;
-                const float *ms = mask + (a + lo) * H;
-#pragma omp simd
-                for (int64_t k = 0; k < (hi - lo) * H; k++) dh[k] *= ms[k];
-            }
-            if (carried > lo) {  /* the rows alive at t + 1 are a prefix of those at t */
-                const int rows = (int)(carried - lo);
-                sgemm("N", "N", &h, &rows, &four_h, &one, w_hh, &h, gates + (offsets[t + 1] + lo) * 4 * H, &four_h,
-                      &one, d_h + (a + lo) * H, &h);
-            }
+            const int64_t a_next = t + 1 < T ? offsets[t + 1] : 0, lo = n * me / share, hi = n * (me + 1) / share;
             for (int64_t r = lo; r < hi; r++) {
                 const int64_t p = a + r;
-                cell_backward_row(H, gates + p * 4 * H, t > 0 ? cell + (offsets[t - 1] + r) * H : 0, tanh_c + p * H,
-                                  d_h + p * H, dcf + r * H, r < m ? 1.0f : 0.0f,
-                                  my_acc ? my_acc + (index ? index[p] : 0) * 4 * H : 0);
+                const float *cp = t > 0 ? cell + (offsets[t - 1] + r) * H : zeros;  /* c_{-1} = 0 */
+                /* a row not alive at t + 1 gets nothing back; its dcf row is still the zero it started as */
+                const float *rec = r < m ? dz + (a_next + r) * K + K - H : zeros;
+                float *sum = my_acc ? my_acc + (index ? index[p] : 0) * 4 * H : 0;
+                if (mask)
+                    cell_backward(H, CELL_CP | CELL_MASK | CELL_REC | CELL_CARRY, gates + p * 4 * H, cp, tanh_c + p * H,
+                                  above + p * ld_above, mask + p * H, rec, dcf + r * H, sum);
+                else
+                    cell_backward(H, CELL_CP | CELL_REC | CELL_CARRY, gates + p * 4 * H, cp, tanh_c + p * H,
+                                  above + p * ld_above, 0, rec, dcf + r * H, sum);
+            }
+            const int k = t > 0 ? k_all : k_input;  /* at t = 0 nothing goes back to h_{-1} */
+            if (hi > lo && k > 0) {
+                const int rows = (int)(hi - lo);
+                sgemm("N", "N", &k, &rows, &four_h, &one, w, &k_all, gates + (a + lo) * 4 * H, &four_h, &zero,
+                      dz + (a + lo) * K, &k_all);
             }
             _Pragma("omp barrier")
         }
