@@ -589,16 +589,16 @@ class _FusedLSTM(torch.autograd.Function):
 
 class _HeadLogProb(torch.autograd.Function):
     """log softmax(out W^T + b)[target] per position through the compiled head (gam_head_logp /
-    gam_head_backward): the logits' matmul stays torch's; the softmax, the pick and the backward's
-    dh = dz W run as one pass each, where torch needs four ops and a slow (n, 3) @ (3, H) matmul."""
+    gam_head_backward): the logits, the softmax and the pick in one pass; the backward's dh = dz W,
+    dW = dz^T h and db = sum dz in another, where torch needs two matmuls slow at V = 3 and four ops."""
 
     @staticmethod
     def forward(ctx, out, weight, bias, target, native):
-        n, V, threads = out.shape[0], weight.shape[0], torch.get_num_threads()
-        out, target = out.contiguous(), target.contiguous()
-        probs = torch.addmm(bias, out, weight.t())  # the logits z, then softmax(z) in place
-        picked = out.new_empty(n)
-        native.gam_head_logp(n, V, probs.data_ptr(), target.data_ptr(), picked.data_ptr(), threads)
+        n, (V, H), threads = out.shape[0], weight.shape, torch.get_num_threads()
+        out, target, w, b = out.contiguous(), target.contiguous(), weight.contiguous(), bias.contiguous()
+        probs, picked = out.new_empty(n, V), out.new_empty(n)  # probs: softmax(z), for the backward
+        native.gam_head_logp(n, V, H, out.data_ptr(), w.data_ptr(), b.data_ptr(), target.data_ptr(),
+                             probs.data_ptr(), picked.data_ptr(), threads)
         ctx.save_for_backward(out, weight)
         ctx.probs, ctx.target, ctx.native = probs, target, native
         return picked
@@ -607,11 +607,14 @@ class _HeadLogProb(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_picked):
         out, weight = ctx.saved_tensors
-        (n, H), V = out.shape, weight.shape[0]
-        dz, w, d_out = ctx.probs, weight.contiguous(), out.new_empty(out.shape)
-        ctx.native.gam_head_backward(n, V, H, grad_picked.contiguous().data_ptr(), dz.data_ptr(), ctx.target.data_ptr(),
-                                     w.data_ptr(), d_out.data_ptr(), torch.get_num_threads())
-        return d_out, dz.t() @ out, dz.sum(dim=0), None, None  # dh = dz W, dW = dz^T h, db = sum dz
+        (n, H), V, threads = out.shape, weight.shape[0], torch.get_num_threads()
+        w, d_out = weight.contiguous(), out.new_empty(out.shape)
+        acc = out.new_zeros(threads, V, H + 1)  # per thread: rows [dW_k | db_k]
+        ctx.native.gam_head_backward(n, V, H, grad_picked.contiguous().data_ptr(), ctx.probs.data_ptr(),
+                                     ctx.target.data_ptr(), w.data_ptr(), out.data_ptr(), d_out.data_ptr(),
+                                     acc.data_ptr(), threads)
+        d_wb = acc.sum(dim=0)
+        return d_out, d_wb[:, :H].contiguous(), d_wb[:, H].contiguous(), None, None
 
 
 def head_log_prob(out: torch.Tensor, head: torch.nn.Linear, target: torch.Tensor) -> torch.Tensor:

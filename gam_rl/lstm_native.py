@@ -131,9 +131,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.gam_sample_scratch.restype = i64
     lib.gam_dropout_mask.argtypes = [i64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ptr, i32]
     lib.gam_dropout_mask.restype = None
-    lib.gam_head_logp.argtypes = [i64, i64, ptr, ptr, ptr, i32]
+    lib.gam_head_logp.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.gam_head_logp.restype = None
-    lib.gam_head_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.gam_head_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.gam_head_backward.restype = None
     return lib
 

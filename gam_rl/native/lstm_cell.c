@@ -522,13 +522,17 @@ void gam_dropout_mask(int64_t count, uint64_t seed, uint64_t start, uint32_t thr
     }
 }
 
-/* The output head's log-softmax at the target symbol, over n positions and V symbols:
+/* The output head on n positions: logits z = h W^T + b over V symbols (w (V, H), head_logits: V dot
+   products per row; at V = 3 torch's (n, H) @ (H, 3) matmul and its (n, 3) output cost more than this
+   whole pass), then the log-softmax at the target symbol
        log p(y) = (z_y - m) - log sum_k exp(z_k - m),   m = max_k z_k
-   logits (n, V) are overwritten with the softmax p, which the backward needs. */
-void gam_head_logp(int64_t n, int64_t V, float *logits, const int64_t *target, float *picked, int threads) {
+   into picked; probs (n, V) gets the softmax p, which the backward needs. */
+void gam_head_logp(int64_t n, int64_t V, int64_t H, const float *h, const float *w, const float *b,
+                   const int64_t *target, float *probs, float *picked, int threads) {
     _Pragma("omp parallel for schedule(static) num_threads(threads) if(n >= 8192 && threads > 1)")
     for (int64_t r = 0; r < n; r++) {
-        float *z = logits + r * V;
+        float *z = probs + r * V;
+        head_logits(h + r * H, H, V, w, b, z);
         float m = z[0], s = 0.0f;
         for (int64_t k = 1; k < V; k++) m = fmaxf(m, z[k]);
         const float zy = z[target[r]] - m;
@@ -538,21 +542,36 @@ void gam_head_logp(int64_t n, int64_t V, float *logits, const int64_t *target, f
     }
 }
 
-/* Its backward, with g (n,) the gradient on log p(y) at every position and w (V, H) the head's weight:
-       dz_k = g (1[k = y] - p_k)   (written over p, for dW = dz^T h and db = sum dz),
-       dh   = dz w = sum_k dz_k w_k   (d_out (n, H); a (n, V) @ (V, H) matmul that MKL runs slowly at V = 3). */
-void gam_head_backward(int64_t n, int64_t V, int64_t H, const float *g, float *probs, const int64_t *target,
-                       const float *w, float *d_out, int threads) {
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if(n * H >= 65536 && threads > 1)")
-    for (int64_t r = 0; r < n; r++) {
-        float *dz = probs + r * V, *d = d_out + r * H;
-        for (int64_t k = 0; k < V; k++) dz[k] = g[r] * ((k == target[r]) - dz[k]);
+/* Its backward, with g (n,) the gradient on log p(y) at every position:
+       dz_k = g (1[k = y] - p_k),   dh = dz W = sum_k dz_k w_k   (d_out (n, H)),
+       dW += dz^T h,  db += dz      (acc: (threads, V, H + 1), rows [dW_k | db_k], one block per thread,
+                                     summed by the caller)
+   in one pass while h's row is in cache: torch needs a (n, V) @ (V, H) and a (V, n) @ (n, H) matmul,
+   both slow at V = 3, and a sum. */
+void gam_head_backward(int64_t n, int64_t V, int64_t H, const float *g, const float *probs, const int64_t *target,
+                       const float *w, const float *h, float *d_out, float *acc, int threads) {
+    _Pragma("omp parallel num_threads(threads) if(n * H >= 65536 && threads > 1)")
+    {
+        float *my_acc = acc + THREAD_NUM * V * (H + 1), dz[V];
+        _Pragma("omp for schedule(static)")
+        for (int64_t r = 0; r < n; r++) {
+            const float *p = probs + r * V, *hr = h + r * H;
+            float *d = d_out + r * H;
+            for (int64_t k = 0; k < V; k++) dz[k] = g[r] * ((k == target[r]) - p[k]);
 #pragma omp simd
-        for (int64_t j = 0; j < H; j++) d[j] = dz[0] * w[j];
-        for (int64_t k = 1; k < V; k++) {
-            const float c = dz[k], *wk = w + k * H;
+            for (int64_t j = 0; j < H; j++) d[j] = dz[0] * w[j];
+            for (int64_t k = 1; k < V; k++) {
+                const float c = dz[k], *wk = w + k * H;
 #pragma omp simd
-            for (int64_t j = 0; j < H; j++) d[j] += c * wk[j];
+                for (int64_t j = 0; j < H; j++) d[j] += c * wk[j];
+            }
+            for (int64_t k = 0; k < V; k++) {
+                float *row = my_acc + k * (H + 1);
+                const float c = dz[k];
+#pragma omp simd
+                for (int64_t j = 0; j < H; j++) row[j] += c * hr[j];
+                row[H] += c;
+            }
         }
     }
 }
