@@ -117,7 +117,7 @@ def _load(path: Path) -> ctypes.CDLL:
                                       i64, i32]
     lib.gam_layer_forward.restype = None
     lib.gam_layer_backward.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32,
-                                       ptr, ptr, i64]
+                                       ptr, ptr, i64, ptr, ptr]
     lib.gam_layer_backward.restype = None
     lib.gam_score_rows.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
                                    ptr, ptr, ptr, i32]

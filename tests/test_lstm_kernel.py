@@ -212,9 +212,15 @@ def test_pack_tokens_layout():
         assert (lengths[rows] > t).all()
         if t:
             assert torch.equal(pk.prev[a : a + n], tokens[rows, t - 1])
+    # shift: the same row one step earlier
+    B0 = pk.sizes[0]
+    assert torch.equal(pk.row[pk.shift], pk.row[B0:])
+    assert torch.equal(pk.target[pk.shift], pk.prev[B0:])
     uniform = torch.randint(0, 2, (5, 4))
     uniform[:, -1] = EOS
-    assert isinstance(pack_tokens(uniform).shift, slice)
+    pu = pack_tokens(uniform)
+    assert isinstance(pu.shift, slice)
+    assert torch.equal(pu.row[pu.shift], pu.row[5:]) and torch.equal(pu.target[pu.shift], pu.prev[5:])
 
 
 def test_empty_batch_and_no_grad_step_path():

@@ -289,21 +289,23 @@ void gam_layer_forward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const i
        dh_t = above_t mask_t + dz_{t+1}[last H columns]      (mask NULL: 1; the second term for rows alive at t + 1)
    (above: (N, ld_above), the gradient on the layer's output x from the head or from the layer above),
    then the cell's backward (gates -> da in place, dc carried in dcf; da summed into acc, see
-   gam_cell_backward), then ONE sgemm over the step's rows
+   gam_cell_backward), then two sgemm over the step's rows while they are in the thread's cache:
        dz_t = da_t W   (N, K):  [dx_t | the gradient sent back to h_{t-1}]   (layer 0: the latter alone)
-   (dx_t is the layer below's `above`); at t = 0 only the first K - H columns (dx) are formed.
-   w: (4H, K) row-major, the layer's own [W_ih | W_hh] (not doubled); dcf: (sizes[0], H), zero. */
+       dW^T += z_t^T da_t      into the thread's block of w_acc (threads, K, 4H), zero on entry
+   (dx_t is the layer below's `above`); at t = 0 only the first K - H columns count (h_{-1} = 0).
+   w: (4H, K) row-major, the layer's own [W_ih | W_hh] (not doubled); z: the forward's (N, K);
+   dcf: (sizes[0], H), zero. */
 void gam_layer_backward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const int64_t *offsets, int64_t H, int64_t K,
                         float *gates, const float *w, const float *cell, const float *tanh_c, const float *above,
                         int64_t ld_above, const float *mask, float *dz, float *dcf, int threads, float *acc,
-                        const int64_t *index, int64_t acc_rows) {
+                        const int64_t *index, int64_t acc_rows, const float *z, float *w_acc) {
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
     const int four_h = (int)(4 * H), k_all = (int)K, k_input = (int)(K - H);
     const float one = 1.0f, zero = 0.0f;
     _Pragma("omp parallel num_threads(threads) if(threads > 1 && sizes[0] * H >= 4096)")
     {
         const int64_t share = NUM_THREADS, me = THREAD_NUM;
-        float *my_acc = acc ? acc + me * acc_rows * 4 * H : 0, zeros[H];
+        float *my_acc = acc ? acc + me * acc_rows * 4 * H : 0, *my_w_acc = w_acc + me * K * 4 * H, zeros[H];
         memset(zeros, 0, sizeof zeros);
         for (int64_t t = T - 1; t >= 0; t--) {
             const int64_t n = sizes[t], a = offsets[t], m = t + 1 < T ? sizes[t + 1] : 0;
@@ -326,6 +328,9 @@ void gam_layer_backward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const 
                 const int rows = (int)(hi - lo);
                 sgemm("N", "N", &k, &rows, &four_h, &one, w, &k_all, gates + (a + lo) * 4 * H, &four_h, &zero,
                       dz + (a + lo) * K, &k_all);
+                /* dW^T += z_t^T da_t  (row-major (K, 4H) = column-major (4H, K)) */
+                sgemm("N", "T", &four_h, &k, &rows, &one, gates + (a + lo) * 4 * H, &four_h, z + (a + lo) * K, &k_all,
+                      &one, my_w_acc, &four_h);
             }
             _Pragma("omp barrier")
         }
