@@ -262,7 +262,7 @@ def _forward_compiled(pk: PackedTokens, in_index: torch.Tensor, keep: float | No
     matmul reads z_l: (N, H) h_{t-1} for layer 0 (its input is the table), (N, 2H) [x_t | h_{t-1}] for
     l > 0, where the layer below writes x = dropout(h) and the layer itself its h at the position of
     the same row one step later; so a = z W^T with W = [W_ih | W_hh] is one sgemm per step, and the
-    backward's dW = z^T da one matmul per layer. Saved per layer: (activated gates, c, tanh(c), z)."""
+    backward's dW^T = sum_t z_t^T da_t is read from z. Saved per layer: (activated gates, c, tanh(c), z)."""
     H, N = hidden, pk.num
     like = weights[0]
     zs = [_POOL.take((N, H if l == 0 else 2 * H), like) for l in range(layers)]
