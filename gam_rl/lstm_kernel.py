@@ -614,9 +614,9 @@ class _HeadLogProb(torch.autograd.Function):
     def backward(ctx, grad_picked):
         out, weight = ctx.saved_tensors
         (n, H), V, threads = out.shape, weight.shape[0], torch.get_num_threads()
-        w, d_out = weight.contiguous(), out.new_empty(out.shape)
+        w, g, d_out = weight.contiguous(), grad_picked.contiguous(), out.new_empty(out.shape)  # held for the call
         acc = out.new_zeros(threads, V, H + 1)  # per thread: rows [dW_k | db_k]
-        ctx.native.gam_head_backward(n, V, H, grad_picked.contiguous().data_ptr(), ctx.probs.data_ptr(),
+        ctx.native.gam_head_backward(n, V, H, g.data_ptr(), ctx.probs.data_ptr(),
                                      ctx.target.data_ptr(), w.data_ptr(), out.data_ptr(), d_out.data_ptr(),
                                      acc.data_ptr(), threads)
         d_wb = acc.sum(dim=0)

@@ -161,9 +161,10 @@ static inline void cell_backward(int64_t H, const int flags, float *ga, const fl
 void gam_cell_backward(int64_t n, int64_t m, int64_t H, float *gates, const float *c_prev, const float *tanh_c,
                        const float *dh, float *dcf, int threads, float *acc, const int64_t *index, int64_t acc_rows) {
     PARALLEL_ROWS(n, H, threads)
-    for (int64_t r = 0; r < n; r++) {
-        float *ga = gates + r * 4 * H, *sum = acc ? acc + ((int64_t)THREAD_NUM * acc_rows + (index ? index[r] : 0)) * 4 * H : 0;
-        const float *cp = c_prev ? c_prev + r * H : 0;  /* dh already holds what step t + 1 sent back */
+    for (int64_t r = 0; r < n; r++) {  /* dh already holds what step t + 1 sent back: no CELL_REC */
+        float *ga = gates + r * 4 * H;
+        float *sum = acc ? acc + ((int64_t)THREAD_NUM * acc_rows + (index ? index[r] : 0)) * 4 * H : 0;
+        const float *cp = c_prev ? c_prev + r * H : 0;
         if (cp && r < m)
             cell_backward(H, CELL_CP | CELL_CARRY, ga, cp, tanh_c + r * H, dh + r * H, 0, 0, dcf + r * H, sum);
         else if (cp)
