@@ -40,8 +40,8 @@ from gam_rl.features import Features
 from gam_rl.memory import retain_freed_memory
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import gam
-from gam_rl.stages.dpg import dpg_loss
-from gam_rl.stages.draws import ProposalDraws
+from gam_rl.methods.dpg import dpg_loss
+from gam_rl.methods.draws import ProposalDraws
 from gam_rl.stages.moment_matching import MomentMatchingConfig, SampledMoments
 from gam_rl.tokens import EOS, PAD, VOCAB
 

@@ -19,21 +19,19 @@ import lightning.pytorch as pl
 import torch
 
 from gam_rl.data import Splits, load_splits
-from gam_rl.exact import ExactCurve, ExactTarget, OutputSpace, exact_results, learned_value_errors, qrs_divergences
+from gam_rl.exact import ExactTarget, OutputSpace, exact_results
 from gam_rl.features import Features
-from gam_rl.metrics import batched_log_prob, evaluate_policy, policy_cross_entropy
+from gam_rl.methods import registry
+from gam_rl.methods.contract import Training2Inputs, Training2Result
+from gam_rl.metrics import batched_log_prob, evaluate_policy
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
 from gam_rl.run_io import RESULT_KEYS
 from gam_rl.schema import Config
-from gam_rl.stages.distill import distill
-from gam_rl.stages.dpg import train_dpg
 from gam_rl.stages.mle import train_mle
 from gam_rl.stages.moment_matching import moment_matching
 from gam_rl.stages.partition import estimate_partition
-from gam_rl.stages.twist import TWIST_ALGORITHMS
-from gam_rl.stages.twist_train import train_twist
 from gam_rl.training1_cache import STAGES, RecordingLogger, Training1, Training1Cache, default_dir, key_config
 
 log = logging.getLogger("gam_rl")
@@ -48,7 +46,6 @@ class Run:
                             dataset_size=cfg.dataset_size.size, seed=cfg.seed, method=cfg.method.name,
                             profile=cfg.profile, timings={}, samples={})
         self.stage_now: str | None = None  # the stage running now, for a failure's record
-        self.learned_values = None  # the twist methods: tokens -> learned V(s_t), for the exact section
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -101,7 +98,8 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
             log.info("exact: log Z = %.4f over %d outputs (importance-sampled %.4f)", exact_target.log_z,
                      exact_target.space.size, res["log_z_hat"])
     with run.stage("training2"):
-        pi = training2(cfg, run, t1, p_lambda, data, logger, accelerator, exact_target)
+        fit = training2(cfg, run, t1, p_lambda, data, logger, accelerator, exact_target)
+        pi = fit.pi
         torch.save({"config": pi.config(), "state_dict": pi.state_dict()}, run_dir / "pi.pt")
     with run.stage("eval_pi"):
         evaluation = evaluate_policy(pi, data.splits.test, data.process.contains_motif, cfg.eval, data.symbols)
@@ -110,7 +108,7 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
         logger.log("eval", 0, ce_test_pi=evaluation.ce_test, motif_freq_pi=evaluation.motif_freq)
     if exact_target is not None:
         with run.stage("exact"):
-            res["exact"] = exact_evaluation(exact_target, t1.r, pi, p_lambda, data, res, run.learned_values)
+            res["exact"] = exact_evaluation(exact_target, t1.r, pi, p_lambda, data, res, fit.exact_extras)
             logger.log("exact", 0, **res["exact"])
             log.info("exact: KL(p_lambda || pi) %.4f, KL(pi || p_lambda) %.4f, TV %.4f (r: %.4f, %.4f, %.4f); "
                      "Z-hat off by %.2f s.e.", *(res["exact"].get(k, math.nan) for k in (
@@ -119,14 +117,13 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
 
 
 def exact_evaluation(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy, p_lambda, data: Data, res: dict,
-                     learned_values=None) -> dict:
-    """results.json's `exact` section: the exact numbers of this run (gam_rl/exact.py)."""
+                     exact_extras=None) -> dict:
+    """results.json's `exact` section: the exact numbers of this run (gam_rl/exact.py), and what only
+    the method can say exactly (exact_extras: its learned values, its sampler's p_beta)."""
     log_p_test = batched_log_prob(p_lambda.log_potential, data.splits.test.to(r.device))
     out = exact_results(target, r, pi, log_p_test, data.symbols, res)
-    if res.get("distill_sampler") == "qrs":  # the exact divergences of the sampler's p_beta, beside its estimates
-        out.update(qrs_divergences(target, target.space.log_prob(r), res["distill_log_beta"]))
-    if learned_values is not None:  # pcl, ac_dpg: the learned soft values against the exact prefix sums
-        out.update(learned_value_errors(target, r, learned_values))
+    if exact_extras is not None:
+        out.update(exact_extras(target))
     return out
 
 
@@ -206,45 +203,24 @@ def training1(cfg: Config, run: Run, data: Data, features: Features, logger, run
 
 
 def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger, accelerator: str,
-              exact_target: ExactTarget | None = None) -> LSTMPolicy:
-    """pi by the configured method, from (proposal r, target P); fills the run's Training-2 results."""
+              exact_target: ExactTarget | None = None) -> Training2Result:
+    """pi by the configured method (the registry's), from r and the target; fills the run's Training-2
+    results. Every method gets the same inputs and returns the same result (methods/contract.py)."""
     method, res, splits = cfg.method, run.results, data.splits
-    init = LSTMPolicy.from_config(cfg.model).to(t1.r.device)  # fresh: the paper
+    pi = LSTMPolicy.from_config(cfg.model).to(t1.r.device)  # fresh: the paper
     if method.init == "r":
-        init.load_state_dict(t1.r.state_dict())
-    pi = init.train()
-    if method.algorithm == "distill":
-        fit = distill(pi, t1.r, p_lambda, splits.train, splits.valid, method, max_len=cfg.max_len,
-                      symbols_per_seq=data.symbols, seed=cfg.seed + 3, logger=logger, accelerator=accelerator)
-        run.count_samples("training2", fit.proposals)
-        # distillation's own validation mixes its samples into V: the target line is checked on V alone, at the end
-        target_ce = res["distill_target_ce_valid"] = (1.0 + method.target_margin) * res["ce_valid_p_lambda"]
-        ce_v = policy_cross_entropy(pi, splits.valid, data.symbols)
-        res["distill_reached_target"] = ({"samples": fit.proposals, "ce_valid_pi": ce_v} if ce_v <= target_ce
-                                         else None)
-    else:
-        res["target"] = method.target
-        target = TrueProcess(data.process) if method.target == "true" else p_lambda
-        # (1 + margin) CE(V, p_lambda): the line whose first crossing by CE(V, pi) DPG records
-        target_ce = (1.0 + method.target_margin) * res["ce_valid_p_lambda"] if method.target == "gam" else None
-        res["dpg_target_ce_valid"] = target_ce
-        common = dict(max_len=cfg.max_len, symbols_per_seq=data.symbols, ce_valid_proposal=res["ce_valid_r"],
-                      seed=cfg.seed + 3, target_ce_valid=target_ce, logger=logger, accelerator=accelerator,
-                      callbacks=[] if exact_target is None else [  # dpg_true: KL(p_true || pi) too
-                          ExactCurve(exact_target, "dpg", attr="checked", with_true=method.target == "true")])
-        if method.algorithm in TWIST_ALGORITHMS:  # pcl, ac_dpg, ppo_dpg: r is also the base of their rewards
-            fit = train_twist(pi, t1.r, target, splits.valid, method, data=splits.train, **common)
-            run.learned_values = fit.values
-            if fit.extra["twist_learned_log_z"] is not None:
-                log.info("[%s] learned log Z = V(empty prefix) = %.4f; importance-sampled log Z-hat = %.4f",
-                         method.algorithm, fit.extra["twist_learned_log_z"], res["log_z_hat"])
-        else:
-            if method.target == "gam":  # log p_lambda(x) on V: the gap to p_lambda and its noise, checked every check
-                with torch.no_grad():
-                    common["valid_log_p"] = p_lambda.log_potential(splits.valid).double() - res["log_z_hat"]
-                # s.e. of log Z-hat = relative s.e. of Z-hat (delta method); unknown: 0 (the paired s.e. alone)
-                common["log_z_se"] = float(res.get("z_rel_se") or 0.0)
-            fit = train_dpg(pi, t1.r, target, splits.valid, method, **common)
-        run.count_samples("training2", fit.samples)
-    res.update(fit.results())
-    return pi
+        pi.load_state_dict(t1.r.state_dict())
+    inputs = Training2Inputs(
+        pi=pi.train(), r=t1.r, p_lambda=p_lambda, true_process=TrueProcess(data.process), train=splits.train,
+        valid=splits.valid, max_len=cfg.max_len, symbols=data.symbols, ce_valid_r=res["ce_valid_r"],
+        ce_valid_p_lambda=res["ce_valid_p_lambda"], log_z_hat=res["log_z_hat"],
+        # s.e. of log Z-hat = relative s.e. of Z-hat (delta method); unknown: 0 (the paired s.e. alone)
+        log_z_se=float(res.get("z_rel_se") or 0.0), seed=cfg.seed + 3, logger=logger, accelerator=accelerator,
+        exact=exact_target)
+    fit = registry.train(method, inputs)
+    run.count_samples("training2", fit.draws)
+    res.update(fit.record())
+    if fit.learned_log_z is not None:
+        log.info("[%s] learned log Z = V(empty prefix) = %.4f; importance-sampled log Z-hat = %.4f",
+                 method.algorithm, fit.learned_log_z, res["log_z_hat"])
+    return fit

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
@@ -26,22 +27,19 @@ from gam_rl import exact
 from gam_rl.config_fields import MISSING, constraint_problem, setting
 from gam_rl.data import DataConfig, DatasetSizeConfig, valid_size_for
 from gam_rl.features import FeatureMaskError, Features, FeaturesConfig
+from gam_rl.methods import registry
 from gam_rl.metrics import EvalConfig
 from gam_rl.policy import ModelConfig
 from gam_rl.process import MAX_EXACT_N, MotifConfig
 from gam_rl.run_io import LoggerConfig
-from gam_rl.stages import dpg
-from gam_rl.stages.distill import DistillConfig
-from gam_rl.stages.dpg import DPGConfig, FDPGConfig
 from gam_rl.stages.mle import MLEConfig
 from gam_rl.stages.moment_matching import MomentMatchingConfig
 from gam_rl.stages.partition import ZConfig
-from gam_rl.stages.twist import TWIST_ALGORITHMS, TwistConfig
 from gam_rl.training1_cache import CacheConfig
 
 DEVICES = ("auto", "cpu", "cuda")
-METHODS: dict[str, type] = {"distill": DistillConfig, **{name: DPGConfig for name in dpg.ALGORITHMS},
-                            "fdpg": FDPGConfig, **{name: TwistConfig for name in TWIST_ALGORITHMS}}
+# method.algorithm -> the dataclass of its `method` section: the registry's list (methods/registry.py)
+METHODS: dict[str, type] = {name: method.config for name, method in registry.methods().items()}
 
 
 @dataclass
@@ -69,15 +67,28 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
+def method_name(own: str, when_own: str | None = None, *, _root_: DictConfig) -> str:
+    """`${method_name:own[,when_own]}`, the `name` a method file gives its runs: the name of the method file
+    the run chose (Hydra's choice of the `method` group), so a variant that derives from `own` without
+    setting a name is named after its own file, never after its base; when the chosen file is `own`
+    itself, `when_own` (e.g. fdpg_${.divergence}) or `own`. Composed outside Hydra's app (no choice
+    known), `when_own` or `own`."""
+    choice = OmegaConf.select(_root_, "hydra.runtime.choices.method", default=None)
+    if choice is None and HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("method")
+    if choice is None or choice == own:
+        return when_own or own
+    return str(choice)
+
+
 def register() -> None:
     """The schemas in Hydra's ConfigStore: conf/config.yaml starts from `gam_rl_schema`, and each
-    method file from its algorithm's schema (/schema/method/dpg, fdpg, twist or distill)."""
+    method file from its algorithm's schema, /schema/method/<algorithm> (e.g. /schema/method/dpg_off)."""
+    OmegaConf.register_new_resolver("method_name", method_name, replace=True)
     store = ConfigStore.instance()
     store.store(name="gam_rl_schema", node=Config)
-    store.store(group="schema/method", name="dpg", node=DPGConfig)
-    store.store(group="schema/method", name="distill", node=DistillConfig)
-    store.store(group="schema/method", name="fdpg", node=FDPGConfig)
-    store.store(group="schema/method", name="twist", node=TwistConfig)
+    for name, config in METHODS.items():
+        store.store(group="schema/method", name=name, node=config)
 
 
 register()
@@ -252,7 +263,11 @@ def record(cfg: Config) -> dict:
 
 def load(cfg: DictConfig | dict) -> Config:
     """Check a composed configuration and return it typed; ConfigError lists every problem."""
-    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, dict):
+        container = cfg
+    else:  # each section resolved in place (with Hydra's section beside it, if composed with it), Hydra's left out
+        container = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                     for k, v in cfg.items() if k != "hydra"}
     typed, found = check({k: v for k, v in container.items() if k != "hydra"})
     if found:
         raise ConfigError(found)

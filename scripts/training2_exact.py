@@ -20,14 +20,13 @@ from hydra import compose, initialize_config_module
 from gam_rl import schema
 from gam_rl.cli import rewrite_axes
 from gam_rl.data import load_splits
-from gam_rl.exact import ExactCurve, ExactTarget, OutputSpace, learned_value_errors
+from gam_rl.exact import ExactCurve, ExactTarget, OutputSpace
 from gam_rl.features import Features
+from gam_rl.methods import registry
+from gam_rl.methods.contract import Training2Inputs
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
-from gam_rl.stages.dpg import train_dpg
-from gam_rl.stages.twist import TWIST_ALGORITHMS
-from gam_rl.stages.twist_train import train_twist
 
 
 class Curve(ExactCurve):
@@ -39,16 +38,12 @@ class Curve(ExactCurve):
 
     def on_validation_epoch_end(self, trainer, module):
         super().on_validation_epoch_end(trainer, module)
-        point = (module.draws.samples_drawn, round(self.last["kl_p_pi"], 4))
-        learned = module.learned_log_z() if hasattr(module, "learned_log_z") else None
-        self.points.append(point if learned is None else (*point, round(learned - self.target.log_z, 3)))
+        self.points.append((module.draws.samples_drawn, round(self.last["kl_p_pi"], 4)))
 
 
 def main(run_dir: Path, overrides: list[str]) -> dict:
     with initialize_config_module("gam_rl.conf", version_base="1.3"):
         cfg = schema.load(compose("config", overrides=rewrite_axes(["logger=csv", *overrides])))
-    if cfg.method.algorithm == "distill":
-        raise SystemExit("training2_exact.py runs the DPG family (method=distill has no checks to follow)")
     results = json.loads((run_dir / "results.json").read_text())
     saved = torch.load(run_dir / "r.pt")
     r = LSTMPolicy(**saved["config"]).eval()
@@ -64,16 +59,15 @@ def main(run_dir: Path, overrides: list[str]) -> dict:
         pi.load_state_dict(r.state_dict())
     curve = Curve(exact)
     start = time.perf_counter()
-    common = dict(max_len=cfg.max_len, symbols_per_seq=cfg.n + 1, ce_valid_proposal=results["ce_valid_r"],
-                  seed=cfg.seed + 3, target_ce_valid=1.01 * results["ce_valid_p_lambda"], callbacks=[curve])
-    target = TrueProcess(process) if cfg.method.target == "true" else p_lambda
-    if cfg.method.algorithm in TWIST_ALGORITHMS:
-        fit = train_twist(pi.train(), r, target, splits.valid, cfg.method, data=splits.train, **common)
-        learned = learned_value_errors(exact, r, fit.values) if fit.values is not None else {}
-    else:
-        fit, learned = train_dpg(pi.train(), r, target, splits.valid, cfg.method, **common), {}
-    return {"learned": {k: round(v, 4) for k, v in learned.items()}, "overrides": overrides,
-            "seconds": round(time.perf_counter() - start, 1), "draws": fit.samples,
+    inputs = Training2Inputs(pi=pi.train(), r=r, p_lambda=p_lambda, true_process=TrueProcess(process),
+                             train=splits.train, valid=splits.valid, max_len=cfg.max_len, symbols=cfg.n + 1,
+                             ce_valid_r=results["ce_valid_r"], ce_valid_p_lambda=results["ce_valid_p_lambda"],
+                             log_z_hat=results["log_z_hat"], seed=cfg.seed + 3, callbacks=[curve])
+    fit = registry.train(cfg.method, inputs)  # a method without checks (distill) leaves the curve empty
+    learned = fit.exact_extras(exact) if fit.exact_extras is not None else {}
+    return {"learned": {k: round(v, 4) if isinstance(v, float) else v for k, v in learned.items()},
+            "overrides": overrides,
+            "seconds": round(time.perf_counter() - start, 1), "draws": fit.draws,
             "kl_p_r": round(exact.policy_divergences(r, "r")["kl_p_r"], 4),
             "final": {k: round(v, 4) for k, v in exact.policy_divergences(pi).items()}, "curve": curve.points}
 

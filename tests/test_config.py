@@ -28,8 +28,9 @@ def group_options(group: str) -> list[str]:
 
 
 def make(overrides=()):
+    """The composed configuration, with Hydra's own section as in a job (a variant is named after its file)."""
     with initialize_config_module("gam_rl.conf", version_base="1.3"):
-        return compose("config", overrides=rewrite_axes(list(overrides)))
+        return compose("config", overrides=rewrite_axes(list(overrides)), return_hydra_config=True)
 
 
 def typed(overrides=()) -> schema.Config:
@@ -41,7 +42,8 @@ def test_every_method_profile_and_logger_composes_and_validates():
     assert set(groups["profile"]) >= {"paper", "cpu", "smoke"}
     assert set(groups["profile"]) >= {"paper", "cpu", "smoke", "toy"}
     assert set(groups["method"]) == {"distill", "distill_qrs", "dpg_off", "dpg_on", "pg", "dpg_true", "fdpg",
-                                     "fdpg_rkl", "fdpg_js", "fdpg_tv", "kl_control", "pcl", "ac_dpg", "ppo_dpg"}
+                                     "fdpg_rkl", "fdpg_js", "fdpg_tv", "kl_control", "pcl", "ac_dpg", "ppo_dpg",
+                                     "subtb", "ctl"}
     for method, profile in itertools.product(*groups.values()):
         cfg = typed([f"method={method}", f"profile={profile}"])
         # method=fdpg is named for its divergence (fdpg_kl unless method.divergence says otherwise)
@@ -139,15 +141,13 @@ def test_a_run_carries_only_the_keys_its_method_uses():
     ("method.replay=100", "method.replay"),  # smaller than a minibatch (256)
     ("method.swap_gate=kl_is method.keep_per_draw=16 method.minibatch=16 method.replay=0", "method.swap_gate"),
     ("method=dpg_true method.baseline=true", "method.baseline"),  # thinning + zeros of the true target
-    ("method=ppo_dpg method.on_policy=false", "method.on_policy"),  # PPO's ratio is to the drawing policy
     ("method=ac_dpg method.critic=none", "method.critic"),  # the actor's advantage comes from the critic
     ("method=ac_dpg method.target=true", "method.target"),  # log P - log r must be finite
-    ("method=pcl method.normalise=draw_z", "method.normalise"),  # only ppo_dpg's sequence advantage
     ("method=ppo_dpg method.ppo_clip=1.5", "method.ppo_clip"),
+    ("method=ctl method.positive_source=pool", "method.positive_source"),
+    ("method=subtb method.subtb_lambda=0", "method.subtb_lambda"),
+    ("method=subtb method.critic=none", "method.critic"),  # the log-flow is its own model
     ("method=pcl method.data_share=1", "method.data_share"),
-    ("method=ac_dpg method.keep_start=true", "method.keep_start"),  # pi with its critic: no start to keep
-    ("method=pcl method.lr_warmup=100", "method.lr_warmup"),  # the twist methods step by hand
-    ("method=ac_dpg method.ema_decay=0.99", "method.ema_decay"),  # pi with its critic: no average of pi alone
     ("method.ema_decay=1.0", "method.ema_decay"),
     ("method.lr_warmup=-1", "method.lr_warmup"),
     ("profile=paper method.keep_start=true", "method.keep_start"),  # a fresh pi has no CE(V, r) to keep
@@ -169,6 +169,13 @@ def test_bad_values_fail_before_any_work_and_name_their_key(override, key):
     ("dpg.minibatch=5", "dpg.minibatch: unknown key; did you mean method.minibatch?"),
     ("training1.samples_per_stp=5", "training1.samples_per_stp: unknown key; did you mean training1.samples_per_step?"),
     ("method=distill method.replay=0", "method.replay: not a key of this method"),
+    # a method's schema holds only the keys it uses: PPO always samples pi, pcl weights nothing by Z-hat,
+    # pg has no pi/q baseline, the twist learners keep pi with its value model (no average of pi alone)
+    ("method=ppo_dpg method.on_policy=false", "method.on_policy: not a key of this method"),
+    ("method=pcl method.normalise=draw_z", "method.normalise: not a key of this method"),
+    ("method=pg method.baseline=true", "method.baseline: not a key of this method"),
+    ("method=ac_dpg method.ema_decay=0.99", "method.ema_decay: not a key of this method"),
+    ("method=ppo_dpg method.critic_warmup=5", "method.critic_warmup=5 with method.critic='none'"),
     ("method=dpg_of", "method=dpg_of: no such option; choose one of"),
     ("method=dpg_of", "did you mean method=dpg_off?"),
     ("profile=gpu", "profile=gpu: no such option"),

@@ -138,7 +138,7 @@ def test_a_toy_run_records_the_exact_numbers(tmp_path):
     assert len(curve) == 2 and [r["step"] for r in curve] == [r["step"] for r in draws]
     # the kept pi is the best check's (CE(V)): its exact KL is one of the curve's
     assert any(float(r["value"]) == pytest.approx(exact["kl_p_pi"], rel=1e-4) for r in curve)
-    assert results["method"] == "ac_dpg_separate" and results["twist_learned_log_z"] == pytest.approx(
+    assert results["method"] == "ac_dpg_separate" and results["t2_learned_log_z"] == pytest.approx(
         exact["learned_log_z"], abs=1e-4)
     assert exact["learned_log_z_error"] == pytest.approx(exact["learned_log_z"] - exact["log_z"], abs=1e-9)
     assert exact["learned_values_max_error"] >= abs(exact["learned_log_z_error"])

@@ -8,12 +8,12 @@ import torch
 
 from gam_rl.exact import OutputSpace, kl, tv
 from gam_rl.features import Features
+from gam_rl.methods.dpg import dpg_loss
+from gam_rl.methods.draws import ProposalDraws, WeightedDraw
+from gam_rl.methods.fdpg import DIVERGENCES, FDPGConfig, f_divergence, fdpg_loss
 from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
-from gam_rl.stages.dpg import FDPGConfig, dpg_loss
-from gam_rl.stages.draws import ProposalDraws, WeightedDraw
-from gam_rl.stages.fdpg import DIVERGENCES, f_divergence, fdpg_loss
 from tests.exact import all_outputs
 
 MAX_LEN = 6

@@ -17,9 +17,9 @@ from gam_rl.estimators import (
     rejection_sample,
 )
 from gam_rl.features import Features
+from gam_rl.methods.distill import DistillConfig, distill
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import gam
-from gam_rl.stages.distill import DistillConfig, distill
 from gam_rl.stages.mle import MLEConfig
 from tests.conftest import long_proposal
 from tests.exact import all_outputs
@@ -208,7 +208,7 @@ def test_distill_with_qrs_end_to_end(problem):
     assert res["distill_qrs_kl"] >= 0 and 0 < res["distill_qrs_acceptance_est"] < 1
     assert res["distill_log_beta"] < target.log_weight_bound(q, MAX_LEN)
     assert res["distill_proposals"] >= 5_000 + 400 and 0 < res["distill_acceptance_rate"] < 1
-    assert math.isfinite(res["ce_valid_pi"]) and res["t2_epochs"] >= 1
+    assert math.isfinite(res["distill_ce_valid_mixed"]) and res["t2_epochs"] >= 1
     rs = distill(LSTMPolicy(8, 1, dropout=0.0), q, target, empty, empty,
                  DistillConfig(name="distill", size=300, valid_size=100, proposal_batch=2_000, max_proposals=1e6,
                                mle=mle), max_len=MAX_LEN, symbols_per_seq=MAX_LEN, seed=9).results()

@@ -1,4 +1,4 @@
-"""The twist (stages/twist.py) against exact answers on an enumerable problem: the prefix sums
+"""The twist (methods/twist.py) against exact answers on an enumerable problem: the prefix sums
 log Z(s), the soft values V*(s) = log Z(s) - log r(s) and the optimal policy pi*(a | s) =
 Z(s a) / Z(s) computed from the enumeration, then path consistency, the critic's targets and
 the twisted r checked on them; PPO's surrogate by autograd."""
@@ -10,9 +10,7 @@ import torch
 
 from gam_rl.exact import ExactTarget, OutputSpace, prefix_log_z, twist_values
 from gam_rl.features import Features
-from gam_rl.policy import LSTMPolicy, eval_mode
-from gam_rl.potentials import gam
-from gam_rl.stages.twist import (
+from gam_rl.methods.twist import (
     critic_loss,
     critic_targets,
     next_values,
@@ -21,7 +19,9 @@ from gam_rl.stages.twist import (
     td_targets,
     twisted_log_prob,
 )
-from gam_rl.stages.twist_train import terminal_reward
+from gam_rl.methods.twist_loop import terminal_reward
+from gam_rl.policy import LSTMPolicy, eval_mode
+from gam_rl.potentials import gam
 from gam_rl.tokens import EOS, PAD, decode
 
 MAX_LEN = 7

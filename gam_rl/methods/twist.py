@@ -1,4 +1,4 @@
-"""Learning the twist: the token MDP of a GAM, its soft values and the three losses built on them.
+"""Learning the twist: the token MDP of a GAM, its soft values and the losses built on them.
 
 The token MDP: state s_t = (BOS, x_1 .. x_{t-1}), action a_t = x_t in {0, 1, EOS}, reward
 log r(a_t | s_t) at every step and log P(x) - log r(x) (= lambda . phi(x) for P_lambda) at the end
@@ -17,8 +17,10 @@ policy is the twisted r, which is p itself:
              critic's pi*(.|s) at every visited state (per-token DPG)
     ppo_dpg  on-policy DPG through PPO's clipped per-token ratio, several epochs per draw
 
-Every function takes a padded (B, T) batch of trajectories; `mask` marks the steps (t < length)
-and a value "at t = length" is the terminal reward. Vectorised: no loop over rows or steps.
+Each method is its own file (methods/pcl.py, ac_dpg.py, ppo_dpg.py, subtb.py), on the shared
+twist loop (methods/twist_loop.py). Every function takes a padded (B, T) batch of trajectories;
+`mask` marks the steps (t < length) and a value "at t = length" is the terminal reward.
+Vectorised: no loop over rows or steps.
 """
 
 from __future__ import annotations
@@ -27,88 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gam_rl.config_fields import setting
-from gam_rl.stages.dpg import NORMALISE, DPGConfig
-
-TWIST_ALGORITHMS = ("pcl", "ac_dpg", "ppo_dpg")
-CRITICS = ("none", "head", "separate")  # head: a value head on pi's LSTM | separate: an LSTM initialised from r
 CRITIC_TARGETS = ("mc", "td")  # the critic's targets: whole suffixes (critic_targets) | one step on (td_targets)
 EXP_FIT_MAX = 50.0  # critic_loss: y - V is clamped here (float64 e^709 overflows; e^50 is already 5e21)
 CRITIC_FITS = ("exp", "square")  # critic_loss: V -> log E[e^y] (= V* for any q) | V -> E[y] (Jensen-biased)
-
-
-@dataclass
-class TwistConfig(DPGConfig):
-    """`method` section of pcl, ac_dpg and ppo_dpg (conf/method/<name>.yaml): DPGConfig's draws,
-    checks and swap gate, and the keys of the twist methods (docs/methods.md)."""
-
-    algorithm: str = setting("pcl", choices=TWIST_ALGORITHMS)
-    on_policy: bool = False  # true: x ~ pi at every update (no swaps); false: x ~ q with dpg_off's swap gate
-    horizon: int = setting(0, ge=0)  # pcl: sub-paths of d steps from every state; 0: every path runs to the end
-    data_share: float = setting(0.0, ge=0, lt=1)  # pcl: this fraction of each minibatch is rows of D
-    critic: str = setting("none", choices=CRITICS)  # ac_dpg: head | separate; ppo_dpg: none, or its advantage;
-    # pcl: none (Q = pi's logits) | head, separate (Q = pi's logits + u(s), a per-state offset: moves V, never pi)
-    critic_target: str = setting("mc", choices=CRITIC_TARGETS)  # mc: critic_targets | td: td_targets
-    critic_fit: str = setting("exp", choices=CRITIC_FITS)  # the critic's loss on its targets (critic_loss)
-    critic_lr: float = setting(1.0e-3, gt=0)  # Adam, the critic's own parameters
-    critic_warmup: int = setting(0, ge=0)  # updates that train only the critic before the actor moves
-    ppo_epochs: int = setting(4, ge=1)  # passes over each draw, in minibatches of `minibatch`
-    ppo_clip: float = setting(0.2, gt=0, lt=1)  # ratio pi/pi_old clipped to [1 - clip, 1 + clip]
-    target_kl: float | None = setting(0.01, gt=0)  # stop a draw's passes once the KL estimate > 1.5 x this
-    baseline: bool = True  # ac_dpg / ppo_dpg: subtract pi_old/q from the advantage (zero-mean control variate)
-    # ppo_dpg without a critic: weights P/(Z-hat q), Z-hat the running one or (draw_z) the draw's own estimate
-    normalise: str = setting("running_z", choices=NORMALISE + ("draw_z",))
-
-    def thins(self) -> bool:
-        """Whether a draw keeps fewer items than it samples (ppo_dpg keeps the whole draw by default)."""
-        drawn = max(self.proposal_batch or self.minibatch, self.minibatch)
-        return (self.keep_per_draw or (drawn if self.algorithm == "ppo_dpg" else self.minibatch)) < drawn
-
-    def problems(self) -> list[str]:
-        out = super().problems()
-        alg = self.algorithm
-        if self.target != "gam":
-            out.append(f"method.target={self.target!r} with method.algorithm={alg!r}: the twist methods need a "
-                       "reward log P - log r that is finite everywhere; use target=gam")
-        if self.ema_decay is not None:
-            out.append(f"method.ema_decay={self.ema_decay} with method.algorithm={alg!r}: the twist methods keep pi "
-                       "with its critic, not an average of pi alone; set method.ema_decay=null")
-        if self.lr_warmup:
-            out.append(f"method.lr_warmup={self.lr_warmup} with method.algorithm={alg!r}: the twist methods step "
-                       "their optimisers by hand, without the warm-up; set method.lr_warmup=0")
-        if self.keep_start:
-            out.append(f"method.keep_start=true with method.algorithm={alg!r}: the twist methods keep pi with its "
-                       "critic, whose start has no CE(V) to keep; set method.keep_start=false")
-        if alg == "pcl" and self.critic_warmup and self.critic == "none":
-            out.append("method.critic_warmup with method.algorithm='pcl' and critic=none: the warm-up trains the "
-                       "offset head alone; use critic=head or critic_warmup=0")
-        if alg == "ac_dpg" and self.critic == "none":
-            out.append("method.critic='none' with method.algorithm='ac_dpg': the actor's advantage comes from the "
-                       "critic; use critic=head or critic=separate")
-        if alg != "pcl" and (self.data_share or self.horizon):
-            out.append(f"method.data_share / method.horizon with method.algorithm={alg!r}: only pcl trains on D "
-                       "and on sub-paths")
-        if self.thins():
-            out.append(f"method.keep_per_draw={self.keep_per_draw} with method.algorithm={alg!r}: thinning by P/q "
-                       "skews the suffixes a state sees, and the critic's (pcl: the warm-up's) fit needs q's own; set "
-                       "keep_per_draw=null")
-        if alg == "pcl" and self.critic_target != "mc":
-            out.append("method.critic_target='td' with method.algorithm='pcl': pcl's warm-up fits Monte-Carlo "
-                       "targets and then path consistency; critic_target is ac_dpg's and ppo_dpg's")
-        if alg == "ppo_dpg":
-            if not self.on_policy:
-                out.append("method.on_policy=false with method.algorithm='ppo_dpg': PPO's ratio is to the policy "
-                           "that drew the batch; use on_policy=true")
-            if self.replay:
-                out.append("method.replay with method.algorithm='ppo_dpg': each draw is trained on whole, for "
-                           "ppo_epochs passes; set replay=0")
-            if self.critic == "none" and self.normalise == "none":
-                out.append("method.normalise='none' with method.algorithm='ppo_dpg' and no critic: the advantage "
-                           "P/(Z q) - pi/q needs Z-hat; use normalise=running_z or draw_z")
-        if self.normalise == "draw_z" and (alg != "ppo_dpg" or self.critic != "none"):
-            out.append(f"method.normalise='draw_z' with method.algorithm={alg!r} and critic={self.critic!r}: only "
-                       "ppo_dpg's sequence advantage (no critic) divides by the draw's own Z-hat; use running_z")
-        return out
 
 
 def suffix_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

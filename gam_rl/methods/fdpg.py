@@ -3,9 +3,9 @@
     D_f(pi || p) = E_p[f(pi/p)],   grad D_f = E_p[f'(pi/p) (pi/p) grad log pi]
                                             = E_q[(pi/q) f'(pi/p) grad log pi]     for any proposal q.
 
-The update is that last expectation over the same weighted draws as DPG (stages/draws.py:
-proposal swaps, thinning, replay, running Z-hat for p = P / Z-hat). Each divergence is one f' (and
-its f, used by the exact tests and the docs):
+The update is that last expectation over the same weighted draws as DPG (methods/draws.py and the
+shared loop, methods/loop.py: proposal swaps, thinning, replay, running Z-hat for p = P / Z-hat).
+Each divergence is one f' (and its f, used by the exact tests and the docs):
 
     kl   KL(p || pi)   f = -log t             f' = -1/t       c = -(p/q): DPG's update, exactly
     rkl  KL(pi || p)   f = t log t            f' = 1 + log t  on-policy with a baseline: KL-control
@@ -25,7 +25,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gam_rl.stages.draws import WeightedDraw
+from gam_rl.config_fields import setting
+from gam_rl.methods.contract import Training2Inputs, Training2Result
+from gam_rl.methods.draws import WeightedDraw
+from gam_rl.methods.loop import NORMALISE, AveragedLoopConfig, LoopModule, fit_loop, loop_parts, proposal_draws
+from gam_rl.methods.registry import Method, register
 
 
 @dataclass(frozen=True)
@@ -82,3 +86,49 @@ def f_divergence(divergence: str, log_pi: torch.Tensor, log_p: torch.Tensor) -> 
     outside_slope = {"kl": 0.0, "js": 0.5 * math.log(2.0), "tv": 0.5, "rkl": math.inf}[divergence]
     outside = log_pi[~support].exp().sum() * outside_slope if (~support).any() else 0.0
     return inside + outside
+
+
+@dataclass
+class FDPGConfig(AveragedLoopConfig):
+    """`method` section of f-DPG (conf/method/fdpg.yaml, fdpg_rkl, fdpg_js, fdpg_tv, kl_control.yaml): the
+    loop's draws and schedule, a divergence, and where the draws come from."""
+
+    algorithm: str = setting("fdpg", choices=("fdpg",))
+    divergence: str = setting("kl", choices=DIVERGENCES)  # kl | rkl | js | tv: D_f(pi || p)
+    on_policy: bool = False  # true: x ~ pi at every update (no swaps); false: x ~ q with dpg_off's swap gate
+    baseline: bool = False  # subtract the draw's self-normalised mean of f'(pi/p) (fdpg_loss)
+    normalise: str = setting("running_z", choices=NORMALISE)  # p = P / Z-hat: every divergence but kl needs Z
+
+    def samples_pi(self) -> bool:
+        return self.on_policy
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.divergence != "kl" and self.normalise != "running_z":
+            out.append(f"method.normalise={self.normalise!r} with method.divergence={self.divergence!r}: f'(pi/p) "
+                       "needs p = P / Z, so Z-hat; use method.normalise=running_z (only kl ignores Z)")
+        if DIVERGENCES[self.divergence].full_support and self.target == "true":
+            out.append(f"method.divergence={self.divergence!r} with method.target='true': KL(pi || p) is infinite "
+                       "while pi puts mass off the true process's support; use kl, js or tv")
+        if self.target == "true" and self.thins() and self.divergence != "kl":
+            out.append(f"method.divergence={self.divergence!r} with method.target='true' and thinning "
+                       "(method.keep_per_draw < method.proposal_batch): thinning by P/q drops the samples with "
+                       "P = 0, whose f-DPG coefficient is not 0; turn thinning off")
+        return out
+
+
+class FDPGModule(LoopModule):
+    loss_name = "dpg/fdpg_loss"  # sum_i c_i log pi(x_i), descent on D_f: not dpg/loss's scale or sign
+
+    def loss(self, draw: WeightedDraw) -> torch.Tensor:
+        return fdpg_loss(self.pi.log_prob(draw.tokens), draw, self.cfg.divergence, log_z=self.log_norm(),
+                         baseline=self.cfg.baseline)
+
+
+def train_fdpg(cfg: FDPGConfig, inputs: Training2Inputs) -> Training2Result:
+    parts = loop_parts(cfg, inputs)
+    module = FDPGModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, **parts)
+    return fit_loop(module, inputs, clip=cfg.clip)
+
+
+register(Method("fdpg", FDPGConfig, train_fdpg, "f-DPG: descent on D_f(pi || p) for f = kl, rkl, js or tv"))

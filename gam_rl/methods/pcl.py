@@ -1,0 +1,93 @@
+"""pcl: soft Q-learning by path consistency (Nachum et al. 2017) on the token MDP of P_lambda.
+
+One LSTM whose logits are soft Q-values: V(s) = logsumexp_a Q(s, a), pi = softmax Q; at the optimum
+pi = p_lambda and V(empty prefix) = log Z. The update minimises 1/2 mean_t C(t)^2, C the path
+consistency (methods/twist.py, pcl_consistency) of every path of `horizon` steps, on the draw plus
+`data_share` of rows of D (any trajectory satisfies the same equation). With critic=head or
+separate, Q = pi's logits + u(s), a per-state offset that moves V, never pi, warmed up on the
+draws' Monte-Carlo targets before pi moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gam_rl.config_fields import setting
+from gam_rl.methods.contract import Training2Inputs, Training2Result
+from gam_rl.methods.draws import WeightedDraw
+from gam_rl.methods.loop import loop_parts, proposal_draws
+from gam_rl.methods.registry import Method, register
+from gam_rl.methods.twist import critic_targets, pcl_consistency
+from gam_rl.methods.twist_loop import TwistLoopConfig, TwistModule, fit_twist
+from gam_rl.tokens import EOS, PAD, pad_cat
+
+
+@dataclass
+class PCLConfig(TwistLoopConfig):
+    """`method` section of pcl (conf/method/pcl.yaml)."""
+
+    algorithm: str = setting("pcl", choices=("pcl",))
+    on_policy: bool = False  # true: x ~ pi at every update (no swaps); false: x ~ q with dpg_off's swap gate
+    horizon: int = setting(0, ge=0)  # sub-paths of d steps from every state; 0: every path runs to the end
+    data_share: float = setting(0.0, ge=0, lt=1)  # this fraction of each minibatch is rows of D
+
+    def samples_pi(self) -> bool:
+        return self.on_policy
+
+
+class PCLModule(TwistModule):
+    def __init__(self, *args, data: torch.Tensor, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data = data if self.cfg.data_share > 0 else None
+
+    def values(self, tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """V(s) = logsumexp of the Q-logits (Q = pi's logits + the offset head's u(s), if any)."""
+        values = torch.logsumexp(self.pi.head(states), -1)
+        return values if self.critic is None else values + self.critic(tokens, states)
+
+    def learns_values(self) -> bool:
+        return True
+
+    def warm_up_loss(self, draw: WeightedDraw) -> torch.Tensor:
+        """u alone, fitted to the draw's Monte-Carlo targets (critic_loss): V -> V* for pi = r."""
+        tokens = draw.tokens
+        mask = tokens != PAD
+        log_r, terminal = self.rewards(tokens)
+        with torch.no_grad():
+            states = self.pi.token_states(tokens)
+            base = torch.logsumexp(self.pi.head(states), -1)
+        values = base + self.critic(tokens, states)
+        return self.critic_fit(values, critic_targets(log_r, draw.log_q_tok, terminal, mask), mask)
+
+    def update(self, draw: WeightedDraw) -> None:
+        tokens = draw.tokens
+        if self.data is not None:  # rows of D: trajectories of p_true, which satisfy the same consistency
+            count = max(1, round(self.cfg.data_share * len(tokens) / (1.0 - self.cfg.data_share)))
+            rows = torch.randint(len(self.data), (count,), device=tokens.device, generator=self.generator)
+            tokens = pad_cat([tokens, self.data[rows]])
+        mask = tokens != PAD
+        log_r, terminal = self.rewards(tokens)
+        states = self.pi.token_states(tokens)
+        # Q(s, a) = logit(s, a) + u(s): V(s) = logsumexp_a Q(s, a), log pi(a | s) = Q(s, a) - V(s) = log_softmax;
+        # u (critic=head, zero at the start) moves every Q of a state at once: V, never pi
+        logits = self.pi.head(states)
+        log_pi = torch.log_softmax(logits, -1).gather(2, tokens.clamp(max=EOS).unsqueeze(2)).squeeze(2) * mask
+        values = torch.logsumexp(logits, -1)
+        if self.critic is not None:
+            values = values + self.critic(tokens, states)
+        consistency = pcl_consistency(values, log_pi, log_r, terminal, mask, self.cfg.horizon)
+        loss = 0.5 * consistency[mask].pow(2).mean()
+        self.log("dpg/pcl_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(tokens))
+        self.step(loss)
+
+
+def train_pcl(cfg: PCLConfig, inputs: Training2Inputs) -> Training2Result:
+    parts = loop_parts(cfg, inputs)
+    module = PCLModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, data=inputs.train,
+                       **parts)
+    return fit_twist(module, inputs)
+
+
+register(Method("pcl", PCLConfig, train_pcl, "path consistency: pi's logits as soft Q-values of the token MDP"))

@@ -1,0 +1,51 @@
+"""pg: REINFORCE with reward P (RL as optimisation), the paper's baseline that DPG improves on.
+
+    x ~ pi:  theta += alpha P(x) grad log pi(x)
+
+It maximises E_pi[P] and collapses onto P's mode, the paper's finding. The draws, checks and stops
+are the shared loop's (methods/loop.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gam_rl.config_fields import setting
+from gam_rl.methods.contract import Training2Inputs, Training2Result
+from gam_rl.methods.draws import WeightedDraw
+from gam_rl.methods.loop import NORMALISE, AveragedLoopConfig, LoopModule, fit_loop, loop_parts, proposal_draws
+from gam_rl.methods.registry import Method, register
+
+
+def pg_loss(log_pi: torch.Tensor, draw: WeightedDraw, *, log_norm: float = 0.0) -> torch.Tensor:
+    """REINFORCE with reward P/Z from a draw of q: c_i = h_i P(x_i) pi(x_i) / (Z q(x_i)), an estimate of
+    E_pi[(P/Z) grad log pi] (pi/q = 1 when q is the current pi). The loss is -sum_i c_i log pi(x_i)."""
+    coef = torch.exp(draw.log_w + draw.log_h - log_norm + log_pi.detach().double())  # P pi / (Z q), shared by h
+    return -(coef.float() * log_pi).sum()
+
+
+@dataclass
+class PGConfig(AveragedLoopConfig):
+    """`method` section of pg (conf/method/pg.yaml): the loop's keys, on-policy draws."""
+
+    algorithm: str = setting("pg", choices=("pg",))
+    normalise: str = setting("none", choices=NORMALISE)
+
+    def samples_pi(self) -> bool:
+        return True
+
+
+class PGModule(LoopModule):
+    def loss(self, draw: WeightedDraw) -> torch.Tensor:
+        return pg_loss(self.pi.log_prob(draw.tokens), draw, log_norm=self.log_norm())
+
+
+def train_pg(cfg: PGConfig, inputs: Training2Inputs) -> Training2Result:
+    parts = loop_parts(cfg, inputs)
+    module = PGModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, **parts)
+    return fit_loop(module, inputs, clip=cfg.clip)
+
+
+register(Method("pg", PGConfig, train_pg, "REINFORCE with reward P: maximises E_pi[P] (collapses, the paper)"))
