@@ -13,6 +13,7 @@ FIGURES = [
     "sampler_seq_per_s", "sampler_gflops", "sampler_roofline_ratio", "sampler_symbols_per_seq",
     "train_seq_per_s", "train_gflops", "train_roofline_ratio",
     "sampler_seq_per_s_2x64", "sampler_roofline_ratio_2x64", "train_seq_per_s_2x64", "train_roofline_ratio_2x64",
+    "train_page_faults_per_step_2x64",
     "features_seq_per_s", "features_seq_per_s_Mv1001111",
     "snis_step_s", "dpg_update_s", "dpg_update_s_q_is_r", "z_samples_per_s", "sweep_job_s",
 ]

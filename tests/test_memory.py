@@ -42,15 +42,14 @@ def probe(**env) -> tuple[bool, int]:
 
 
 @glibc_only
-def test_freed_blocks_are_reused_without_page_faults():
-    """A 2 x 64 training step at batch 500: without the thresholds it faults ~3,000 pages in again
-    every step (measured); with them the heap keeps its blocks and a step faults ~0."""
-    applied, faults = probe()
+def test_the_thresholds_are_set_unless_switched_off():
+    """The setting applies by default and GAM_RL_MALLOC=0 switches it off. How many page faults a step then
+    saves (~3,000 of them per 2 x 64 training step at batch 500 on the hosts measured) is the OS's and its
+    load's count: gam-rl-bench reports it (train_page_faults_per_step_2x64), no test asserts it."""
+    applied, _ = probe()
     assert applied
-    assert faults < 100
-    off, faults_off = probe(GAM_RL_MALLOC="0")
+    off, _ = probe(GAM_RL_MALLOC="0")
     assert not off
-    assert faults_off > 1000  # the probe does see the faults that the setting removes
 
 
 @glibc_only
