@@ -111,9 +111,11 @@ class CTLModule(LoopModule):
         n_pos = len(positives)
         neg_tokens, neg_mask = tokens[n_pos:], mask[n_pos:]
         log_r_picked = log_r_all[n_pos:].gather(2, neg_tokens.clamp(max=EOS).unsqueeze(2)).squeeze(2)
+        width = tokens.shape[1]  # the positives may be longer than the draw: its per-symbol log q padded with 0
+        log_q = torch.nn.functional.pad(draw.log_q_tok.double(), (0, width - draw.log_q_tok.shape[1]))
         with torch.no_grad():
-            log_w = prefix_log_weights(log_psi[n_pos:].detach().double(), log_r_picked.double(),
-                                       draw.log_q_tok.double(), neg_mask, draw.log_w, tokens.shape[1])
+            log_w = prefix_log_weights(log_psi[n_pos:].detach().double(), log_r_picked.double(), log_q, neg_mask,
+                                       draw.log_w, width)
         return ctl_loss(log_psi[:n_pos], mask[:n_pos], log_psi[n_pos:], neg_mask, log_w)
 
 
