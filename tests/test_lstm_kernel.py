@@ -1,4 +1,4 @@
-"""The fused LSTM kernel (gam_rl.lstm_kernel) against nn.LSTM and a step-by-step reference.
+"""The fused LSTM kernel (gam_rl.kernel.lstm) against nn.LSTM and a step-by-step reference.
 
 Comparisons run in float64, where both paths agree to ~1e-15, so the 1e-10 tolerances
 below are far from either rounding and from any real discrepancy (a wrong gate, mask or
@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gam_rl import lstm_kernel, lstm_native
-from gam_rl.lstm_kernel import PackedTokens, StepLSTM, dropout_masks, lstm_over_tokens, lstm_weights, pack_tokens
+from gam_rl.kernel import lstm as lstm_kernel
+from gam_rl.kernel import native as lstm_native
+from gam_rl.kernel.lstm import PackedTokens, StepLSTM, dropout_masks, lstm_over_tokens, lstm_weights, pack_tokens
 from gam_rl.policy import LSTMPolicy
 from gam_rl.tokens import EOS, PAD
 
@@ -185,7 +186,7 @@ def test_dropout_masks_are_seeded_and_scaled(bits, monkeypatch):
     if bits == "numpy":
         monkeypatch.setattr(lstm_native, "kernels", lambda: None)
     elif lstm_native.kernels() is None:
-        pytest.skip("no C compiler for gam_rl.lstm_native")
+        pytest.skip("no C compiler for gam_rl.kernel.native")
     like = torch.zeros(1)
     torch.manual_seed(11)
     kept, masks = dropout_masks(4000, 50, 2, 0.2, like)
@@ -231,9 +232,9 @@ def test_empty_batch_and_no_grad_step_path():
     assert h.shape == (3, 5) and torch.allclose(h[0], h[2])
 
 
-# ---- the compiled cell (gam_rl.lstm_native) against the torch ops ------------------------------
+# ---- the compiled cell (gam_rl.kernel.native) against the torch ops ------------------------------
 
-native_only = pytest.mark.skipif(lstm_native.kernels() is None, reason="no C compiler for gam_rl.lstm_native")
+native_only = pytest.mark.skipif(lstm_native.kernels() is None, reason="no C compiler for gam_rl.kernel.native")
 
 
 @native_only
