@@ -374,6 +374,25 @@ def test_native_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
 
 
+def test_native_source_ships_next_to_its_builder():
+    assert lstm_native.SOURCE.parent.name == "kernel" and lstm_native.SOURCE.is_file()
+
+
+@pytest.mark.skipif(lstm_native._compiler() is None, reason="no C compiler")
+def test_native_cache_key_follows_the_source_content_not_its_path(tmp_path, monkeypatch):
+    """A moved copy of the same source reuses the build; an edited source (a comment) never does."""
+    monkeypatch.setenv("GAM_RL_NATIVE_CACHE", str(tmp_path / "cache"))
+    cc = lstm_native._compiler()
+    here = lstm_native._target(cc)
+    moved = tmp_path / "elsewhere" / "lstm_cell.c"
+    moved.parent.mkdir()
+    moved.write_text(lstm_native.SOURCE.read_text())
+    monkeypatch.setattr(lstm_native, "SOURCE", moved)
+    assert lstm_native._target(cc) == here
+    moved.write_text(moved.read_text() + "/* edited */\n")
+    assert lstm_native._target(cc) != here
+
+
 @native_only
 def test_compiled_exp_gives_the_cell_to_float_rounding():
     """The cell's inline exp (Cody-Waite reduction, degree-5 polynomial) against float64 sigmoid and

@@ -79,14 +79,25 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(cc: str) -> Path:
+def _options() -> tuple[list[str], list[str]]:
+    """The OpenMP compile flags and the link arguments: torch's libgomp where it has one."""
     gomp = _torch_libgomp()
-    omp = ["-fopenmp"] if gomp is not None else ["-fopenmp-simd"]
-    link = [str(gomp)] if gomp is not None else []
+    return (["-fopenmp"], [str(gomp)]) if gomp is not None else (["-fopenmp-simd"], [])
+
+
+def _target(cc: str) -> Path:
+    """The cached library's path, keyed by the source's content (not its path), the flags, the
+    compiler's version and the CPU: a changed source or machine never reuses an old build."""
+    omp, link = _options()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(COMPILE_FLAGS + omp + link), version, _cpu_id(),
                                     platform.machine()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"lstm_cell_{key}.so"
+    return cache_dir() / f"lstm_cell_{key}.so"
+
+
+def _build(cc: str) -> Path:
+    omp, link = _options()
+    target = _target(cc)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
