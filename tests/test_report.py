@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
-from gam_rl.report import main
+from gam_rl.report.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 M1, M2 = "1000101000101", "10001011111000"
