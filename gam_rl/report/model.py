@@ -4,9 +4,12 @@ method), the runs of one profile, and the formatting every table shares.
 A *run folder* is any folder under the given folders that holds `results.json` or
 `.hydra/config.yaml` (a folder with only the latter is a run that never finished: "missing").
 A *cell* is (motif, features, |D|, seed) within one profile; each cell has one run per method.
-A run's profile, cell and method come from results.json, else from its config; a method run on
-another target than P_lambda, or on a P_lambda fitted by another Training-1 estimator than snis_r,
-is reported as a method of its own (`_identity`).
+A run's profile, cell and method come from results.json, else from its config. A run whose
+`target` (results.json's, else the config's method.target) is set and is not `gam` is reported as
+a method of its own, `<method>@target=<target>`, whatever its method (e.g. method=dpg_off
+method.target=true: dpg_off@target=true, never averaged with dpg_off), except where the method's
+name already ends in `_<target>` (dpg_true, whose config sets target "true", stays dpg_true); a
+run on a P_lambda fitted by another Training-1 estimator than snis_r gets `@estimator=<estimator>`.
 
 When several folders hold the same (profile, cell, method), an ok run is used before any
 other and the newest before older ones; the others are named in table1.md.
@@ -27,8 +30,6 @@ from pathlib import Path
 
 import yaml
 
-GAM_TARGET_METHODS = ("distill", "dpg_off", "dpg_on", "pg", "distill_qrs", "fdpg_kl", "fdpg_rkl", "fdpg_js", "fdpg_tv",
-                      "kl_control", "pcl", "ac_dpg_head", "ac_dpg_separate", "ppo_dpg")  # methods targeting P_lambda
 METHOD_ORDER = ("dpg_off", "distill", "dpg_on", "pg", "dpg_true")
 METRICS = ("entropy_true", "ce_test_r", "ce_test_p_lambda", "ce_test_pi", "motif_freq_r", "motif_freq_pi",
            "avg_len_r", "avg_len_pi", "z_hat", "wall_time_s")
@@ -140,8 +141,9 @@ def _identity(results: dict, config: dict) -> dict:
             for key in ("profile", "motif", "features", "dataset_size", "seed")}
     method = _as_bits(results.get("method") or method_name)
     target = results.get("target") or (method_cfg.get("target") if isinstance(method_cfg, dict) else None)
-    if method in GAM_TARGET_METHODS and target not in (None, "gam"):
-        # e.g. method=dpg_off method.target=true: not the paper's dpg_off (nor its own cell's), so its own method
+    if method and target not in (None, "gam") and not method.endswith(f"_{target}"):
+        # e.g. method=dpg_off method.target=true: not the paper's dpg_off (nor its own cell's), so its own method;
+        # a method named for its target (dpg_true, target "true") is that method already
         method = f"{method}@target={target}"
     training1 = config.get("training1") if isinstance(config.get("training1"), dict) else {}
     estimator = results.get("training1_estimator") or training1.get("estimator")
