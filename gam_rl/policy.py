@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from gam_rl import lstm_native
 from gam_rl.config_fields import setting
-from gam_rl.lstm_kernel import StepLSTM, head_log_prob, lstm_over_tokens, pack_tokens, score_rows
+from gam_rl.kernel import native as lstm_native
+from gam_rl.kernel.lstm import StepLSTM, head_log_prob, lstm_over_tokens, pack_tokens, score_rows
 from gam_rl.potentials import Potential
 from gam_rl.tokens import BOS, EOS, PAD, VOCAB
 
@@ -105,7 +105,7 @@ class LSTMPolicy(nn.Module, Potential):
         return self._log_prob_fused(tokens) if fused else self._log_prob_nn_lstm(tokens)
 
     def _log_prob_fused(self, tokens: torch.Tensor) -> torch.Tensor:
-        """log_prob through gam_rl.lstm_kernel (same parameters, hand-written backward)."""
+        """log_prob through gam_rl.kernel.lstm (same parameters, hand-written backward)."""
         scoring = not (self.training and self.dropout_p > 0) and not (
             torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
         if scoring and len(tokens):  # no dropout, no gradient: the compiled scorer where it applies
@@ -174,8 +174,8 @@ class LSTMPolicy(nn.Module, Potential):
         by inverse CDF from u[i, t], a (num, max_len) table of uniforms drawn up front, so a
         generator's samples do not depend on how the work is split. Where torch exports its
         sgemm (float32 CPU), every block of SAMPLE_BLOCK samples runs through all its steps in
-        one compiled call on one thread (lstm_native's gam_sample_rows: its state stays in the
-        core's cache); otherwise the LSTM steps through lstm_kernel.StepLSTM over all running
+        one compiled call on one thread (kernel/native.py's gam_sample_rows: its state stays in the
+        core's cache); otherwise the LSTM steps through kernel/lstm.py's StepLSTM over all running
         rows, and finished rows are dropped from the working batch once they are 1/16 of it.
         """
         if max_len < 1:

@@ -1,4 +1,4 @@
-"""The fused LSTM kernel (gam_rl.lstm_kernel) against nn.LSTM and a step-by-step reference.
+"""The fused LSTM kernel (gam_rl.kernel.lstm) against nn.LSTM and a step-by-step reference.
 
 Comparisons run in float64, where both paths agree to ~1e-15, so the 1e-10 tolerances
 below are far from either rounding and from any real discrepancy (a wrong gate, mask or
@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gam_rl import lstm_kernel, lstm_native
-from gam_rl.lstm_kernel import PackedTokens, StepLSTM, dropout_masks, lstm_over_tokens, lstm_weights, pack_tokens
+from gam_rl.kernel import lstm as lstm_kernel
+from gam_rl.kernel import native as lstm_native
+from gam_rl.kernel.lstm import PackedTokens, StepLSTM, dropout_masks, lstm_over_tokens, lstm_weights, pack_tokens
 from gam_rl.policy import LSTMPolicy
 from gam_rl.tokens import EOS, PAD
 
@@ -185,7 +186,7 @@ def test_dropout_masks_are_seeded_and_scaled(bits, monkeypatch):
     if bits == "numpy":
         monkeypatch.setattr(lstm_native, "kernels", lambda: None)
     elif lstm_native.kernels() is None:
-        pytest.skip("no C compiler for gam_rl.lstm_native")
+        pytest.skip("no C compiler for gam_rl.kernel.native")
     like = torch.zeros(1)
     torch.manual_seed(11)
     kept, masks = dropout_masks(4000, 50, 2, 0.2, like)
@@ -231,9 +232,9 @@ def test_empty_batch_and_no_grad_step_path():
     assert h.shape == (3, 5) and torch.allclose(h[0], h[2])
 
 
-# ---- the compiled cell (gam_rl.lstm_native) against the torch ops ------------------------------
+# ---- the compiled cell (gam_rl.kernel.native) against the torch ops ------------------------------
 
-native_only = pytest.mark.skipif(lstm_native.kernels() is None, reason="no C compiler for gam_rl.lstm_native")
+native_only = pytest.mark.skipif(lstm_native.kernels() is None, reason="no C compiler for gam_rl.kernel.native")
 
 
 @native_only
@@ -371,6 +372,25 @@ def test_native_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
     assert first.parent == tmp_path and lstm_native._build(lstm_native._compiler()) == first
     assert first.stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
+
+
+def test_native_source_ships_next_to_its_builder():
+    assert lstm_native.SOURCE.parent.name == "kernel" and lstm_native.SOURCE.is_file()
+
+
+@pytest.mark.skipif(lstm_native._compiler() is None, reason="no C compiler")
+def test_native_cache_key_follows_the_source_content_not_its_path(tmp_path, monkeypatch):
+    """A moved copy of the same source reuses the build; an edited source (a comment) never does."""
+    monkeypatch.setenv("GAM_RL_NATIVE_CACHE", str(tmp_path / "cache"))
+    cc = lstm_native._compiler()
+    here = lstm_native._target(cc)
+    moved = tmp_path / "elsewhere" / "lstm_cell.c"
+    moved.parent.mkdir()
+    moved.write_text(lstm_native.SOURCE.read_text())
+    monkeypatch.setattr(lstm_native, "SOURCE", moved)
+    assert lstm_native._target(cc) == here
+    moved.write_text(moved.read_text() + "/* edited */\n")
+    assert lstm_native._target(cc) != here
 
 
 @native_only

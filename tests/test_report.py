@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from matplotlib.image import imread
 
-from gam_rl.report import main
+from gam_rl.report.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 M1, M2 = "1000101000101", "10001011111000"
@@ -308,6 +309,25 @@ def test_a_paper_method_on_another_target_is_kept_out_of_the_table1_columns(swee
     assert float(row["ce_dpg_dis_cell_mean"]) == pytest.approx(statistics.mean(
         expected_column(("dpg_off", "ce_test_pi"), ("distill", "ce_test_pi"), 500)))
     assert "dpg_off@target=true" in (sweep / "report" / "table1.md").read_text()
+
+
+def test_any_method_on_another_target_than_gam_is_its_own_method(tmp_path):
+    """The @target suffix follows the run's target, whatever the method's name (no list of methods);
+    dpg_true, whose config sets its target, keeps its name."""
+    dpg_true_target = yaml.safe_load((ROOT / "conf" / "method" / "dpg_true.yaml").read_text())["target"]
+    root = tmp_path / "runs"
+    runs = {"my_variant": "true", "fdpg_kl": "true", "pcl": "gam", "dpg_true": dpg_true_target, "distill": None}
+    for method, target in runs.items():
+        extra = {} if target is None else {"target": target}
+        write_run(root / method, ok_results(M1, 1234, 500, method, **extra))
+    # no target in results.json: the config's method.target names it
+    folder = write_run(root / "from_config", ok_results(M1, 4444, 500, "my_variant"))
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text("method:\n  name: my_variant\n  target: 'true'\n")
+    main([str(root)])
+    found = {(r["seed"], r["method"]) for r in read_csv(root / "report" / "cells.csv")}
+    assert found == {("1234", "my_variant@target=true"), ("1234", "fdpg_kl@target=true"), ("1234", "pcl"),
+                     ("1234", "dpg_true"), ("1234", "distill"), ("4444", "my_variant@target=true")}
 
 
 def test_profiles_are_reported_separately(tmp_path):

@@ -1,4 +1,4 @@
-/* The LSTM cell's elementwise math in one pass per step (gam_rl/lstm_native.py builds and loads it).
+/* The LSTM cell's elementwise math in one pass per step (gam_rl/kernel/native.py builds and loads it).
 
    After the step's matmul has written the pre-activations a = [a_i, a_f, a_g2, a_o] of n rows
    (the g rows of the weights doubled, so a_g2 = 2 a_g), the torch path needs 8 to 11 separate
@@ -220,7 +220,7 @@ int64_t gam_sample_step(int64_t n, const float *logits, const float *u, const in
 }
 
 /* A BLAS sgemm (Fortran interface, 32-bit integers, column-major): torch's own MKL, whose address
-   lstm_native passes in, so the step's matmul runs on the same library and threads as torch.mm. */
+   kernel/native.py passes in, so the step's matmul runs on the same library and threads as torch.mm. */
 typedef void (*sgemm_fn)(const char *ta, const char *tb, const int *m, const int *n, const int *k,
                          const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
                          const float *beta, float *c, const int *ldc);

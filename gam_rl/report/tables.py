@@ -1,8 +1,4 @@
-"""`gam-rl-report SWEEP_DIR... [--out DIR] [--profile P]`: aggregate gam-rl runs into Table 1.
-
-A *run folder* is any folder under the given folders that holds `results.json` or
-`.hydra/config.yaml` (a folder with only the latter is a run that never finished: "missing").
-A *cell* is (motif, features, |D|, seed) within one profile; each cell has one run per method.
+"""Table 1 and the other tables of `gam-rl-report`: Markdown, CSV and LaTeX.
 
 Table 1 (the paper's seven columns), one row per |D|, computed as the paper computes them:
 ratios of per-method means over the runs of that |D|. dpg = the `dpg_off` runs, dis = the
@@ -27,45 +23,31 @@ Failed, missing and running runs, and cells without a dpg_off or distill run (in
 combinations absent from the grid of motifs x features x |D| x seeds that was found), are
 listed under "Missing or failed"; they never enter a mean. Runs of the other methods
 (dpg_on, pg, dpg_true) appear in the per-cell tables and in the raw-means table.
-
-When several folders hold the same (profile, cell, method), an ok run is used before any
-other and the newest before older ones; the others are named in table1.md.
-
-Runs of different profiles are never mixed: every table and figure is per profile
-(`--profile P` keeps one). With one profile the figures are `figure2.png` and
-`dpg_vs_distill.png`; with several, `figure2_<profile>.png` and `dpg_vs_distill_<profile>.png`.
-
-Files written to --out (default `<first SWEEP_DIR>/report`): table1.md (all tables, the
-missing list, the Training-2 methods table of report_methods.py, footnotes), table1.csv (one
-row per profile and |D|: `<col>_mean, _std, _n, _excluded, _paper, _ours_over_paper` for each
-column), table1.tex, raw_means.csv, methods.csv, cells.md, cells.csv, and the PNG figures.
-Exit code 0 when written (failed cells are listed), 2 when a
-folder does not exist or no run folder is found.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
-import json
 import math
-import os
 import statistics
-import sys
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from gam_rl.report.model import (
+    METRICS,
+    ProfileData,
+    RunRecord,
+    Stat,
+    cell_name,
+    fmt,
+    md_table,
+    method_sort_key,
+    one_line,
+)
 
 PAPER_METHODS = ("dpg_off", "distill")
 PAPER_PROFILE = "paper"  # the only profile compared with the paper's Table 1
-GAM_TARGET_METHODS = ("distill", "dpg_off", "dpg_on", "pg", "distill_qrs", "fdpg_kl", "fdpg_rkl", "fdpg_js", "fdpg_tv",
-                      "kl_control", "pcl", "ac_dpg_head", "ac_dpg_separate", "ppo_dpg")  # methods targeting P_lambda
-METHOD_ORDER = ("dpg_off", "distill", "dpg_on", "pg", "dpg_true")
-METRICS = ("entropy_true", "ce_test_r", "ce_test_p_lambda", "ce_test_pi", "motif_freq_r", "motif_freq_pi",
-           "avg_len_r", "avg_len_pi", "z_hat", "wall_time_s")
 SHORT = {"entropy_true": "H", "ce_test_r": "CE r", "ce_test_pi": "CE pi", "motif_freq_r": "mtf r",
          "motif_freq_pi": "mtf pi"}
 
@@ -105,6 +87,7 @@ COLUMNS = (
     Column("mtf_dis_r", "mtf dis/r", ("distill", "motif_freq_pi"), ("distill", "motif_freq_r")),
 )
 
+
 # The paper's Table 1 (means over 3 motifs x {1001111, Mv1001111} x seeds {1234, 4444}), copied
 # from /work/shared/design/paper.md section 8; values in the order of COLUMNS.
 PAPER_TABLE1 = {
@@ -115,203 +98,13 @@ PAPER_TABLE1 = {
     20000: (1.004, 1.023, 1.0, 1.006, 1.03, 1.002, 1.01),
 }
 
+
 RAW_FIELDS = (("entropy_true", "H"), ("ce_test_r", "CE(T,r)"), ("ce_test_p_lambda", "CE(T,p_lambda)"),
               ("ce_test_pi", "CE(T,pi)"), ("motif_freq_r", "mtf r"), ("motif_freq_pi", "mtf pi"),
               ("avg_len_r", "len r"), ("avg_len_pi", "len pi"), ("wall_time_s", "wall s"))
 
 
-class ReportError(Exception):
-    """A problem with the command line or the folders: exit code 2."""
-
-
-# ---- reading runs ------------------------------------------------------------------------------
-
-@dataclass
-class RunRecord:
-    path: Path
-    status: str  # ok | failed | running | missing (no results.json) | unreadable
-    profile: str | None = None
-    motif: str | None = None
-    features: str | None = None
-    dataset_size: int | None = None
-    seed: int | None = None
-    method: str | None = None
-    values: dict[str, float | None] = field(default_factory=dict)
-    error: str | None = None
-    mtime: float = 0.0
-
-    @property
-    def identified(self) -> bool:
-        return None not in (self.profile, self.motif, self.features, self.dataset_size, self.seed, self.method)
-
-    @property
-    def cell(self) -> tuple:
-        return (self.motif, self.features, self.dataset_size, self.seed)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-
-def cell_name(cell: tuple) -> str:
-    motif, features, size, seed = cell
-    return f"{motif}/{features}/D{size}/s{seed}"
-
-
-def find_run_dirs(roots: list[Path]) -> list[Path]:
-    """Every folder under the roots holding results.json or .hydra/config.yaml (deduplicated)."""
-    found = set()
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            here = Path(dirpath)
-            if "results.json" in filenames or (here / ".hydra" / "config.yaml").is_file():
-                found.add(here.resolve())
-            dirnames[:] = [d for d in dirnames if d not in (".hydra", "wandb")]
-    return sorted(found)
-
-
-def as_float(value) -> float | None:
-    """Numbers and the strings "inf"/"nan" (how run_io writes non-finite floats) as floats."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _as_int(value) -> int | None:
-    number = as_float(value)
-    return int(number) if number is not None and math.isfinite(number) else None
-
-
-def _as_bits(value) -> str | None:
-    """Hydra parses 1001111 typed on a command line as an int; bit strings come back as str."""
-    if value is None or isinstance(value, bool):
-        return None
-    return str(value)
-
-
-def _read_config(run_dir: Path) -> dict:
-    """The composed config: Hydra's .hydra/config.yaml, else the run's own config.yaml."""
-    for path in (run_dir / ".hydra" / "config.yaml", run_dir / "config.yaml"):
-        if path.is_file():
-            try:
-                loaded = yaml.safe_load(path.read_text())
-            except yaml.YAMLError:
-                continue
-            if isinstance(loaded, dict):
-                return loaded
-    return {}
-
-
-# where the config holds each identity key: a section's value key (conf/motif/*.yaml sets motif.pattern)
-CONFIG_VALUE = {"motif": "pattern", "features": "name", "dataset_size": "size"}
-
-
-def _config_value(config: dict, key: str):
-    value = config.get(key)
-    return value.get(CONFIG_VALUE[key]) if isinstance(value, dict) and key in CONFIG_VALUE else value
-
-
-def _identity(results: dict, config: dict) -> dict:
-    """Cell and method of a run, from results.json, falling back to the config."""
-    method_cfg = config.get("method")
-    method_name = method_cfg.get("name") if isinstance(method_cfg, dict) else method_cfg
-    pick = {key: results.get(key) if results.get(key) is not None else _config_value(config, key)
-            for key in ("profile", "motif", "features", "dataset_size", "seed")}
-    method = _as_bits(results.get("method") or method_name)
-    target = results.get("target") or (method_cfg.get("target") if isinstance(method_cfg, dict) else None)
-    if method in GAM_TARGET_METHODS and target not in (None, "gam"):
-        # e.g. method=dpg_off method.target=true: not the paper's dpg_off (nor its own cell's), so its own method
-        method = f"{method}@target={target}"
-    training1 = config.get("training1") if isinstance(config.get("training1"), dict) else {}
-    estimator = results.get("training1_estimator") or training1.get("estimator")
-    if method and estimator not in (None, "snis_r"):  # e.g. distill on a P_lambda fitted by rs (Figure 3)
-        method = f"{method}@estimator={estimator}"
-    return {"profile": _as_bits(pick["profile"]), "motif": _as_bits(pick["motif"]),
-            "features": _as_bits(pick["features"]), "dataset_size": _as_int(pick["dataset_size"]),
-            "seed": _as_int(pick["seed"]), "method": method}
-
-
-def load_run(run_dir: Path) -> RunRecord:
-    results_path = run_dir / "results.json"
-    config = _read_config(run_dir)
-    if not results_path.is_file():
-        return RunRecord(run_dir, "missing", error="no results.json (job killed or still running?)",
-                         mtime=_mtime(run_dir / ".hydra" / "config.yaml"), **_identity({}, config))
-    try:
-        results = json.loads(results_path.read_text())
-        if not isinstance(results, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as err:
-        return RunRecord(run_dir, "unreadable", error=f"results.json unreadable: {err}",
-                         mtime=_mtime(results_path), **_identity({}, config))
-    status = str(results.get("status") or "unknown")
-    error = results.get("error")
-    if error and results.get("stage"):
-        error = f"[{results['stage']}] {error}"
-    return RunRecord(run_dir, status, values={key: as_float(results.get(key)) for key in METRICS},
-                     error=str(error) if error else None, mtime=_mtime(results_path),
-                     **_identity(results, config))
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
-def choose_runs(records: list[RunRecord]) -> tuple[dict[tuple, RunRecord], list[str]]:
-    """One run per (profile, cell, method): an ok run over any other, then the newest.
-    Returns the chosen runs and a note for every run that was set aside."""
-    groups: dict[tuple, list[RunRecord]] = defaultdict(list)
-    for record in records:
-        if record.identified:
-            groups[(record.profile, record.cell, record.method)].append(record)
-    chosen, notes = {}, []
-    for key, group in groups.items():
-        group.sort(key=lambda r: (r.ok, r.mtime), reverse=True)
-        chosen[key] = group[0]
-        for other in group[1:]:
-            notes.append(f"duplicate {cell_name(key[1])} {key[2]}: used {group[0].path} ({group[0].status}), "
-                         f"ignored {other.path} ({other.status})")
-    return chosen, notes
-
-
-# ---- statistics ----------------------------------------------------------------------------------
-
-@dataclass
-class Stat:
-    """Finite values that enter a mean, and the (cell, reason) pairs that were kept out."""
-    values: list[float] = field(default_factory=list)
-    excluded: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float | None:
-        return statistics.fmean(self.values) if self.values else None
-
-    @property
-    def std(self) -> float | None:
-        return statistics.stdev(self.values) if len(self.values) > 1 else None
-
-    def add(self, value: float | None, cell: str, what: str) -> None:
-        if value is None:
-            self.excluded.append((cell, f"no value for {what}"))
-        elif not math.isfinite(value):
-            self.excluded.append((cell, f"{what} = {value}"))
-        else:
-            self.values.append(value)
-
+# ---- statistics ---------------------------------------------------------------------------------
 
 def cell_ratio(runs: dict[str, RunRecord], column: Column) -> tuple[float | None, str | None] | None:
     """The column's ratio for one cell: None when a run it needs is not ok (the cell does not
@@ -330,36 +123,6 @@ def cell_ratio(runs: dict[str, RunRecord], column: Column) -> tuple[float | None
     if den == 0:
         return None, f"{den_name} = 0 ({'undefined ratio 0/0' if num == 0 else 'infinite ratio'})"
     return num / den, None
-
-
-@dataclass
-class ProfileData:
-    """All chosen runs of one profile, by cell and method."""
-    profile: str
-    cells: dict[tuple, dict[str, RunRecord]]
-
-    @property
-    def sizes(self) -> list[int]:
-        return sorted({cell[2] for cell in self.cells})
-
-    def cells_of_size(self, size: int) -> list[tuple]:
-        return sorted(cell for cell in self.cells if cell[2] == size)
-
-    @property
-    def methods(self) -> list[str]:
-        found = {m for runs in self.cells.values() for m in runs}
-        return sorted(found, key=method_sort_key)
-
-
-def method_sort_key(method: str) -> tuple:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
-
-
-def group_by_profile(chosen: dict[tuple, RunRecord]) -> dict[str, ProfileData]:
-    grouped: dict[str, dict[tuple, dict[str, RunRecord]]] = defaultdict(lambda: defaultdict(dict))
-    for (profile, cell, method), record in chosen.items():
-        grouped[profile][cell][method] = record
-    return {p: ProfileData(p, dict(cells)) for p, cells in sorted(grouped.items())}
 
 
 @dataclass
@@ -451,21 +214,7 @@ def problems(data: ProfileData) -> list[str]:
     return lines
 
 
-def one_line(text: str | None, limit: int = 160) -> str:
-    """An error message on one line (a config error lists its problems on several), shortened."""
-    line = " ".join((text or "").split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-# ---- formatting ----------------------------------------------------------------------------------
-
-def fmt(value: float | None, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if not math.isfinite(value):
-        return str(value)
-    return f"{value:.{digits}g}"
-
+# ---- Markdown -----------------------------------------------------------------------------------
 
 def fmt_stat(stat: Stat) -> str:
     if stat.n == 0:
@@ -491,11 +240,6 @@ def compared_with_paper(data: ProfileData) -> bool:
 
 NOT_COMPARED = ("Profile `{}` is not set against the paper's Table 1: it uses another network size and other "
                 "schedules than the paper's (only `profile=paper` runs are).")
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def table1_md(data: ProfileData, values: dict[int, dict[str, RatioOfMeans]]) -> list[str]:
@@ -545,37 +289,6 @@ def raw_md(raw: dict[tuple[int, str], tuple[int, dict[str, Stat]]]) -> list[str]
     if notes:
         lines += ["", "\\* Excluded (missing or non-finite values):", *notes]
     return lines
-
-
-def report_md(profiles: dict[str, ProfileData], values: dict, tables: dict, raws: dict, notes: list[str],
-              unidentified: list[RunRecord], figures: dict[str, list[str]], skipped: dict[str, list[str]],
-              roots: list[Path]) -> str:
-    from gam_rl.report_methods import methods_md, methods_rows
-
-    lines = ["# gam-rl report: Table 1", "",
-             "Runs under: " + ", ".join(f"`{r}`" for r in roots) + ".",
-             "Table 1 entries are ratios of per-method means over the runs of a \\|D\\| (n = runs, or cells "
-             "where both methods ran), as the paper computes them; H is each run's own entropy_true.", ""]
-    for name, data in profiles.items():
-        title = "Table 1 (ours vs the paper)" if compared_with_paper(data) else "Table 1"
-        lines += [f"## Profile `{name}`", "", f"### {title}", "", *table1_md(data, values[name]), "",
-                  "### Per-cell ratios (an extra: mean ± std over cells of each cell's ratio)", "",
-                  *cell_ratios_md(tables[name]), "",
-                  "### Raw means per \\|D\\| and method (ok runs; mean ± std)", "", *raw_md(raws[name]), "",
-                  "### Missing or failed", ""]
-        lines += [f"- {line}" for line in problems(data)] or ["none"]
-        lines += ["", "### Training-2 methods (gam_rl/report_methods.py: draws to CE(V, pi) <= 1.01 CE(V, p_lambda), "
-                  "final CE(T, pi); exact divergences with eval.exact)", "", *methods_md(methods_rows(data))]
-        lines += ["", "Figures: " + (", ".join(f"`{f}`" for f in figures[name]) or "none"), ""]
-        lines += [f"- not drawn: {reason}" for reason in skipped[name]]
-        lines += [""] if skipped[name] else []
-    if unidentified or notes:
-        lines += ["## Other run folders", ""]
-        lines += [f"- unidentified (no cell/method in results.json or config): {r.path}: {r.status}"
-                  f"{': ' + one_line(r.error) if r.error else ''}" for r in unidentified]
-        lines += [f"- {note}" for note in notes]
-        lines.append("")
-    return "\n".join(lines)
 
 
 # ---- CSV and LaTeX ------------------------------------------------------------------------------
@@ -677,93 +390,3 @@ def table1_tex(profiles: dict[str, ProfileData], values: dict) -> str:
                   rf"{paper_note}. H is each run's own $H(p_{{\mathrm{{true}}}})$.}}",
                   r"\end{table}", ""]
     return "\n".join(parts)
-
-
-# ---- driver --------------------------------------------------------------------------------------
-
-def figure_file(figure: str, profile: str, several: bool) -> str:
-    """figure2.png, or figure2_<profile>.png when the report has several profiles."""
-    return f"{figure}_{profile}.png" if several else f"{figure}.png"
-
-
-def collect(roots: list[Path], profile: str | None) -> tuple[list[RunRecord], list[RunRecord]]:
-    """(identified runs, unidentified runs) under the roots; ReportError when there is nothing."""
-    for root in roots:
-        if not root.is_dir():
-            raise ReportError(f"no such folder: {root}")
-    run_dirs = find_run_dirs(roots)
-    if not run_dirs:
-        raise ReportError("no run folder (results.json or .hydra/config.yaml) under: " + ", ".join(map(str, roots)))
-    records = [load_run(d) for d in run_dirs]
-    identified = [r for r in records if r.identified]
-    if profile is not None:
-        found = sorted({r.profile for r in identified})
-        identified = [r for r in identified if r.profile == profile]
-        if not identified:
-            raise ReportError(f"no run of profile {profile!r} (profiles found: {', '.join(found) or 'none'})")
-    return identified, [r for r in records if not r.identified]
-
-
-def write_report(roots: list[Path], out: Path, profile: str | None = None) -> str:
-    """Read the runs under the roots, write every file into out; returns the Markdown report."""
-    from gam_rl.report_figures import FIGURES
-    from gam_rl.report_methods import write_methods_csv
-
-    identified, unidentified = collect(roots, profile)
-    chosen, notes = choose_runs(identified)
-    profiles = group_by_profile(chosen)
-    values = {name: table1_values(data) for name, data in profiles.items()}
-    tables = {name: table1_stats(data) for name, data in profiles.items()}
-    raws = {name: raw_stats(data) for name, data in profiles.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    drawn: dict[str, list[str]] = {name: [] for name in profiles}
-    skipped: dict[str, list[str]] = {name: [] for name in profiles}
-    for name, data in profiles.items():
-        for figure, draw in FIGURES.items():
-            file = figure_file(figure, name, len(profiles) > 1)
-            reason = draw(data, out / file)
-            if reason is None:
-                drawn[name].append(file)
-            else:
-                skipped[name].append(f"{file}: {reason}")
-                print(f"gam-rl-report: {name}: not drawn: {file}: {reason}", file=sys.stderr)
-    write_table1_csv(out / "table1.csv", profiles, values, tables)
-    write_raw_csv(out / "raw_means.csv", raws)
-    write_methods_csv(out / "methods.csv", profiles)
-    (out / "table1.tex").write_text(table1_tex(profiles, values))
-    write_cells(out, profiles)
-    text = report_md(profiles, values, tables, raws, notes, unidentified, drawn, skipped, roots)
-    (out / "table1.md").write_text(text)
-    return text
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="gam-rl-report",
-        description="Aggregate gam-rl runs (folders with results.json or .hydra/config.yaml) into the paper's "
-                    "Table 1 (Markdown, CSV, LaTeX), per-cell tables and figures.")
-    parser.add_argument("sweep_dirs", nargs="+", type=Path, metavar="SWEEP_DIR",
-                        help="folders searched recursively for run folders")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <first SWEEP_DIR>/report)")
-    parser.add_argument("--profile", default=None,
-                        help="keep only runs of this profile (default: one table per profile found)")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    out = args.out if args.out is not None else args.sweep_dirs[0] / "report"
-    try:
-        text = write_report(args.sweep_dirs, out, args.profile)
-    except ReportError as err:
-        print(f"gam-rl-report: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(text)
-    print(f"gam-rl-report: wrote {out}/table1.md, table1.csv, table1.tex, raw_means.csv, methods.csv, cells.md, "
-          "cells.csv "
-          "and the figures it had runs for")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The LSTM cell's elementwise math as one compiled loop per step (gam_rl/native/lstm_cell.c).
+"""The LSTM cell's elementwise math as one compiled loop per step (gam_rl/kernel/lstm_cell.c).
 
 At the cpu profile's 2 x 64 the step's matmul is small, and the 8 to 11 separate torch ops of the
 cell's elementwise math (each a pass over memory with its own dispatch) cost as much as the matmul:
@@ -17,7 +17,7 @@ that sgemm for each step's matmul: the same library and threads as torch.mm, and
 steps. GAM_RL_NATIVE_SGEMM=0 keeps those loops in Python.
 
 `kernels()` returns the loaded library, or None when it is switched off (GAM_RL_NATIVE=0), when
-no C compiler is found or the build fails (a warning says why, once): lstm_kernel then runs its
+no C compiler is found or the build fails (a warning says why, once): kernel/lstm.py then runs its
 torch ops, with the same results to float rounding.
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "native" / "lstm_cell.c"
+SOURCE = Path(__file__).with_name("lstm_cell.c")
 # -ffast-math at compile time only: linked into a shared library it would set the process's
 # flush-to-zero flags (crtfastmath); exp's inputs are clamped in the source, so no infinities
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c11"]
@@ -79,14 +79,25 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(cc: str) -> Path:
+def _options() -> tuple[list[str], list[str]]:
+    """The OpenMP compile flags and the link arguments: torch's libgomp where it has one."""
     gomp = _torch_libgomp()
-    omp = ["-fopenmp"] if gomp is not None else ["-fopenmp-simd"]
-    link = [str(gomp)] if gomp is not None else []
+    return (["-fopenmp"], [str(gomp)]) if gomp is not None else (["-fopenmp-simd"], [])
+
+
+def _target(cc: str) -> Path:
+    """The cached library's path, keyed by the source's content (not its path), the flags, the
+    compiler's version and the CPU: a changed source or machine never reuses an old build."""
+    omp, link = _options()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(COMPILE_FLAGS + omp + link), version, _cpu_id(),
                                     platform.machine()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"lstm_cell_{key}.so"
+    return cache_dir() / f"lstm_cell_{key}.so"
+
+
+def _build(cc: str) -> Path:
+    omp, link = _options()
+    target = _target(cc)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,9 @@ a standard-deviation bar.
   dpg_true, CE(T, p_lambda) and H (sweep preset true_target).
 - figure5: DPG against distillation with the length features M, v off (1001111) and on
   (Mv1001111): CE(T, pi) and the motif frequency of pi (the Table 1 grid).
-- methods: every Training-2 method's CE(V, pi) (or exact KL) against draws (report_methods.py).
+
+The helpers new_figure, save_figure and MARKERS also draw methods.py's figure; cli.py lists
+these figures and that one.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from gam_rl.report import ProfileData, Stat
-from gam_rl.report_methods import methods_figure
+from gam_rl.report.model import ProfileData, Stat
 
 COLOURS = {"dpg_off": "tab:blue", "distill": "tab:orange", "r": "tab:gray", "p_lambda": "tab:green",
            "dpg_true": "tab:red", "distill@estimator=rs": "tab:purple"}
@@ -37,7 +38,7 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def _figure(width: float, height: float, rows: int = 1) -> tuple[Figure, list]:
+def new_figure(width: float, height: float, rows: int = 1) -> tuple[Figure, list]:
     """A figure drawn by the Agg canvas, without touching pyplot's global backend."""
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
@@ -102,7 +103,7 @@ def _motif_axis(ax) -> None:
     ax.grid(alpha=0.3)
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
 
@@ -122,7 +123,7 @@ def figure2(data: ProfileData, path: Path) -> str | None:
     sizes = data.sizes
     if not any(_stat(data, s, m, "ce_test_pi").n for s in sizes for m in ("dpg_off", "distill")):
         return "figure 2 needs ok dpg_off or distill runs"
-    fig, (ax, ax2) = _figure(7.5, 7.5, rows=2)
+    fig, (ax, ax2) = new_figure(7.5, 7.5, rows=2)
     for k, method in enumerate(("dpg_off", "distill")):
         _series(ax, sizes, [_stat(data, s, method, "ce_test_pi") for s in sizes], f"pi ({method})",
                 COLOURS[method], MARKERS[k])
@@ -138,7 +139,7 @@ def figure2(data: ProfileData, path: Path) -> str | None:
     ax2.set_title("motif frequency of the models' samples")
     ax2.legend(fontsize=8)
     _size_axis(ax2, sizes)
-    _save(fig, path)
+    save_figure(fig, path)
     return None
 
 
@@ -156,7 +157,7 @@ def dpg_vs_distill_figure(data: ProfileData, path: Path) -> str | None:
             by_size[size] = points
     if not by_size:
         return "the dpg_off vs distill scatter needs a cell where both ran ok"
-    fig, (ax,) = _figure(5.5, 5.5)
+    fig, (ax,) = new_figure(5.5, 5.5)
     for k, (size, points) in enumerate(by_size.items()):
         xs, ys = zip(*points, strict=True)
         ax.scatter(xs, ys, label=f"|D| = {size}", s=30, marker=MARKERS[k % len(MARKERS)])
@@ -170,7 +171,7 @@ def dpg_vs_distill_figure(data: ProfileData, path: Path) -> str | None:
     ax.set_ylabel("CE(T, pi) of DPG_off (nats per symbol)")
     ax.set_title(f"DPG_off against distillation, one point per cell (profile {data.profile})", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
-    _save(fig, path)
+    save_figure(fig, path)
     return None
 
 
@@ -180,7 +181,7 @@ def figure3(data: ProfileData, path: Path) -> str | None:
     if not sizes:
         return ("figure 3 needs distill runs with Training-1 by snis_r and by rs at the same |D| "
                 "(multirun_scripts/figure3.sh)")
-    fig, (ax, zoom) = _figure(7.5, 8, rows=2)
+    fig, (ax, zoom) = new_figure(7.5, 8, rows=2)
     for k, method in enumerate(methods):
         name = "rs" if "rs" in method else "snis_r"
         for panel in (ax, zoom):  # the bottom panel without r: the two estimators are close
@@ -192,7 +193,7 @@ def figure3(data: ProfileData, path: Path) -> str | None:
     _ce_panel(ax, data, sizes, f"Figure 3: Training-1 by SNIS or by rejection sampling (profile {data.profile})",
               xlabel=False)
     _ce_panel(zoom, data, sizes, "the same without r")
-    _save(fig, path)
+    save_figure(fig, path)
     return None
 
 
@@ -200,7 +201,7 @@ def figure4(data: ProfileData, path: Path) -> str | None:
     sizes = [s for s in data.sizes if all(_stat(data, s, m, "ce_test_pi").n for m in ("dpg_off", "dpg_true"))]
     if not sizes:
         return "figure 4 needs dpg_off and dpg_true runs at the same |D| (multirun_scripts/true_target.sh)"
-    fig, (ax,) = _figure(7.5, 5)
+    fig, (ax,) = new_figure(7.5, 5)
     _series(ax, sizes, [_stat(data, s, "dpg_off", "ce_test_pi") for s in sizes], "pi: DPG on P_lambda",
             COLOURS["dpg_off"], MARKERS[0])
     _series(ax, sizes, [_stat(data, s, "dpg_off", "ce_test_p_lambda") for s in sizes], "p_lambda",
@@ -208,7 +209,7 @@ def figure4(data: ProfileData, path: Path) -> str | None:
     _series(ax, sizes, [_stat(data, s, "dpg_true", "ce_test_pi") for s in sizes], "pi: DPG on the true process",
             COLOURS["dpg_true"], MARKERS[3])
     _ce_panel(ax, data, sizes, f"Figure 4: DPG on P_lambda and on the true process (profile {data.profile})")
-    _save(fig, path)
+    save_figure(fig, path)
     return None
 
 
@@ -218,7 +219,7 @@ def figure5(data: ProfileData, path: Path) -> str | None:
                                           for f in features)]
     if not sizes:
         return "figure 5 needs dpg_off and distill runs with features 1001111 and Mv1001111 at the same |D|"
-    fig, (ax, ax2) = _figure(7.5, 7.5, rows=2)
+    fig, (ax, ax2) = new_figure(7.5, 7.5, rows=2)
     k = 0
     for method in ("dpg_off", "distill"):
         for f in features:
@@ -234,10 +235,10 @@ def figure5(data: ProfileData, path: Path) -> str | None:
     _motif_axis(ax2)
     ax2.set_title("motif frequency of pi")
     _size_axis(ax2, sizes)
-    _save(fig, path)
+    save_figure(fig, path)
     return None
 
 
 FIGURES: dict[str, Callable[[ProfileData, Path], str | None]] = {
     "figure2": figure2, "dpg_vs_distill": dpg_vs_distill_figure, "figure3": figure3, "figure4": figure4,
-    "figure5": figure5, "methods": methods_figure}
+    "figure5": figure5}

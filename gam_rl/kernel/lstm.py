@@ -23,12 +23,12 @@ unchanged), with a hand-written backward instead of autograd through ~20 small o
   time, into per-position coefficients (below), so its reverse loop costs one matmul and four
   elementwise ops per layer per step; dL/d(pre-activation) overwrites the coefficients, and
   each weight gradient is ONE matmul over all N positions;
-* dropout masks come from a counter-based SplitMix64 compiled in lstm_native (numpy's PCG64
+* dropout masks come from a counter-based SplitMix64 compiled in kernel/native.py (numpy's PCG64
   without it), seeded by torch's generator (torch's CPU bernoulli_ costs ~10 ns per element:
   ~15% of a training step at 2 x 200); the compiled layer loops apply them as they go;
 * large buffers are reused between calls (_BufferPool);
 * in float32 on the CPU the cell's elementwise math (the forward below, the backward's per-step
-  part and the sampler's bookkeeping) runs as one compiled C pass per step (lstm_native), with the
+  part and the sampler's bookkeeping) runs as one compiled C pass per step (kernel/native.py), with the
   torch ops as the fallback: at the cpu profile's 2 x 64 those ops cost as much as the matmuls;
   where torch exports its MKL sgemm, each layer's whole loop over steps (the step's matmul, then
   the cell, the dropout on its output, and in the backward the sums of da that give layer 0's
@@ -61,7 +61,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from gam_rl import lstm_native
+from gam_rl.kernel import native as lstm_native
 from gam_rl.tokens import BOS, PAD
 
 
@@ -155,7 +155,7 @@ _POOL = _BufferPool()
 
 
 def native_kernels(like: torch.Tensor):
-    """The compiled cell (gam_rl.lstm_native) for float32 CPU tensors, else None (torch ops)."""
+    """The compiled cell (gam_rl.kernel.native) for float32 CPU tensors, else None (torch ops)."""
     if like.device.type != "cpu" or like.dtype != torch.float32:
         return None
     return lstm_native.kernels()
@@ -331,7 +331,7 @@ def _coefficients(pk: PackedTokens, r0: int, r1: int, gates, cell, tanh_c, c_pre
 
 
 class _NativeSteps:
-    """The backward's reverse loop over the steps of one layer with the compiled cell (lstm_native), from
+    """The backward's reverse loop over the steps of one layer with the compiled cell (kernel/native.py), from
     Python: per step one matmul (dh += da_{t+1} W_hh) and one C pass (gates -> da, dc carried in d_cs[0]).
     (With torch's sgemm the whole backward is _backward_compiled instead.)"""
 
@@ -492,7 +492,7 @@ class StepLSTM:
     bias row), so every layer costs ONE matmul per step with no gather and no concatenation,
     and writes its new h in place, where the layer above and the next step read it. Buffers
     are allocated once; rows are used as a prefix: rows[:n] are the n rows still running.
-    The cell's elementwise math is one compiled pass (gam_rl.lstm_native) where available; the
+    The cell's elementwise math is one compiled pass (gam_rl.kernel.native) where available; the
     torch ops instead keep the cell state doubled (c2 = 2c), which saves them two passes per step.
     """
 
@@ -528,7 +528,7 @@ class StepLSTM:
 
     def compiled_layout(self) -> tuple[np.ndarray, ...]:
         """(weight addresses, bias addresses (0: none), K, first column) per layer, int64, for the
-        compiled sampler and scorer (lstm_native's gam_sample_rows, gam_score_rows); self.mats keeps
+        compiled sampler and scorer (kernel/native.py's gam_sample_rows, gam_score_rows); self.mats keeps
         the tensors."""
         w_addr = [w.data_ptr() for w, _, _ in self.mats]
         b_addr = [0 if b is None else b.data_ptr() for _, b, _ in self.mats]
@@ -625,7 +625,7 @@ class _HeadLogProb(torch.autograd.Function):
 
 def head_log_prob(out: torch.Tensor, head: torch.nn.Linear, target: torch.Tensor) -> torch.Tensor:
     """log softmax(head(out))[target] at every row of out (n, H); differentiable. Compiled on float32
-    CPU tensors (lstm_native), else torch ops: the same values to float rounding."""
+    CPU tensors (kernel/native.py), else torch ops: the same values to float rounding."""
     native = native_kernels(out)
     if native is None or out.dtype != head.weight.dtype:
         return torch.log_softmax(head(out), dim=-1).gather(1, target.unsqueeze(1)).squeeze(1)

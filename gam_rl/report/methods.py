@@ -28,7 +28,8 @@ from pathlib import Path
 
 from matplotlib.ticker import NullFormatter
 
-from gam_rl.report import ProfileData, RunRecord, as_float, fmt, md_table
+from gam_rl.report.figures import MARKERS, new_figure, save_figure
+from gam_rl.report.model import ProfileData, RunRecord, as_float, fmt, md_table
 
 EXACT_COLUMNS = (("kl_p_pi", "KL(p\\|\\|pi)"), ("kl_pi_p", "KL(pi\\|\\|p)"), ("tv_p_pi", "TV(p, pi)"),
                  ("learned_log_z_error", "learned log Z - log Z"))  # the last: pcl, ac_dpg (else -)
@@ -131,7 +132,7 @@ def write_methods_csv(path: Path, profiles: dict[str, ProfileData]) -> None:
                 writer.writerow([name] + ["" if row[k] is None else row[k] for k in keys[1:]])
 
 
-# ---- curves ----------------------------------------------------------------------------------------
+# ---- curves -------------------------------------------------------------------------------------
 
 # eval.exact: one panel per divergence, (metrics.csv name, results' exact key of pi, of r, axis label)
 EXACT_CURVES = {"exact_kl_p_pi": ("kl_p_pi", "kl_p_r", "exact KL(p_lambda || pi) (nats)"),
@@ -157,8 +158,6 @@ def curve(run: RunRecord) -> list[dict[str, float]]:
 def methods_figure(data: ProfileData, path: Path) -> str | None:
     import matplotlib.pyplot as plt
 
-    from gam_rl.report_figures import MARKERS, _figure, _save
-
     runs = [(cell, method, run) for cell, by_method in sorted(data.cells.items())
             for method, run in sorted(by_method.items()) if run.ok]
     if not runs:
@@ -167,7 +166,7 @@ def methods_figure(data: ProfileData, path: Path) -> str | None:
     exact = all(isinstance(results[run.path].get("exact"), dict) for _, _, run in runs)
     keys = list(EXACT_CURVES) if exact else ["val_ce_pi"]
     panels = [(size, key) for size in data.sizes for key in keys]  # exact: KL both ways and TV per |D|
-    fig, axes = _figure(6.5, 4.2 * len(panels), rows=len(panels))
+    fig, axes = new_figure(6.5, 4.2 * len(panels), rows=len(panels))
     methods = data.methods
     for ax, (size, key) in zip(axes, panels, strict=True):
         final_key, r_key, ylabel = EXACT_CURVES[key] if exact else (None, None, "CE(V, pi) (nats per symbol)")
@@ -219,5 +218,5 @@ def methods_figure(data: ProfileData, path: Path) -> str | None:
         unique = dict(zip(labels, handles, strict=True))
         ax.legend(unique.values(), unique.keys(), fontsize=7)
         ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
     return None
