@@ -4,10 +4,11 @@ side, judged by what it spent to reach the target and where it ended.
 Per profile, |D| and method, over the ok runs (mean; draws and seconds over the runs that
 reached the target, with k/n saying how many did):
 
-- target: CE(V, pi) <= (1 + margin) CE(V, p_lambda) (margin 0.01 by default). The DPG family
-  records its first check under the line (`dpg_reached_target`); distillation checks its final
-  pi on V (`distill_reached_target`, draws = every proposal of its sampler). `reached` is k/n
-  over the runs with a target line ("without a line": dpg_true, whose target is not p_lambda,
+- target: CE(V, pi) <= (1 + margin) CE(V, p_lambda) (margin 0.01 by default), recorded by every
+  method the same way (`t2_reached_target`, `t2_target_ce_valid`): a method with checks records its
+  first check under the line; distillation checks its final pi on V (draws = every proposal of its
+  sampler). Runs of older versions: `dpg_reached_target` / `distill_reached_target`. `reached` is
+  k/n over the runs with a target line ("without a line": dpg_true, whose target is not p_lambda,
   and distillation runs older than this table).
 - draws to target and `x dpg_off`: mean draws to target over dpg_off's at the same |D|;
   seconds to target; Training-2 draws and seconds in all; CE(T, pi); motif frequency of pi.
@@ -32,7 +33,7 @@ from gam_rl.report.figures import MARKERS, new_figure, save_figure
 from gam_rl.report.model import ProfileData, RunRecord, as_float, fmt, md_table
 
 EXACT_COLUMNS = (("kl_p_pi", "KL(p\\|\\|pi)"), ("kl_pi_p", "KL(pi\\|\\|p)"), ("tv_p_pi", "TV(p, pi)"),
-                 ("learned_log_z_error", "learned log Z - log Z"))  # the last: pcl, ac_dpg (else -)
+                 ("learned_log_z_error", "learned log Z - log Z"))  # the last: the methods that learn log Z (else -)
 
 
 def run_results(run: RunRecord) -> dict:
@@ -44,8 +45,17 @@ def run_results(run: RunRecord) -> dict:
 
 
 def reached(results: dict) -> dict | None:
-    value = results.get("dpg_reached_target") or results.get("distill_reached_target")
+    value = (results.get("t2_reached_target") or results.get("dpg_reached_target")
+             or results.get("distill_reached_target"))
     return value if isinstance(value, dict) else None
+
+
+def target_line(results: dict) -> float | None:
+    """The run's target line (1 + margin) CE(V, p_lambda), or None (no line: a target other than p_lambda)."""
+    for key in ("t2_target_ce_valid", "dpg_target_ce_valid", "distill_target_ce_valid"):  # new, then older runs
+        if results.get(key) is not None:
+            return results[key]
+    return None
 
 
 def method_values(results: dict) -> dict[str, float | None]:
@@ -55,7 +65,7 @@ def method_values(results: dict) -> dict[str, float | None]:
     timings = results.get("timings") if isinstance(results.get("timings"), dict) else {}
     exact = results.get("exact") if isinstance(results.get("exact"), dict) else {}
     # a target line to reach: not for the true target (dpg_true), nor in distillation runs older than the table
-    line = results.get("dpg_target_ce_valid") is not None or results.get("distill_target_ce_valid") is not None
+    line = target_line(results) is not None
     values = {"reached": (1.0 if hit else 0.0) if line else None,
               "draws_to_target": as_float(hit.get("samples")) if hit else None,
               "seconds_to_target": as_float(hit.get("seconds")) if hit else None,
@@ -183,6 +193,7 @@ def methods_figure(data: ProfileData, path: Path) -> str | None:
             xs = [p["draws"] for p in points if key in p]
             ys = [p[key] for p in points if key in p]
             if not xs:  # distillation: one point at its proposals
+                # CE(V, pi) on V alone (older distillation runs: their reached record has it, ce_valid_pi mixed)
                 final = (res.get("exact") or {}).get(final_key) if exact else (
                     (res.get("distill_reached_target") or {}).get("ce_valid_pi") or res.get("ce_valid_pi"))
                 draws = as_float((res.get("samples") or {}).get("training2"))
@@ -190,8 +201,7 @@ def methods_figure(data: ProfileData, path: Path) -> str | None:
                     xs, ys = [draws], [as_float(final)]
             ax.plot(xs, ys, color=colour, marker=marker, markersize=4, linewidth=1.2, linestyle=dash, label=method)
             plotted += ys
-        targets = [results[run.path].get("dpg_target_ce_valid") or results[run.path].get("distill_target_ce_valid")
-                   for cell, _, run in runs if cell[2] == size]
+        targets = [target_line(results[run.path]) for cell, _, run in runs if cell[2] == size]
         line = [v for v in map(as_float, targets) if v is not None]
         if line and not exact:
             ax.axhline(line[0], color="black", linestyle="--", linewidth=0.8, label="target: 1.01 CE(V, p_lambda)")
