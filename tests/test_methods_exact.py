@@ -176,9 +176,9 @@ def test_the_square_critic_is_jensen_biased_below_log_z(problem):
 # ---- the plug-in methods added as one file and one YAML each: subtb, ctl --------------------------------
 
 # over three draw seeds, every seed: exact KL(p_lambda || pi) below 0.25 x KL(p_lambda || r) (measured: subtb
-# 0.18-0.20 x, ctl 0.13-0.17 x), KL(pi || p_lambda) below 0.35 nats (measured 0.26-0.30, 0.20-0.24), and
+# 0.12-0.15 x, ctl 0.13-0.17 x), KL(pi || p_lambda) below 0.35 nats (measured 0.18-0.24, 0.20-0.24), and
 # the learned log Z: subtb's V(empty prefix), pulled below log Z by about KL(pi || p) while pi != p (its
-# balance is a square in log space; measured -0.32 to -0.36), ctl's importance-sampled from pi (+-0.02)
+# balance is a square in log space; measured -0.26 to -0.27), ctl's importance-sampled from pi (+-0.02)
 NEW = {
     "subtb": (dpg_family(SubTBConfig, algorithm="subtb", lr=0.03, critic="separate", critic_lr=0.05,
                          critic_warmup=20), 0.5),

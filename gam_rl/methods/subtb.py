@@ -69,7 +69,7 @@ class SubTBConfig(TwistLoopConfig):
     algorithm: str = setting("subtb", choices=("subtb",))
     critic: str = setting("separate", choices=("head", "separate"))  # the log-flow model V(s)
     subtb_lambda: float = setting(0.9, gt=0, le=1)  # pair (t, u) weighted lambda^(u - t); 1: every pair alike
-    on_policy: bool = False  # true: x ~ pi at every update (no swaps); false: x ~ q with dpg_off's swap gate
+    on_policy: bool = True  # true: x ~ pi at every update (no swaps); false: x ~ q with dpg_off's swap gate
     data_share: float = setting(0.0, ge=0, lt=1)  # this fraction of each minibatch is rows of D
 
     def samples_pi(self) -> bool:
