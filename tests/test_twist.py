@@ -11,6 +11,7 @@ import torch
 from gam_rl.exact import ExactTarget, OutputSpace, prefix_log_z, twist_values
 from gam_rl.features import Features
 from gam_rl.methods.twist import (
+    EXP_FIT_MAX,
     critic_loss,
     critic_targets,
     next_values,
@@ -136,6 +137,68 @@ def test_the_exp_critic_loss_is_minimised_at_log_mean_exp_and_the_square_one_at_
         v = best.expand_as(y).clone().requires_grad_(True)
         critic_loss(v, y, mask, fit).backward()
         assert float(v.grad.sum()) == pytest.approx(0.0, abs=1e-9), fit
+
+
+def test_the_exp_loss_goes_on_linearly_beyond_its_cap():
+    """Beyond y - V = EXP_FIT_MAX the loss keeps the slope e^cap - 1 (a clamp gave 0): one target 60 nats
+    above V among nine at V pulls V up, to log E[e^y] = 60 - log 10; a clamped loss left V where it was."""
+    d = torch.tensor([EXP_FIT_MAX - 1, EXP_FIT_MAX, EXP_FIT_MAX + 10], dtype=torch.float64, requires_grad=True)
+    critic_loss(torch.zeros(3, 1, dtype=torch.float64), d.unsqueeze(1), torch.ones(3, 1, dtype=torch.bool),
+                "exp").backward()  # V = 0, y = d: the gradient in y is f'(d) / 3
+    slopes = 3 * d.grad
+    assert slopes[0] == pytest.approx(math.expm1(EXP_FIT_MAX - 1)) and slopes[1] == pytest.approx(
+        math.expm1(EXP_FIT_MAX)) and slopes[2] == pytest.approx(math.expm1(EXP_FIT_MAX))
+    y = torch.tensor([[0.0]] * 9 + [[60.0]], dtype=torch.float64)
+    mask = torch.ones_like(y, dtype=torch.bool)
+
+    def slope(value: float) -> float:  # d loss / d V at V = value
+        v = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        critic_loss(v.expand_as(y), y, mask, "exp").backward()
+        return float(v.grad)
+
+    assert slope(0.0) < -1e20  # at V = 0 the far target pulls V up (a clamp: slope 0, V stuck at 0)
+    low, high = 0.0, 60.0  # the loss is convex: bisect its slope's root
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if slope(mid) < 0 else (low, mid)
+    assert low == pytest.approx(60.0 - math.log(10.0), abs=1e-6)  # log E[e^y]
+
+
+@pytest.mark.parametrize("proposal", ["r", "other"])
+def test_the_exp_critic_fits_v_star_for_any_proposal_by_enumeration(problem, proposal):
+    """At states s = '', '1', '01' and q = r or another policy: the expected exp loss over every completion x
+    of s, weighted q(x | s) exactly, has zero gradient at V = V*(s) for the Monte-Carlo targets
+    y = lambda . phi(x) + sum_{k >= t} (log r - log q)_k, and for the TD targets
+    y = log r(a | s) - log q(a | s) + V*(s a) over the next symbol a ~ q: E_q[e^(y - V*)] = 1."""
+    r, p_lambda, target, _ = problem
+    torch.manual_seed(11)
+    q = r if proposal == "r" else LSTMPolicy(12, 1, dropout=0.0).eval()
+    tokens = torch.cat([b.long() for b in target.space.batches])
+    strings = decode(tokens)
+    with eval_mode(r), eval_mode(q):
+        log_r, log_q = r.token_log_probs(tokens).double(), q.token_log_probs(tokens).double()
+    mask = tokens != PAD
+    terminal = terminal_reward(p_lambda, r, tokens, log_r.sum(1)).double()
+    targets = critic_targets(log_r, log_q, terminal, mask)
+    for s in ("", "1", "01"):
+        t = len(s)
+        rows = torch.tensor([x.startswith(s) and mask[i, t] for i, x in enumerate(strings)])
+        log_q_suffix = (log_q * (torch.arange(tokens.shape[1]) >= t)).sum(1)  # log q(x | s)
+        weights = torch.softmax(log_q_suffix[rows], 0)  # q(x | s) over the completions of s (sums to 1)
+        v_star = float(twist_values(target, r, [s])[0])
+        v = torch.tensor(v_star, dtype=torch.float64, requires_grad=True)
+        (weights * (torch.expm1(targets[rows, t] - v) - (targets[rows, t] - v))).sum().backward()
+        assert float(v.grad) == pytest.approx(0.0, abs=1e-6), (s, proposal)  # float32 log-probabilities
+        # one step on: E_{a ~ q(. | s)} [e^(log r(a|s) - log q(a|s) + V*(s a) - V*(s))] = 1
+        children = {a: float(twist_values(target, r, [s + a])[0]) for a in "01"}
+        row = next(i for i, x in enumerate(strings) if x == s)  # s itself: its EOS step is the terminal child
+        with eval_mode(r), eval_mode(q):
+            probe = torch.cat([tokens[row: row + 1, :t], torch.tensor([[EOS]])], 1)
+            r_next = torch.log_softmax(r.head(r.token_states(probe)), -1)[0, t].double()
+            q_next = torch.log_softmax(q.head(q.token_states(probe)), -1)[0, t].double()
+        next_v = torch.tensor([children["0"], children["1"], float(terminal[row])], dtype=torch.float64)
+        mean = float((q_next.exp() * torch.exp(r_next - q_next + next_v - v_star)).sum())
+        assert mean == pytest.approx(1.0, abs=1e-6), (s, proposal)
 
 
 def test_per_step_log_probs_agree_between_sampler_fused_kernel_and_nn_lstm():

@@ -25,12 +25,13 @@ Vectorised: no loop over rows or steps.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 CRITIC_TARGETS = ("mc", "td")  # the critic's targets: whole suffixes (critic_targets) | one step on (td_targets)
-EXP_FIT_MAX = 50.0  # critic_loss: y - V is clamped here (float64 e^709 overflows; e^50 is already 5e21)
+EXP_FIT_MAX = 50.0  # critic_loss: beyond y - V = 50 the exp loss goes on linearly (float64 e^709 overflows)
 CRITIC_FITS = ("exp", "square")  # critic_loss: V -> log E[e^y] (= V* for any q) | V -> E[y] (Jensen-biased)
 
 
@@ -92,8 +93,21 @@ def critic_loss(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     diff = (targets - values)[mask]
     if fit == "square":
         return 0.5 * diff.pow(2).mean()
-    diff = diff.double().clamp(max=EXP_FIT_MAX)  # e^(y - V) in float64; beyond e^50 the gradient is capped
-    return (torch.expm1(diff) - diff).mean().to(values.dtype)
+    return exp_fit(diff.double()).mean().to(values.dtype)
+
+
+def exp_fit(d: torch.Tensor, cap: float = EXP_FIT_MAX) -> torch.Tensor:
+    """f(d) = e^d - d - 1 (d = y - V), continued linearly beyond d = cap with the slope it has there:
+
+        f(d) = f(cap) + (e^cap - 1)(d - cap)   for d > cap,
+
+    so a target far above V (a heavy off-policy target: sum(log r - log q) over ~60 symbols) still pulls
+    V up, by the largest gradient e^cap - 1 with the right sign, instead of none (a clamp's zero
+    gradient would leave V low, against V* for any proposal). Convex and continuously differentiable;
+    where no target passes the cap it is the exp loss itself, whose minimiser is log E[e^y] = V*."""
+    inside = d.clamp(max=cap)
+    f = torch.expm1(inside) - inside
+    return torch.where(d > cap, f + math.expm1(cap) * (d - cap), f)
 
 
 def twisted_log_prob(values: torch.Tensor, log_r: torch.Tensor, terminal: torch.Tensor,
