@@ -41,6 +41,10 @@ def test_smoke_run_writes_complete_results(tmp_path):
     assert len(results["lambda"]) == len(results["moments_data"]) == len(results["moments_model"]) == 5
     assert results["entropy_true"] < results["ce_test_r"]  # no model beats the true entropy
     assert results["swap_count"] == len(results["swaps"])
+    # every method's common Training-2 record, and where pi started (a fresh LSTM under smoke)
+    assert results["t2_start_ce_valid"] > 0 and isinstance(results["t2_worse_than_start"], bool)
+    assert results["t2_worse_than_start"] == (results["ce_valid_pi"] > results["t2_start_ce_valid"])
+    assert isinstance(results["t2_curve"], list) and results["t2_curve"][0]["draws"] > 0
     assert results["dataset_size"] == 200 and results["motif"] == "10001011111000"
     assert Path(results["data_dir"], "train.txt").exists()
     assert set(results["timings"]) >= {"data", "r", "eval_r", "training1", "z", "training2", "eval_pi"}

@@ -10,7 +10,7 @@ from gam_rl.exact import OutputSpace, kl, tv
 from gam_rl.features import Features
 from gam_rl.methods.dpg import dpg_loss
 from gam_rl.methods.draws import ProposalDraws, WeightedDraw
-from gam_rl.methods.fdpg import DIVERGENCES, FDPGConfig, f_divergence, fdpg_loss
+from gam_rl.methods.fdpg import DIVERGENCES, FDPGConfig, f_divergence, fdpg_coefficients, fdpg_loss
 from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
@@ -104,7 +104,7 @@ def test_kl_fdpg_is_dpg_off_exactly():
 
 def test_kl_control_is_reinforce_on_the_kl_regularised_reward():
     """On pi's own samples, rkl f-DPG with the baseline = REINFORCE on R(x) = lambda . phi(x) -
-    log pi(x)/r(x) with the batch-mean baseline, written here from its definition; log Z-hat cancels."""
+    log pi(x)/r(x) with the leave-one-out baseline, written here from its definition; log Z-hat cancels."""
     r, pi = policy(0, 16), policy(1, 16)
     potential, features = gam_target(r)
     lam = torch.tensor([-2.0, 0.7, 1.5])
@@ -115,7 +115,9 @@ def test_kl_control_is_reinforce_on_the_kl_regularised_reward():
                         dtype=torch.float64), torch.full((n,), 1.0 / n, dtype=torch.float64))
     with torch.no_grad():
         reward = (features(samples.tokens) @ lam).double() - samples.log_prob.double() + r.log_prob(samples.tokens)
-    reinforce = -(((reward - reward.mean()) / n).float() * pi.log_prob(samples.tokens)).sum()  # ascent on E_pi[R]
+    # the leave-one-out baseline: R_i - mean_{j != i} R_j = n / (n - 1) (R_i - mean R)
+    loo = (reward - (reward.sum() - reward) / (n - 1)) / n
+    reinforce = -(loo.float() * pi.log_prob(samples.tokens)).sum()  # ascent on E_pi[R]
     g_reinforce = grads(reinforce, pi)
     for log_z in (0.0, 3.7):
         loss = fdpg_loss(pi.log_prob(samples.tokens), draw, "rkl", log_z=log_z, baseline=True)
@@ -148,3 +150,90 @@ def test_fdpg_refuses_combinations_that_cannot_work(options, key):
 
 def test_fdpg_kl_without_z_is_allowed():
     assert FDPGConfig(name="fdpg", divergence="kl", normalise="none").problems() == []
+
+
+
+def exact_expected_update(divergence: str, draw_size: int, on_policy: bool, baseline: str):
+    """sum_i c_i grad log pi(x_i) averaged over every draw of `draw_size` i.i.d. outputs of q (q = pi
+    on-policy), weighted by its exact probability, on a space of 15 outputs (max_len 3; 3,375 draws of 3),
+    against grad D_f(pi || p) by autograd on the enumerated divergence (p exact: log Z known).
+    baseline: none | loo (fdpg_coefficients) | whole (the mean over the draw, item i included: the old one)."""
+    import itertools
+
+    tiny = 3
+    space = torch.cat([b.long() for b in OutputSpace(tiny).batches])
+    r, pi = policy(0, 4), policy(1, 4)
+    pi.fused_kernel = False  # one backward per output through the same forward (retain_graph)
+    q = pi if on_policy else policy(2, 4)
+    potential = gam(r, Features(["motif", "first_bit", "M"], "101", max_len=tiny), torch.tensor([-2.0, 0.7, 1.5]))
+    with torch.no_grad():
+        log_potential = potential.log_potential(space).double()
+        log_q = q.log_prob(space).double()
+    log_z = float(torch.logsumexp(log_potential, 0))
+    log_pi = pi.log_prob(space)  # differentiable
+    jac = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(lp, list(pi.parameters()),
+                                                                           retain_graph=True)]) for lp in log_pi])
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(
+        f_divergence(divergence, log_pi.double(), log_potential - log_z), list(pi.parameters()))]).double()
+    draws = torch.tensor(list(itertools.product(range(len(space)), repeat=draw_size)))  # (D, N)
+    prob = log_q[draws].sum(1).exp()  # each draw's exact probability under q
+    lp = log_pi.detach().double()[draws]
+    args = (lp, log_q[draws], (log_potential - log_q)[draws], torch.full(draws.shape, -math.log(draw_size),
+            dtype=torch.float64), divergence)
+    if baseline == "whole":
+        plain = fdpg_coefficients(*args, log_z=log_z)
+        rho = torch.exp(lp - log_q[draws] - math.log(draw_size))
+        fprime = plain / rho
+        coef = rho * (fprime - (rho * fprime).sum(1, keepdim=True) / rho.sum(1, keepdim=True))
+    else:
+        coef = fdpg_coefficients(*args, log_z=log_z, baseline=baseline == "loo")
+    expected = (prob.unsqueeze(1) * coef).flatten() @ jac.double()[draws.flatten()]
+    return expected, exact
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+@pytest.mark.parametrize("on_policy", [True, False], ids=["on_policy", "off_policy"])
+def test_the_leave_one_out_baseline_leaves_the_exact_expected_update(divergence, on_policy):
+    """By enumeration of every draw of 3: the plain and the leave-one-out updates are unbiased, exactly;
+    the mean-over-the-draw baseline (item i included, the old one) is not (off by about 1/N of the update)."""
+    plain, exact = exact_expected_update(divergence, 3, on_policy, "none")
+    loo, _ = exact_expected_update(divergence, 3, on_policy, "loo")
+    whole, _ = exact_expected_update(divergence, 3, on_policy, "whole")
+    scale = float(exact.norm())
+    assert float((plain - exact).norm()) < 1e-5 * scale  # float32 gradients of log pi
+    assert float((loo - exact).norm()) < 1e-5 * scale, (divergence, on_policy)
+    assert float((whole - exact).norm()) > 0.05 * scale, (divergence, on_policy)  # the bias the test catches
+
+
+def test_fdpg_weights_come_from_pi_without_dropout(monkeypatch):
+    """With dropout, the coefficients read pi's eval-mode log-probabilities (the same for every mask), and the
+    gradient the training pass's: FDPGModule hands fdpg_loss both."""
+    from gam_rl.methods import fdpg
+    from gam_rl.methods.contract import Training2Inputs
+    from gam_rl.methods.fdpg import FDPGModule
+
+    r = policy(0)
+    torch.manual_seed(3)
+    pi = LSTMPolicy(8, 1, dropout=0.5).train()
+    potential, _ = gam_target(r)
+    draws = ProposalDraws(r, potential, minibatch=64, proposal_batch=None, keep_per_draw=None, replay=0,
+                          steps_per_draw=1, updates_per_epoch=1, max_len=MAX_LEN,
+                          generator=torch.Generator().manual_seed(0))
+    cfg = FDPGConfig(name="fdpg_rkl", divergence="rkl", baseline=True, minibatch=64)
+    space = all_outputs(MAX_LEN)
+    inputs = Training2Inputs(pi=pi, r=r, p_lambda=potential, true_process=None, train=space, valid=space,
+                             max_len=MAX_LEN, symbols=MAX_LEN, ce_valid_r=1.0, ce_valid_p_lambda=None, log_z_hat=None)
+    module = FDPGModule(pi, draws, cfg, inputs, potential, target_ce_valid=None, valid_log_p=None)
+    seen = []
+    monkeypatch.setattr(fdpg, "fdpg_loss", lambda log_pi, draw, div, **kw: seen.append((log_pi, draw, kw)) or
+                        log_pi.sum())
+    draw = draws.next_batch()
+    monkeypatch.setattr(draws, "next_batch", lambda: draw)
+    for _ in range(2):
+        module.training_step(0, 0)
+    with eval_mode(pi):
+        clean = pi.log_prob(draw.tokens)
+    (a, _, kw_a), (b, _, kw_b) = seen
+    assert not torch.allclose(a, b)  # two dropout masks in the training passes
+    assert torch.allclose(kw_a["weight_log_pi"], clean) and torch.allclose(kw_b["weight_log_pi"], clean)
+    assert pi.training  # eval mode only for the weights' pass

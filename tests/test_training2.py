@@ -460,3 +460,34 @@ def test_the_twist_learners_take_the_loops_keep_start_and_lr_warmup():
     assert all(torch.equal(a, b) for a, b in zip(pi.state_dict().values(), r.state_dict().values(), strict=True))
     assert result.learned_log_z == 0.0  # the value head as it started (zero)
     assert record.lrs[:20] == pytest.approx([0.05 * (k + 1) / 20 for k in range(20)])
+
+
+@pytest.mark.parametrize("method", ["ppo_dpg", "dpg_on"])
+def test_on_policy_draws_come_from_pi_as_it_is_at_the_update(monkeypatch, method):
+    """Every update of an on-policy method trains on a draw of pi with its current weights: the sampler's
+    log q of each draw is pi's own log-probability at that moment (Lightning's prefetch once made it one
+    update old), so PPO's ratio and its KL estimate are to the policy that drew the batch."""
+    from gam_rl.methods.dpg import DPGModule as Module
+    from gam_rl.methods.ppo_dpg import PPODPGConfig, PPODPGModule
+
+    r, p_lambda, _, _, _, valid = gam_problem()
+    pi = LSTMPolicy(8, 1, 0.0)
+    pi.load_state_dict(r.state_dict())
+    gaps = []
+    cls, hook = (PPODPGModule, "update") if method == "ppo_dpg" else (Module, "loss")
+    original = getattr(cls, hook)
+
+    def checked(self, draw):
+        with eval_mode(self.pi):
+            gaps.append(float((self.pi.log_prob(draw.tokens).double() - draw.log_q).abs().max()))
+        return original(self, draw)
+
+    monkeypatch.setattr(cls, hook, checked)
+    if method == "ppo_dpg":
+        cfg = PPODPGConfig(name="ppo_dpg", init="r", lr=0.05, minibatch=32, proposal_batch=64, updates_per_epoch=4,
+                           max_epochs=2, patience=2, ppo_epochs=2, target_kl=None)
+    else:
+        cfg = small_schedule(algorithm="dpg_on", name="dpg_on", lr=0.05, minibatch=64, updates_per_epoch=4,
+                             max_epochs=2, patience=2)
+    train_method(cfg, pi, r, p_lambda, valid, max_len=7, symbols=7, ce_valid_r=ce_valid(r, valid), seed=4)
+    assert len(gaps) == 8 and max(gaps) < 1e-4, gaps  # pi moved between updates (lr 0.05), the draws with it

@@ -24,7 +24,7 @@ ALGORITHMS = ("dpg_off", "dpg_on")
 
 
 def dpg_loss(log_pi: torch.Tensor, draw: WeightedDraw, *, log_norm: float = 0.0,
-             baseline: float | None = None) -> torch.Tensor:
+             baseline: float | None = None, weight_log_pi: torch.Tensor | None = None) -> torch.Tensor:
     """One update of Algorithm 1 (DPG_off, Parshakova et al. 2019) as a loss for autograd:
 
         theta <- theta + alpha sum_i c_i grad log pi_theta(x_i),   x_i ~ q,
@@ -37,10 +37,12 @@ def dpg_loss(log_pi: torch.Tensor, draw: WeightedDraw, *, log_norm: float = 0.0,
                 expected update is unchanged and the part of w that pi already explains is removed
                 (under thinning, items kept for their weight carry the baseline term at random: more
                 variance, not bias, as long as P > 0 wherever q > 0)
+      weight_log_pi  pi's log-probabilities for the baseline's pi/q, without dropout (None: log_pi itself)
     """
     coef = torch.exp(draw.log_w + draw.log_h - log_norm)  # c_i, with log w_i = log P(x_i) - log q(x_i)
     if baseline is not None:
-        coef = coef - baseline * torch.exp(log_pi.detach().double() - draw.log_q + draw.log_h)
+        weights = (log_pi if weight_log_pi is None else weight_log_pi).detach().double()
+        coef = coef - baseline * torch.exp(weights - draw.log_q + draw.log_h)
     return -(coef.float() * log_pi).sum()
 
 
@@ -70,7 +72,9 @@ class DPGModule(LoopModule):
         log_norm = self.log_norm()
         # b = Z-hat in the weights' units: Z-hat unnormalised, 1 once the weights are divided by Z-hat
         baseline = math.exp(self.draws.running_z.log_z - log_norm) if self.cfg.baseline else None
-        return dpg_loss(self.pi.log_prob(draw.tokens), draw, log_norm=log_norm, baseline=baseline)
+        log_pi = self.pi.log_prob(draw.tokens)
+        weights = self.weight_log_prob(draw.tokens, log_pi) if baseline is not None else None
+        return dpg_loss(log_pi, draw, log_norm=log_norm, baseline=baseline, weight_log_pi=weights)
 
 
 def train_dpg(cfg: DPGConfig, inputs: Training2Inputs) -> Training2Result:

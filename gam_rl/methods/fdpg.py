@@ -53,28 +53,43 @@ DIVERGENCES: dict[str, Divergence] = {
 }
 
 
-def fdpg_loss(log_pi: torch.Tensor, draw: WeightedDraw, divergence: str, *, log_z: float = 0.0,
-              baseline: bool = False) -> torch.Tensor:
-    """One f-DPG update as a loss for autograd: its gradient is
+def fdpg_coefficients(log_pi: torch.Tensor, log_q: torch.Tensor, log_w: torch.Tensor, log_h: torch.Tensor,
+                      divergence: str, *, log_z: float = 0.0, baseline: bool = False) -> torch.Tensor:
+    """The per-item coefficients of one f-DPG update (float64, along the last dimension: one draw, or a
+    batch of draws (D, N) for the exact tests):
 
-        sum_i c_i grad log pi(x_i),   c_i = h_i (pi(x_i)/q(x_i)) f'(pi(x_i)/p(x_i)),   p = P / Z-hat,
+        c_i = h_i (pi(x_i)/q(x_i)) f'(pi(x_i)/p(x_i)),   p = P / Z-hat,   log P = log w + log q,
 
-    an estimate of grad D_f(pi || p) (h_i: the item's share of its draw, as in dpg_loss), with no
-    gradient through c. For kl, c_i = -h_i P(x_i)/(Z-hat q(x_i)): minus DPG's coefficient.
-      log_z        log Z-hat (p = P / Z-hat; only the kl update does not depend on it beyond a scale)
-      baseline     f'_i -= b, b = sum_i h_i (pi/q) f'_i / sum_i h_i (pi/q), the draw's self-normalised
-                   estimate of E_pi[f']: E_q[(pi/q) grad log pi] = E_pi[grad log pi] = 0, so only the
-                   variance changes (on-policy with N equal shares: the batch-mean baseline, whose
-                   expected update is (N - 1)/N of the plain one)
+    so that sum_i c_i grad log pi(x_i) estimates grad D_f(pi || p) (h_i: the item's share of its draw).
+    log_pi is pi's log-probability *without dropout* (the caller's eval-mode pass): a dropout pass here
+    would make the update the gradient of E_mask[D_f(pi_mask || p)], not of D_f(pi || p).
+      baseline  f'_i -= b_{-i}, the leave-one-out mean of f' over the rest of the draw,
+                b_{-i} = sum_{j != i} rho_j f'_j / sum_{j != i} rho_j,  rho_j = h_j pi(x_j)/q(x_j).
+                For i.i.d. draws b_{-i} is independent of x_i, so E[rho_i b_{-i} grad log pi(x_i)] =
+                E[b_{-i}] h E_pi[grad log pi] = 0: the expected update is exactly the plain one, on-policy
+                and off (a mean over the whole draw, item i included, is correlated with item i: a
+                bias of order 1/ESS). A draw of one item has no rest: b = 0. Thinning and replay make
+                the items' shares depend on each other: there the baseline is unbiased only to O(1/N).
     """
-    log_pi_c = log_pi.detach().double()
-    log_p = draw.log_w + draw.log_q - log_z  # log p(x) = log P(x) - log Z-hat, with log P = log w + log q
-    log_t = log_pi_c - log_p  # log pi/p (+inf where P = 0)
-    fprime = DIVERGENCES[divergence].fprime(log_t)
-    ratio = torch.exp(log_pi_c - draw.log_q + draw.log_h)  # h_i pi(x_i)/q(x_i)
+    log_p = log_w + log_q - log_z  # log p(x) = log P(x) - log Z-hat
+    fprime = DIVERGENCES[divergence].fprime(log_pi - log_p)  # f'(t), log t = log pi/p (+inf where P = 0)
+    rho = torch.exp(log_pi - log_q + log_h)  # h_i pi(x_i)/q(x_i)
     if baseline:
-        fprime = fprime - (ratio * fprime).sum() / ratio.sum()
-    return ((ratio * fprime).float() * log_pi).sum()
+        rest = rho.sum(-1, keepdim=True) - rho  # sum_{j != i} rho_j
+        rest_f = (rho * fprime).sum(-1, keepdim=True) - rho * fprime
+        fprime = fprime - torch.where(rest > 0, rest_f / rest.clamp(min=1e-300), 0.0)
+    return rho * fprime
+
+
+def fdpg_loss(log_pi: torch.Tensor, draw: WeightedDraw, divergence: str, *, log_z: float = 0.0,
+              baseline: bool = False, weight_log_pi: torch.Tensor | None = None) -> torch.Tensor:
+    """One f-DPG update as a loss for autograd: sum_i c_i log pi(x_i) (fdpg_coefficients), whose gradient
+    estimates grad D_f(pi || p), with no gradient through c. For kl, c_i = -h_i P(x_i)/(Z-hat q(x_i)):
+    minus DPG's coefficient. weight_log_pi: pi's log-probabilities for the coefficients, without
+    dropout (None: log_pi itself, detached; right when pi has no dropout)."""
+    weights = (log_pi if weight_log_pi is None else weight_log_pi).detach().double()
+    coef = fdpg_coefficients(weights, draw.log_q, draw.log_w, draw.log_h, divergence, log_z=log_z, baseline=baseline)
+    return (coef.float() * log_pi).sum()
 
 
 def f_divergence(divergence: str, log_pi: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
@@ -96,7 +111,7 @@ class FDPGConfig(AveragedLoopConfig):
     algorithm: str = setting("fdpg", choices=("fdpg",))
     divergence: str = setting("kl", choices=DIVERGENCES)  # kl | rkl | js | tv: D_f(pi || p)
     on_policy: bool = False  # true: x ~ pi at every update (no swaps); false: x ~ q with dpg_off's swap gate
-    baseline: bool = False  # subtract the draw's self-normalised mean of f'(pi/p) (fdpg_loss)
+    baseline: bool = False  # subtract the leave-one-out mean of f'(pi/p) over the draw (fdpg_coefficients)
     normalise: str = setting("running_z", choices=NORMALISE)  # p = P / Z-hat: every divergence but kl needs Z
 
     def samples_pi(self) -> bool:
@@ -121,8 +136,9 @@ class FDPGModule(LoopModule):
     loss_name = "dpg/fdpg_loss"  # sum_i c_i log pi(x_i), descent on D_f: not dpg/loss's scale or sign
 
     def loss(self, draw: WeightedDraw) -> torch.Tensor:
-        return fdpg_loss(self.pi.log_prob(draw.tokens), draw, self.cfg.divergence, log_z=self.log_norm(),
-                         baseline=self.cfg.baseline)
+        log_pi = self.pi.log_prob(draw.tokens)  # the training pass (dropout): the gradient
+        return fdpg_loss(log_pi, draw, self.cfg.divergence, log_z=self.log_norm(), baseline=self.cfg.baseline,
+                         weight_log_pi=self.weight_log_prob(draw.tokens, log_pi))
 
 
 def train_fdpg(cfg: FDPGConfig, inputs: Training2Inputs) -> Training2Result:

@@ -291,6 +291,15 @@ class LoopModule(pl.LightningModule):
         """The method's update on one draw, as a loss for autograd (automatic optimisation)."""
         raise NotImplementedError
 
+    def weight_log_prob(self, tokens: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
+        """log pi(x) for an update's coefficients (no gradient): pi without dropout. The gradient flows through
+        the training pass's log_pi; a dropout pass inside a coefficient (pi/q, f'(pi/p), pg's reward) would
+        make the update the gradient of an average over dropout masks, not of the divergence of pi itself."""
+        if self.pi.dropout_p == 0:
+            return log_pi.detach()
+        with eval_mode(self.pi):
+            return self.pi.log_prob(tokens)
+
     def training_step(self, batch, batch_idx):
         draw = self.draws.next_batch()  # of q, or of pi as it is now (on-policy)
         loss = self.loss(draw)

@@ -19,10 +19,13 @@ from gam_rl.methods.loop import NORMALISE, AveragedLoopConfig, LoopModule, fit_l
 from gam_rl.methods.registry import Method, register
 
 
-def pg_loss(log_pi: torch.Tensor, draw: WeightedDraw, *, log_norm: float = 0.0) -> torch.Tensor:
+def pg_loss(log_pi: torch.Tensor, draw: WeightedDraw, *, log_norm: float = 0.0,
+            weight_log_pi: torch.Tensor | None = None) -> torch.Tensor:
     """REINFORCE with reward P/Z from a draw of q: c_i = h_i P(x_i) pi(x_i) / (Z q(x_i)), an estimate of
-    E_pi[(P/Z) grad log pi] (pi/q = 1 when q is the current pi). The loss is -sum_i c_i log pi(x_i)."""
-    coef = torch.exp(draw.log_w + draw.log_h - log_norm + log_pi.detach().double())  # P pi / (Z q), shared by h
+    E_pi[(P/Z) grad log pi] (pi/q = 1 when q is the current pi). The loss is -sum_i c_i log pi(x_i).
+    weight_log_pi: pi's log-probabilities for the coefficient, without dropout (None: log_pi itself)."""
+    weights = (log_pi if weight_log_pi is None else weight_log_pi).detach().double()
+    coef = torch.exp(draw.log_w + draw.log_h - log_norm + weights)  # P pi / (Z q), shared by h
     return -(coef.float() * log_pi).sum()
 
 
@@ -39,7 +42,8 @@ class PGConfig(AveragedLoopConfig):
 
 class PGModule(LoopModule):
     def loss(self, draw: WeightedDraw) -> torch.Tensor:
-        return pg_loss(self.pi.log_prob(draw.tokens), draw, log_norm=self.log_norm())
+        log_pi = self.pi.log_prob(draw.tokens)
+        return pg_loss(log_pi, draw, log_norm=self.log_norm(), weight_log_pi=self.weight_log_prob(draw.tokens, log_pi))
 
 
 def train_pg(cfg: PGConfig, inputs: Training2Inputs) -> Training2Result:
