@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?= motif=10001011111000 features=1001111 dataset_size=5000 seed=1234 method=distill
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-slow lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ lint: setup
 
 test: setup lint
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+# the long trained-method checks (every seed of the twist learners), outside make test's budget
+test-slow: setup
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

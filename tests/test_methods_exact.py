@@ -67,22 +67,29 @@ def start(r: LSTMPolicy) -> LSTMPolicy:
     return pi.train()
 
 
-def run_dpg(problem, cfg):
+SEEDS = (1, 2, 3)  # the draws' seeds every trained method is judged on, each within the bounds
+REVERSE_BOUND = 0.35  # KL(pi || p_lambda) in nats at every seed (measured 0.14-0.27 for the DPG family)
+
+
+def run_dpg(problem, cfg, seed: int = 1):
     r, p_lambda, target, valid = problem
     pi = start(r)
     # CE(V, q) = +inf: the swap gate moves q to pi at the first check, so the kl and js methods
     # here sample pi's copies as the tuned schedules do, and CE(V) on a tiny V decides nothing else
-    fit = train_method(cfg, pi, r, p_lambda, valid, max_len=MAX_LEN, symbols=MAX_LEN, ce_valid_r=1e9, seed=1)
+    fit = train_method(cfg, pi, r, p_lambda, valid, max_len=MAX_LEN, symbols=MAX_LEN, ce_valid_r=1e9, seed=seed)
     return fit, target.policy_divergences(pi)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_lowers_exact_kl_from_r(problem, name):
+    """On three draw seeds, each: KL(p_lambda || pi) below BOUND x KL(p_lambda || r) (measured 0.09-0.19 x)
+    and KL(pi || p_lambda) below REVERSE_BOUND: a pi that covers p but is spread wide fails the second."""
     r, _, target, _ = problem
     start_kl = target.policy_divergences(r, "r")["kl_p_r"]
-    fit, final = run_dpg(problem, METHODS[name])
-    assert fit.draws <= UPDATES * MINIBATCH
-    assert final["kl_p_pi"] < BOUND * start_kl, (name, start_kl, final)
+    for seed in SEEDS:
+        fit, final = run_dpg(problem, METHODS[name], seed)
+        assert fit.draws <= UPDATES * MINIBATCH
+        assert final["kl_p_pi"] < BOUND * start_kl and final["kl_pi_p"] < REVERSE_BOUND, (name, seed, start_kl, final)
 
 
 def test_fdpg_kl_trains_exactly_as_dpg_off(problem):
@@ -132,22 +139,40 @@ TWIST = {
 }
 
 
-def run_twist(problem, cfg):
+def run_twist(problem, cfg, seed: int = 1):
     r, p_lambda, target, valid = problem
     pi = start(r)
-    fit = train_method(cfg, pi, r, p_lambda, valid, max_len=MAX_LEN, symbols=MAX_LEN, ce_valid_r=1e9, seed=1)
+    fit = train_method(cfg, pi, r, p_lambda, valid, max_len=MAX_LEN, symbols=MAX_LEN, ce_valid_r=1e9, seed=seed)
     learned = fit.exact_extras(target) if fit.exact_extras is not None else {}
     return fit, target.policy_divergences(pi), learned
 
 
+# KL(pi || p_lambda) at every seed (measured: ac_dpg 0.43-0.46, pcl 0.17-0.19, ppo_dpg 0.06-0.11)
+TWIST_REVERSE_BOUND = {"ppo_dpg": 0.2, "pcl": 0.3, "ac_dpg": 0.6}
+
+
 @pytest.mark.parametrize("name", sorted(TWIST))
 def test_twist_method_lowers_exact_kl(problem, name):
-    """Within the DPG family's draws (plus the critic's warm-up); the learned log Z against the exact one."""
+    """Within the DPG family's draws (plus the critic's warm-up), both KLs; the learned log Z against the exact
+    one. Seed 1 here; all three seeds under the `slow` marker (make test-slow): these learners train a
+    second network and take 2-6 s a seed."""
+    check_twist(problem, name, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TWIST))
+def test_twist_method_lowers_exact_kl_on_every_seed(problem, name):
+    for seed in SEEDS[1:]:
+        check_twist(problem, name, seed)
+
+
+def check_twist(problem, name: str, seed: int) -> None:
     r, _, target, _ = problem
     start_kl = target.policy_divergences(r, "r")["kl_p_r"]
-    fit, final, learned = run_twist(problem, TWIST[name])
+    fit, final, learned = run_twist(problem, TWIST[name], seed)
     assert fit.draws <= (UPDATES + TWIST[name].critic_warmup) * MINIBATCH
-    assert final["kl_p_pi"] < TWIST_BOUND[name] * start_kl, (name, start_kl, final)
+    assert final["kl_p_pi"] < TWIST_BOUND[name] * start_kl, (name, seed, start_kl, final)
+    assert final["kl_pi_p"] < TWIST_REVERSE_BOUND[name], (name, seed, final)
     if name in LOG_Z_BOUND:  # V(empty prefix), recorded in the results, is log Z
         assert fit.learned_log_z == pytest.approx(learned["learned_log_z"], abs=1e-4)
         assert abs(learned["learned_log_z_error"]) < LOG_Z_BOUND[name], learned
@@ -187,11 +212,22 @@ NEW = {
 
 
 @pytest.mark.parametrize("name", sorted(NEW))
-def test_plugin_method_lowers_exact_kl_on_three_seeds(problem, name):
+def test_plugin_method_lowers_exact_kl(problem, name):
+    """Seed 1; the other two under the `slow` marker (make test-slow)."""
+    check_plugin(problem, name, SEEDS[:1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(NEW))
+def test_plugin_method_lowers_exact_kl_on_every_seed(problem, name):
+    check_plugin(problem, name, SEEDS[1:])
+
+
+def check_plugin(problem, name: str, seeds) -> None:
     r, p_lambda, target, valid = problem
     start_kl = target.policy_divergences(r, "r")["kl_p_r"]
     cfg, log_z_bound = NEW[name]
-    for seed in (1, 2, 3):
+    for seed in seeds:
         pi = start(r)
         fit = train_method(cfg, pi, r, p_lambda, valid, max_len=MAX_LEN, symbols=MAX_LEN, ce_valid_r=1e9, seed=seed)
         final = target.policy_divergences(pi)
