@@ -28,7 +28,10 @@ def exact_moments(r, features, lam, space):
 def test_training1_matches_data_moments_exactly_enumerated(estimator, reuse):
     data = encode(MotifProcess(MOTIF, N).sample_strings(1000, np.random.default_rng(0)))
     r = long_proposal()
-    features = Features("0001111", MOTIF)  # first bit + distractors: finite lambdas fit them
+    # first bit + distractors. Not a finite MLE: distractor_00110011 is "0" at L = 3, absent only from the
+    # all-ones strings, which D never holds, so its lambda heads to -inf (the L1 tolerance below allows for
+    # its ~0.02 frequency left after 40 epochs; the calibrated test calls this fit not converged)
+    features = Features("0001111", MOTIF)
     cfg = MomentMatchingConfig(estimator=estimator, lr=4.0, chunk=500, samples_per_step=4000, buffer=40000,
                                reuse=reuse, heldout=20000, max_epochs=40, patience=40)
     fit = moment_matching(r, features, data, cfg, max_len=MAX_LEN, seed=1)
@@ -45,6 +48,7 @@ def test_training1_matches_data_moments_exactly_enumerated(estimator, reuse):
     # mismatch of the kept lambda is within a few of those
     assert fit.best_mismatch_se > 0 and abs(fit.best_mismatch - mismatch) < 4 * fit.best_mismatch_se + 0.01
     assert fit.samples >= 20000 + 4000 * fit.epochs * 2  # held-out + 2 steps (chunks of 500) per epoch
+    assert not fit.converged and fit.best_max_z > 10  # distractor_00110011, many s.e. from its data mean 0
 
 
 class ExactMoments:
