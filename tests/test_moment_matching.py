@@ -136,6 +136,34 @@ def test_training1_stops_once_the_mismatch_is_within_its_own_noise():
     assert exact < 0.2 * start, (exact, start)
 
 
+class Scripted:
+    """Held-out gaps (in s.e. of 0.01 per feature) scripted epoch by epoch; lambda's steps do nothing."""
+
+    def __init__(self, target, gaps_in_se):
+        self.target, self.gaps, self.epoch = target, gaps_in_se, 0
+
+    def new_epoch(self):
+        self.epoch += 1
+
+    def step(self, lam):
+        return None  # no information: lambda stays
+
+    def heldout(self, lam):
+        se = torch.full_like(self.target, 0.01)
+        return MomentEstimate(self.target - se * torch.tensor(self.gaps[self.epoch - 1]), se, 1e4)
+
+
+def test_the_stop_within_noise_waits_for_a_best_epoch_that_passes():
+    """Selection is on the L1 mismatch, the test on max |z|: epoch 1 (one feature 5 s.e. off, L1 5 s.e.)
+    is the best and fails; epoch 2 (every feature 2 s.e. off, L1 8 s.e.) passes but is not the best, so
+    stopping there would return epoch 1's lambda, not converged; epoch 3 (1 s.e. each) is both."""
+    target = torch.tensor([0.3, 0.5, 0.7, 0.9])
+    gaps = [[5.0, 0, 0, 0], [2.0, 2.0, -2.0, 2.0], [1.0, -1.0, 1.0, 1.0], [0, 0, 0, 0]]
+    fit = fit_lambda(target, Scripted(target, gaps),
+                     MomentMatchingConfig(max_epochs=4, patience=10, stop_within_noise=True), 1, names=list("abcd"))
+    assert fit.epochs == fit.best_epoch == 3 and fit.converged and fit.best_max_z == pytest.approx(1.0)
+
+
 # ---- the convergence test's calibration --------------------------------------------------------------
 # At the exact MLE, mean_D phi = E_p phi, so the held-out gaps mean_D phi - E_hat phi are pure noise.
 # A calibrated test calls such a lambda converged CONVERGED_LEVEL of the time. Over DRAWS seeded draws

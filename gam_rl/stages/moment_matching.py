@@ -20,7 +20,8 @@ feeds the plateau rule (patience, best lambda kept). `converged` says whether ev
 held-out gap is within its noise at CONVERGED_LEVEL (estimators.moments_within_noise: max_k
 |z_k| against a threshold that an exact lambda passes 95% of the time, on an effective sample
 size of at least MIN_HELDOUT_ESS); with `stop_within_noise` the fit also stops at the first
-epoch that passes: what is left is noise, and more epochs would only fit it. The step
+epoch that passes and is the best so far (so the lambda tested is the lambda kept): what is
+left is noise, and more epochs would only fit it. The step
 buffer's own estimate, which lambda was fitted to, would flatter the kept lambda; the pipeline
 reports a third, independent estimate (the Z stage's fresh draw) beside the held-out one.
 """
@@ -76,7 +77,7 @@ class MomentMatchingConfig:
     heldout: int = setting(10000, ge=1)  # r-samples drawn once, never stepped on: selection and stopping
     max_epochs: int = setting(100, ge=1)
     patience: int = setting(8, ge=1)  # on the held-out L1 mismatch
-    stop_within_noise: bool = False  # also stop at the first epoch whose held-out gaps are within noise (converged)
+    stop_within_noise: bool = False  # also stop at the first best epoch whose held-out gaps are within noise
 
 
 class SampledMoments:
@@ -163,7 +164,9 @@ def fit_lambda(moments_data: torch.Tensor, estimator, cfg: MomentMatchingConfig,
                        **{f"lambda_{n}": v for n, v in zip(names, lam.tolist(), strict=True)})
         progress.update(epoch * steps_per_epoch, f"epoch {epoch}: held-out mismatch {mismatch:.4f} +- {mismatch_se:.4f}"
                         f" (ESS {held.ess:.0f}); best {plateau.best:.4f} at epoch {plateau.best_epoch}")
-        if (cfg.stop_within_noise and converged) or action == Plateau.STOP:
+        # the stop within noise only at a new best: the lambda it tested is the lambda returned (selection is on the
+        # L1 mismatch, the test on max |z|: an epoch can pass the test without being the best so far)
+        if (cfg.stop_within_noise and converged and action == Plateau.BEST) or action == Plateau.STOP:
             break
     progress.close()
     log.info("[training1] stopped after epoch %d of %d: best held-out mismatch %.4f +- %.4f at epoch %d%s", epoch,
