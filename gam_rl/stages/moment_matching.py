@@ -16,9 +16,12 @@ moment is always the mean over all of D, paper.md section 5). E_hat comes from s
 
 Selection and stopping use an estimate the steps never saw: `heldout` r-samples drawn once,
 re-weighted by SNIS at the end of every epoch. Its L1 mismatch |mean_D phi - E_held phi|_1
-feeds the plateau rule (patience, best lambda kept); with `stop_within_noise` the fit also
-stops once that mismatch is below 2 of its own standard errors (on an effective sample size of
-at least MIN_HELDOUT_ESS): what is left is noise, and more epochs would only fit it. The step
+feeds the plateau rule (patience, best lambda kept). `converged` says whether every feature's
+held-out gap is within its noise at CONVERGED_LEVEL (estimators.moments_within_noise: max_k
+|z_k| against a threshold that an exact lambda passes 95% of the time, on an effective sample
+size of at least MIN_HELDOUT_ESS); with `stop_within_noise` the fit also stops at the first
+epoch that passes and is the best so far (so the lambda tested is the lambda kept): what is
+left is noise, and more epochs would only fit it. The step
 buffer's own estimate, which lambda was fitted to, would flatter the kept lambda; the pipeline
 reports a third, independent estimate (the Z stage's fresh draw) beside the held-out one.
 """
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from gam_rl.config_fields import setting
-from gam_rl.estimators import EstimatorError, MomentEstimate, rejection_moments, snis_moments
+from gam_rl.estimators import EstimatorError, MomentEstimate, moments_within_noise, rejection_moments, snis_moments
 from gam_rl.features import Features
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import Tilt
@@ -43,7 +46,9 @@ log = logging.getLogger("gam_rl")
 
 REUSE = ("epoch", "run")
 MIN_HELDOUT_ESS = 100.0  # fewer effective held-out samples: their standard errors are not trusted to stop on
-CONVERGED_Z = 2.0  # held-out L1 mismatch < 2 of its standard errors: converged within noise
+# converged within noise: every feature's held-out gap passes moments_within_noise at this level, i.e.
+# an exact lambda (whose held-out gaps are pure noise) is called converged 95% of the time
+CONVERGED_LEVEL = 0.95
 
 
 def _snis_step(phi: torch.Tensor, lam: torch.Tensor, features: Features, max_len: int, generator):
@@ -72,7 +77,7 @@ class MomentMatchingConfig:
     heldout: int = setting(10000, ge=1)  # r-samples drawn once, never stepped on: selection and stopping
     max_epochs: int = setting(100, ge=1)
     patience: int = setting(8, ge=1)  # on the held-out L1 mismatch
-    stop_within_noise: bool = False  # also stop once the held-out mismatch is within 2 of its standard errors
+    stop_within_noise: bool = False  # also stop at the first best epoch whose held-out gaps are within noise
 
 
 class SampledMoments:
@@ -113,12 +118,15 @@ class MomentMatchingResult:
     best_max_z: float  # max_k |mean_D phi_k - E_held phi_k| / se_k of the kept lambda
     best_epoch: int  # 1-based
     epochs: int
-    converged: bool  # the kept lambda's held-out mismatch is within CONVERGED_Z of its standard errors
+    converged: bool  # best_max_z <= best_max_z_threshold, on a held-out ESS >= MIN_HELDOUT_ESS
     samples: int
+    best_max_z_threshold: float | None = None  # the max |z| an exact lambda stays below w.p. converged_level
+    converged_level: float = CONVERGED_LEVEL
 
     def results(self) -> dict:
         return {"lambda": self.lam, "moments_data": self.moments_data, "t1_best_mismatch": self.best_mismatch,
                 "t1_best_mismatch_se": self.best_mismatch_se, "t1_best_max_z": self.best_max_z,
+                "t1_best_max_z_threshold": self.best_max_z_threshold, "t1_converged_level": self.converged_level,
                 "t1_best_epoch": self.best_epoch, "t1_epochs": self.epochs, "t1_converged": self.converged}
 
 
@@ -143,20 +151,22 @@ def fit_lambda(moments_data: torch.Tensor, estimator, cfg: MomentMatchingConfig,
         held = estimator.heldout(lam)
         diff = moments_data - held.moments
         mismatch, mismatch_se = float(diff.abs().sum()), float(held.se.pow(2).sum().sqrt())
-        # |z_k| = |d_k| / se_k; a feature constant over the held-out set (se_k = 0) that misses is infinitely off
-        z = torch.where(held.se > 0, diff.abs() / held.se.clamp(min=1e-30), torch.where(diff != 0, math.inf, 0.0))
-        max_z = float(z.max())
-        converged = held.ess >= MIN_HELDOUT_ESS and mismatch < CONVERGED_Z * mismatch_se
+        # the L1 mismatch and its s.e. are reported and drive the plateau; `converged` is the calibrated test
+        noise = moments_within_noise(diff, held.se, CONVERGED_LEVEL)
+        max_z = noise.max_z
+        converged = held.ess >= MIN_HELDOUT_ESS and noise.passed
         action = plateau.update(mismatch, epoch)
         if action == Plateau.BEST:
-            best = (lam.clone(), mismatch, mismatch_se, max_z, converged)
+            best = (lam.clone(), mismatch, mismatch_se, max_z, converged, noise.threshold)
         if logger is not None:
             logger.log("t1", epoch - 1, mismatch=mismatch, mismatch_se=mismatch_se, max_z=max_z,
                        heldout_ess=held.ess, step_ess=step_ess,
                        **{f"lambda_{n}": v for n, v in zip(names, lam.tolist(), strict=True)})
         progress.update(epoch * steps_per_epoch, f"epoch {epoch}: held-out mismatch {mismatch:.4f} +- {mismatch_se:.4f}"
                         f" (ESS {held.ess:.0f}); best {plateau.best:.4f} at epoch {plateau.best_epoch}")
-        if (cfg.stop_within_noise and converged) or action == Plateau.STOP:
+        # the stop within noise only at a new best: the lambda it tested is the lambda returned (selection is on the
+        # L1 mismatch, the test on max |z|: an epoch can pass the test without being the best so far)
+        if (cfg.stop_within_noise and converged and action == Plateau.BEST) or action == Plateau.STOP:
             break
     progress.close()
     log.info("[training1] stopped after epoch %d of %d: best held-out mismatch %.4f +- %.4f at epoch %d%s", epoch,
@@ -164,9 +174,10 @@ def fit_lambda(moments_data: torch.Tensor, estimator, cfg: MomentMatchingConfig,
              " (within its noise)" if best and best[4] else "")
     if best is None:
         raise EstimatorError("Training-1: no epoch gave a finite held-out moment mismatch")
-    lam_best, mismatch, mismatch_se, max_z, converged = best
+    lam_best, mismatch, mismatch_se, max_z, converged, threshold = best
     return MomentMatchingResult(lam_best.tolist(), moments_data.tolist(), mismatch, mismatch_se, max_z,
-                                plateau.best_epoch, epoch, converged, getattr(estimator, "samples", 0))
+                                plateau.best_epoch, epoch, converged, getattr(estimator, "samples", 0),
+                                best_max_z_threshold=threshold, converged_level=CONVERGED_LEVEL)
 
 
 def moment_matching(r: LSTMPolicy, features: Features, train_tokens: torch.Tensor, cfg: MomentMatchingConfig, *,
