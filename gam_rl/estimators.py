@@ -263,6 +263,56 @@ def qrs_diagnostics(log_w: torch.Tensor, log_betas) -> list[QRSDiagnostics]:
             for b, la, t, k in zip(log_betas, log_a, tv, kl, strict=True)]
 
 
+@dataclass
+class QRSEstimate(QRSDiagnostics):
+    """qrs_diagnostics at one beta with delta-method standard errors, from `draws` draws x_i ~ q."""
+
+    acceptance_se: float
+    tv_se: float
+    kl_se: float
+    draws: int
+
+
+def qrs_estimate(log_w: torch.Tensor, log_beta: float) -> QRSEstimate:
+    """Acceptance a(beta), TV(p, p_beta) and KL(p || p_beta) at one log beta (qrs_diagnostics' values)
+    with their standard errors, from log-weights of draws x_i ~ q that did NOT choose beta (a pilot's
+    own numbers at the beta it chose are biased low: choose_log_beta stops where they cross max_tv).
+
+    With u_i = w_i / Z-hat and v_i = m_i / a-hat (m_i = min(1, w_i / beta), Z-hat = mean w, a-hat =
+    mean m), each estimate is a smooth function of sample means, and its standard error is
+    sqrt(sum_i I_i^2) / n with the delta-method influence I_i of draw i:
+
+        acceptance  a-hat = mean m_i                      I_i = m_i - a-hat (the plain s.e. of a mean)
+        TV  = 1/2 mean |u_i - v_i|                        I_i = h_i - TV - S_u (u_i - 1) + S_v (v_i - 1),
+              h_i = 1/2 |u_i - v_i|, s_i = sign(u_i - v_i), S_u = 1/2 mean s_i u_i, S_v = 1/2 mean s_i v_i
+              (the derivatives of TV in Z-hat and a-hat, times Z-hat and a-hat)
+        KL  = sum_i (u_i / n) l_i + log a-hat - log Z-hat, l_i = max(log w_i, log beta)
+                                                          I_i = u_i (l_i - lbar) + v_i - u_i,
+              lbar = mean u_i l_i.
+
+    Like Z-hat's they are right for large n and too small while the heavy part of the weights is
+    unseen; at beta >= max_i w_i every estimate but a-hat is exactly 0, and so are their s.e."""
+    check_log_weights(log_w, "quasi-rejection estimate")
+    diag = qrs_diagnostics(log_w, [log_beta])[0]
+    log_w = log_w.double().flatten()
+    n, b = len(log_w), diag.log_beta
+    log_m = (log_w - b).clamp(max=0.0)
+    u = torch.exp(log_w - torch.logsumexp(log_w, 0) + math.log(n))  # w_i / Z-hat
+    v = torch.exp(log_m - torch.logsumexp(log_m, 0) + math.log(n))  # m_i / a-hat
+    m = log_m.exp()
+    acceptance_se = float(torch.sqrt(((m - m.mean()) ** 2).sum())) / n
+    if b >= float(log_w.max()):  # p_beta-hat = p-hat exactly (rejection sampling)
+        return QRSEstimate(**vars(diag), acceptance_se=acceptance_se, tv_se=0.0, kl_se=0.0, draws=n)
+    diff = u - v
+    s = torch.sign(diff)
+    h = 0.5 * diff.abs()
+    tv_infl = h - h.mean() - 0.5 * (s * u).mean() * (u - 1) + 0.5 * (s * v).mean() * (v - 1)
+    ell = torch.maximum(log_w, torch.tensor(b, dtype=torch.float64))
+    kl_infl = u * (ell - (u * ell).mean()) + v - u
+    tv_se, kl_se = (float(torch.sqrt((i**2).sum())) / n for i in (tv_infl, kl_infl))
+    return QRSEstimate(**vars(diag), acceptance_se=acceptance_se, tv_se=tv_se, kl_se=kl_se, draws=n)
+
+
 def choose_log_beta(log_w: torch.Tensor, *, beta: float | None = None, target_acceptance: float | None = None,
                     max_tv: float | None = None, rounds: int = 10, points: int = 16) -> QRSDiagnostics:
     """Beta for quasi-rejection sampling from a pilot batch of log-weights (x_i ~ q), given exactly one of:
