@@ -167,7 +167,9 @@ class ExactTarget:
 
 def qrs_divergences(target: ExactTarget, log_q: torch.Tensor, log_beta: float) -> dict:
     """What quasi-rejection sampling from q at beta gives, exactly: p_beta(x) = min(q(x), P(x)/beta) / a,
-    a = sum_x min(q(x), P(x)/beta) the acceptance rate; TV(p, p_beta) and KL(p || p_beta)."""
+    a = sum_x min(q(x), P(x)/beta) the acceptance rate; TV(p, p_beta) and KL(p || p_beta). As
+    results.json's exact.qrs_acceptance, exact.qrs_tv, exact.qrs_kl for method=distill_qrs: the truth
+    behind its estimates distill_qrs_acceptance_est, distill_qrs_tv, distill_qrs_kl (and *_pilot)."""
     log_accepted = torch.minimum(log_q, target.log_p + target.log_z - log_beta)  # log min(q, P / beta)
     log_a = torch.logsumexp(log_accepted, 0)
     log_p_beta = log_accepted - log_a

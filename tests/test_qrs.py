@@ -18,13 +18,14 @@ from gam_rl.estimators import (
     quasi_rejection_sample,
     rejection_sample,
 )
-from gam_rl.exact import ExactTarget, qrs_divergences
+from gam_rl.exact import ExactTarget, OutputSpace, qrs_divergences
 from gam_rl.features import Features
 from gam_rl.methods.distill import DistillConfig, distill
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import gam
 from gam_rl.stages.mle import MLEConfig
-from tests.conftest import long_proposal
+from gam_rl.tokens import EOS
+from tests.conftest import long_proposal, train_method
 from tests.exact import all_outputs
 
 MAX_LEN, MOTIF = 8, "101"
@@ -287,22 +288,63 @@ def test_distill_config_good_combinations_have_no_problems():
 
 
 def test_distill_with_qrs_end_to_end(problem):
+    """results.json: the pilot's numbers at the beta it chose (*_pilot, TV <= max_tv by construction)
+    and the diagnostic draws' estimates with standard errors, those draws counted in the proposals
+    and drawn after the samples (the samples, and so the fit, are those of diagnostic_draws=0);
+    exact: the exact a(beta), TV and KL of that p_beta, and the fresh estimates' errors in s.e."""
     q, target, *_ = problem
     empty = torch.empty(0, 1, dtype=torch.long)
     mle = MLEConfig(lr=0.02, batch_size=100, max_epochs=2, patience=2, clip=1.0)
-    cfg = DistillConfig(name="distill_qrs", size=300, valid_size=100, proposal_batch=2_000, max_proposals=1e6,
-                        mle=mle, sampler="qrs", max_tv=0.05, pilot=5_000)
-    torch.manual_seed(8)
-    fit = distill(LSTMPolicy(8, 1, dropout=0.0), q, target, empty, empty, cfg, max_len=MAX_LEN,
-                  symbols_per_seq=MAX_LEN, seed=9)
-    res = fit.results()
-    assert res["distill_sampler"] == "qrs" and res["distill_qrs_tv"] <= 0.05
-    assert res["distill_qrs_kl"] >= 0 and 0 < res["distill_qrs_acceptance_est"] < 1
-    assert res["distill_log_beta"] < target.log_weight_bound(q, MAX_LEN)
-    assert res["distill_proposals"] >= 5_000 + 400 and 0 < res["distill_acceptance_rate"] < 1
+    base = dict(size=300, valid_size=100, proposal_batch=2_000, max_proposals=1e6, mle=mle)
+
+    def run(**options):
+        torch.manual_seed(8)
+        return distill(LSTMPolicy(8, 1, dropout=0.0), q, target, empty, empty, DistillConfig(name="distill", **base,
+                       **options), max_len=MAX_LEN, symbols_per_seq=MAX_LEN, seed=9).results()
+
+    qrs = dict(sampler="qrs", max_tv=0.05, pilot=5_000)
+    res, none, other = run(**qrs), run(**qrs, diagnostic_draws=0), run(**qrs, diagnostic_draws=3_000)
+    assert res["distill_sampler"] == "qrs" and res["distill_log_beta"] < target.log_weight_bound(q, MAX_LEN)
+    assert res["distill_qrs_tv_pilot"] <= 0.05 and res["distill_qrs_tv_pilot"] == pytest.approx(0.05, abs=1e-6)
+    assert res["distill_qrs_kl_pilot"] >= 0 and 0 < res["distill_qrs_acceptance_est_pilot"] < 1
+    assert res["distill_qrs_diagnostic_draws"] == 5_000  # None: as many as the pilot
+    for name in ("tv", "kl", "acceptance_est"):
+        assert res[f"distill_qrs_{name}"] > 0 and 0 < res[f"distill_qrs_{name}_se"] < 0.05
+        assert res[f"distill_qrs_{name}"] != res[f"distill_qrs_{name}_pilot"]  # another batch
+        assert none[f"distill_qrs_{name}"] is none[f"distill_qrs_{name}_se"] is None
+        assert none[f"distill_qrs_{name}_pilot"] == res[f"distill_qrs_{name}_pilot"]
+    assert none["distill_qrs_diagnostic_draws"] is None and other["distill_qrs_diagnostic_draws"] == 3_000
+    # the same beta, samples and fit; only the proposals differ, by the diagnostic draws
+    same = ("distill_log_beta", "distill_acceptance_rate", "distill_ce_valid_mixed", "t2_epochs")
+    assert [res[k] for k in same] == [none[k] for k in same] == [other[k] for k in same]
+    assert res["distill_proposals"] - none["distill_proposals"] == 5_000
+    assert other["distill_proposals"] - none["distill_proposals"] == 3_000
+    sampling = none["distill_proposals"] - 5_000  # after the pilot: whole batches of 2,000
+    assert sampling % 2_000 == 0 and sampling >= 400 and 0 < res["distill_acceptance_rate"] < 1
     assert math.isfinite(res["distill_ce_valid_mixed"]) and res["t2_epochs"] >= 1
-    rs = distill(LSTMPolicy(8, 1, dropout=0.0), q, target, empty, empty,
-                 DistillConfig(name="distill", size=300, valid_size=100, proposal_batch=2_000, max_proposals=1e6,
-                               mle=mle), max_len=MAX_LEN, symbols_per_seq=MAX_LEN, seed=9).results()
+    rs = run()
     assert rs["distill_sampler"] == "rs" and rs["distill_log_beta"] == target.log_weight_bound(q, MAX_LEN)
-    assert rs["distill_qrs_tv"] is rs["distill_qrs_kl"] is rs["distill_qrs_acceptance_est"] is None
+    assert all(v is None for k, v in rs.items() if k.startswith("distill_qrs_")), rs
+
+
+def test_distill_qrs_exact_section(problem):
+    """Through the common contract (train_distill): the draws are every proposal, and exact_extras gives
+    results.json's exact.qrs_* beside the estimates."""
+    q, target, *_ = problem
+    mle = MLEConfig(lr=0.02, batch_size=100, max_epochs=1, patience=1, clip=1.0)
+    cfg = DistillConfig(name="distill_qrs", size=200, valid_size=100, proposal_batch=2_000, max_proposals=1e6,
+                        mle=mle, sampler="qrs", max_tv=0.05, pilot=4_000, diagnostic_draws=6_000)
+    valid = torch.tensor([[1, 0, 1, EOS]])
+    fit = train_method(cfg, LSTMPolicy(8, 1, dropout=0.0), q, target, valid, max_len=MAX_LEN, symbols=MAX_LEN,
+                       ce_valid_r=1e9, seed=3)
+    res = fit.results
+    assert fit.draws == res["distill_proposals"] >= 4_000 + 6_000 + 2_000
+    exact = fit.exact_extras(ExactTarget.of(target, OutputSpace(MAX_LEN), "cpu"))
+    acceptance, tv, kl, _ = exact_qrs(problem, res["distill_log_beta"])
+    assert exact["qrs_acceptance"] == pytest.approx(acceptance, rel=1e-6)
+    assert exact["qrs_tv"] == pytest.approx(tv, rel=1e-6) and exact["qrs_kl"] == pytest.approx(kl, rel=1e-6)
+    for name, key in (("acceptance", "acceptance_est"), ("tv", "tv"), ("kl", "kl")):
+        error_se = exact[f"qrs_{name}_error_se"]
+        assert error_se == pytest.approx((res[f"distill_qrs_{key}"] - exact[f"qrs_{name}"])
+                                         / res[f"distill_qrs_{key}_se"])
+        assert abs(error_se) < 5, (name, error_se)

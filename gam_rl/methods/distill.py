@@ -8,7 +8,10 @@ motif and p_lambda almost always does).
 
 sampler=qrs replaces it by quasi-rejection sampling (Eikema et al. 2022): accept with probability
 min(1, P(x) / (beta r(x))) for a beta chosen on a pilot batch of r (method.beta, target_acceptance
-or max_tv), trading a known, estimated distance between p_beta and p (TV, KL) for fewer proposals."""
+or max_tv), trading a known, estimated distance between p_beta and p (TV, KL) for fewer proposals.
+The pilot's own estimates at the beta it chose are not a measurement (under max_tv its TV is
+max_tv by construction); after the samples are drawn, a second, independent batch of r
+(method.diagnostic_draws) estimates a(beta), TV and KL at that beta, with standard errors."""
 
 from __future__ import annotations
 
@@ -19,7 +22,14 @@ from dataclasses import dataclass
 import torch
 
 from gam_rl.config_fields import setting
-from gam_rl.estimators import choose_log_beta, quasi_rejection_sample, rejection_sample
+from gam_rl.estimators import (
+    QRSDiagnostics,
+    QRSEstimate,
+    choose_log_beta,
+    qrs_estimate,
+    quasi_rejection_sample,
+    rejection_sample,
+)
 from gam_rl.exact import qrs_divergences
 from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.loop import MethodConfig
@@ -51,7 +61,13 @@ class DistillConfig(MethodConfig):
     beta: float | None = setting(None, gt=0)  # qrs: this beta
     target_acceptance: float | None = setting(None, gt=0, le=1)  # qrs: the beta of this estimated acceptance
     max_tv: float | None = setting(None, gt=0, lt=1)  # qrs: the smallest beta of estimated TV(p, p_beta) <= this
-    pilot: int = setting(100000, ge=1)  # qrs: r-samples that choose beta and estimate TV, KL (counted in proposals)
+    pilot: int = setting(100000, ge=1)  # qrs: r-samples that choose beta (counted in proposals)
+    # qrs: fresh r-samples, drawn after the samples, that estimate a(beta), TV and KL at the chosen beta
+    # (counted in proposals); None: as many as the pilot, 0: none (then only the pilot's biased numbers)
+    diagnostic_draws: int | None = setting(None, ge=0)
+
+    def diagnostic_count(self) -> int:
+        return self.pilot if self.diagnostic_draws is None else self.diagnostic_draws
 
     def problems(self) -> list[str]:
         """Values that are fine alone but not together."""
@@ -64,10 +80,11 @@ class DistillConfig(MethodConfig):
         if self.sampler == "rs" and given:
             out.append(f"method.sampler='rs' with {', '.join(given)}: rejection sampling uses the exact bound on P/r "
                        "as beta; set method.sampler=qrs to choose beta, or set these to null")
-        if self.sampler == "qrs" and self.pilot >= self.max_proposals:
-            out.append(f"method.pilot={self.pilot}: the pilot batch counts in method.max_proposals "
-                       f"({self.max_proposals:g}) and leaves none for sampling; lower method.pilot or raise "
-                       "method.max_proposals")
+        if self.sampler == "qrs" and self.pilot + self.diagnostic_count() >= self.max_proposals:
+            out.append(f"method.pilot={self.pilot} with {self.diagnostic_count()} diagnostic draws "
+                       f"(method.diagnostic_draws={self.diagnostic_draws}): both batches count in "
+                       f"method.max_proposals ({self.max_proposals:g}) and leave none for sampling; lower "
+                       "method.pilot or method.diagnostic_draws, or raise method.max_proposals")
         return out
 
 
@@ -76,22 +93,29 @@ class DistillResult:
     best_val_ce: float
     epochs: int
     best_epoch: int
-    proposals: int  # including the qrs pilot
-    acceptance_rate: float
+    proposals: int  # including the qrs pilot and diagnostic draws
+    acceptance_rate: float  # of the sampling alone
     decay_epochs: list[int]
     sampler: str = "rs"
     log_beta: float | None = None  # rs: the bound on log P/r; qrs: the chosen log beta
-    qrs_tv: float | None = None  # qrs: the pilot's estimates at that beta
-    qrs_kl: float | None = None
-    qrs_acceptance_est: float | None = None
+    pilot: QRSDiagnostics | None = None  # qrs: the pilot's estimates at the beta it chose (not a measurement)
+    fresh: QRSEstimate | None = None  # qrs: the diagnostic draws' estimates at that beta, with s.e.
 
     def results(self) -> dict:
         # best_val_ce: distillation's own validation (its samples plus V), not CE(V, pi) on V alone
+        fresh, pilot = self.fresh, self.pilot
         return {"distill_ce_valid_mixed": self.best_val_ce, "t2_epochs": self.epochs, "t2_best_epoch": self.best_epoch,
                 "distill_acceptance_rate": self.acceptance_rate, "distill_proposals": self.proposals,
                 "t2_lr_decay_epochs": self.decay_epochs, "distill_sampler": self.sampler,
-                "distill_log_beta": self.log_beta, "distill_qrs_tv": self.qrs_tv, "distill_qrs_kl": self.qrs_kl,
-                "distill_qrs_acceptance_est": self.qrs_acceptance_est}
+                "distill_log_beta": self.log_beta,
+                # the diagnostic draws' estimates at the chosen beta (null under rs, or without diagnostic draws)
+                **{f"distill_qrs_{key}": None if fresh is None else getattr(fresh, attr) for key, attr in (
+                    ("tv", "tv"), ("tv_se", "tv_se"), ("kl", "kl"), ("kl_se", "kl_se"),
+                    ("acceptance_est", "acceptance"), ("acceptance_est_se", "acceptance_se"))},
+                "distill_qrs_diagnostic_draws": None if fresh is None else fresh.draws,
+                # the pilot's own estimates at the beta it chose: biased (TV <= max_tv by construction)
+                **{f"distill_qrs_{key}_pilot": None if pilot is None else getattr(pilot, attr) for key, attr in (
+                    ("tv", "tv"), ("kl", "kl"), ("acceptance_est", "acceptance"))}}
 
 
 def pilot_log_weights(proposal, target, num: int, max_len: int, batch_size: int,
@@ -108,7 +132,10 @@ def pilot_log_weights(proposal, target, num: int, max_len: int, batch_size: int,
 def distill(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, train_extra: torch.Tensor,
             valid_extra: torch.Tensor, cfg: DistillConfig, *, max_len: int, symbols_per_seq: int, seed: int = 0,
             logger=None, accelerator: str = "cpu") -> DistillResult:
-    """Fit `pi` in place on size + valid_size draws of P / Z (of p_beta under qrs) and the extra data."""
+    """Fit `pi` in place on size + valid_size draws of P / Z (of p_beta under qrs) and the extra data.
+
+    qrs, from one generator: the pilot, then the samples, then the diagnostic draws, so that the
+    diagnostics change neither beta nor the samples (nor the proposals they cost)."""
     generator = torch.Generator(device=proposal.device).manual_seed(seed)
     num = cfg.size + cfg.valid_size
     if cfg.sampler == "qrs":
@@ -119,11 +146,19 @@ def distill(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, train_extra
                  "TV(p, p_beta) %.3e, KL(p || p_beta) %.3e on a pilot of %d", chosen.log_beta,
                  ", ".join(f"{k}={getattr(cfg, k)}" for k in BETA_KEYS if getattr(cfg, k) is not None),
                  "none" if bound is None else f"{bound:.4g}", chosen.acceptance, chosen.tv, chosen.kl, cfg.pilot)
+        fresh_count = cfg.diagnostic_count()
         draws = quasi_rejection_sample(proposal, target, num, max_len, cfg.proposal_batch,
-                                       int(cfg.max_proposals) - cfg.pilot, chosen.log_beta, generator,
+                                       int(cfg.max_proposals) - cfg.pilot - fresh_count, chosen.log_beta, generator,
                                        progress="distill-qrs")
-        qrs = dict(log_beta=chosen.log_beta, qrs_tv=chosen.tv, qrs_kl=chosen.kl, qrs_acceptance_est=chosen.acceptance)
-        proposals = cfg.pilot + draws.proposals
+        fresh = None
+        if fresh_count:
+            fresh = qrs_estimate(pilot_log_weights(proposal, target, fresh_count, max_len, cfg.proposal_batch,
+                                                   generator), chosen.log_beta)
+            log.info("[distill] QRS at log beta %.4g on %d fresh draws of r: acceptance %.3e +- %.1e, "
+                     "TV(p, p_beta) %.3e +- %.1e, KL(p || p_beta) %.3e +- %.1e", fresh.log_beta, fresh.draws,
+                     fresh.acceptance, fresh.acceptance_se, fresh.tv, fresh.tv_se, fresh.kl, fresh.kl_se)
+        qrs = dict(log_beta=chosen.log_beta, pilot=chosen, fresh=fresh)
+        proposals = cfg.pilot + draws.proposals + fresh_count
     else:
         draws = rejection_sample(proposal, target, num, max_len, cfg.proposal_batch, int(cfg.max_proposals),
                                  generator, progress="distill-rs")
@@ -139,9 +174,24 @@ def distill(pi: LSTMPolicy, proposal: LSTMPolicy, target: Potential, train_extra
                          fit.decay_epochs, cfg.sampler, **qrs)
 
 
+def qrs_exact(target, log_r: torch.Tensor, log_beta: float, fresh: QRSEstimate | None) -> dict:
+    """results.json `exact` for sampler=qrs: qrs_acceptance, qrs_tv, qrs_kl, the exact a(beta),
+    TV(p, p_beta) and KL(p || p_beta) of the sampler's p_beta at the chosen beta (exact.qrs_divergences;
+    estimated as distill_qrs_acceptance_est, distill_qrs_tv, distill_qrs_kl), and the error of each
+    estimate from the diagnostic draws in its own standard errors (qrs_*_error_se, as z_hat_error_se)."""
+    out = qrs_divergences(target, log_r, log_beta)
+    if fresh is not None:
+        for name, attr in (("acceptance", "acceptance"), ("tv", "tv"), ("kl", "kl")):
+            se = getattr(fresh, f"{attr}_se")
+            if se > 0:
+                out[f"qrs_{name}_error_se"] = (getattr(fresh, attr) - out[f"qrs_{name}"]) / se
+    return out
+
+
 def train_distill(cfg: DistillConfig, inputs: Training2Inputs) -> Training2Result:
     """Distillation under the common contract: its Training-2 has no checks, so the target line is
-    judged once, on V alone, at the end (draws: every proposal of its sampler, the pilot included)."""
+    judged once, on V alone, at the end (draws: every proposal of its sampler, the qrs pilot and
+    diagnostic draws included)."""
     started = time.perf_counter()
     fit = distill(inputs.pi, inputs.r, inputs.p_lambda, inputs.train, inputs.valid, cfg, max_len=inputs.max_len,
                   symbols_per_seq=inputs.symbols, seed=inputs.seed, logger=inputs.logger,
@@ -153,8 +203,10 @@ def train_distill(cfg: DistillConfig, inputs: Training2Inputs) -> Training2Resul
                if line is not None and ce_valid <= line else None)
     exact_extras = None
     if fit.sampler == "qrs":  # the exact divergences of the sampler's p_beta, beside its estimates
-        r, log_beta = inputs.r, fit.log_beta
-        exact_extras = lambda target: qrs_divergences(target, target.space.log_prob(r), log_beta)  # noqa: E731
+        r, log_beta, fresh = inputs.r, fit.log_beta, fit.fresh
+
+        def exact_extras(target) -> dict:
+            return qrs_exact(target, target.space.log_prob(r), log_beta, fresh)
     return Training2Result(pi=inputs.pi, draws=fit.proposals, seconds=seconds, ce_valid_pi=ce_valid,
                            target_ce_valid=line, reached_target=reached,
                            curve=[{"draws": fit.proposals, "ce_valid_pi": ce_valid}],
