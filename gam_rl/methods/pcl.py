@@ -20,28 +20,19 @@ from gam_rl.methods.draws import WeightedDraw
 from gam_rl.methods.loop import loop_parts, proposal_draws
 from gam_rl.methods.registry import Method, register
 from gam_rl.methods.twist import critic_targets, pcl_consistency
-from gam_rl.methods.twist_loop import TwistLoopConfig, TwistModule, fit_twist
-from gam_rl.tokens import EOS, PAD, pad_cat
+from gam_rl.methods.twist_loop import TrajectoryLoopConfig, TwistModule, fit_twist
+from gam_rl.tokens import EOS, PAD
 
 
 @dataclass
-class PCLConfig(TwistLoopConfig):
+class PCLConfig(TrajectoryLoopConfig):
     """`method` section of pcl (conf/method/pcl.yaml)."""
 
     algorithm: str = setting("pcl", choices=("pcl",))
-    on_policy: bool = False  # true: x ~ pi at every update (no swaps); false: x ~ q with dpg_off's swap gate
     horizon: int = setting(0, ge=0)  # sub-paths of d steps from every state; 0: every path runs to the end
-    data_share: float = setting(0.0, ge=0, lt=1)  # this fraction of each minibatch is rows of D
-
-    def samples_pi(self) -> bool:
-        return self.on_policy
 
 
 class PCLModule(TwistModule):
-    def __init__(self, *args, data: torch.Tensor, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.data = data if self.cfg.data_share > 0 else None
-
     def values(self, tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """V(s) = logsumexp of the Q-logits (Q = pi's logits + the offset head's u(s), if any)."""
         values = torch.logsumexp(self.pi.head(states), -1)
@@ -62,11 +53,7 @@ class PCLModule(TwistModule):
         return self.critic_fit(values, critic_targets(log_r, draw.log_q_tok, terminal, mask), mask)
 
     def update(self, draw: WeightedDraw) -> None:
-        tokens = draw.tokens
-        if self.data is not None:  # rows of D: trajectories of p_true, which satisfy the same consistency
-            count = max(1, round(self.cfg.data_share * len(tokens) / (1.0 - self.cfg.data_share)))
-            rows = torch.randint(len(self.data), (count,), device=tokens.device, generator=self.generator)
-            tokens = pad_cat([tokens, self.data[rows]])
+        tokens = self.trajectories(draw)  # the draw, and rows of D: they satisfy the same consistency
         mask = tokens != PAD
         log_r, terminal = self.rewards(tokens)
         states = self.pi.token_states(tokens)
@@ -85,8 +72,7 @@ class PCLModule(TwistModule):
 
 def train_pcl(cfg: PCLConfig, inputs: Training2Inputs) -> Training2Result:
     parts = loop_parts(cfg, inputs)
-    module = PCLModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, data=inputs.train,
-                       **parts)
+    module = PCLModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, **parts)
     return fit_twist(module, inputs)
 
 

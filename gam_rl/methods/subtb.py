@@ -34,8 +34,8 @@ from gam_rl.methods.draws import WeightedDraw
 from gam_rl.methods.loop import loop_parts, proposal_draws
 from gam_rl.methods.registry import Method, register
 from gam_rl.methods.twist import critic_targets
-from gam_rl.methods.twist_loop import TwistLoopConfig, TwistModule, fit_twist
-from gam_rl.tokens import PAD, pad_cat
+from gam_rl.methods.twist_loop import TrajectoryLoopConfig, TwistModule, fit_twist
+from gam_rl.tokens import PAD
 
 
 def subtb_loss(values: torch.Tensor, log_pi: torch.Tensor, log_r: torch.Tensor, terminal: torch.Tensor,
@@ -62,7 +62,7 @@ def subtb_loss(values: torch.Tensor, log_pi: torch.Tensor, log_r: torch.Tensor, 
 
 
 @dataclass
-class SubTBConfig(TwistLoopConfig):
+class SubTBConfig(TrajectoryLoopConfig):
     """`method` section of subtb (conf/method/subtb.yaml): the twist loop's keys, a log-flow model and the
     pair weighting."""
 
@@ -70,17 +70,9 @@ class SubTBConfig(TwistLoopConfig):
     critic: str = setting("separate", choices=("head", "separate"))  # the log-flow model V(s)
     subtb_lambda: float = setting(0.9, gt=0, le=1)  # pair (t, u) weighted lambda^(u - t); 1: every pair alike
     on_policy: bool = True  # true: x ~ pi at every update (no swaps); false: x ~ q with dpg_off's swap gate
-    data_share: float = setting(0.0, ge=0, lt=1)  # this fraction of each minibatch is rows of D
-
-    def samples_pi(self) -> bool:
-        return self.on_policy
 
 
 class SubTBModule(TwistModule):
-    def __init__(self, *args, data: torch.Tensor, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.data = data if self.cfg.data_share > 0 else None
-
     def warm_up_loss(self, draw: WeightedDraw) -> torch.Tensor:
         """The log-flow alone on the draw's Monte-Carlo targets (exp fit: V -> V* for any proposal)."""
         tokens = draw.tokens
@@ -92,11 +84,7 @@ class SubTBModule(TwistModule):
         return self.critic_fit(values, critic_targets(log_r, draw.log_q_tok, terminal, mask), mask)
 
     def update(self, draw: WeightedDraw) -> None:
-        tokens = draw.tokens
-        if self.data is not None:  # rows of D: trajectories too, which satisfy the same balance
-            count = max(1, round(self.cfg.data_share * len(tokens) / (1.0 - self.cfg.data_share)))
-            rows = torch.randint(len(self.data), (count,), device=tokens.device, generator=self.generator)
-            tokens = pad_cat([tokens, self.data[rows]])
+        tokens = self.trajectories(draw)  # the draw, and rows of D: they satisfy the same balance
         mask = tokens != PAD
         log_r, terminal = self.rewards(tokens)
         states = self.pi.token_states(tokens)
@@ -108,8 +96,7 @@ class SubTBModule(TwistModule):
 
 def train_subtb(cfg: SubTBConfig, inputs: Training2Inputs) -> Training2Result:
     parts = loop_parts(cfg, inputs)
-    module = SubTBModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, data=inputs.train,
-                         **parts)
+    module = SubTBModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, **parts)
     return fit_twist(module, inputs)
 
 

@@ -26,7 +26,7 @@ from gam_rl.methods.twist import CRITIC_FITS, critic_loss
 from gam_rl.policy import LSTMPolicy, Samples, eval_mode
 from gam_rl.potentials import Potential
 from gam_rl.progress import Progress
-from gam_rl.tokens import EOS
+from gam_rl.tokens import EOS, pad_cat
 
 CRITICS = ("none", "head", "separate")  # head: a value head on pi's LSTM | separate: an LSTM initialised from r
 
@@ -52,6 +52,18 @@ class TwistLoopConfig(LoopConfig):
             out.append(f"method.critic_warmup={self.critic_warmup} with method.critic='none': there is no value "
                        "model to warm up; use critic=head or critic=separate, or critic_warmup=0")
         return out
+
+
+@dataclass
+class TrajectoryLoopConfig(TwistLoopConfig):
+    """TwistLoopConfig for the learners whose equation holds on any trajectory (pcl's consistency,
+    subtb's balance): where the trajectories come from."""
+
+    on_policy: bool = False  # true: x ~ pi at every update (no swaps); false: x ~ q with dpg_off's swap gate
+    data_share: float = setting(0.0, ge=0, lt=1)  # this fraction of each minibatch is rows of D
+
+    def samples_pi(self) -> bool:
+        return self.on_policy
 
 
 class Critic(nn.Module):
@@ -90,6 +102,7 @@ class TwistModule(LoopModule):
         # learned values come from the same check
         self.trained = nn.ModuleDict({"pi": pi, **({"critic": self.critic} if self.critic is not None else {})})
         self.generator = torch.Generator(device=pi.device).manual_seed(inputs.seed + 17)
+        self.data = inputs.train if getattr(cfg, "data_share", 0.0) > 0 else None  # rows of D to train on too
         self.draws_trained = 0  # training steps (draws or minibatches of the proposal) so far
         self.warming_up = False  # warm_up(): only the value model learns
 
@@ -168,6 +181,16 @@ class TwistModule(LoopModule):
         schedule = self.lr_schedulers()
         if schedule is not None:
             schedule.step()
+
+    def trajectories(self, draw: WeightedDraw) -> torch.Tensor:
+        """The draw's rows and, with data_share, that share of each minibatch in rows of D (trajectories of
+        p_true: they satisfy the same equations), drawn with the module's own generator."""
+        tokens = draw.tokens
+        if self.data is None:
+            return tokens
+        count = max(1, round(self.cfg.data_share * len(tokens) / (1.0 - self.cfg.data_share)))
+        rows = torch.randint(len(self.data), (count,), device=tokens.device, generator=self.generator)
+        return pad_cat([tokens, self.data[rows]])
 
     # ---- the update --------------------------------------------------------------------------
     def update(self, draw: WeightedDraw) -> None:
