@@ -286,6 +286,11 @@ def run_summary(results: dict, run_dir: Path) -> str:
     timings = results.get("timings") or {}
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if v >= 0.5)
     wall = results.get("wall_time_s") or sum(timings.values())
+    cached = (results.get("training1_cache") or {}).get("hit")
+    # under a minute in seconds; the stages that took half a second or more, else say none did
+    stages = stages or "every stage under 0.5 s"
+    if cached:
+        stages += "; Training-1 from the cache"
     return "\n".join([
         f"\n=== gam_rl: {results.get('motif')} / {results.get('features')} / |D| {results.get('dataset_size')} / "
         f"seed {results.get('seed')} / {results.get('method')} / profile {results.get('profile')}: "
@@ -294,7 +299,7 @@ def run_summary(results: dict, run_dir: Path) -> str:
         f"  CE(T, r)         {num('ce_test_r')}   motif frequency of r  {num('motif_freq_r', 3)}",
         f"  CE(T, p_lambda)  {num('ce_test_p_lambda')} +- {num('ce_test_p_lambda_se')}",
         f"  CE(T, pi)        {num('ce_test_pi')}   motif frequency of pi {num('motif_freq_pi', 3)}",
-        f"  wall time        {wall / 60:.1f} min ({stages})",
+        f"  wall time        {f'{wall / 60:.1f} min' if wall >= 60 else f'{wall:.1f} s'} ({stages})",
         f"  files            {run_dir}/ (results.json, metrics.csv, config.yaml, r.pt, pi.pt)",
     ])
 

@@ -80,6 +80,9 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     res = run.results
     res["device"] = str(device)
+    # torch's intra-op threads: float reductions (and so r's early stopping, and every number after it) can
+    # differ between thread counts for the same seed; the record says which one made these numbers
+    res["threads"] = torch.get_num_threads()
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
 
     data = load_data(cfg, run, device)

@@ -41,6 +41,7 @@ def test_smoke_run_writes_complete_results(tmp_path):
     assert len(results["lambda"]) == len(results["moments_data"]) == len(results["moments_model"]) == 5
     assert results["entropy_true"] < results["ce_test_r"]  # no model beats the true entropy
     assert results["swap_count"] == len(results["swaps"])
+    assert results["threads"] >= 1  # the thread count that made these numbers
     # every method's common Training-2 record, and where pi started (a fresh LSTM under smoke)
     assert results["t2_start_ce_valid"] > 0 and isinstance(results["t2_worse_than_start"], bool)
     assert results["t2_worse_than_start"] == (results["ce_valid_pi"] > results["t2_start_ce_valid"])
@@ -131,3 +132,13 @@ def test_a_signal_leaves_a_failed_run_that_says_why(tmp_path, sig, code):
         rerun = gam_rl(*args[:-3], "method.max_epochs=1", args[-1], tmp_path=tmp_path)
         results = json.loads((run_dir / "results.json").read_text())
         assert results["status"] == "ok" and results["training1_cache"]["hit"] is True, rerun.stdout
+
+
+def test_the_summary_prints_short_runs_in_seconds_and_says_what_was_cached():
+    from gam_rl.cli import run_summary
+
+    short = run_summary({"timings": {"r": 0.0, "training2": 0.3, "eval_pi": 0.4}, "wall_time_s": 3.2,
+                         "training1_cache": {"hit": True}}, Path("run"))
+    assert "wall time        3.2 s (every stage under 0.5 s; Training-1 from the cache)" in short
+    long = run_summary({"timings": {"r": 128.0, "training2": 87.2}, "wall_time_s": 252.0}, Path("run"))
+    assert "wall time        4.2 min (r 128 s, training2 87 s)" in long
