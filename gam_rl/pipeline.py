@@ -27,7 +27,7 @@ from gam_rl.metrics import batched_log_prob, evaluate_policy, policy_cross_entro
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
-from gam_rl.run_io import RESULT_KEYS
+from gam_rl.run_io import RESULT_KEYS, code_version
 from gam_rl.schema import Config
 from gam_rl.stages.mle import train_mle
 from gam_rl.stages.moment_matching import moment_matching
@@ -44,7 +44,7 @@ class Run:
         self.results: dict = {key: None for key in RESULT_KEYS}
         self.results.update(status="running", motif=cfg.motif.pattern, features=cfg.features.name,
                             dataset_size=cfg.dataset_size.size, seed=cfg.seed, method=cfg.method.name,
-                            profile=cfg.profile, timings={}, samples={})
+                            profile=cfg.profile, timings={}, samples={}, code=code_version())
         self.stage_now: str | None = None  # the stage running now, for a failure's record
 
     @contextlib.contextmanager

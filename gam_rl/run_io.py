@@ -50,6 +50,28 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def code_version() -> dict:
+    """Which code made a run: the package version, and where the package is a git checkout its commit and
+    whether the checkout had uncommitted changes (None when git or the checkout is not there)."""
+    import subprocess
+
+    from gam_rl import __version__
+
+    root = Path(__file__).resolve().parent.parent
+    out: dict = {"version": __version__, "commit": None, "dirty": None}
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, timeout=10)
+            out.update(commit=commit.stdout.strip(), dirty=bool(status.stdout.strip()) if status.returncode == 0
+                       else None)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
 def umask() -> int:
     """The process's umask (os.umask can only be read by setting it)."""
     mask = os.umask(0o022)

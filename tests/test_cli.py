@@ -42,6 +42,9 @@ def test_smoke_run_writes_complete_results(tmp_path):
     assert results["entropy_true"] < results["ce_test_r"]  # no model beats the true entropy
     assert results["swap_count"] == len(results["swaps"])
     assert results["threads"] >= 1  # the thread count that made these numbers
+    code = results["code"]  # which code: this checkout's commit (a git clone), the package version
+    assert code["version"] and (code["commit"] is None or len(code["commit"]) == 40)
+    assert code["dirty"] in (True, False, None)
     # every method's common Training-2 record, and where pi started (a fresh LSTM under smoke)
     assert results["t2_start_ce_valid"] > 0 and isinstance(results["t2_worse_than_start"], bool)
     assert results["t2_worse_than_start"] == (results["ce_valid_pi"] > results["t2_start_ce_valid"])
