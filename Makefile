@@ -9,11 +9,14 @@ ARGS ?= motif=10001011111000 features=1001111 dataset_size=5000 seed=1234 method
 
 setup: $(VENV)/.installed
 
-# torch is pinned to the local CPU build first, so pip never pulls a multi-GB CUDA wheel
+# torch is pinned and installed first, from TORCH_INDEX when set: pip's configured index serves a CPU
+# build on this project's machines; the public index serves Linux a CUDA build (several GB), so on a
+# machine without a GPU say TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 

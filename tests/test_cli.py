@@ -145,3 +145,17 @@ def test_the_summary_prints_short_runs_in_seconds_and_says_what_was_cached():
     assert "wall time        3.2 s (every stage under 0.5 s; Training-1 from the cache)" in short
     long = run_summary({"timings": {"r": 128.0, "training2": 87.2}, "wall_time_s": 252.0}, Path("run"))
     assert "wall time        4.2 min (r 128 s, training2 87 s)" in long
+
+
+def test_make_setup_takes_the_torch_index_from_torch_index():
+    """make setup installs torch from TORCH_INDEX when it is set (the CPU build on a machine whose index
+    serves CUDA wheels), else from pip's configured index."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    plan = subprocess.run(["make", "-n", "-B", "setup", "TORCH_INDEX=https://download.pytorch.org/whl/cpu"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout
+    assert '"torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu' in plan
+    default = subprocess.run(["make", "-n", "-B", "setup"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert '"torch==2.13.0"' in default and "--index-url" not in default
