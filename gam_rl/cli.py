@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -171,11 +172,37 @@ def check_command_line(args: list[str]) -> tuple[list[str], list[str]]:
         return args, err.problems
 
 
+def output_dir_problem(overrides: list[str], multirun: bool) -> str | None:
+    """Whether the run's folder (hydra.run.dir) or the sweep's (hydra.sweep.dir) can be made, before any work:
+    the part of the path before its first interpolation (${now:...}) is tried by making and removing a
+    temporary folder in its nearest existing ancestor (a permission check alone passes root everywhere,
+    /proc included). None: it can."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [o.split("=", 1)[1] for o in overrides if "=" in o and o.split("=", 1)[0].lstrip("+~") == key]
+    value = given[-1] if given else ("multirun/" if multirun else "outputs/")  # conf/config.yaml's, relative
+    folder = Path(value.split("${", 1)[0] or ".").expanduser()
+    ancestor = folder if folder.is_absolute() else Path.cwd() / folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    shown = f"{key}={value}" if given else f"{key} (its default under {Path.cwd()})"
+    if not ancestor.is_dir():
+        return f"{shown}: {ancestor} is a file, not a folder: no run folder can be made below it"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".gam_rl_check_", dir=ancestor))  # made, then removed at once
+    except OSError as err:
+        return f"{shown}: no folder can be made in {ancestor} ({err.strerror or err}); choose a writable place"
+    return None
+
+
 def preflight(args: list[str]) -> list[str]:
     """Every problem of every job of a (rewritten) command line."""
     ns = get_args_parser().parse_args(args)
     if ns.help or ns.hydra_help or ns.info or ns.shell_completion:
         return []
+    if ns.cfg is None:  # a run (not --cfg): its output folder must be possible
+        problem = output_dir_problem(ns.overrides, ns.multirun)
+        if problem:
+            return [problem]
     with initialize_config_module("gam_rl.conf", version_base="1.3"):
         try:
             check = Preflight()

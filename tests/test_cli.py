@@ -159,3 +159,20 @@ def test_make_setup_takes_the_torch_index_from_torch_index():
     assert '"torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu' in plan
     default = subprocess.run(["make", "-n", "-B", "setup"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert '"torch==2.13.0"' in default and "--index-url" not in default
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(tmp_path):
+    """hydra.run.dir under a file, or in /proc (root may write everywhere else, not there): exit 2 naming the
+    key, nothing written; a sweep's hydra.sweep.dir likewise."""
+    from gam_rl.cli import output_dir_problem
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = gam_rl(f"hydra.run.dir={blocker}/run", "profile=smoke", tmp_path=tmp_path, check=False)
+    assert proc.returncode == 2 and f"hydra.run.dir={blocker}/run: {blocker} is a file" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no outputs/, no run folder
+    if Path("/proc/self").exists():
+        problem = output_dir_problem(["hydra.sweep.dir=/proc/x/${now:%H}"], multirun=True)
+        assert problem is not None and problem.startswith("hydra.sweep.dir=/proc/x/${now:%H}: no folder can be made")
+    assert output_dir_problem([f"hydra.run.dir={tmp_path}/new/${{now:%H}}"], multirun=False) is None
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".gam_rl_check_*"))  # the probe is gone
