@@ -425,11 +425,37 @@ def hydra_app(cfg: DictConfig) -> None:
     print(run_summary(results, run_dir))
 
 
+def dry_run(args: list[str]) -> str:
+    """`--dry-run`: every job a (checked, rewritten) command line would run, with its folder, one per line.
+    ${now:...} in the folders resolves to this moment; the real run resolves it when it starts."""
+    ns = get_args_parser().parse_args(args)
+    lines = []
+    with initialize_config_module("gam_rl.conf", version_base="1.3"):
+        jobs = Preflight().jobs(ns.overrides, ns.multirun)
+        previous = HydraConfig.instance().cfg
+        try:
+            for index, job in enumerate(jobs):
+                cfg = compose("config", overrides=list(job), return_hydra_config=True)
+                HydraConfig.instance().set_config(cfg)  # ${hydra:...} and the method's name resolve as in the job
+                folder = (Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir) if ns.multirun
+                          else Path(str(cfg.hydra.run.dir)))
+                lines.append(f"  #{index} {folder}  {' '.join(job) or '(the defaults)'}")
+        finally:
+            HydraConfig.instance().cfg = previous
+    head = f"gam-rl --dry-run: {len(jobs)} job{'s' if len(jobs) != 1 else ''}, nothing run or written"
+    return "\n".join([head, *lines])
+
+
 def main(argv: list[str] | None = None) -> None:
-    args, problems = check_command_line(sys.argv[1:] if argv is None else list(argv))
+    raw = sys.argv[1:] if argv is None else list(argv)
+    listing = "--dry-run" in raw  # gam-rl's own flag, not Hydra's
+    args, problems = check_command_line([a for a in raw if a != "--dry-run"])
     if problems:
         print("gam-rl: invalid configuration:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         sys.exit(2)
+    if listing:
+        print(dry_run(args))
+        return
     sys.argv = [sys.argv[0], *args]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # errors come back here, printed once, with our exit codes
     try:

@@ -176,3 +176,18 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(tmp_pat
         assert problem is not None and problem.startswith("hydra.sweep.dir=/proc/x/${now:%H}: no folder can be made")
     assert output_dir_problem([f"hydra.run.dir={tmp_path}/new/${{now:%H}}"], multirun=False) is None
     assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".gam_rl_check_*"))  # the probe is gone
+
+
+def test_help_is_the_projects_and_dry_run_lists_a_sweeps_jobs_without_running_them(tmp_path):
+    helped = gam_rl("--help", tmp_path=tmp_path)
+    for part in ("== Usage ==", "--dry-run", "== Exit codes ==", "2 a configuration error", "method=dpg_off",
+                 "== Config groups =="):
+        assert part in helped.stdout, part
+    listed = gam_rl("-m", "--dry-run", "profile=smoke", "seed=1,2", "method=dpg_off,subtb",
+                    f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path)
+    lines = listed.stdout.strip().splitlines()
+    assert lines[0] == "gam-rl --dry-run: 4 jobs, nothing run or written"
+    assert f"#3 {tmp_path}/sweep/10001011111000_1001111_D500_s2_subtb  " in lines[4]
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "multirun").exists()
+    bad = gam_rl("-m", "--dry-run", "profile=smoke", "seed=1,-2", tmp_path=tmp_path, check=False)
+    assert bad.returncode == 2 and "seed=-2" in bad.stderr  # checked like any command line
