@@ -296,9 +296,31 @@ def test_duplicate_prefers_ok_run_and_notes_it(sweep):
     write_run(sweep / "rerun", {**ok_results(M1, 1234, 500, "distill"), "status": "failed", "error": "boom"})
     main([str(sweep)])
     text = (sweep / "report" / "table1.md").read_text()
-    assert f"duplicate {M1}/1001111/D500/s1234 distill" in text
+    missing = text.split("### Missing or failed")[1].split("###")[0]  # the run set aside is listed there, with why
+    assert f"{M1}/1001111/D500/s1234 distill: not counted (failed), a re-run of the same configuration" in missing
     row = next(r for r in read_csv(sweep / "report" / "table1.csv") if r["dataset_size"] == "500")
     assert row["ce_dpg_dis_n"] == "4"
+
+
+def test_runs_whose_configurations_differ_are_reported_apart_and_a_narrowed_sweep_misses_nothing(tmp_path):
+    """Two distill runs of one cell that differ in method.max_proposals (a sweep over it): two methods of the
+    report, named by the key; nothing set aside. A sweep of distill alone lists no dpg_off as absent."""
+    root = tmp_path / "sweep"
+    for budget in (100, 1000000):
+        config = {"profile": "cpu", "motif": {"pattern": M1}, "features": {"name": "1001111"},
+                  "dataset_size": {"size": 500}, "seed": 1234,
+                  "method": {"name": "distill", "max_proposals": budget}, "hydra": {"run": {"dir": str(budget)}}}
+        folder = root / f"distill_{budget}"
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        (folder / "results.json").write_text(json.dumps(ok_results(M1, 1234, 500, "distill")))
+    main([str(root)])
+    text = (root / "report" / "table1.md").read_text()
+    missing = text.split("### Missing or failed")[1].split("###")[0]
+    assert "not counted" not in text and "absent" not in missing
+    cells = read_csv(root / "report" / "cells.csv")
+    assert sorted({r["method"] for r in cells}) == ["distill@method.max_proposals=100",
+                                                    "distill@method.max_proposals=1000000"]
 
 
 def test_a_paper_method_on_another_target_is_kept_out_of_the_table1_columns(sweep):

@@ -44,7 +44,7 @@ from gam_rl.report.tables import (
 REPORT_FIGURES: dict[str, Callable[[ProfileData, Path], str | None]] = {**FIGURES, "methods": methods_figure}
 
 
-def report_md(profiles: dict[str, ProfileData], values: dict, tables: dict, raws: dict, notes: list[str],
+def report_md(profiles: dict[str, ProfileData], values: dict, tables: dict, raws: dict, notes: dict[str, list[str]],
               unidentified: list[RunRecord], figures: dict[str, list[str]], skipped: dict[str, list[str]],
               roots: list[Path]) -> str:
     lines = ["# gam-rl report: Table 1", "",
@@ -58,17 +58,16 @@ def report_md(profiles: dict[str, ProfileData], values: dict, tables: dict, raws
                   *cell_ratios_md(tables[name]), "",
                   "### Raw means per \\|D\\| and method (ok runs; mean ± std)", "", *raw_md(raws[name]), "",
                   "### Missing or failed", ""]
-        lines += [f"- {line}" for line in problems(data)] or ["none"]
+        lines += [f"- {line}" for line in [*problems(data), *notes.get(name, [])]] or ["none"]
         lines += ["", "### Training-2 methods (gam_rl/report/methods.py: draws to CE(V, pi) <= 1.01 CE(V, p_lambda), "
                   "final CE(T, pi); exact divergences with eval.exact)", "", *methods_md(methods_rows(data))]
         lines += ["", "Figures: " + (", ".join(f"`{f}`" for f in figures[name]) or "none"), ""]
         lines += [f"- not drawn: {reason}" for reason in skipped[name]]
         lines += [""] if skipped[name] else []
-    if unidentified or notes:
+    if unidentified:
         lines += ["## Other run folders", ""]
         lines += [f"- unidentified (no cell/method in results.json or config): {r.path}: {r.status}"
                   f"{': ' + one_line(r.error) if r.error else ''}" for r in unidentified]
-        lines += [f"- {note}" for note in notes]
         lines.append("")
     return "\n".join(lines)
 

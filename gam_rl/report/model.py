@@ -54,6 +54,7 @@ class RunRecord:
     values: dict[str, float | None] = field(default_factory=dict)
     error: str | None = None
     mtime: float = 0.0
+    config: dict = field(default_factory=dict)  # the run's composed configuration, flattened (`a.b.c` keys)
 
     @property
     def identified(self) -> bool:
@@ -154,26 +155,38 @@ def _identity(results: dict, config: dict) -> dict:
             "seed": _as_int(pick["seed"]), "method": method}
 
 
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def load_run(run_dir: Path) -> RunRecord:
     results_path = run_dir / "results.json"
     config = _read_config(run_dir)
     if not results_path.is_file():
         return RunRecord(run_dir, "missing", error="no results.json (job killed or still running?)",
-                         mtime=_mtime(run_dir / ".hydra" / "config.yaml"), **_identity({}, config))
+                         mtime=_mtime(run_dir / ".hydra" / "config.yaml"), **_identity({}, config),
+                         config=flatten(config))
     try:
         results = json.loads(results_path.read_text())
         if not isinstance(results, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as err:
         return RunRecord(run_dir, "unreadable", error=f"results.json unreadable: {err}",
-                         mtime=_mtime(results_path), **_identity({}, config))
+                         mtime=_mtime(results_path), **_identity({}, config), config=flatten(config))
     status = str(results.get("status") or "unknown")
     error = results.get("error")
     if error and results.get("stage"):
         error = f"[{results['stage']}] {error}"
     return RunRecord(run_dir, status, values={key: as_float(results.get(key)) for key in METRICS},
                      error=str(error) if error else None, mtime=_mtime(results_path),
-                     **_identity(results, config))
+                     **_identity(results, config), config=flatten(config))
 
 
 def _mtime(path: Path) -> float:
@@ -201,21 +214,44 @@ def collect(roots: list[Path], profile: str | None) -> tuple[list[RunRecord], li
     return identified, [r for r in records if not r.identified]
 
 
-def choose_runs(records: list[RunRecord]) -> tuple[dict[tuple, RunRecord], list[str]]:
-    """One run per (profile, cell, method): an ok run over any other, then the newest.
-    Returns the chosen runs and a note for every run that was set aside."""
+# keys that say where and how a run ran, not what it computed: never a reason to report two runs apart
+INCIDENTAL = ("hydra.", "cache.", "logger.", "data.cache_dir", "resume", "threads", "device")
+
+
+def differing_keys(group: list[RunRecord]) -> list[str]:
+    """The configuration keys whose values differ between runs of the same (profile, cell, method); none
+    when a run has no configuration to compare (it cannot be told apart, so it counts as a re-run)."""
+    if not all(r.config for r in group):
+        return []
+    keys = set.intersection(*(set(r.config) for r in group))
+    return sorted(k for k in keys if not k.startswith(INCIDENTAL)
+                  and len({repr(r.config[k]) for r in group}) > 1)
+
+
+def choose_runs(records: list[RunRecord]) -> tuple[dict[tuple, RunRecord], dict[str, list[str]]]:
+    """One run per (profile, cell, method). Runs of one cell and method whose configurations differ (a sweep
+    over method.max_proposals, say) are different methods of the report: each is named after the keys that
+    differ (`distill@method.max_proposals=100`). Runs that are the same configuration (re-runs): an ok run
+    over any other, then the newest; every run set aside is named, per profile, with the reason."""
     groups: dict[tuple, list[RunRecord]] = defaultdict(list)
     for record in records:
         if record.identified:
             groups[(record.profile, record.cell, record.method)].append(record)
-    chosen, notes = {}, []
+    for key, group in list(groups.items()):
+        keys = differing_keys(group) if len(group) > 1 else []
+        if keys:
+            del groups[key]
+            for record in group:
+                record.method = f"{record.method}@" + ",".join(f"{k}={record.config.get(k)}" for k in keys)
+                groups[(record.profile, record.cell, record.method)].append(record)
+    chosen, notes = {}, defaultdict(list)
     for key, group in groups.items():
         group.sort(key=lambda r: (r.ok, r.mtime), reverse=True)
         chosen[key] = group[0]
         for other in group[1:]:
-            notes.append(f"duplicate {cell_name(key[1])} {key[2]}: used {group[0].path} ({group[0].status}), "
-                         f"ignored {other.path} ({other.status})")
-    return chosen, notes
+            notes[key[0]].append(f"{cell_name(key[1])} {key[2]}: not counted ({other.status}), a re-run of the same "
+                                 f"configuration as {group[0].path} ({group[0].status}), which is: {other.path}")
+    return chosen, dict(notes)
 
 
 # ---- runs by profile and cell -------------------------------------------------------------------
