@@ -161,15 +161,16 @@ def test_make_setup_takes_the_torch_index_from_torch_index():
     assert '"torch==2.13.0"' in default and "--index-url" not in default
 
 
-def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(tmp_path):
+def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(tmp_path, capsys):
     """hydra.run.dir under a file, or in /proc (root may write everywhere else, not there): exit 2 naming the
-    key, nothing written; a sweep's hydra.sweep.dir likewise."""
-    from gam_rl.cli import output_dir_problem
+    key, nothing written; a sweep's hydra.sweep.dir likewise. (In-process: the same main as gam-rl.)"""
+    from gam_rl.cli import main, output_dir_problem
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    proc = gam_rl(f"hydra.run.dir={blocker}/run", "profile=smoke", tmp_path=tmp_path, check=False)
-    assert proc.returncode == 2 and f"hydra.run.dir={blocker}/run: {blocker} is a file" in proc.stderr
+    with pytest.raises(SystemExit) as refused:
+        main([f"hydra.run.dir={blocker}/run", "profile=smoke"])
+    assert refused.value.code == 2 and f"hydra.run.dir={blocker}/run: {blocker} is a file" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no outputs/, no run folder
     if Path("/proc/self").exists():
         problem = output_dir_problem(["hydra.sweep.dir=/proc/x/${now:%H}"], multirun=True)
@@ -178,16 +179,19 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(tmp_pat
     assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".gam_rl_check_*"))  # the probe is gone
 
 
-def test_help_is_the_projects_and_dry_run_lists_a_sweeps_jobs_without_running_them(tmp_path):
+def test_help_is_the_projects_and_dry_run_lists_a_sweeps_jobs_without_running_them(tmp_path, capsys):
+    from gam_rl.cli import main
+
     helped = gam_rl("--help", tmp_path=tmp_path)
     for part in ("== Usage ==", "--dry-run", "== Exit codes ==", "2 a configuration error", "method=dpg_off",
                  "== Config groups =="):
         assert part in helped.stdout, part
-    listed = gam_rl("-m", "--dry-run", "profile=smoke", "seed=1,2", "method=dpg_off,subtb",
-                    f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path)
-    lines = listed.stdout.strip().splitlines()
+    # --dry-run in-process (the same main as the gam-rl command): the jobs, their folders, nothing written
+    main(["-m", "--dry-run", "profile=smoke", "seed=1,2", "method=dpg_off,subtb", f"hydra.sweep.dir={tmp_path}/sweep"])
+    lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "gam-rl --dry-run: 4 jobs, nothing run or written"
     assert f"#3 {tmp_path}/sweep/10001011111000_1001111_D500_s2_subtb  " in lines[4]
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "multirun").exists()
-    bad = gam_rl("-m", "--dry-run", "profile=smoke", "seed=1,-2", tmp_path=tmp_path, check=False)
-    assert bad.returncode == 2 and "seed=-2" in bad.stderr  # checked like any command line
+    with pytest.raises(SystemExit) as bad:
+        main(["-m", "--dry-run", "profile=smoke", "seed=1,-2"])
+    assert bad.value.code == 2 and "seed=-2" in capsys.readouterr().err  # checked like any command line
