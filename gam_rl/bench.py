@@ -253,7 +253,7 @@ def bench_dpg_update(timer: Timer, sizes: Sizes, q_is_r: bool) -> float:
     pi = LSTMPolicy(*PAPER, 0.2).to(dev).train()
     target = gam(r, Features("1001111", MOTIF), torch.tensor(LAMBDA_1001111))
     draws = ProposalDraws(q, target, minibatch=sizes.dpg_minibatch, proposal_batch=None, keep_per_draw=None,
-                          replay=0, steps_per_draw=1, updates_per_epoch=1, max_len=SYMBOLS,
+                          replay=0, steps_per_draw=1, max_len=SYMBOLS,
                           generator=torch.Generator(device=dev).manual_seed(10))
     optimiser = torch.optim.Adam(pi.parameters(), lr=0.01)
 

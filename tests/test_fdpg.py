@@ -90,7 +90,7 @@ def test_kl_fdpg_is_dpg_off_exactly():
     r, pi = policy(0, 16), policy(1, 16)
     potential = gam_target(r)[0]
     draws = ProposalDraws(r, potential, minibatch=64, proposal_batch=400, keep_per_draw=64, replay=0,
-                          steps_per_draw=1, updates_per_epoch=1, max_len=MAX_LEN,
+                          steps_per_draw=1, max_len=MAX_LEN,
                           generator=torch.Generator().manual_seed(0))
     draw = draws.fresh()
     log_z = draws.running_z.log_z
@@ -217,7 +217,7 @@ def test_fdpg_weights_come_from_pi_without_dropout(monkeypatch):
     pi = LSTMPolicy(8, 1, dropout=0.5).train()
     potential, _ = gam_target(r)
     draws = ProposalDraws(r, potential, minibatch=64, proposal_batch=None, keep_per_draw=None, replay=0,
-                          steps_per_draw=1, updates_per_epoch=1, max_len=MAX_LEN,
+                          steps_per_draw=1, max_len=MAX_LEN,
                           generator=torch.Generator().manual_seed(0))
     cfg = FDPGConfig(name="fdpg_rkl", divergence="rkl", baseline=True, minibatch=64)
     space = all_outputs(MAX_LEN)

@@ -187,7 +187,7 @@ def test_the_square_critic_is_jensen_biased_below_log_z(problem):
     r, p_lambda, target, valid = problem
     cfg = dpg_family(ACDPGConfig, algorithm="ac_dpg", critic="head", critic_lr=0.05, critic_fit="square")
     draws = ProposalDraws(r, p_lambda, minibatch=MINIBATCH, proposal_batch=None, keep_per_draw=None, replay=0,
-                          steps_per_draw=1, updates_per_epoch=1, max_len=MAX_LEN,
+                          steps_per_draw=1, max_len=MAX_LEN,
                           generator=torch.Generator().manual_seed(1))
     pi = start(r)
     inputs = Training2Inputs(pi=pi, r=r, p_lambda=p_lambda, true_process=None, train=valid, valid=valid,

@@ -135,7 +135,7 @@ def test_adaptive_draw_size_follows_the_effective_sample_size():
     always proposal_batch."""
     _, potential, _, _, _ = true_target_problem()
     draws = ProposalDraws(long_proposal(seed=2, hidden=16), potential, minibatch=64, proposal_batch=8000,
-                          keep_per_draw=128, replay=0, steps_per_draw=1, updates_per_epoch=1, max_len=8,
+                          keep_per_draw=128, replay=0, steps_per_draw=1, max_len=8,
                           generator=torch.Generator().manual_seed(0), ess_per_draw=500, min_proposal_batch=1000)
     assert draws.next_draw_size(8000.0, 8000) == 4000  # q = p: halves
     assert draws.next_draw_size(1000.0, 1000) == 1000  # ... down to the floor
@@ -145,12 +145,12 @@ def test_adaptive_draw_size_follows_the_effective_sample_size():
     assert draws.next_draw_size(1200.0, 4000) == 4000
     assert draws.next_draw_size(2000.0, 4000) == 2000  # ESS / N = 0.5: shrinks (by half at most)
     eager = ProposalDraws(long_proposal(seed=2, hidden=16), potential, minibatch=64, proposal_batch=8000,
-                          keep_per_draw=128, replay=0, steps_per_draw=1, updates_per_epoch=1, max_len=8,
+                          keep_per_draw=128, replay=0, steps_per_draw=1, max_len=8,
                           generator=torch.Generator().manual_seed(0), ess_per_draw=500, min_proposal_batch=1000,
                           shrink_at_ess_fraction=0.25)
     assert eager.next_draw_size(1200.0, 4000) == 2000  # ESS / N = 0.3 >= 0.25: shrinks by half at most
     fixed = ProposalDraws(long_proposal(seed=2, hidden=16), potential, minibatch=64, proposal_batch=8000,
-                          keep_per_draw=128, replay=0, steps_per_draw=1, updates_per_epoch=1, max_len=8,
+                          keep_per_draw=128, replay=0, steps_per_draw=1, max_len=8,
                           generator=torch.Generator().manual_seed(0))
     assert fixed.next_draw_size(8000.0, 8000) == 8000
     first = draws.fresh()  # a real draw: sized by proposal_batch, the next one by its ESS
@@ -185,7 +185,7 @@ def test_gap_to_p_lambda_and_its_noise_are_the_paired_statistics_over_v():
         valid_log_p = p_lambda.log_potential(valid).double() - log_z
     cfg = small_schedule(stop_within_noise=1.0)
     draws = ProposalDraws(r, p_lambda, minibatch=8, proposal_batch=None, keep_per_draw=None, replay=0,
-                          steps_per_draw=1, updates_per_epoch=1, max_len=7, generator=torch.Generator())
+                          steps_per_draw=1, max_len=7, generator=torch.Generator())
     pi = LSTMPolicy(8, 1, 0.0)
     inputs = Training2Inputs(pi=pi, r=r, p_lambda=p_lambda, true_process=None, train=valid, valid=valid, max_len=7,
                              symbols=7, ce_valid_r=1.0, ce_valid_p_lambda=None, log_z_hat=log_z, log_z_se=0.03)
@@ -425,7 +425,7 @@ def test_the_loss_of_a_plain_draw_is_the_papers_update():
     features = Features("1001111", "101")
     p_lambda = gam(r, features, torch.tensor([-2.0, 0.7, -0.5, 1.0, 0.3]))
     draws = ProposalDraws(r, p_lambda, minibatch=64, proposal_batch=None, keep_per_draw=None, replay=0,
-                          steps_per_draw=1, updates_per_epoch=1, max_len=8,
+                          steps_per_draw=1, max_len=8,
                           generator=torch.Generator().manual_seed(0))
     draw = draws.next_batch()
     assert len(draw) == 64 and draws.samples_drawn == 64

@@ -88,19 +88,19 @@ class RunningZ:
         return self.log_sum - math.log(self.count) if math.isfinite(self.log_sum) else 0.0
 
 
-class ProposalDraws(torch.utils.data.IterableDataset):
-    """The DPG stage's data: `updates_per_epoch` minibatches of weighted items per pass.
+class ProposalDraws:
+    """A Training-2 method's weighted items, one minibatch per `next_batch()` (the loop calls it inside the
+    training step, so a draw of pi is of pi as it is at that update).
 
     `proposal` is the policy that samples: r (then copies of pi, at swaps) for dpg_off, pi
     itself for dpg_on and pg (sampling runs without gradient and dropout)."""
 
     def __init__(self, proposal: LSTMPolicy, target: Potential, *, minibatch: int, proposal_batch: int | None,
-                 keep_per_draw: int | None, replay: int, steps_per_draw: int, updates_per_epoch: int,
-                 max_len: int, generator: torch.Generator, ess_per_draw: int | None = None,
-                 min_proposal_batch: int | None = None, shrink_at_ess_fraction: float = 0.5):
-        super().__init__()
+                 keep_per_draw: int | None, replay: int, steps_per_draw: int, max_len: int,
+                 generator: torch.Generator, ess_per_draw: int | None = None, min_proposal_batch: int | None = None,
+                 shrink_at_ess_fraction: float = 0.5):
         self.proposal, self.target, self.max_len, self.generator = proposal, target, max_len, generator
-        self.minibatch, self.replay, self.updates_per_epoch = minibatch, replay, updates_per_epoch
+        self.minibatch, self.replay = minibatch, replay
         self.proposal_batch = max(proposal_batch or minibatch, minibatch)
         self.keep_per_draw = keep_per_draw or minibatch
         # adaptive draw size: aim each fresh draw at ess_per_draw effective samples (None: always proposal_batch)
@@ -182,7 +182,3 @@ class ProposalDraws(torch.utils.data.IterableDataset):
         batch = self.replayed() if self.replay else self.fresh()
         self._updates += 1
         return batch
-
-    def __iter__(self):
-        for _ in range(self.updates_per_epoch):
-            yield self.next_batch()

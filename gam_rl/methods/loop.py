@@ -36,7 +36,7 @@ from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import ProposalDraws, WeightedDraw
 from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.potentials import Potential, Tilt, tilt_of
-from gam_rl.stages.common import KeepBestPlateau, Plateau, StageProgress, make_trainer
+from gam_rl.stages.common import KeepBestPlateau, Plateau, StageProgress, make_trainer, token_loader
 
 log = logging.getLogger("gam_rl")
 
@@ -413,8 +413,7 @@ def proposal_draws(cfg: LoopConfig, inputs: Training2Inputs, target: Potential) 
     return ProposalDraws(inputs.pi if cfg.samples_pi() else inputs.r.eval(), target,
                          minibatch=cfg.minibatch, proposal_batch=cfg.proposal_batch,
                          keep_per_draw=cfg.kept(), replay=cfg.replay,
-                         steps_per_draw=cfg.steps_per_draw, updates_per_epoch=cfg.updates_per_epoch,
-                         max_len=inputs.max_len,
+                         steps_per_draw=cfg.steps_per_draw, max_len=inputs.max_len,
                          generator=torch.Generator(device=inputs.pi.device).manual_seed(inputs.seed),
                          ess_per_draw=cfg.ess_per_draw, min_proposal_batch=cfg.min_proposal_batch,
                          shrink_at_ess_fraction=cfg.shrink_at_ess_fraction)
@@ -437,19 +436,6 @@ def loop_parts(cfg: LoopConfig, inputs: Training2Inputs) -> dict:
                                device=inputs.pi.device)
     return {"target": target, "target_ce_valid": inputs.target_ce_valid(cfg.target_margin) if on_gam else None,
             "valid_log_p": valid_log_p, "tilt_check": tilt_check}
-
-
-class _UpdateCount(torch.utils.data.Dataset):
-    """The training loader of a check: `updates` items, each only an update's index (the module draws)."""
-
-    def __init__(self, updates: int):
-        self.updates = updates
-
-    def __len__(self) -> int:
-        return self.updates
-
-    def __getitem__(self, index: int) -> int:
-        return index
 
 
 def fit_loop(module: LoopModule, inputs: Training2Inputs, *, extra_keys: tuple[str, ...] = (),
@@ -477,9 +463,9 @@ def fit_loop(module: LoopModule, inputs: Training2Inputs, *, extra_keys: tuple[s
                  StageProgress(cfg.algorithm, keys, plateau, steps_per_check or cfg.updates_per_epoch, cfg.max_epochs,
                                unit="updates", monitor="dpg/val_ce_pi")]
     trainer = make_trainer(cfg.max_epochs, callbacks, inputs.logger, inputs.accelerator, gradient_clip_val=clip)
-    updates = torch.utils.data.DataLoader(_UpdateCount(cfg.updates_per_epoch), batch_size=None)
-    valid = torch.utils.data.DataLoader(inputs.valid, batch_size=1000, shuffle=False)
-    trainer.fit(module, updates, valid)
+    # the training loader only counts a check's updates (the module draws); V in its order (valid_log_p's)
+    updates = torch.utils.data.DataLoader(range(cfg.updates_per_epoch), batch_size=None)
+    trainer.fit(module, updates, token_loader(inputs.valid, 1000, shuffle=False))
     if module.checked is not module.pi:  # the kept average is the stage's pi
         module.pi.load_state_dict(module.checked.state_dict())
     module.pi.eval()
