@@ -15,7 +15,7 @@ import torch
 from gam_rl.config_fields import setting
 from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import WeightedDraw
-from gam_rl.methods.loop import loop_parts, proposal_draws
+from gam_rl.methods.loop import loop_module
 from gam_rl.methods.registry import Method, register
 from gam_rl.methods.twist import CRITIC_TARGETS, critic_targets, td_targets, twisted_log_prob
 from gam_rl.methods.twist_loop import TwistLoopConfig, TwistModule, fit_twist
@@ -80,8 +80,7 @@ class ACDPGModule(CriticTargets, TwistModule):
 
 
 def train_ac_dpg(cfg: ACDPGConfig, inputs: Training2Inputs) -> Training2Result:
-    parts = loop_parts(cfg, inputs)
-    module = ACDPGModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, **parts)
+    module = loop_module(ACDPGModule, cfg, inputs)
     return fit_twist(module, inputs)
 
 

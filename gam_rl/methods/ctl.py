@@ -33,7 +33,7 @@ from gam_rl.config_fields import setting
 from gam_rl.estimators import rejection_sample
 from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import WeightedDraw
-from gam_rl.methods.loop import LoopConfig, LoopModule, fit_loop, loop_parts, proposal_draws
+from gam_rl.methods.loop import LoopConfig, LoopModule, fit_loop, loop_module
 from gam_rl.methods.registry import Method, register
 from gam_rl.policy import eval_mode
 from gam_rl.tokens import EOS, PAD, pad_cat
@@ -143,15 +143,13 @@ def importance_log_z(pi, target, samples: int, max_len: int, seed: int) -> float
 
 
 def train_ctl(cfg: CTLConfig, inputs: Training2Inputs) -> Training2Result:
-    parts = loop_parts(cfg, inputs)
     pool, proposals = positive_pool(cfg, inputs)
     if len(pool) == 0:
         raise ValueError("method.positive_source='data' with an empty D: ctl has no positive samples")
-    draws = proposal_draws(cfg, inputs, parts["target"])
-    draws.samples_drawn = proposals  # the positives' proposals count first: draws to the target line include them
-    module = CTLModule(inputs.pi, draws, cfg, inputs, pool=pool, r=inputs.r, seed=inputs.seed, **parts)
+    module = loop_module(CTLModule, cfg, inputs, pool=pool, r=inputs.r, seed=inputs.seed)
+    module.draws.samples_drawn = proposals  # the positives' proposals count first: draws to the target line too
     result = fit_loop(module, inputs, clip=cfg.clip, learned_log_z=lambda: importance_log_z(
-        module.pi, parts["target"], cfg.z_samples, inputs.max_len, inputs.seed + 31))
+        module.pi, module.target, cfg.z_samples, inputs.max_len, inputs.seed + 31))
     result.draws += cfg.z_samples
     result.results.update(ctl_positives=len(pool), ctl_positive_proposals=proposals)
     return result

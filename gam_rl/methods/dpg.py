@@ -17,7 +17,7 @@ import torch
 from gam_rl.config_fields import setting
 from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import WeightedDraw
-from gam_rl.methods.loop import NORMALISE, AveragedLoopConfig, LoopModule, fit_loop, loop_parts, proposal_draws
+from gam_rl.methods.loop import NORMALISE, AveragedLoopConfig, LoopModule, fit_loop, loop_module
 from gam_rl.methods.registry import Method, register
 
 ALGORITHMS = ("dpg_off", "dpg_on")
@@ -80,8 +80,7 @@ class DPGModule(LoopModule):
 def train_dpg(cfg: DPGConfig, inputs: Training2Inputs) -> Training2Result:
     """Train inputs.pi in place towards p = P / Z from draws of r and pi's copies (dpg_off) or of pi
     itself (dpg_on); on return pi holds the best-CE(V) weights."""
-    parts = loop_parts(cfg, inputs)
-    module = DPGModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, **parts)
+    module = loop_module(DPGModule, cfg, inputs)
     return fit_loop(module, inputs, clip=cfg.clip)
 
 

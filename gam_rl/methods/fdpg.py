@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from gam_rl.config_fields import setting
 from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import WeightedDraw
-from gam_rl.methods.loop import NORMALISE, AveragedLoopConfig, LoopModule, fit_loop, loop_parts, proposal_draws
+from gam_rl.methods.loop import NORMALISE, AveragedLoopConfig, LoopModule, fit_loop, loop_module
 from gam_rl.methods.registry import Method, register
 
 
@@ -142,8 +142,7 @@ class FDPGModule(LoopModule):
 
 
 def train_fdpg(cfg: FDPGConfig, inputs: Training2Inputs) -> Training2Result:
-    parts = loop_parts(cfg, inputs)
-    module = FDPGModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, **parts)
+    module = loop_module(FDPGModule, cfg, inputs)
     return fit_loop(module, inputs, clip=cfg.clip)
 
 

@@ -438,6 +438,13 @@ def loop_parts(cfg: LoopConfig, inputs: Training2Inputs) -> dict:
             "valid_log_p": valid_log_p, "tilt_check": tilt_check}
 
 
+def loop_module(cls: type, cfg: LoopConfig, inputs: Training2Inputs, **extra) -> LoopModule:
+    """A method's module on the loop: `cls` (its LoopModule subclass) with its draws and the loop's parts (the
+    target potential, the target line, log p_lambda on V, the stop's tilt test); `extra`: the method's own."""
+    parts = loop_parts(cfg, inputs)
+    return cls(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, **parts, **extra)
+
+
 def fit_loop(module: LoopModule, inputs: Training2Inputs, *, extra_keys: tuple[str, ...] = (),
              steps_per_check: int | None = None, keep: str = "checked", clip: float | None = None,
              learned_log_z=None, exact_extras=None) -> Training2Result:

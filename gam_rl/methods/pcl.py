@@ -17,7 +17,7 @@ import torch
 from gam_rl.config_fields import setting
 from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import WeightedDraw
-from gam_rl.methods.loop import loop_parts, proposal_draws
+from gam_rl.methods.loop import loop_module
 from gam_rl.methods.registry import Method, register
 from gam_rl.methods.twist import critic_targets, pcl_consistency
 from gam_rl.methods.twist_loop import TrajectoryLoopConfig, TwistModule, fit_twist
@@ -71,8 +71,7 @@ class PCLModule(TwistModule):
 
 
 def train_pcl(cfg: PCLConfig, inputs: Training2Inputs) -> Training2Result:
-    parts = loop_parts(cfg, inputs)
-    module = PCLModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, **parts)
+    module = loop_module(PCLModule, cfg, inputs)
     return fit_twist(module, inputs)
 
 

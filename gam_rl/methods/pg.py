@@ -15,7 +15,7 @@ import torch
 from gam_rl.config_fields import setting
 from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import WeightedDraw
-from gam_rl.methods.loop import NORMALISE, AveragedLoopConfig, LoopModule, fit_loop, loop_parts, proposal_draws
+from gam_rl.methods.loop import NORMALISE, AveragedLoopConfig, LoopModule, fit_loop, loop_module
 from gam_rl.methods.registry import Method, register
 
 
@@ -47,8 +47,7 @@ class PGModule(LoopModule):
 
 
 def train_pg(cfg: PGConfig, inputs: Training2Inputs) -> Training2Result:
-    parts = loop_parts(cfg, inputs)
-    module = PGModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, **parts)
+    module = loop_module(PGModule, cfg, inputs)
     return fit_loop(module, inputs, clip=cfg.clip)
 
 

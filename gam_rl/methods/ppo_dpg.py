@@ -18,7 +18,7 @@ from gam_rl.config_fields import setting
 from gam_rl.methods.ac_dpg import CriticTargets
 from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import WeightedDraw
-from gam_rl.methods.loop import NORMALISE, loop_parts, proposal_draws
+from gam_rl.methods.loop import NORMALISE, loop_module
 from gam_rl.methods.registry import Method, register
 from gam_rl.methods.twist import CRITIC_TARGETS, ppo_surrogate
 from gam_rl.methods.twist_loop import TwistLoopConfig, TwistModule, fit_twist
@@ -117,8 +117,7 @@ class PPODPGModule(CriticTargets, TwistModule):
 
 
 def train_ppo_dpg(cfg: PPODPGConfig, inputs: Training2Inputs) -> Training2Result:
-    parts = loop_parts(cfg, inputs)
-    module = PPODPGModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, **parts)
+    module = loop_module(PPODPGModule, cfg, inputs)
     # optimiser steps per check, at most: every pass of every draw, unless the KL stop cuts it
     return fit_twist(module, inputs, steps_per_check=cfg.updates_per_epoch * cfg.ppo_epochs
                      * -(-cfg.drawn() // cfg.minibatch))

@@ -31,7 +31,7 @@ import torch
 from gam_rl.config_fields import setting
 from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import WeightedDraw
-from gam_rl.methods.loop import loop_parts, proposal_draws
+from gam_rl.methods.loop import loop_module
 from gam_rl.methods.registry import Method, register
 from gam_rl.methods.twist import critic_targets
 from gam_rl.methods.twist_loop import TrajectoryLoopConfig, TwistModule, fit_twist
@@ -95,8 +95,7 @@ class SubTBModule(TwistModule):
 
 
 def train_subtb(cfg: SubTBConfig, inputs: Training2Inputs) -> Training2Result:
-    parts = loop_parts(cfg, inputs)
-    module = SubTBModule(inputs.pi, proposal_draws(cfg, inputs, parts["target"]), cfg, inputs, **parts)
+    module = loop_module(SubTBModule, cfg, inputs)
     return fit_twist(module, inputs)
 
 
