@@ -19,7 +19,7 @@ from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import WeightedDraw
 from gam_rl.methods.loop import loop_module
 from gam_rl.methods.registry import Method, register
-from gam_rl.methods.twist import critic_targets, pcl_consistency
+from gam_rl.methods.twist import pcl_consistency
 from gam_rl.methods.twist_loop import TrajectoryLoopConfig, TwistModule, fit_twist
 from gam_rl.tokens import EOS, PAD
 
@@ -41,16 +41,9 @@ class PCLModule(TwistModule):
     def learns_values(self) -> bool:
         return True
 
-    def warm_up_loss(self, draw: WeightedDraw) -> torch.Tensor:
-        """u alone, fitted to the draw's Monte-Carlo targets (critic_loss): V -> V* for pi = r."""
-        tokens = draw.tokens
-        mask = tokens != PAD
-        log_r, terminal = self.rewards(tokens)
-        with torch.no_grad():
-            states = self.pi.token_states(tokens)
-            base = torch.logsumexp(self.pi.head(states), -1)
-        values = base + self.critic(tokens, states)
-        return self.critic_fit(values, critic_targets(log_r, draw.log_q_tok, terminal, mask), mask)
+    def fixed_values(self, states: torch.Tensor) -> torch.Tensor:
+        """logsumexp of pi's Q-logits: the warm-up fits the offset u alone on top of it."""
+        return torch.logsumexp(self.pi.head(states), -1)
 
     def update(self, draw: WeightedDraw) -> None:
         tokens = self.trajectories(draw)  # the draw, and rows of D: they satisfy the same consistency

@@ -61,13 +61,8 @@ class PPODPGConfig(TwistLoopConfig):
 
 
 class PPODPGModule(CriticTargets, TwistModule):
-    def warm_up_loss(self, draw: WeightedDraw) -> torch.Tensor:
-        tokens, mask = draw.tokens, draw.tokens != PAD
-        log_r, terminal = self.rewards(tokens)
-        with torch.no_grad():
-            states = self.pi.token_states(tokens)
-        values = self.critic(tokens, states)
-        return self.critic_fit(values, self.critic_targets(values, log_r, draw.log_q_tok, terminal, mask), mask)
+    def warm_up_targets(self, values, log_r, log_q, terminal, mask) -> torch.Tensor:
+        return self.critic_targets(values, log_r, log_q, terminal, mask)  # mc or td, as in the updates
 
     def update(self, draw: WeightedDraw) -> None:
         cfg, tokens, log_q = self.cfg, draw.tokens, draw.log_q_tok

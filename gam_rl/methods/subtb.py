@@ -33,7 +33,6 @@ from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import WeightedDraw
 from gam_rl.methods.loop import loop_module
 from gam_rl.methods.registry import Method, register
-from gam_rl.methods.twist import critic_targets
 from gam_rl.methods.twist_loop import TrajectoryLoopConfig, TwistModule, fit_twist
 from gam_rl.tokens import PAD
 
@@ -73,16 +72,6 @@ class SubTBConfig(TrajectoryLoopConfig):
 
 
 class SubTBModule(TwistModule):
-    def warm_up_loss(self, draw: WeightedDraw) -> torch.Tensor:
-        """The log-flow alone on the draw's Monte-Carlo targets (exp fit: V -> V* for any proposal)."""
-        tokens = draw.tokens
-        mask = tokens != PAD
-        log_r, terminal = self.rewards(tokens)
-        with torch.no_grad():
-            states = self.pi.token_states(tokens)
-        values = self.critic(tokens, states)
-        return self.critic_fit(values, critic_targets(log_r, draw.log_q_tok, terminal, mask), mask)
-
     def update(self, draw: WeightedDraw) -> None:
         tokens = self.trajectories(draw)  # the draw, and rows of D: they satisfy the same balance
         mask = tokens != PAD

@@ -22,11 +22,11 @@ from gam_rl.exact import learned_value_errors
 from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import ProposalDraws, WeightedDraw
 from gam_rl.methods.loop import LoopConfig, LoopModule, fit_loop
-from gam_rl.methods.twist import CRITIC_FITS, critic_loss
+from gam_rl.methods.twist import CRITIC_FITS, critic_loss, critic_targets
 from gam_rl.policy import LSTMPolicy, Samples, eval_mode
 from gam_rl.potentials import Potential
 from gam_rl.progress import Progress
-from gam_rl.tokens import EOS, pad_cat
+from gam_rl.tokens import EOS, PAD, pad_cat
 
 CRITICS = ("none", "head", "separate")  # head: a value head on pi's LSTM | separate: an LSTM initialised from r
 
@@ -147,9 +147,25 @@ class TwistModule(LoopModule):
         body = None if self.critic is None else self.critic.body
         return self.pi.dropout_p == 0 and (body is None or body.dropout_p == 0)
 
+    def fixed_values(self, states: torch.Tensor) -> torch.Tensor | float:
+        """The part of V(s) that is not the value model's (pcl: the logsumexp of pi's Q-logits); 0 here."""
+        return 0.0
+
+    def warm_up_targets(self, values, log_r, log_q, terminal, mask) -> torch.Tensor:
+        """The value model's targets during the warm-up: the draw's Monte-Carlo targets (critic_targets)."""
+        return critic_targets(log_r, log_q, terminal, mask)
+
     def warm_up_loss(self, draw: WeightedDraw) -> torch.Tensor:
-        """The value model's loss during the warm-up (pi does not move)."""
-        raise NotImplementedError
+        """The value model alone on the draw (pi does not move: its states and fixed values without gradient),
+        by critic_fit on warm_up_targets: with the exp fit, V -> V* for any proposal."""
+        tokens = draw.tokens
+        mask = tokens != PAD
+        log_r, terminal = self.rewards(tokens)
+        with torch.no_grad():
+            states = self.pi.token_states(tokens)
+            fixed = self.fixed_values(states)
+        values = fixed + self.critic(tokens, states)
+        return self.critic_fit(values, self.warm_up_targets(values, log_r, draw.log_q_tok, terminal, mask), mask)
 
     def warm_up(self, updates: int) -> None:
         """`updates` fresh draws on which only the critic learns, with its own Adam, before the first
