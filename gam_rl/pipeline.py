@@ -23,7 +23,7 @@ from gam_rl.exact import ExactTarget, OutputSpace, exact_results
 from gam_rl.features import Features
 from gam_rl.methods import registry
 from gam_rl.methods.contract import Training2Inputs, Training2Result
-from gam_rl.metrics import batched_log_prob, evaluate_policy, policy_cross_entropy
+from gam_rl.metrics import batched_log_prob, evaluate_policy
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
@@ -220,16 +220,9 @@ def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger
         # s.e. of log Z-hat = relative s.e. of Z-hat (delta method); unknown: 0 (the paired s.e. alone)
         log_z_se=float(res.get("z_rel_se") or 0.0), seed=cfg.seed + 3, logger=logger, accelerator=accelerator,
         exact=exact_target)
-    # CE(V) of where pi starts (r itself when init=r): the run says when the pi it returns is worse on V
-    start_ce = res["ce_valid_r"] if method.init == "r" else policy_cross_entropy(pi, splits.valid, data.symbols)
-    fit = registry.train(method, inputs)
+    fit = registry.train(method, inputs)  # the start is check 0 of its selection (t2_kept_start)
     run.count_samples("training2", fit.draws)
     res.update(fit.record())
-    res.update(t2_start_ce_valid=start_ce, t2_worse_than_start=bool(fit.ce_valid_pi > start_ce))
-    if res["t2_worse_than_start"]:
-        log.warning("[%s] the returned pi is worse on V than where it started: CE(V, pi) %.4f > %.4f (%s); see "
-                    "docs/methods.md, 'worse than the start'", method.name, fit.ce_valid_pi, start_ce,
-                    "r" if method.init == "r" else "the fresh pi")
     if fit.learned_log_z is not None:
         log.info("[%s] learned log Z = V(empty prefix) = %.4f; importance-sampled log Z-hat = %.4f",
                  method.algorithm, fit.learned_log_z, res["log_z_hat"])

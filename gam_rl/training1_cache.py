@@ -78,9 +78,10 @@ class Training1:
     def results(self) -> dict:
         """The results.json keys of these stages."""
         fit = self.r_fit
-        return {"ce_valid_r": fit.best_val_ce, "r_epochs": fit.epochs, "r_best_epoch": fit.best_epoch,
-                "r_lr_decay_epochs": fit.decay_epochs, **self.r_eval.results("r"), **self.moments.results(),
-                **self.partition.results()}
+        # epochs count from 1, as in the log and t1_best_epoch (the stages' plateau counts from 0)
+        return {"ce_valid_r": fit.best_val_ce, "r_epochs": fit.epochs, "r_best_epoch": fit.best_epoch + 1,
+                "r_lr_decay_epochs": [e + 1 for e in fit.decay_epochs], **self.r_eval.results("r"),
+                **self.moments.results(), **self.partition.results()}
 
 
 def default_dir() -> Path:

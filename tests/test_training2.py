@@ -257,7 +257,7 @@ def test_the_tilt_test_holds_the_noise_stop_until_pi_puts_the_tilt_where_p_lambd
     # the tilt's gap is lambda times the feature's: one feature here
     assert hit["tilt"]["tilt_gap"] == pytest.approx(-5.0 * hit["tilt"]["gap"]["motif"], rel=1e-9)
     epochs = held.results["t2_epochs"]
-    assert epochs > ce_only.results["t2_epochs"] and held.results["t2_best_epoch"] == epochs - 1  # the stop's check
+    assert epochs > ce_only.results["t2_epochs"] and held.results["t2_best_epoch"] == epochs  # the stop's check
     # the exact gap of the returned pi: within the tolerance and 4 of the estimate's s.e. (0.005-0.01)
     assert abs(held_gap) <= 0.05 + 4 * hit["tilt"]["tilt_se"], (held_gap, hit)
 
@@ -299,16 +299,21 @@ def test_keep_start_makes_r_check_zero_of_the_plateau():
 
     # the target is r itself (lambda = 0) and V is drawn from it: every check is worse than r
     r_itself, valid_r = r_itself_target(r, space)
-    ruined, _ = fit(r_itself, valid_r, lr=0.05)
+    ruined, pi_ruined = fit(r_itself, valid_r, lr=0.05)
     kept, pi_kept = fit(r_itself, valid_r, lr=0.05, keep_start=True)
-    assert ruined.ce_valid_pi > ce_valid(r, valid_r) and ruined.results["t2_best_epoch"] >= 0  # worse than r
-    assert kept.ce_valid_pi == ce_valid(r, valid_r) and kept.results["t2_best_epoch"] == -1  # none better
-    assert kept.results["t2_epochs"] == 3
+    # every check is worse than r: r is returned either way (the start is check 0 of every selection), and
+    # with keep_start the patience counts from r, so the run stops after `patience` checks
+    assert ruined.trained_ce_valid > ce_valid(r, valid_r) and ruined.kept_start
+    assert ruined.ce_valid_pi == ce_valid(r, valid_r) and ruined.results["t2_best_epoch"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(pi_ruined.state_dict().values(), r.state_dict().values(), strict=True))
+    assert kept.ce_valid_pi == ce_valid(r, valid_r) and kept.results["t2_best_epoch"] == 0 and kept.kept_start
+    assert kept.results["t2_epochs"] == 3 < ruined.results["t2_epochs"]
     assert all(torch.equal(a, b) for a, b in zip(pi_kept.state_dict().values(), r.state_dict().values(), strict=True))
     # a schedule that beats r at check 1 (P_lambda penalises "11"): the start is never the best, nothing changes
     plain, pi_plain = fit(p_lambda, valid)
     started, pi_started = fit(p_lambda, valid, keep_start=True)
-    assert plain.ce_valid_pi < ce_r - 0.01 and started.results["t2_best_epoch"] == plain.results["t2_best_epoch"] >= 0
+    assert plain.ce_valid_pi < ce_r - 0.01 and started.results["t2_best_epoch"] == plain.results["t2_best_epoch"] >= 1
+    assert not plain.kept_start and plain.trained_ce_valid == plain.ce_valid_pi
     assert (started.results["t2_epochs"], started.draws, started.ce_valid_pi) == (
         plain.results["t2_epochs"], plain.draws, plain.ce_valid_pi)
     assert all(torch.equal(a, b) for a, b in zip(pi_started.state_dict().values(), pi_plain.state_dict().values(),
@@ -347,7 +352,7 @@ def test_lr_decays_restart_dpg_from_the_best_weights_at_a_lower_lr():
     result = train_method(cfg, pi, r, r_itself, valid_r, max_len=7, symbols=7, ce_valid_r=ce_valid(r, valid_r), seed=4,
                           callbacks=[record])
     res = result.record()
-    assert (res["t2_epochs"], res["t2_best_epoch"], res["t2_lr_decay_epochs"]) == (3, -1, [0, 1])
+    assert (res["t2_epochs"], res["t2_best_epoch"], res["t2_lr_decay_epochs"]) == (3, 0, [1, 2])
     assert record.lrs == pytest.approx([0.2] * 10 + [0.1] * 10 + [0.05] * 10)
     assert record.starts_at_r == [True, True, True]
     assert all(torch.equal(a, b) for a, b in zip(pi.state_dict().values(), r.state_dict().values(), strict=True))
@@ -381,7 +386,7 @@ def test_ema_decay_checks_keeps_and_returns_the_moving_average_of_the_weights():
     assert record.checked_ok == [True] * 4 and result.results["t2_epochs"] == 4
     trained_last = record.at_checks[-1]
     assert not all(torch.equal(a, b) for a, b in zip(trained_last, record.at_checks[-2], strict=True))  # it moves
-    kept = record.at_checks[result.results["t2_best_epoch"]]
+    kept = record.at_checks[result.results["t2_best_epoch"] - 1]  # checks count from 1
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kept, pi.parameters(), strict=True))
     assert result.ce_valid_pi == pytest.approx(ce_valid(pi, valid), abs=1e-5)
     assert any(p.startswith("method.ema_decay=0.9 with method.lr_decays=1")
@@ -456,7 +461,7 @@ def test_the_twist_learners_take_the_loops_keep_start_and_lr_warmup():
     # CE(V, r) given as below any reachable value: no check beats the start
     result = train_method(cfg, pi, r, p_lambda, valid, max_len=7, symbols=7, ce_valid_r=-1.0, seed=4,
                           callbacks=[record])
-    assert result.results["t2_best_epoch"] == -1 and result.ce_valid_pi == -1.0
+    assert result.results["t2_best_epoch"] == 0 and result.ce_valid_pi == -1.0 and result.kept_start
     assert all(torch.equal(a, b) for a, b in zip(pi.state_dict().values(), r.state_dict().values(), strict=True))
     assert result.learned_log_z == 0.0  # the value head as it started (zero)
     assert record.lrs[:20] == pytest.approx([0.05 * (k + 1) / 20 for k in range(20)])

@@ -86,8 +86,23 @@ class Training2Result:
     exact_extras: Callable[[Any], dict] | None = None
     learned_log_z: float | None = None  # a method that learns log Z (V(empty prefix)): its value
 
+    start_ce_valid: float | None = None  # CE(V) of pi's starting weights (check 0 of the selection)
+    trained_ce_valid: float | None = None  # the best CE(V) of the method's own checks
+    kept_start: bool = False  # no check beat the start: pi holds its starting weights again
+
+    def keep_start_unless_beaten(self, start_ce_valid: float, start_weights: dict) -> None:
+        """The start is check 0 of every method's selection: unless the method's best check is better on V
+        than where pi started (a tie, a NaN: not better), pi gets its starting weights back."""
+        self.start_ce_valid, self.trained_ce_valid = start_ce_valid, self.ce_valid_pi
+        self.kept_start = not self.ce_valid_pi < start_ce_valid
+        if self.kept_start:
+            self.pi.load_state_dict(start_weights)
+            self.ce_valid_pi = start_ce_valid
+            self.results["t2_best_epoch"] = 0  # checks count from 1; 0 is the start
+
     def record(self) -> dict:
         """results.json's Training-2 keys: the common ones and the method's own."""
         return {"ce_valid_pi": self.ce_valid_pi, "t2_target_ce_valid": self.target_ce_valid,
                 "t2_reached_target": self.reached_target, "t2_learned_log_z": self.learned_log_z,
-                "t2_curve": self.curve, **self.results}
+                "t2_curve": self.curve, "t2_start_ce_valid": self.start_ce_valid,
+                "t2_trained_ce_valid": self.trained_ce_valid, "t2_kept_start": self.kept_start, **self.results}

@@ -104,9 +104,10 @@ class DistillResult:
     def results(self) -> dict:
         # best_val_ce: distillation's own validation (its samples plus V), not CE(V, pi) on V alone
         fresh, pilot = self.fresh, self.pilot
-        return {"distill_ce_valid_mixed": self.best_val_ce, "t2_epochs": self.epochs, "t2_best_epoch": self.best_epoch,
+        return {"distill_ce_valid_mixed": self.best_val_ce, "t2_epochs": self.epochs,
+                "t2_best_epoch": self.best_epoch + 1,  # epochs count from 1 (0: the start, kept)
                 "distill_acceptance_rate": self.acceptance_rate, "distill_proposals": self.proposals,
-                "t2_lr_decay_epochs": self.decay_epochs, "distill_sampler": self.sampler,
+                "t2_lr_decay_epochs": [e + 1 for e in self.decay_epochs], "distill_sampler": self.sampler,
                 "distill_log_beta": self.log_beta,
                 # the diagnostic draws' estimates at the chosen beta (null under rs, or without diagnostic draws)
                 **{f"distill_qrs_{key}": None if fresh is None else getattr(fresh, attr) for key, attr in (

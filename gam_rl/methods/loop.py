@@ -120,8 +120,8 @@ class LoopConfig(MethodConfig):
     stop_tilt_samples: int | None = setting(None, ge=100)
     stop_tilt_z: float = setting(2.0, ge=0)
     stop_tilt_tolerance: float = setting(0.3, ge=0)
-    # init=r: pi's starting weights are the plateau's check 0 (their CE(V) is CE(V, r)), so pi is r
-    # unless a check beats it, and patience counts from the start; false: check 1 is the first candidate
+    # init=r: pi's starting weights (their CE(V) is CE(V, r)) are the plateau's first best, so the patience
+    # counts from the start; false: from check 1. (The pipeline returns the start whenever no check beats it.)
     keep_start: bool = False
     lr_warmup: int = setting(0, ge=0)  # updates over which the lr rises linearly to `lr`; 0: none (the paper)
     # > 0: after `patience` checks without a better CE(V, pi), restart from the best weights (or r, with
@@ -452,8 +452,8 @@ def fit_loop(module: LoopModule, inputs: Training2Inputs, *, extra_keys: tuple[s
     keeping the best check's `module.<keep>` (`checked`: pi or its average; or pi with what else the
     method trains), progress in optimiser steps (steps_per_check per check, at most), Lightning's
     grad-norm clip at `clip`. cfg.keep_start (pi starts as r): the starting weights, with CE(V, r),
-    are check 0, kept unless a check is better. learned_log_z, exact_extras: callables of the module
-    after the fit, for the result."""
+    are the plateau's first best (the patience counts from them). learned_log_z, exact_extras:
+    callables of the module after the fit, for the result."""
     cfg, draws = module.cfg, module.draws
     started = time.perf_counter()
     # a CE(V, pi) that is not finite (pg's collapse) is a check without progress, not a reason to stop
@@ -476,11 +476,12 @@ def fit_loop(module: LoopModule, inputs: Training2Inputs, *, extra_keys: tuple[s
     if module.checked is not module.pi:  # the kept average is the stage's pi
         module.pi.load_state_dict(module.checked.state_dict())
     module.pi.eval()
-    results = {"target": cfg.target, "t2_epochs": trainer.current_epoch, "t2_best_epoch": plateau.best_epoch,
+    # checks count from 1 (0: the start, kept), as in the log; the plateau counts from 0 (-1: the start)
+    results = {"target": cfg.target, "t2_epochs": trainer.current_epoch, "t2_best_epoch": plateau.best_epoch + 1,
                "t2_updates": int(trainer.global_step), "swaps": module.swaps, "swap_count": len(module.swaps),
                "dpg_log_z_running": draws.running_z.log_z if draws.running_z.count else None,
                "dpg_stopped_within_noise": module.stopped_within_noise, "dpg_tilt_holds": module.tilt_holds,
-               "t2_lr_decay_epochs": plateau.decay_epochs, **module.results()}
+               "t2_lr_decay_epochs": [e + 1 for e in plateau.decay_epochs], **module.results()}
     return Training2Result(pi=module.pi, draws=draws.samples_drawn, seconds=round(time.perf_counter() - started, 3),
                            ce_valid_pi=plateau.best, target_ce_valid=module.target_ce_valid,
                            reached_target=module.reached_target, curve=module.curve,

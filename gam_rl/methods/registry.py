@@ -9,13 +9,18 @@ registry; no code outside a method's own file tests a method's name.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
+import logging
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from gam_rl.methods.contract import Training2Inputs, Training2Result
+from gam_rl.metrics import policy_cross_entropy
+
+log = logging.getLogger("gam_rl")
 
 
 @dataclass(frozen=True)
@@ -67,5 +72,15 @@ def get(algorithm: str) -> Method:
 
 
 def train(cfg, inputs: Training2Inputs) -> Training2Result:
-    """Run the method that `cfg.algorithm` names."""
-    return get(cfg.algorithm).train(cfg, inputs)
+    """Run the method that `cfg.algorithm` names. Where pi started is check 0 of its selection: the
+    returned pi is the start when no check of the method beats it on V (Training2Result.kept_start)."""
+    # CE(V) of the start: r's, already measured, when pi starts as a copy of r
+    start_ce = inputs.ce_valid_r if cfg.init == "r" else policy_cross_entropy(inputs.pi, inputs.valid, inputs.symbols)
+    start_weights = copy.deepcopy(inputs.pi.state_dict())
+    fit = get(cfg.algorithm).train(cfg, inputs)
+    fit.keep_start_unless_beaten(start_ce, start_weights)
+    if fit.kept_start:
+        log.warning("[%s] no check beat the start on V (best CE(V, pi) %s against %.4f): pi is the start again "
+                    "(%s); results.json: t2_kept_start, t2_trained_ce_valid", cfg.name, f"{fit.trained_ce_valid:.4f}",
+                    start_ce, "r" if cfg.init == "r" else "the fresh LSTM")
+    return fit
