@@ -1,3 +1,3 @@
 """gam_rl: Global Autoregressive Models trained with distributional reinforcement learning."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -40,7 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gam_rl import schema
 from gam_rl.memory import retain_freed_memory
-from gam_rl.run_io import RunLogger, atomic_write_json
+from gam_rl.run_io import PER_FEATURE_KEYS, RunLogger, atomic_write_json, by_feature
 from gam_rl.schema import ConfigError
 from gam_rl.sweep import SweepSummary, complete_results, folder_conflict, remove_stale_files, sweep_summary
 
@@ -285,11 +285,9 @@ def wandb_summary(results: dict) -> dict:
     Training-1 came from."""
     summary = {k: v for k, v in results.items()
                if isinstance(v, (bool, int, float, str)) and k not in ("traceback", "run_dir", "data_dir")}
-    names = results.get("feature_names") or []
-    for key in ("lambda", "moments_data", "moments_model"):
-        values = results.get(key)
-        if isinstance(values, list) and len(values) == len(names):
-            summary.update({f"{key}/{name}": value for name, value in zip(names, values, strict=True)})
+    for key in PER_FEATURE_KEYS:
+        if results.get(key) is not None:
+            summary.update({f"{key}/{name}": value for name, value in by_feature(results, key).items()})
     for key in ("timings", "samples", "exact"):
         summary.update({f"{key}/{stage}": value for stage, value in (results.get(key) or {}).items()})
     # Table 1's within-run ratios (CE pi/r, CE pi/H, mtf pi/r), per run

@@ -27,7 +27,7 @@ from gam_rl.metrics import batched_log_prob, evaluate_policy
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
-from gam_rl.run_io import RESULT_KEYS, code_version
+from gam_rl.run_io import PER_FEATURE_KEYS, RESULT_KEYS, code_version
 from gam_rl.schema import Config
 from gam_rl.stages.mle import train_mle
 from gam_rl.stages.moment_matching import moment_matching
@@ -90,6 +90,8 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
     res["feature_names"], res["training1_estimator"] = features.names, cfg.training1.estimator
     t1 = training1_cached(cfg, run, data, features, logger, run_dir, device, accelerator)
     res.update(t1.results())
+    for key in PER_FEATURE_KEYS:  # lambda and the moments by feature name, not bare lists
+        res[key] = dict(zip(features.names, res[key], strict=True))
 
     # Training-2 starts from the same RNG state whether Training-1 ran here or came from the cache
     pl.seed_everything(cfg.seed + 3, workers=False, verbose=False)

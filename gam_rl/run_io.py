@@ -50,6 +50,23 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# results.json keys that hold one value per feature, as {feature name: value} in the features' order
+PER_FEATURE_KEYS = ("lambda", "moments_data", "moments_model")
+
+
+def by_feature(results: dict, key: str) -> dict[str, float]:
+    """One of PER_FEATURE_KEYS as {feature name: value}: as written since version 0.2.0 (a dict), or from a run of an
+    older version that wrote a bare list beside `feature_names`."""
+    values = results.get(key)
+    if isinstance(values, dict):
+        return dict(values)
+    names = results.get("feature_names") or []
+    if not isinstance(values, list) or len(values) != len(names):
+        raise ValueError(f"results.json: {key!r} is neither a {{feature: value}} map nor a list as long as "
+                         f"feature_names ({values!r})")
+    return dict(zip(names, values, strict=True))
+
+
 def code_version() -> dict:
     """Which code made a run: the package version, and where the package is a git checkout its commit and
     whether the checkout had uncommitted changes (None when git or the checkout is not there)."""

@@ -27,6 +27,7 @@ from gam_rl.methods.contract import Training2Inputs
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
+from gam_rl.run_io import by_feature
 
 
 class Curve(ExactCurve):
@@ -48,7 +49,8 @@ def main(run_dir: Path, overrides: list[str]) -> dict:
     saved = torch.load(run_dir / "r.pt")
     r = LSTMPolicy(**saved["config"]).eval()
     r.load_state_dict(saved["state_dict"])
-    p_lambda = gam(r, Features.from_config(cfg.features, cfg.motif.pattern), torch.tensor(results["lambda"]))
+    lam = torch.tensor(list(by_feature(results, "lambda").values()))
+    p_lambda = gam(r, Features.from_config(cfg.features, cfg.motif.pattern), lam)
     process = MotifProcess(cfg.motif.pattern, cfg.n)
     pools = {"train": cfg.data.pools.train, "valid": cfg.data.pools.valid, "test": cfg.data.pools.test}
     splits = load_splits(cfg.motif.pattern, cfg.n, cfg.dataset_size.size, results["valid_size"], pools,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gam_rl.run_io import RESULT_KEYS
+from gam_rl.run_io import RESULT_KEYS, by_feature
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,8 @@ def test_smoke_run_writes_complete_results(tmp_path):
                 "motif_freq_pi", "avg_len_pi", "z_hat"):
         assert isinstance(results[key], float), key
     assert all(results[key] is not None for key in RESULT_KEYS), [k for k in RESULT_KEYS if results[k] is None]
-    assert len(results["lambda"]) == len(results["moments_data"]) == len(results["moments_model"]) == 5
+    names = results["feature_names"]  # lambda and the moments by feature name, in the features' order
+    assert len(names) == 5 and all(list(results[key]) == names for key in ("lambda", "moments_data", "moments_model"))
     assert results["entropy_true"] < results["ce_test_r"]  # no model beats the true entropy
     assert results["swap_count"] == len(results["swaps"])
     assert results["threads"] >= 1  # the thread count that made these numbers
@@ -63,6 +64,19 @@ def test_smoke_run_writes_complete_results(tmp_path):
     entry = Path(results["training1_cache"]["dir"])
     assert stat.S_IMODE(entry.stat().st_mode) == 0o777 & ~UMASK
     assert stat.S_IMODE(Path(results["data_dir"]).stat().st_mode) == 0o777 & ~UMASK
+
+
+def test_per_feature_values_read_as_written_now_and_by_older_versions():
+    from gam_rl.cli import wandb_summary
+
+    names = ["motif", "M0", "v0"]
+    now = {"feature_names": names, "lambda": {"motif": -3.0, "M0": 0.5, "v0": 0.1}}
+    older = {"feature_names": names, "lambda": [-3.0, 0.5, 0.1]}  # bare lists beside feature_names
+    assert by_feature(now, "lambda") == by_feature(older, "lambda") == now["lambda"]
+    assert list(by_feature(older, "lambda")) == names  # the features' order
+    assert wandb_summary(now)["lambda/M0"] == wandb_summary(older)["lambda/M0"] == 0.5
+    with pytest.raises(ValueError, match="'lambda'"):
+        by_feature({"feature_names": names, "lambda": [1.0]}, "lambda")
 
 
 def test_bad_override_fails_before_any_work_names_the_key_and_leaves_nothing(tmp_path):

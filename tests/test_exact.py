@@ -148,8 +148,9 @@ def test_a_toy_run_records_the_exact_numbers(tmp_path):
     r.load_state_dict(saved["state_dict"])
     outputs = all_outputs(16)
     features = Features("1001111", "10011", max_len=16)
+    lam = torch.tensor(list(results["lambda"].values())).double()
     with torch.no_grad():
-        log_p = torch.cat([r.log_prob(b).double() + (features(b).double() @ torch.tensor(results["lambda"]).double())
+        log_p = torch.cat([r.log_prob(b).double() + (features(b).double() @ lam)
                            for b in outputs.split(16384)])
     log_z = float(torch.logsumexp(log_p, 0))
     assert exact["log_z"] == pytest.approx(log_z, abs=1e-5)

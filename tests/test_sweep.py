@@ -320,7 +320,7 @@ def test_smoke_script_serial_sweep_with_a_failed_job_cache_wandb_and_report(tmp_
         assert info["config"]["method"]["name"] == res["method"] and info["config"]["dataset_size"]["size"] == 100
         assert info["summary"]["status"] == res["status"]
         assert info["summary"]["ce_test_p_lambda"] == pytest.approx(res["ce_test_p_lambda"])
-        assert info["summary"]["lambda/motif"] == pytest.approx(res["lambda"][0])
+        assert info["summary"]["lambda/motif"] == pytest.approx(res["lambda"]["motif"])
         assert info["summary"]["training1_cache/hit"] is res["training1_cache"]["hit"]
         assert "t1/mismatch" in info["summary"] and "z/ess" in info["summary"]  # Training-1 figures, cached or not
         assert info["exit_code"] == (0 if res["status"] == "ok" else 1)
