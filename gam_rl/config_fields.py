@@ -55,3 +55,14 @@ def constraint_problem(value: Any, metadata: dict) -> str | None:
         allowed = [f"{sign} {metadata[key]:g}" for key, _, sign in bounds if key in metadata]
         return "must be " + " and ".join(allowed)
     return None
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a resolved configuration by dotted key; lists stay values."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -21,6 +21,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from gam_rl.config_fields import flatten
+
 log = logging.getLogger("gam_rl")
 
 # execution-only keys: a run is not redone because the launcher gave it another thread count or
@@ -32,6 +34,12 @@ STALE_FILES = ("results.json", "metrics.csv", "r.pt", "pi.pt")
 
 def _comparable(container: dict) -> dict:
     return {k: v for k, v in container.items() if k not in RESUME_IGNORED}
+
+
+def differing_keys(a: dict, b: dict) -> list[str]:
+    """The dotted keys whose values differ between two configurations (method.max_proposals, not method)."""
+    a, b = flatten(a), flatten(b)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def complete_results(run_dir: Path, recorded: dict) -> dict | None:
@@ -51,8 +59,7 @@ def complete_results(run_dir: Path, recorded: dict) -> dict | None:
         return None
     current = recorded
     if _comparable(saved) != _comparable(current):
-        changed = sorted(k for k in set(saved) | set(current)
-                         if k not in RESUME_IGNORED and saved.get(k) != current.get(k))
+        changed = differing_keys(_comparable(saved), _comparable(current))
         log.info("previous run in %s used another configuration (%s differ): recomputing it", run_dir,
                  ", ".join(changed))
         return None
@@ -79,11 +86,13 @@ def folder_conflict(run_dir: Path, recorded: dict, sweep_dir: Path) -> str | Non
     current = _comparable(recorded)
     if saved == current:
         return None
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    changed = differing_keys(saved, current)
+    # the swept keys, added to the folder name Hydra gives a job
+    suffix = "".join(f"_{key.rsplit('.', 1)[-1]}${{{key}}}" for key in changed)
     return (f"another job of this sweep already uses {run_dir} with another configuration ({', '.join(changed)} "
-            f"differ): hydra.sweep.subdir does not tell the jobs apart; add the swept key to it, e.g. "
-            "hydra.sweep.subdir='${motif.pattern}_${features.name}_D${dataset_size.size}_s${seed}_${method.name}"
-            "_lr${method.lr}'")
+            f"differ{'s' if len(changed) == 1 else ''}): hydra.sweep.subdir does not tell the jobs apart; add the "
+            "swept key to it, e.g. hydra.sweep.subdir='${motif.pattern}_${features.name}_D${dataset_size.size}_s${seed}"
+            f"_${{method.name}}{suffix}'")
 
 
 def remove_stale_files(run_dir: Path) -> None:

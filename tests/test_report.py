@@ -276,6 +276,22 @@ def test_files_exist_and_pngs_are_images(sweep):
         assert not (out / name).exists() and f"not drawn: {name}:" in text
 
 
+def test_dpg_vs_distill_says_how_to_read_it_outside_its_points(sweep, monkeypatch, tmp_path):
+    """The scatter's reading ('below the line: DPG_off better') is never drawn over its points."""
+    from gam_rl.report import figures
+    from gam_rl.report.model import choose_runs, collect, group_by_profile
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: (fig.canvas.draw(), drawn.append(fig)))
+    profile_data = next(iter(group_by_profile(choose_runs(collect([sweep], None)[0])[0]).values()))
+    assert figures.dpg_vs_distill_figure(profile_data, tmp_path / "f.png") is None
+    (ax,) = drawn[0].axes
+    assert "below the line" in ax.get_title() and not ax.texts  # no text inside the axes
+    points = [xy for coll in ax.collections for xy in ax.transData.transform(coll.get_offsets())]
+    box = ax.get_legend().get_window_extent()
+    assert points and not any(box.contains(x, y) for x, y in points)  # the legend hides no point
+
+
 def test_figures_3_4_5_are_drawn_from_the_runs_they_need(tmp_path):
     root = tmp_path / "runs"
     for size in SIZES:

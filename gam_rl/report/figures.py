@@ -165,12 +165,12 @@ def dpg_vs_distill_figure(data: ProfileData, path: Path) -> str | None:
     lo, hi = min(values), max(values)
     pad = 0.05 * (hi - lo or 0.01)
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="black", linewidth=0.8, label="y = x")
-    ax.text(0.97, 0.03, "below the line: DPG_off better\n(lower CE than distillation)", transform=ax.transAxes,
-            ha="right", va="bottom", fontsize=8)
     ax.set_xlabel("CE(T, pi) of distillation (nats per symbol)")
     ax.set_ylabel("CE(T, pi) of DPG_off (nats per symbol)")
-    ax.set_title(f"DPG_off against distillation, one point per cell (profile {data.profile})", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    # how to read it goes in the title, outside the axes: points may lie anywhere inside them
+    ax.set_title(f"DPG_off against distillation, one point per cell (profile {data.profile})\n"
+                 "below the line y = x: DPG_off better (lower CE than distillation)", fontsize=9)
+    ax.legend(fontsize=8, loc="best")  # the corner with the fewest points
     save_figure(fig, path)
     return None
 

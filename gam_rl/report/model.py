@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from gam_rl.config_fields import flatten
+
 METHOD_ORDER = ("dpg_off", "distill", "dpg_on", "pg", "dpg_true")
 METRICS = ("entropy_true", "ce_test_r", "ce_test_p_lambda", "ce_test_pi", "motif_freq_r", "motif_freq_pi",
            "avg_len_r", "avg_len_pi", "z_hat", "wall_time_s")
@@ -153,17 +155,6 @@ def _identity(results: dict, config: dict) -> dict:
     return {"profile": _as_bits(pick["profile"]), "motif": _as_bits(pick["motif"]),
             "features": _as_bits(pick["features"]), "dataset_size": _as_int(pick["dataset_size"]),
             "seed": _as_int(pick["seed"]), "method": method}
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def load_run(run_dir: Path) -> RunRecord:
