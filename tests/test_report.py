@@ -292,6 +292,20 @@ def test_dpg_vs_distill_says_how_to_read_it_outside_its_points(sweep, monkeypatc
     assert points and not any(box.contains(x, y) for x, y in points)  # the legend hides no point
 
 
+def test_a_cells_shared_training1_is_not_charged_to_the_job_that_computed_it(tmp_path):
+    root = tmp_path / "runs"
+    t1 = {"r": 100.0, "eval_r": 5.0, "training1": 30.0, "z": 5.0}
+    write_run(root / "first", ok_results(M1, 1234, 500, "dpg_off", timings={**t1, "training2": 50.0},
+                                         wall_time_s=200.0, training1_cache={"hit": False}))
+    write_run(root / "second", ok_results(M1, 1234, 500, "distill", wall_time_s=70.0,
+                                          timings={**dict.fromkeys(t1, 0.0), "training2": 60.0},
+                                          training1_cache={"hit": True, "source_timings": t1}))
+    main([str(root)])
+    cells = {r["method"]: r for r in read_csv(root / "report" / "cells.csv")}
+    assert float(cells["dpg_off"]["t1_s"]) == float(cells["distill"]["t1_s"]) == 140.0  # the cell's, either way
+    assert float(cells["dpg_off"]["own_s"]) == 60.0 and float(cells["distill"]["own_s"]) == 70.0
+
+
 def test_figures_3_4_5_are_drawn_from_the_runs_they_need(tmp_path):
     root = tmp_path / "runs"
     for size in SIZES:

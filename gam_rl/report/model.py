@@ -35,6 +35,8 @@ from gam_rl.config_fields import flatten
 METHOD_ORDER = ("dpg_off", "distill", "dpg_on", "pg", "dpg_true")
 METRICS = ("entropy_true", "ce_test_r", "ce_test_p_lambda", "ce_test_pi", "motif_freq_r", "motif_freq_pi",
            "avg_len_r", "avg_len_pi", "z_hat", "wall_time_s")
+# Training-1's stages in results.json's timings (gam_rl.training1_cache.STAGES, named here without importing torch)
+TRAINING1_STAGES = ("r", "eval_r", "training1", "z")
 
 
 class ReportError(Exception):
@@ -175,9 +177,23 @@ def load_run(run_dir: Path) -> RunRecord:
     error = results.get("error")
     if error and results.get("stage"):
         error = f"[{results['stage']}] {error}"
-    return RunRecord(run_dir, status, values={key: as_float(results.get(key)) for key in METRICS},
+    values = {**{key: as_float(results.get(key)) for key in METRICS}, **seconds(results)}
+    return RunRecord(run_dir, status, values=values,
                      error=str(error) if error else None, mtime=_mtime(results_path),
                      **_identity(results, config), config=flatten(config))
+
+
+def seconds(results: dict) -> dict:
+    """A run's time split so that a cell's shared Training-1 is never charged to whichever job computed it:
+    `t1_s`, the cell's Training-1 (this job's own stages, or on a cache hit the stages of the job that
+    computed the entry), and `own_s`, the job's wall time without the Training-1 it computed itself."""
+    timings = results.get("timings") or {}
+    cache = results.get("training1_cache") or {}
+    own_t1 = sum(as_float(timings.get(s)) or 0.0 for s in TRAINING1_STAGES)
+    source = cache.get("source_timings") if cache.get("hit") else timings
+    t1 = sum(as_float((source or {}).get(s)) or 0.0 for s in TRAINING1_STAGES) if source else None
+    wall = as_float(results.get("wall_time_s"))
+    return {"t1_s": t1, "own_s": None if wall is None else wall - own_t1}
 
 
 def _mtime(path: Path) -> float:

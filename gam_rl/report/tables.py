@@ -101,7 +101,9 @@ PAPER_TABLE1 = {
 
 RAW_FIELDS = (("entropy_true", "H"), ("ce_test_r", "CE(T,r)"), ("ce_test_p_lambda", "CE(T,p_lambda)"),
               ("ce_test_pi", "CE(T,pi)"), ("motif_freq_r", "mtf r"), ("motif_freq_pi", "mtf pi"),
-              ("avg_len_r", "len r"), ("avg_len_pi", "len pi"), ("wall_time_s", "wall s"))
+              ("avg_len_r", "len r"), ("avg_len_pi", "len pi"),
+              # the cell's Training-1 (shared through the cache) apart from the job's own time
+              ("t1_s", "T1 s (cell)"), ("own_s", "own s"))
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -336,7 +338,8 @@ def write_raw_csv(path: Path, raws: dict) -> None:
                 writer.writerow(out)
 
 
-CELL_HEADER = ["profile", "motif", "features", "dataset_size", "seed", "method", "status", *METRICS,
+CELL_VALUES = (*METRICS, "t1_s", "own_s")  # results.json's metrics, then the time split of model.seconds
+CELL_HEADER = ["profile", "motif", "features", "dataset_size", "seed", "method", "status", *CELL_VALUES,
                "ce_pi_over_h", "error", "run_dir"]
 
 
@@ -347,7 +350,7 @@ def cell_rows(profiles: dict[str, ProfileData]) -> list[list]:
             for method, run in sorted(data.cells[cell].items(), key=lambda kv: method_sort_key(kv[0])):
                 h, ce = run.values.get("entropy_true"), run.values.get("ce_test_pi")
                 ratio = ce / h if h and ce is not None and math.isfinite(h) else None
-                rows.append([name, *cell, method, run.status, *(run.values.get(k) for k in METRICS), ratio,
+                rows.append([name, *cell, method, run.status, *(run.values.get(k) for k in CELL_VALUES), ratio,
                              one_line(run.error, 400), str(run.path)])
     return rows
 
