@@ -86,7 +86,7 @@ def _is_group(override, groups: set[str]) -> bool:
     return key in groups or key.startswith("hydra")
 
 
-def _apply(container: dict, override) -> str | None:
+def apply_override(container: dict, override) -> str | None:
     """Set (or delete) one value override in a plain config; a problem, or None."""
     *parents, leaf = override.key_or_group.split(".")
     node = container
@@ -136,7 +136,7 @@ class Preflight:
             return [describe_hydra_error(err)]
         container = OmegaConf.to_container(cfg, resolve=False)
         container.pop("hydra")
-        found = [p for o in parsed if not _is_group(o, self.groups) for p in [_apply(container, o)] if p]
+        found = [p for o in parsed if not _is_group(o, self.groups) for p in [apply_override(container, o)] if p]
         previous = HydraConfig.instance().cfg
         HydraConfig.instance().set_config(cfg)  # ${hydra:...} interpolations resolve as in the job
         try:

@@ -139,11 +139,11 @@ def _leaves(value: Any, path: str) -> list[str]:
     return [path]
 
 
-def _unknown(path: str, siblings: list[str], prefix: str) -> str:
+def _unknown(path: str, siblings: list[str], prefix: str, root: type) -> str:
     """An unknown key, with the closest known one: a sibling, a key of the same name elsewhere,
     or a close path; a key of another method's schema says so."""
-    every = _paths(Config)
-    if path in every:  # e.g. method.replay under method=distill
+    every = _paths(root)
+    if path in every and root is Config:  # e.g. method.replay under method=distill
         owners = sorted({name for name, cls in METHODS.items() if path[len("method."):] in _paths(cls)})
         return f"{path}: not a key of this method (it belongs to {owners})"
     leaf = path.rsplit(".", 1)[-1]
@@ -160,15 +160,16 @@ def _typed_node(cls: type) -> DictConfig:
     return OmegaConf.structured(cls)
 
 
-def _check_section(cls: type, values: Any, prefix: str, out: list[str]) -> Any:
-    """Check one section's values against its dataclass; the typed instance, or None on a problem."""
+def _check_section(cls: type, values: Any, prefix: str, out: list[str], root: type = Config) -> Any:
+    """Check one section's values against its dataclass; the typed instance, or None on a problem.
+    root: the whole configuration's dataclass (where a did-you-mean looks for keys)."""
     if not isinstance(values, dict):
         out.append(f"{prefix[:-1]}={values!r}: must be a section with the keys {list(_hints(cls))}")
         return None
     hints, found = _hints(cls), len(out)
     for key, value in values.items():
         if key not in hints:
-            out += [_unknown(path, list(hints), prefix) for path in _leaves(value, prefix + key)]
+            out += [_unknown(path, list(hints), prefix, root) for path in _leaves(value, prefix + key)]
     typed, kwargs = _typed_node(cls), {}
     for f in dataclasses.fields(cls):
         path, hint = prefix + f.name, hints[f.name]
@@ -185,7 +186,7 @@ def _check_section(cls: type, values: Any, prefix: str, out: list[str]) -> Any:
             else:
                 kwargs[f.name] = _check_section(METHODS[algorithm], value, "method.", out)
         elif _section_type(hint):
-            kwargs[f.name] = _check_section(hint, value, path + ".", out)
+            kwargs[f.name] = _check_section(hint, value, path + ".", out, root)
         else:
             try:
                 if hint is bool and not isinstance(value, bool):  # OmegaConf would read 3 as true
@@ -254,6 +255,16 @@ def check(container: dict) -> tuple[Config | None, list[str]]:
 
 def problems(container: dict) -> list[str]:
     return check(container)[1]
+
+
+def check_command(cls: type, container: dict) -> tuple[Any, list[str]]:
+    """Another command's configuration (a dataclass `cls` whose problems() relates its keys): the typed
+    object and every problem, with the same messages as a run's check."""
+    out: list[str] = []
+    typed = _check_section(cls, container, "", out, root=cls)
+    if typed is not None and hasattr(typed, "problems"):
+        out += typed.problems()
+    return (typed if not out else None), out
 
 
 def record(cfg: Config) -> dict:
