@@ -325,7 +325,8 @@ def run_summary(results: dict, run_dir: Path) -> str:
         f"  CE(T, p_lambda)  {num('ce_test_p_lambda')} +- {num('ce_test_p_lambda_se')}",
         f"  CE(T, pi)        {num('ce_test_pi')}   motif frequency of pi {num('motif_freq_pi', 3)}",
         f"  wall time        {f'{wall / 60:.1f} min' if wall >= 60 else f'{wall:.1f} s'} ({stages})",
-        f"  files            {run_dir}/ (results.json, metrics.csv, config.yaml, r.pt, pi.pt)",
+        f"  files            {run_dir}/ (results.json, metrics.csv, config.yaml, r.pt, pi.pt"
+        + (", twist.pt)" if (run_dir / "twist.pt").is_file() else ")"),
     ])
 
 

@@ -106,6 +106,8 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
         fit = training2(cfg, run, t1, p_lambda, data, logger, accelerator, exact_target)
         pi = fit.pi
         torch.save({"config": pi.config(), "state_dict": pi.state_dict()}, run_dir / "pi.pt")
+        if fit.twist is not None:  # a twist learner's values: the twist of gam-rl-sample's SMC (twist=RUN_DIR)
+            torch.save(fit.twist, run_dir / "twist.pt")
     with run.stage("eval_pi"):
         evaluation = evaluate_policy(pi, data.splits.test, data.process.contains_motif, cfg.eval, data.symbols)
         run.count_samples("eval_pi", cfg.eval.samples)

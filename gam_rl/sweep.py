@@ -29,7 +29,7 @@ log = logging.getLogger("gam_rl")
 # because the Training-1 cache lives elsewhere
 RESUME_IGNORED = ("threads", "resume", "cache")
 # what a redo removes first, so that a redo killed halfway never shows the previous attempt's files
-STALE_FILES = ("results.json", "metrics.csv", "r.pt", "pi.pt")
+STALE_FILES = ("results.json", "metrics.csv", "r.pt", "pi.pt", "twist.pt")
 
 
 def _comparable(container: dict) -> dict:

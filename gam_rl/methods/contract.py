@@ -85,6 +85,7 @@ class Training2Result:
     results: dict = field(default_factory=dict)
     exact_extras: Callable[[Any], dict] | None = None
     learned_log_z: float | None = None  # a method that learns log Z (V(empty prefix)): its value
+    twist: dict | None = None  # a twist learner's values for SMC, as twist.pt holds them (methods/saved_twist.py)
 
     start_ce_valid: float | None = None  # CE(V) of pi's starting weights (check 0 of the selection)
     trained_ce_valid: float | None = None  # the best CE(V) of the method's own checks

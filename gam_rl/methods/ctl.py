@@ -35,6 +35,7 @@ from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import WeightedDraw
 from gam_rl.methods.loop import LoopConfig, LoopModule, fit_loop, loop_module
 from gam_rl.methods.registry import Method, register
+from gam_rl.methods.saved_twist import twist_payload
 from gam_rl.policy import eval_mode
 from gam_rl.tokens import EOS, PAD, pad_cat
 
@@ -152,6 +153,7 @@ def train_ctl(cfg: CTLConfig, inputs: Training2Inputs) -> Training2Result:
         module.pi, module.target, cfg.z_samples, inputs.max_len, inputs.seed + 31))
     result.draws += cfg.z_samples
     result.results.update(ctl_positives=len(pool), ctl_positive_proposals=proposals)
+    result.twist = twist_payload(cfg.algorithm, "ctl", module.pi)  # psi from pi's logits and r (run: twist.pt)
     return result
 
 

@@ -33,6 +33,8 @@ class PCLConfig(TrajectoryLoopConfig):
 
 
 class PCLModule(TwistModule):
+    value_kind = "q_logits"
+
     def values(self, tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """V(s) = logsumexp of the Q-logits (Q = pi's logits + the offset head's u(s), if any)."""
         values = torch.logsumexp(self.pi.head(states), -1)

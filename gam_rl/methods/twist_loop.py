@@ -22,6 +22,7 @@ from gam_rl.exact import learned_value_errors
 from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import ProposalDraws, WeightedDraw
 from gam_rl.methods.loop import LoopConfig, LoopModule, fit_loop
+from gam_rl.methods.saved_twist import twist_payload
 from gam_rl.methods.twist import CRITIC_FITS, critic_loss, critic_targets
 from gam_rl.policy import LSTMPolicy, Samples, eval_mode
 from gam_rl.potentials import Potential
@@ -119,6 +120,8 @@ class TwistModule(LoopModule):
         with eval_mode(r):
             log_r = r.token_log_probs(tokens)
         return log_r, terminal_reward(self.target, r, tokens, log_r.sum(1))
+
+    value_kind = "critic"  # how V is read off pi and the critic (methods/saved_twist.py's VALUE_KINDS)
 
     def values(self, tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """V(s_t) (B, T): the critic's (a method whose values are not a critic's overrides this)."""
@@ -239,7 +242,10 @@ def fit_twist(module: TwistModule, inputs: Training2Inputs, steps_per_check: int
         module.warm_up(cfg.critic_warmup)
     values = module.value_function() if module.learns_values() else None
     # clipping is in TwistModule.step (manual optimisation)
-    return fit_loop(module, inputs, extra_keys=("dpg/learned_log_z",), steps_per_check=steps_per_check,
-                    keep="trained", learned_log_z=module.learned_log_z,
-                    exact_extras=None if values is None else (
-                        lambda target: learned_value_errors(target, inputs.r, values)))
+    result = fit_loop(module, inputs, extra_keys=("dpg/learned_log_z",), steps_per_check=steps_per_check,
+                      keep="trained", learned_log_z=module.learned_log_z,
+                      exact_extras=None if values is None else (
+                          lambda target: learned_value_errors(target, inputs.r, values)))
+    if module.learns_values():  # the kept check's values, for SMC (run folder: twist.pt)
+        result.twist = twist_payload(cfg.algorithm, module.value_kind, module.pi, module.critic)
+    return result

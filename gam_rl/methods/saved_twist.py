@@ -1,0 +1,92 @@
+"""A twist learner's learned values as a run file (twist.pt), and back: what SMC needs from a run.
+
+Every twist learner learns, beside pi, a value V(s) of every prefix s: an estimate of the soft value
+V*(s) = log sum_{x extends s} r(x | s) P(x) / r(x) (methods/twist.py), or, for ctl, a twist psi(s) known
+up to a constant per length. Either way exp(V(s)) is a twist for SMC: the intermediate targets are
+r(s) exp(V(s)) (gam_rl/smc.py). One convention for all of them, as in methods/twist.py:
+
+    LearnedTwist(tokens)[:, t] = V(the prefix of the first t symbols of the row),   t = 0 .. T - 1,
+
+so column 0 is V(empty prefix) (log Z for a value learner) and a row's last symbol's prefix is its
+column L - 1; past a row's end the values are not used.
+
+What is saved: pi's weights (its states feed a head critic, and pcl's V is the logsumexp of pi's
+Q-logits), the critic's kind and weights, and how V is read off them (`values`):
+  critic      V = critic(s)                                  ac_dpg, ppo_dpg, subtb
+  q_logits    V = logsumexp of pi's logits at s (+ critic)   pcl
+  ctl         log psi(s a) = l(s, a) - log r(a | s)           ctl (pi's raw logits l, r's log-probabilities)
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gam_rl.policy import LSTMPolicy, eval_mode
+from gam_rl.tokens import EOS, PAD
+
+VALUE_KINDS = ("critic", "q_logits", "ctl")
+FORMAT = 1
+
+
+def twist_payload(algorithm: str, values: str, pi: LSTMPolicy, critic: nn.Module | None = None) -> dict:
+    """What twist.pt holds (copies: the run goes on changing pi afterwards, e.g. back to its start)."""
+    if values not in VALUE_KINDS:
+        raise ValueError(f"values={values!r}: one of {VALUE_KINDS}")
+    return {"format": FORMAT, "algorithm": algorithm, "values": values,
+            "pi": {"config": pi.config(), "state_dict": copy.deepcopy(pi.state_dict())},
+            "critic": None if critic is None else {"kind": critic.kind,
+                                                   "state_dict": copy.deepcopy(critic.state_dict())}}
+
+
+class LearnedTwist(nn.Module):
+    """tokens (B, T) -> V (B, T) in the module docstring's convention, without dropout or gradient."""
+
+    def __init__(self, values: str, pi: LSTMPolicy, r: LSTMPolicy, critic: nn.Module | None = None):
+        super().__init__()
+        self.values, self.pi, self.critic = values, pi.eval(), critic
+        self.base = (r.eval(),)  # r: scored only (ctl), never a submodule to save
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        with eval_mode(self.pi):
+            states = self.pi.token_states(tokens)  # column t: pi's state after the first t symbols
+            logits = self.pi.head(states)
+        if self.values == "ctl":
+            # log psi(s_{1:t}) = l(s_{1:t-1}, a_t) - log r(a_t | s_{1:t-1}), read at the step that ends the prefix;
+            # the empty prefix's psi is 1 (log 0)
+            r = self.base[0]
+            with eval_mode(r):
+                log_r = torch.log_softmax(r.head(r.token_states(tokens)), -1)
+            picked = tokens.clamp(max=EOS).unsqueeze(2)
+            ends = (logits.gather(2, picked) - log_r.gather(2, picked)).squeeze(2).masked_fill(tokens == PAD, 0.0)
+            return torch.cat([ends.new_zeros(len(tokens), 1), ends[:, :-1]], 1)
+        out = torch.logsumexp(logits, -1) if self.values == "q_logits" else torch.zeros_like(logits[..., 0])
+        if self.critic is not None:
+            with eval_mode(self.critic):
+                out = out + self.critic(tokens, states)
+        return out
+
+
+def load_twist(run_dir: Path, r: LSTMPolicy) -> LearnedTwist:
+    """The learned twist of a twist learner's run folder (twist.pt), on r's device; ValueError naming what is
+    wrong."""
+    from gam_rl.methods.twist_loop import Critic  # here: twist_loop imports this module
+
+    path = Path(run_dir) / "twist.pt"
+    if not path.is_file():
+        raise ValueError(f"twist={str(run_dir)!r}: no twist.pt (only runs of a twist learner, pcl, ac_dpg, ppo_dpg, "
+                         "subtb or ctl, of version 0.2 or later, save their learned values)")
+    saved = torch.load(path, map_location=r.device)
+    if saved.get("format") != FORMAT or saved.get("values") not in VALUE_KINDS:
+        raise ValueError(f"twist={str(run_dir)!r}: twist.pt is of another format ({saved.get('format')!r})")
+    pi = LSTMPolicy(**saved["pi"]["config"]).to(r.device)
+    pi.load_state_dict(saved["pi"]["state_dict"])
+    critic = None
+    if saved["critic"] is not None:
+        critic = Critic(saved["critic"]["kind"], pi, r).to(r.device)
+        critic.load_state_dict(saved["critic"]["state_dict"])
+    return LearnedTwist(saved["values"], pi, r, critic)
