@@ -118,6 +118,8 @@ class SMCResult:
     resamples: int  # how many times it resampled
     min_ess: float  # the smallest ESS / K after a step's weighting (before its resampling decision)
     proposals: int  # symbols drawn: running particles summed over the steps run (the LSTM steps)
+    log_q: torch.Tensor | None = None  # (K,) float64 log q(x_i) of each final particle, carried by the particles
+    log_r: torch.Tensor | None = None  # (K,) float64 log r(x_i) likewise
 
 
 @dataclass
@@ -130,6 +132,8 @@ class SMCRuns:
     resamples: torch.Tensor  # (R,) long
     min_ess: torch.Tensor  # (R,) float64, ESS / K
     proposals: int  # symbols drawn, all runs together
+    log_q: torch.Tensor  # (R, K) float64 log q(x) of each final particle, summed over its steps as it was drawn
+    log_r: torch.Tensor  # (R, K) float64 log r(x) likewise (both follow the particle through its resamplings)
 
 
 def systematic_resample(log_w: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -210,6 +214,7 @@ def smc_runs(target: Potential, proposal, r: LSTMPolicy, particles: int, max_len
         log_w = torch.full((N,), v0, dtype=torch.float64, device=dev)  # log W_i = log gamma_0
         v_prev = torch.full((N,), v0, dtype=torch.float64, device=dev)  # V(s_{1:t-1}) of each particle
         log_r = torch.zeros(N, dtype=torch.float64, device=dev)  # log r(s_{1:t}), for log P - log r at the end
+        log_qs = torch.zeros(N, dtype=torch.float64, device=dev)  # log q(s_{1:t})
         running = torch.ones(N, dtype=torch.bool, device=dev)
         slot_of_row = torch.arange(N, device=dev)  # the particle in each working row of the steppers
         prev = torch.full((N,), BOS, dtype=torch.long, device=dev)
@@ -234,6 +239,7 @@ def smc_runs(target: Potential, proposal, r: LSTMPolicy, particles: int, max_len
             lq = log_q.gather(1, tok.unsqueeze(1)).squeeze(1)  # log q(x_t | s_{1:t-1})
             lr = log_rt.gather(1, tok.unsqueeze(1)).squeeze(1)  # log r(x_t | s_{1:t-1})
             log_r[slots] += lr
+            log_qs[slots] += lq
             ends = (tok == EOS) | (t == max_len - 1)
             inc = lr - lq - v_prev[slots]  # log r(x_t | s) - log q(x_t | s) - V(s_{1:t-1}), then + the new end
             if ends.any():  # log w_t = ... + log P(x) - log r(x)
@@ -275,7 +281,7 @@ def smc_runs(target: Potential, proposal, r: LSTMPolicy, particles: int, max_len
                 mean = (lse - math.log(K)).unsqueeze(1).expand(R, K)
                 log_w = torch.where(chosen.unsqueeze(1), mean, lw).reshape(N)[ancestors]
                 tokens, running = tokens[ancestors], running[ancestors]
-                log_r, v_prev = log_r[ancestors], v_prev[ancestors]
+                log_r, log_qs, v_prev = log_r[ancestors], log_qs[ancestors], v_prev[ancestors]
             # the working rows: the running particles in slot order, each from its ancestor's row
             row_of_slot = torch.full((N,), -1, dtype=torch.long, device=dev)
             row_of_slot[slot_of_row] = torch.arange(n, device=dev)
@@ -290,7 +296,7 @@ def smc_runs(target: Potential, proposal, r: LSTMPolicy, particles: int, max_len
     width = max(int((tokens != PAD).sum(1).max()), 1)
     log_w = log_w.view(R, K)
     return SMCRuns(tokens[:, :width].reshape(R, K, width), log_w, _run_lse(log_w) - math.log(K), resamples,
-                   torch.where(min_ess == math.inf, 1.0, min_ess), proposals)
+                   torch.where(min_ess == math.inf, 1.0, min_ess), proposals, log_qs.view(R, K), log_r.view(R, K))
 
 
 def smc(target: Potential, proposal: LSTMPolicy, r: LSTMPolicy, particles: int, max_len: int, *,
@@ -307,7 +313,7 @@ def smc(target: Potential, proposal: LSTMPolicy, r: LSTMPolicy, particles: int, 
     out = smc_runs(target, proposal, r, particles, max_len, 1, twist=twist, ess_threshold=ess_threshold,
                    generator=generator, reference=reference, resampling=resampling)
     return SMCResult(out.tokens[0], out.log_weights[0], float(out.log_z[0]), int(out.resamples[0]),
-                     float(out.min_ess[0]), out.proposals)
+                     float(out.min_ess[0]), out.proposals, out.log_q[0], out.log_r[0])
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from gam_rl.exact import ExactTarget, OutputSpace
 from gam_rl.features import Features
 from gam_rl.policy import LSTMPolicy
-from gam_rl.potentials import gam
+from gam_rl.potentials import gam, tilt_of
 from gam_rl.smc import (
     LogZBounds,
     log_z_bounds,
@@ -140,22 +140,34 @@ def mean_se(x: torch.Tensor) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("threshold", [0.5, 1.0])
-@pytest.mark.parametrize("case", ["r", "pi", "exact_twist", "random_twist"])
+@pytest.mark.parametrize("case", ["r", "pi", "pi_rescored", "exact_twist", "random_twist"])
 def test_z_hat_is_unbiased(problem, case, threshold):
     """E[Z-hat] = Z for any proposal and twist: the mean of 2000 runs' Z-hat within 3 s.e. of the exact Z,
-    with resampling at ESS < K/2 and at every uneven step; mean W is Z-hat in every run."""
+    with resampling at ESS < K/2 and at every uneven step; mean W is Z-hat in every run. pi_rescored: P
+    scored from scratch (a copy of r times the tilt, so log P - log r is not lambda . phi but the difference
+    with r's per-step log-probabilities that the particles carried through their resamplings), and
+    multinomial resampling (ancestors in any order: the LSTM states must follow them)."""
     r, target, exact = problem
-    proposal = perturbed(r) if case == "pi" else r
+    proposal = perturbed(r) if case.startswith("pi") else r
+    resampling = "multinomial" if case == "pi_rescored" else "systematic"
+    if case == "pi_rescored":
+        target = copy.deepcopy(r) * tilt_of(target)
     g = torch.Generator().manual_seed(0)
     random_values = [torch.randn(2**k, generator=g, dtype=torch.float64) for k in range(MAX_LEN + 1)]
     twist = {"exact_twist": exact.twist(), "random_twist": exact.twist(random_values)}.get(case)
     out = smc_runs(target, proposal, r, K, MAX_LEN, RUNS, twist=twist, ess_threshold=threshold,
-                   generator=torch.Generator().manual_seed(1))
+                   generator=torch.Generator().manual_seed(1), resampling=resampling)
     z, se = mean_se(out.log_z.exp())
     assert abs(z - math.exp(exact.log_z)) < 3 * se, (case, threshold, z, se, math.exp(exact.log_z))
     assert float(out.resamples.float().mean()) > (1.0 if threshold == 1.0 else 0.01), case
     assert torch.allclose(out.log_z, torch.logsumexp(out.log_weights, 1) - math.log(K))
     assert out.tokens.shape[:2] == (RUNS, K) and out.tokens.shape[2] <= MAX_LEN
+    # each particle carries its own log q(x) and log r(x) through the resamplings (its LSTM states moved
+    # with it): Z-hat would stay unbiased with mixed-up states (a different proposal), only worse
+    tokens = out.tokens.reshape(RUNS * K, -1)
+    with torch.no_grad():
+        assert torch.allclose(out.log_r.reshape(-1), r.log_prob(tokens).double(), atol=1e-4)
+        assert torch.allclose(out.log_q.reshape(-1), proposal.log_prob(tokens).double(), atol=1e-4)
 
 
 def test_the_optimal_twist_and_proposal_give_z_exactly(problem):
