@@ -58,7 +58,10 @@ column 0 (TwistModule.learned_log_z).
 Runs are batched: smc_runs draws R independent runs as one batch of R x K particles (each run
 resampled on its own), smc is one run of it. No loop over particles: one LSTM step per symbol
 for all running particles (kernel/lstm.py's StepLSTM), finished particles are dropped from the
-working rows, and resampling moves rows (states included) by index.
+working rows, and resampling moves rows (states included) by index. The twist is a callable on
+whole rows, so an LSTM critic re-reads every prefix at every step: O(max_len^2) symbols per
+particle instead of O(max_len) (K = 1000, max_len 61, r and a critic 2 x 64: ~0.7 s per run
+untwisted, ~8 s twisted, one thread of a busy 2-core Xeon).
 """
 
 from __future__ import annotations
