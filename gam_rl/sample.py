@@ -1,6 +1,7 @@
 """`gam-rl-sample`: draw from, or score strings under, a finished run's r, pi or p_lambda.
 
-    gam-rl-sample run=RUN_DIR model=r|pi|p_lambda n=1000 sampler=auto|ancestral|rs|qrs out=samples.jsonl
+    gam-rl-sample run=RUN_DIR model=r|pi|p_lambda n=1000 sampler=auto|ancestral|rs|qrs|smc out=samples.jsonl
+    gam-rl-sample run=RUN_DIR sampler=smc proposal=pi twist=RUN_DIR bounds=true
     gam-rl-sample run=RUN_DIR score=strings.txt out=scored.jsonl
 
 A run folder of `gam-rl` holds what a model needs: config.yaml (motif, features, n, max_len),
@@ -14,6 +15,12 @@ is not autoregressive, so it is sampled from a proposal q (r, or the run's pi):
   w = P/q. The samples follow p_beta = min(q, P/beta) / a(beta); each line's `log_weight` is
   log max(1, w / beta), the importance weight from p_beta back to p. beta is `log_beta`, or the
   cheapest one whose TV(p, p_beta), estimated on a pilot of q, is at most `qrs_max_tv`.
+- smc: sequential Monte Carlo (gam_rl/smc.py), runs of `particles` particles from q, twisted by a
+  twist learner's learned values (`twist=RUN_DIR`, its twist.pt) or not; each line's `log_weight`
+  is the particle's log W (self-normalise over the file). Z-hat, the mean of the runs' unbiased
+  estimates, and with `bounds=true` a lower bound on log Z (the mean of log Z-hat over
+  `bound_runs` runs) and an upper one (conditional SMC seeded with exact samples of p_lambda,
+  drawn by rejection from r).
 
 Every line of `out` (JSON lines) holds the string, its length, log r, log pi, log P_lambda
 (= log r + lambda . phi, unnormalised), phi by feature name, whether it contains the motif,
@@ -59,7 +66,7 @@ from gam_rl.tokens import EOS, bit_lengths, decode, encode, pad_cat
 log = logging.getLogger("gam_rl")
 
 MODELS = ("r", "pi", "p_lambda")
-SAMPLERS = ("auto", "ancestral", "rs", "qrs")
+SAMPLERS = ("auto", "ancestral", "rs", "qrs", "smc")
 RUN_FILES = ("config.yaml", "results.json", "r.pt", "pi.pt")  # what a run folder must hold
 
 
@@ -79,6 +86,11 @@ class SampleConfig:
     pilot: int = setting(50000, ge=100)  # qrs without log_beta: draws of q that choose beta
     batch_size: int = setting(10000, ge=1)  # draws of q (or of r, pi) per batch
     max_proposals: int = setting(100_000_000, ge=1)  # rs / qrs: give up after this many draws of q
+    particles: int = setting(1000, ge=2)  # smc: particles per run (n is rounded up to whole runs)
+    ess_threshold: float = setting(0.5, ge=0, le=1)  # smc: resample when ESS < ess_threshold x particles
+    twist: str | None = None  # smc: a twist learner's run folder (its twist.pt); None: untwisted
+    bounds: bool = False  # smc: also bound log Z (bound_runs runs each way)
+    bound_runs: int = setting(20, ge=2)  # smc bounds: independent runs, and exact samples for the upper bound
     seed: int = setting(0, ge=0)
     threads: int | None = setting(None, ge=1)  # torch intra-op threads; None: torch's default
 
@@ -102,6 +114,12 @@ class SampleConfig:
                            "rejection sampling uses proposal=r (or use sampler=qrs)")
             if self.log_beta is not None and sampler != "qrs":
                 out.append(f"log_beta={self.log_beta}: only sampler=qrs has a beta")
+            if sampler != "smc":
+                out += [f"{key}={value!r}: only sampler=smc has a {key}" for key, value in
+                        (("twist", self.twist), ("bounds", self.bounds)) if value not in (None, False)]
+            elif self.twist is not None and not (Path(self.twist) / "twist.pt").is_file():
+                out.append(f"twist={self.twist!r}: no twist.pt there (a run of a twist learner, pcl, ac_dpg, ppo_dpg, "
+                           "subtb or ctl, saves its learned values in it)")
         if Path(self.out).resolve() == (Path(self.score).resolve() if self.score else None):
             out.append(f"out={self.out!r}: the same file as score=; it would overwrite the strings")
         return out
@@ -300,8 +318,46 @@ def quasi_rejection(run: LoadedRun, cfg: SampleConfig, generator: torch.Generato
     return Draw(result.tokens, (log_w - log_beta).clamp(min=0.0), facts)
 
 
+def sequential_mc(run: LoadedRun, cfg: SampleConfig, generator: torch.Generator) -> Draw:
+    """ceil(n / particles) SMC runs from q (twisted by cfg.twist's values, if any); the particles with their
+    log W, Z-hat = the mean of the runs' Z-hats (unbiased), and with cfg.bounds the bounds on log Z."""
+    from gam_rl.methods.saved_twist import load_twist
+    from gam_rl.smc import log_z_bounds, smc_runs
+
+    target, q = run.target(), (run.r if cfg.proposal == "r" else run.pi)
+    twist = None if cfg.twist is None else load_twist(Path(cfg.twist), run.r)
+    runs = math.ceil(cfg.n / cfg.particles)
+    bar = Progress("smc", runs, "runs")
+    parts = []
+    for k in range(runs):  # one run at a time: the progress line moves, and memory stays that of one run
+        parts.append(smc_runs(target, q, run.r, cfg.particles, run.max_len, 1, twist=twist,
+                              ess_threshold=cfg.ess_threshold, generator=generator))
+        bar.update(k + 1)
+    bar.close()
+    log_z_runs = torch.cat([p.log_z for p in parts])
+    # log of the mean Z-hat, and its s.e. by the delta method (the spread of the runs' Z-hats / their mean)
+    log_z = float(torch.logsumexp(log_z_runs, 0)) - math.log(runs)
+    rel = torch.exp(log_z_runs - log_z)
+    facts = {"runs": runs, "particles": cfg.particles, "proposal": cfg.proposal, "twist": cfg.twist or "none",
+             "log_z": log_z, "log_z_se": float(rel.std()) / math.sqrt(runs) if runs > 1 else math.nan,
+             "resamples": int(sum(int(p.resamples.sum()) for p in parts)),
+             "min_ess": float(min(float(p.min_ess.min()) for p in parts)),
+             "proposals": sum(p.proposals for p in parts)}
+    if cfg.bounds:
+        exact = rejection_sample(run.r, target, cfg.bound_runs, run.max_len, cfg.batch_size, cfg.max_proposals,
+                                 generator, progress="exact samples").tokens
+        bounds = log_z_bounds(target, q, run.r, cfg.particles, run.max_len, cfg.bound_runs, twist=twist,
+                              exact_samples=exact, ess_threshold=cfg.ess_threshold, generator=generator)
+        facts.update(lower=bounds.lower, lower_se=bounds.lower_se, upper=bounds.upper, upper_se=bounds.upper_se,
+                     bound_runs=cfg.bound_runs)
+    tokens = [p.tokens.reshape(-1, p.tokens.shape[-1]) for p in parts]
+    return Draw(pad_cat(tokens), torch.cat([p.log_weights.reshape(-1) for p in parts]), facts)
+
+
 def draw(run: LoadedRun, cfg: SampleConfig, generator: torch.Generator) -> Draw:
     sampler = cfg.chosen_sampler()
+    if sampler == "smc":
+        return sequential_mc(run, cfg, generator)
     if sampler == "ancestral":
         return ancestral(run.r if cfg.model == "r" else run.pi, cfg, run.max_len, generator)
     if sampler == "rs":
@@ -327,15 +383,20 @@ def summary(run: LoadedRun, scored: Scored, facts: dict, what: str, seconds: flo
         f"{name} {mean(scored.phi[:, k]):.3f} (D {data_means[name]:.3f})" for k, name in enumerate(run.features.names)))
     if scored.log_weight is not None and bool((scored.log_weight != scored.log_weight[0]).any()):  # unequal weights
         out.append(f"  weights          ESS {float(1.0 / (w ** 2).sum()):.1f} of {len(w)} (self-normalised)")
-    for key in ("acceptance", "proposals", "log_beta", "pilot_tv"):
+    for key in ("proposal", "acceptance", "proposals", "log_beta", "pilot_tv", "runs", "particles", "resamples",
+                "min_ess", "twist"):
         if key in facts:
             value = facts[key]
-            out.append(f"  {key:<16} {value:,}" if isinstance(value, int) else f"  {key:<16} {value:.4g}")
+            shown = f"{value:,}" if isinstance(value, int) else value if isinstance(value, str) else f"{value:.4g}"
+            out.append(f"  {key:<16} {shown}")
     if "log_z" in facts:
         exact = (run.results.get("exact") or {}).get("log_z")  # under eval.exact (the toy profile)
         out.append(f"  log Z-hat        {facts['log_z']:.4f} +- {facts.get('log_z_se', math.nan):.4f}   "
                    f"(the run's importance-sampled {run.results.get('log_z_hat', math.nan):.4f}"
                    + (f"; exact {exact:.4f})" if exact is not None else ")"))
+    if "lower" in facts:  # E[log Z-hat] <= log Z <= E[log Z-hat of conditional SMC]
+        out.append(f"  log Z bounds     [{facts['lower']:.4f} +- {facts['lower_se']:.4f}, {facts['upper']:.4f} +- "
+                   f"{facts['upper_se']:.4f}] ({facts['bound_runs']} runs of {facts['particles']} particles each way)")
     return "\n".join(out)
 
 

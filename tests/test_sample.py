@@ -121,12 +121,45 @@ def test_qrs_weights_take_p_beta_back_to_p_lambda(run_dir, tmp_path):
     assert abs(weighted - exact_len) < 4 * se and abs(plain - exact_len) > 20 * se  # the weights take it to p
 
 
+def test_smc_particles_weights_and_bounds_agree_with_the_exact_log_z(run_dir, tmp_path, capsys):
+    from gam_rl.methods.saved_twist import twist_payload
+    from gam_rl.methods.twist_loop import Critic
+
+    run = load_run(run_dir)
+    torch.manual_seed(1)
+    critic = Critic("head", run.pi, run.r)
+    with torch.no_grad():  # some twist, not the exact one: SMC stays unbiased whatever it is
+        critic.value.weight.normal_(std=0.5)
+    twisted = write_run(tmp_path / "twisted")
+    torch.save(twist_payload("ac_dpg", "critic", run.pi, critic), twisted / "twist.pt")
+    strings, log_p, log_z = exact_p_lambda(run_dir)
+    exact_len = float((log_p.exp() * torch.tensor([len(s) for s in strings], dtype=torch.float64)).sum())
+    for extra in ([], ["proposal=pi", f"twist={twisted}", "ess_threshold=1.0"]):
+        out = tmp_path / "smc.jsonl"
+        assert main([f"run={run_dir}", "sampler=smc", "n=4000", "particles=200", "bounds=true", "bound_runs=30",
+                     f"out={out}", "seed=2", *extra]) == 0
+        rows = read_lines(out)
+        text = capsys.readouterr().out
+        assert len(rows) == 4000 and "runs             20" in text
+        bounds = next(x for x in text.splitlines() if "log Z bounds" in x).split("[")[1].split("]")[0]
+        lower, lower_se, upper, upper_se = (float(v) for v in bounds.replace(",", "").replace("+-", "").split())
+        assert lower - 3 * lower_se <= log_z <= upper + 3 * upper_se, (lower, upper, log_z)
+        w = torch.softmax(torch.tensor([r["log_weight"] for r in rows], dtype=torch.float64), 0)
+        lengths = torch.tensor([r["length"] for r in rows], dtype=torch.float64)
+        weighted = float((w * lengths).sum())
+        se = float(((w * (lengths - weighted)) ** 2).sum().sqrt())
+        assert abs(weighted - exact_len) < 4 * se, (weighted, exact_len, se)
+    assert main([f"run={run_dir}", "sampler=smc", f"twist={run_dir}", f"out={tmp_path / 'x.jsonl'}"]) == 2
+    assert "no twist.pt there" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["model=r", "sampler=rs"], "sampler='rs' with model='r'"),
     (["sampler=ancestral"], "p_lambda is not autoregressive"),
     (["sampler=rs", "proposal=pi"], "proposal='pi' with sampler='rs'"),
     (["modle=r"], "modle: unknown key; did you mean model?"),
     (["n=0"], "n=0: must be >= 1"),
+    (["bounds=true"], "bounds=True: only sampler=smc has a bounds"),
 ])
 def test_bad_settings_fail_before_any_work(run_dir, tmp_path, capsys, args, expected):
     out = tmp_path / "never.jsonl"
