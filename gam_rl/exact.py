@@ -198,6 +198,13 @@ def exact_results(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy | None, log
     z_hat, rel_se = results.get("z_hat"), results.get("z_rel_se")
     if z_hat and rel_se:  # (Z-hat - Z) / s.e.(Z-hat), s.e. = rel_se Z-hat
         out["z_hat_error_se"] = (z_hat - out["z"]) / (rel_se * z_hat)
+    if results.get("log_z_hat") is not None:  # the Z stage's estimator's error (z.estimator: is or smc)
+        out["log_z_hat_error"] = results["log_z_hat"] - target.log_z
+    lower, upper = results.get("log_z_lower"), results.get("log_z_upper")
+    if lower is not None and upper is not None:  # z.bounds: where the exact log Z lies, in each bound's s.e.
+        out["log_z_in_bounds"] = bool(lower <= target.log_z <= upper)
+        out["log_z_lower_gap_se"] = (target.log_z - lower) / results["log_z_lower_se"]
+        out["log_z_upper_gap_se"] = (upper - target.log_z) / results["log_z_upper_se"]
     ce_hat, ce_se = results.get("ce_test_p_lambda"), results.get("ce_test_p_lambda_se")
     if ce_hat is not None and ce_se:
         out["ce_test_p_lambda_error_se"] = (ce_hat - ce_p) / ce_se

@@ -307,3 +307,26 @@ def test_a_bad_reference_is_refused(problem):
                     generator=torch.Generator().manual_seed(13))
     assert truncated.tokens[0].tolist() == [ONE] * MAX_LEN
 
+
+
+def test_the_z_stage_by_smc_estimates_log_z_its_moments_and_bounds(hard_problem):
+    """z.estimator=smc through the Z stage: log Z-hat within 4 of its s.e. of the exact log Z, the moments of p
+    from the weighted particles, and z.bounds around the exact log Z (each within 3 of its s.e.)."""
+    from gam_rl.exact import exact_results
+    from gam_rl.stages.partition import ZConfig, estimate_partition
+
+    r, target, exact = hard_problem
+    features = target.factors[1].features
+    phi = OutputSpace(MAX_LEN).score(features).double()  # (outputs, features)
+    moments = (exact.exact.log_p.exp().unsqueeze(1) * phi).sum(0)
+    test = exact.sample(200, seed=8)
+    cfg = ZConfig(samples=40000, batch_size=8000, estimator="smc", particles=8, bounds=True, bound_runs=400)
+    part = estimate_partition(r, target, features, moments.tolist(), test, test, cfg, max_len=MAX_LEN,
+                              symbols_per_seq=4, seed=9)
+    assert part.z_estimator == "smc" and part.z_samples == 40000
+    assert abs(part.log_z_hat - exact.log_z) < 4 * part.z_rel_se, (part.log_z_hat, part.z_rel_se, exact.log_z)
+    assert part.moment_mismatch_l1 < 0.05  # SNIS of the particles by their weights
+    out = exact_results(exact.exact, r, None, target.log_potential(test), 4, part.results())
+    assert out["log_z_hat_error"] == pytest.approx(part.log_z_hat - exact.log_z)
+    assert out["log_z_lower_gap_se"] > -3 and out["log_z_upper_gap_se"] > -3, out
+    assert part.log_z_lower < part.log_z_upper

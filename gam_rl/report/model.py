@@ -34,7 +34,7 @@ from gam_rl.config_fields import flatten
 
 METHOD_ORDER = ("dpg_off", "distill", "dpg_on", "pg", "dpg_true")
 METRICS = ("entropy_true", "ce_test_r", "ce_test_p_lambda", "ce_test_pi", "motif_freq_r", "motif_freq_pi",
-           "avg_len_r", "avg_len_pi", "z_hat", "wall_time_s")
+           "avg_len_r", "avg_len_pi", "z_hat", "log_z_hat", "log_z_lower", "log_z_upper", "wall_time_s")
 # Training-1's stages in results.json's timings (gam_rl.training1_cache.STAGES, named here without importing torch)
 TRAINING1_STAGES = ("r", "eval_r", "training1", "z")
 
