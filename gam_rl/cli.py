@@ -39,8 +39,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gam_rl import schema
+from gam_rl.files import atomic_write_json
 from gam_rl.memory import retain_freed_memory
-from gam_rl.run_io import RunLogger, atomic_write_json
+from gam_rl.run_io import RunLogger
 from gam_rl.schema import ConfigError
 from gam_rl.sweep import SweepSummary, complete_results, folder_conflict, remove_stale_files, sweep_summary
 
