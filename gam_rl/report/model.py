@@ -94,7 +94,8 @@ def find_run_dirs(roots: list[Path]) -> list[Path]:
 def add_lost_runs(roots: list[Path], records: list[RunRecord]) -> list[RunRecord]:
     """The records, with the jobs in the lost_jobs.json of any sweep folder under the roots: a job whose
     folder is not a run folder (its reason is there only) as a failed run, identified by the
-    configuration recorded there, which also identifies a lost job's run folder that cannot say whose it is."""
+    configuration recorded there, which also identifies a lost job's run folder that cannot say whose it
+    is (no results.json of its own, and .hydra/config.yaml unresolved: `${method_name:distill}`)."""
     by_path, added = {r.path: r for r in records}, []
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
@@ -107,9 +108,10 @@ def add_lost_runs(roots: list[Path], records: list[RunRecord]) -> list[RunRecord
                         added.append(RunRecord(folder, "failed", error=str(entry.get("error") or "lost"),
                                                mtime=as_float(entry.get("time")) or 0.0, **_identity({}, config),
                                                config=flatten(config)))
-                    elif not record.identified and config:
+                    elif config:  # what the folder lacks, or has only unresolved (.hydra/config.yaml)
                         for name, value in _identity({}, config).items():
-                            if getattr(record, name) is None:
+                            current = getattr(record, name)
+                            if current is None or (isinstance(current, str) and "${" in current):
                                 setattr(record, name, value)
                         record.config = record.config or flatten(config)
             dirnames[:] = [d for d in dirnames if d not in (".hydra", "wandb")]
