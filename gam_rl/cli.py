@@ -39,8 +39,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gam_rl import schema
+from gam_rl.files import atomic_write_json
+from gam_rl.launcher import JobLost, register
 from gam_rl.memory import retain_freed_memory
-from gam_rl.run_io import PER_FEATURE_KEYS, RunLogger, atomic_write_json, by_feature
+from gam_rl.run_io import PER_FEATURE_KEYS, RunLogger, by_feature
 from gam_rl.schema import ConfigError
 from gam_rl.sweep import SweepSummary, complete_results, folder_conflict, remove_stale_files, sweep_summary
 
@@ -232,7 +234,8 @@ def _quiet_lightning() -> None:
 class RunFailed(RuntimeError):
     """A job of a multirun failed (its results.json says why). Raised out of the task function
     instead of sys.exit: Hydra's launchers (basic, joblib, submitit) record an Exception as that
-    job's failure and run the other jobs, and the sweep exits 1 once they are done."""
+    job's failure and run the other jobs, and the sweep exits 1 once they are done. (A job whose
+    process dies is recorded by the joblib launcher: gam_rl.launcher.JobLost.)"""
 
 
 class FolderConflict(RuntimeError):
@@ -447,6 +450,7 @@ def dry_run(args: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     raw = sys.argv[1:] if argv is None else list(argv)
+    register()  # the joblib launcher's plugin, also where Hydra's own search cannot find it (editable installs)
     listing = "--dry-run" in raw  # gam-rl's own flag, not Hydra's
     args, problems = check_command_line([a for a in raw if a != "--dry-run"])
     if problems:
@@ -461,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         hydra_app()
     except Interrupted as err:
         sys.exit(err.exit_code)
-    except RunFailed as err:  # the first failed job of a sweep (each one's results.json says why)
+    except (RunFailed, JobLost) as err:  # the first failed or lost job of a sweep (each one's results.json says why)
         print(f"gam-rl: {err}", file=sys.stderr)
         if SweepSummary.current:
             print(sweep_summary(*SweepSummary.current))

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from gam_rl.config_fields import MISSING, setting
+from gam_rl.files import shared_mode
 from gam_rl.process import MotifProcess
-from gam_rl.run_io import shared_mode
 from gam_rl.tokens import encode
 
 log = logging.getLogger(__name__)

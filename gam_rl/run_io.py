@@ -1,16 +1,12 @@
-"""What every run leaves behind: results.json (atomic), metrics.csv, config.yaml, W&B."""
+"""What every run leaves behind: metrics.csv, the recorded keys of results.json (written atomically by
+gam_rl.files), W&B."""
 
 from __future__ import annotations
 
 import csv
-import json
-import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
@@ -37,17 +33,6 @@ RESULT_KEYS = (
     "avg_len_r", "avg_len_pi", "lambda", "moments_data", "moments_model", "z_hat",
     "timings", "samples",
 )
-
-
-def _jsonable(value: Any) -> Any:
-    """Floats that JSON cannot hold (inf, nan) become strings, so files stay valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 # results.json keys that hold one value per feature, as {feature name: value} in the features' order
@@ -87,31 +72,6 @@ def code_version() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return out
-
-
-def umask() -> int:
-    """The process's umask (os.umask can only be read by setting it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def shared_mode(path: Path, directory: bool = False) -> None:
-    """Give a file made by tempfile (0600, or 0700 for a folder) the mode the user's umask gives a
-    new file (0666 & ~umask, or 0777 & ~umask): a sweep folder on a shared file system stays
-    readable by the group when the umask allows it."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
-
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    shared_mode(Path(tmp))
-    with os.fdopen(fd, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 class RunLogger(Logger):

@@ -6,8 +6,12 @@ resolved configuration it ran with) equals the current one, apart from RESUME_IG
 which say how a run is executed, not what it computes. Anything else (failed, missing,
 killed, or run with another configuration) is recomputed.
 
-`python -m gam_rl.sweep SWEEP_DIR...` prints one line per job folder and a count, and exits 1
-when any job is not ok (the multirun_scripts use it after the report).
+A sweep's jobs are its job folders (.hydra/ or results.json) and the jobs its launcher lost before
+they could leave a result of their own (LOST_JOBS, written by gam_rl.launcher: a process killed,
+or Hydra's set-up of the job failed, e.g. its folder could not be made).
+
+`python -m gam_rl.sweep SWEEP_DIR...` prints one line per job that is not ok and a count, and exits
+1 when any job is not ok (the multirun_scripts use it after the report).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ log = logging.getLogger("gam_rl")
 RESUME_IGNORED = ("threads", "resume", "cache")
 # what a redo removes first, so that a redo killed halfway never shows the previous attempt's files
 STALE_FILES = ("results.json", "metrics.csv", "r.pt", "pi.pt", "twist.pt")
+# in a sweep folder: {job folder: {"job", "overrides", "error", "config", "time"}} for each job that ended
+# without a result of its own (gam_rl.launcher writes it; an entry goes when its job ends with a result)
+LOST_JOBS = "lost_jobs.json"
 
 
 def _comparable(container: dict) -> dict:
@@ -107,6 +114,27 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(found)
 
 
+def lost_jobs(sweep_dir: Path) -> dict[str, dict]:
+    """The launcher's record of a sweep's lost jobs, by job folder ({} when there is none)."""
+    try:
+        data = json.loads((Path(sweep_dir) / LOST_JOBS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def sweep_jobs(sweep_dir: Path) -> list[tuple[Path, str, str]]:
+    """(job folder, status, error) for every job of a sweep: its job folders, and each lost job whose
+    folder holds no record of its own (no results.json, no .hydra/: it may not even be a folder)."""
+    found = {folder.resolve(): folder for folder in job_dirs(sweep_dir)}
+    jobs = [(folder, *job_status(folder)) for folder in found.values()]
+    for key, entry in lost_jobs(sweep_dir).items():
+        folder = Path(key) if Path(key).is_absolute() else Path(sweep_dir) / key
+        if folder.resolve() not in found:
+            jobs.append((folder, "failed", str(entry.get("error") or "lost")))
+    return sorted(jobs)
+
+
 def job_status(job_dir: Path) -> tuple[str, str]:
     path = job_dir / "results.json"
     if not path.exists():
@@ -131,8 +159,7 @@ class SweepSummary(Callback):
 
 def sweep_summary(sweep_dir: Path, started: float) -> str:
     counts = {"ok": 0, "skipped (complete)": 0, "failed": 0, "missing": 0}
-    for job in job_dirs(sweep_dir):
-        status, _ = job_status(job)
+    for job, status, _ in sweep_jobs(sweep_dir):
         if status == "ok" and (job / "results.json").stat().st_mtime < started:
             status = "skipped (complete)"
         counts[status if status in counts else "failed"] += 1
@@ -149,12 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     counts: dict[str, int] = {}
     for sweep_dir in map(Path, args):
-        jobs = job_dirs(sweep_dir)
+        jobs = sweep_jobs(sweep_dir)
         if not jobs:
             print(f"{sweep_dir}: no job folders", file=sys.stderr)
             counts["missing"] = counts.get("missing", 0) + 1
-        for job in jobs:
-            status, error = job_status(job)
+        for job, status, error in jobs:
             counts[status] = counts.get(status, 0) + 1
             if status != "ok":
                 print(f"{status:>10}  {job}" + (f"  ({error.splitlines()[0]})" if error else ""))

@@ -37,9 +37,9 @@ from lightning.pytorch.loggers.logger import Logger
 
 import gam_rl
 from gam_rl.config_fields import setting
+from gam_rl.files import shared_mode
 from gam_rl.metrics import PolicyEval
 from gam_rl.policy import LSTMPolicy
-from gam_rl.run_io import shared_mode
 from gam_rl.stages.mle import MLEResult
 from gam_rl.stages.moment_matching import MomentMatchingResult
 from gam_rl.stages.partition import PartitionResult

@@ -409,6 +409,35 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
+def test_a_job_the_launcher_lost_is_listed_from_lost_jobs_json(sweep):
+    """A job whose folder could not be made (a file in its place) exists only in the sweep's lost_jobs.json
+    (gam_rl/launcher.py): the report lists it as failed, with the reason, identified by its recorded config."""
+    import shutil
+
+    lost = sweep / f"{M1}_D1000_s1234_distill"
+    shutil.rmtree(lost)
+    lost.write_text("")
+    config = {"motif": {"pattern": M1}, "features": {"name": "1001111"}, "dataset_size": {"size": 1000},
+              "seed": 1234, "method": {"name": "distill"}, "profile": "cpu"}
+    error = f"lost: Hydra's job set-up failed: FileExistsError: [Errno 17] File exists: '{lost}'"
+    # and a job killed between Hydra's set-up and its own first results.json: the launcher wrote one
+    # without the job's keys, and Hydra's config names the method unresolved
+    killed = sweep / f"{M2}_D1000_s1234_dpg_off"
+    shutil.rmtree(killed)
+    killed_error = "lost: its process was killed by SIGKILL after 3 s (the out-of-memory killer, or kill -9)"
+    write_run(killed, {"status": "failed", "error": killed_error}, {**hydra_config(M2, 1234, 1000, "dpg_off"),
+                                                                    "method": {"name": "${method_name:dpg_off}"}})
+    killed_config = {**config, "motif": {"pattern": M2}, "method": {"name": "dpg_off"}}
+    (sweep / "lost_jobs.json").write_text(json.dumps({
+        str(lost): {"job": 3, "overrides": ["method=distill"], "error": error, "config": config, "time": 1.0},
+        str(killed): {"job": 5, "overrides": [], "error": killed_error, "config": killed_config, "time": 1.0}}))
+    main([str(sweep)])
+    missing = (sweep / "report" / "table1.md").read_text().split("### Missing or failed", 1)[1]
+    assert f"{M1}/1001111/D1000/s1234 distill: failed: lost: Hydra's job set-up failed: FileExistsError" in missing
+    assert f"{M2}/1001111/D1000/s1234 dpg_off: failed: lost: its process was killed by SIGKILL" in missing
+    assert "absent" not in missing and "${" not in missing
+
+
 def test_cli_subprocess(sweep, tmp_path):
     proc = run_cli(str(sweep), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

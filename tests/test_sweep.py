@@ -148,7 +148,7 @@ def test_presets_and_launchers_compose_and_validate(preset, launcher):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"sweep={preset}", f"launcher={launcher}"], return_hydra_config=True)
     target = cfg.hydra.launcher._target_
-    assert {"basic": "BasicLauncher", "joblib": "JoblibLauncher", "submitit_local": "LocalLauncher",
+    assert {"basic": "BasicLauncher", "joblib": "ProcessLauncher", "submitit_local": "LocalLauncher",
             "slurm": "SlurmLauncher"}[launcher] in target
     assert cfg.hydra.mode.name == "MULTIRUN"
     previous = HydraConfig.instance().cfg

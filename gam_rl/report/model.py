@@ -3,6 +3,9 @@ method), the runs of one profile, and the formatting every table shares.
 
 A *run folder* is any folder under the given folders that holds `results.json` or
 `.hydra/config.yaml` (a folder with only the latter is a run that never finished: "missing").
+A job that a sweep's launcher lost before its folder could say so (a sweep folder's
+lost_jobs.json, gam_rl.sweep.LOST_JOBS: its folder could not be made) is a failed run, identified
+by the configuration recorded there.
 A *cell* is (motif, features, |D|, seed) within one profile; each cell has one run per method.
 A run's profile, cell and method come from results.json, else from its config. A run whose
 `target` (results.json's, else the config's method.target) is set and is not `gam` is reported as
@@ -14,8 +17,8 @@ run on a P_lambda fitted by another Training-1 estimator than snis_r gets `@esti
 When several folders hold the same (profile, cell, method), an ok run is used before any
 other and the newest before older ones; the others are named in table1.md.
 
-This module imports no other module of the report: tables, figures and methods build on it, and
-cli on all of them.
+This module imports no other module of the report (gam_rl.sweep reads lost_jobs.json): tables,
+figures and methods build on it, and cli on all of them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from gam_rl.config_fields import flatten
+from gam_rl.sweep import LOST_JOBS, lost_jobs
 
 METHOD_ORDER = ("dpg_off", "distill", "dpg_on", "pg", "dpg_true")
 METRICS = ("entropy_true", "ce_test_r", "ce_test_p_lambda", "ce_test_pi", "motif_freq_r", "motif_freq_pi",
@@ -88,6 +92,33 @@ def find_run_dirs(roots: list[Path]) -> list[Path]:
                 found.add(here.resolve())
             dirnames[:] = [d for d in dirnames if d not in (".hydra", "wandb")]
     return sorted(found)
+
+
+def add_lost_runs(roots: list[Path], records: list[RunRecord]) -> list[RunRecord]:
+    """The records, with the jobs in the lost_jobs.json of any sweep folder under the roots: a job whose
+    folder is not a run folder (its reason is there only) as a failed run, identified by the
+    configuration recorded there, which also identifies a lost job's run folder that cannot say whose it
+    is (no results.json of its own, and .hydra/config.yaml unresolved: `${method_name:distill}`)."""
+    by_path, added = {r.path: r for r in records}, []
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            if LOST_JOBS in filenames:
+                for key, entry in lost_jobs(Path(dirpath)).items():
+                    folder = Path(key) if Path(key).is_absolute() else Path(dirpath) / key
+                    config = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+                    record = by_path.get(folder.resolve())
+                    if record is None:
+                        added.append(RunRecord(folder, "failed", error=str(entry.get("error") or "lost"),
+                                               mtime=as_float(entry.get("time")) or 0.0, **_identity({}, config),
+                                               config=flatten(config)))
+                    elif config:  # what the folder lacks, or has only unresolved (.hydra/config.yaml)
+                        for name, value in _identity({}, config).items():
+                            current = getattr(record, name)
+                            if current is None or (isinstance(current, str) and "${" in current):
+                                setattr(record, name, value)
+                        record.config = record.config or flatten(config)
+            dirnames[:] = [d for d in dirnames if d not in (".hydra", "wandb")]
+    return records + added
 
 
 def as_float(value) -> float | None:
@@ -209,9 +240,9 @@ def collect(roots: list[Path], profile: str | None) -> tuple[list[RunRecord], li
         if not root.is_dir():
             raise ReportError(f"no such folder: {root}")
     run_dirs = find_run_dirs(roots)
-    if not run_dirs:
+    records = add_lost_runs(roots, [load_run(d) for d in run_dirs])
+    if not records:
         raise ReportError("no run folder (results.json or .hydra/config.yaml) under: " + ", ".join(map(str, roots)))
-    records = [load_run(d) for d in run_dirs]
     identified = [r for r in records if r.identified]
     if profile is not None:
         found = sorted({r.profile for r in identified})

@@ -1,0 +1,47 @@
+"""Files written whole or not at all, with the user's umask. Nothing heavy imported: the local
+sweep launcher (gam_rl/launcher.py) writes results.json with these in a process without torch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _jsonable(value: Any) -> Any:
+    """Floats that JSON cannot hold (inf, nan) become strings, so files stay valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def umask() -> int:
+    """The process's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shared_mode(path: Path, directory: bool = False) -> None:
+    """Give a file made by tempfile (0600, or 0700 for a folder) the mode the user's umask gives a
+    new file (0666 & ~umask, or 0777 & ~umask): a sweep folder on a shared file system stays
+    readable by the group when the umask allows it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    shared_mode(Path(tmp))
+    with os.fdopen(fd, "w") as f:
+        json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)

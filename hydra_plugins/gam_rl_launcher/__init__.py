@@ -1,0 +1,1 @@
+"""gam_rl's Hydra launcher plugin (Hydra finds launchers in the hydra_plugins namespace package)."""
