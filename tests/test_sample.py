@@ -122,8 +122,7 @@ def test_qrs_weights_take_p_beta_back_to_p_lambda(run_dir, tmp_path):
 
 
 def test_smc_particles_weights_and_bounds_agree_with_the_exact_log_z(run_dir, tmp_path, capsys):
-    from gam_rl.methods.saved_twist import twist_payload
-    from gam_rl.methods.twist_loop import Critic
+    from gam_rl.methods.twist_loop import Critic, twist_payload
 
     run = load_run(run_dir)
     torch.manual_seed(1)

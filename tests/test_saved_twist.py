@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from gam_rl.methods.ctl import twist_log_psi
-from gam_rl.methods.saved_twist import load_twist, twist_payload
-from gam_rl.methods.twist_loop import Critic
+from gam_rl.methods.saved_twist import load_twist
+from gam_rl.methods.twist_loop import Critic, twist_payload
 from gam_rl.policy import LSTMPolicy
 from gam_rl.tokens import encode
 

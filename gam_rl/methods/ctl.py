@@ -35,7 +35,7 @@ from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import WeightedDraw
 from gam_rl.methods.loop import LoopConfig, LoopModule, fit_loop, loop_module
 from gam_rl.methods.registry import Method, register
-from gam_rl.methods.saved_twist import twist_payload
+from gam_rl.methods.twist_loop import twist_payload
 from gam_rl.policy import eval_mode
 from gam_rl.tokens import EOS, PAD, pad_cat
 

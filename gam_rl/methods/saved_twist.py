@@ -10,7 +10,7 @@ r(s) exp(V(s)) (gam_rl/smc.py). One convention for all of them, as in methods/tw
 so column 0 is V(empty prefix) (log Z for a value learner) and a row's last symbol's prefix is its
 column L - 1; past a row's end the values are not used.
 
-What is saved: pi's weights (its states feed a head critic, and pcl's V is the logsumexp of pi's
+What is saved (methods/twist_loop.py's twist_payload, at the end of a twist learner's fit): pi's weights (its states feed a head critic, and pcl's V is the logsumexp of pi's
 Q-logits), the critic's kind and weights, and how V is read off them (`values`):
   critic      V = critic(s)                                  ac_dpg, ppo_dpg, subtb
   q_logits    V = logsumexp of pi's logits at s (+ critic)   pcl
@@ -19,27 +19,14 @@ Q-logits), the critic's kind and weights, and how V is read off them (`values`):
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from gam_rl.methods.twist_loop import FORMAT, VALUE_KINDS, Critic
 from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.tokens import EOS, PAD
-
-VALUE_KINDS = ("critic", "q_logits", "ctl")
-FORMAT = 1
-
-
-def twist_payload(algorithm: str, values: str, pi: LSTMPolicy, critic: nn.Module | None = None) -> dict:
-    """What twist.pt holds (copies: the run goes on changing pi afterwards, e.g. back to its start)."""
-    if values not in VALUE_KINDS:
-        raise ValueError(f"values={values!r}: one of {VALUE_KINDS}")
-    return {"format": FORMAT, "algorithm": algorithm, "values": values,
-            "pi": {"config": pi.config(), "state_dict": copy.deepcopy(pi.state_dict())},
-            "critic": None if critic is None else {"kind": critic.kind,
-                                                   "state_dict": copy.deepcopy(critic.state_dict())}}
 
 
 class LearnedTwist(nn.Module):
@@ -74,8 +61,6 @@ class LearnedTwist(nn.Module):
 def load_twist(run_dir: Path, r: LSTMPolicy) -> LearnedTwist:
     """The learned twist of a twist learner's run folder (twist.pt), on r's device; ValueError naming what is
     wrong."""
-    from gam_rl.methods.twist_loop import Critic  # here: twist_loop imports this module
-
     path = Path(run_dir) / "twist.pt"
     if not path.is_file():
         raise ValueError(f"twist={str(run_dir)!r}: no twist.pt (only runs of a twist learner, pcl, ac_dpg, ppo_dpg, "

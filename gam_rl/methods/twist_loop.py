@@ -22,7 +22,6 @@ from gam_rl.exact import learned_value_errors
 from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import ProposalDraws, WeightedDraw
 from gam_rl.methods.loop import LoopConfig, LoopModule, fit_loop
-from gam_rl.methods.saved_twist import twist_payload
 from gam_rl.methods.twist import CRITIC_FITS, critic_loss, critic_targets
 from gam_rl.policy import LSTMPolicy, Samples, eval_mode
 from gam_rl.potentials import Potential
@@ -82,6 +81,21 @@ class Critic(nn.Module):
     def forward(self, tokens: torch.Tensor, pi_states: torch.Tensor) -> torch.Tensor:
         states = pi_states if self.body is None else self.body.token_states(tokens)
         return self.value(states).squeeze(2)
+
+
+# twist.pt (methods/saved_twist.py reads it back): how V is read off pi and the critic
+VALUE_KINDS = ("critic", "q_logits", "ctl")
+FORMAT = 1
+
+
+def twist_payload(algorithm: str, values: str, pi: LSTMPolicy, critic: nn.Module | None = None) -> dict:
+    """What twist.pt holds (copies: the run goes on changing pi afterwards, e.g. back to its start)."""
+    if values not in VALUE_KINDS:
+        raise ValueError(f"values={values!r}: one of {VALUE_KINDS}")
+    return {"format": FORMAT, "algorithm": algorithm, "values": values,
+            "pi": {"config": pi.config(), "state_dict": copy.deepcopy(pi.state_dict())},
+            "critic": None if critic is None else {"kind": critic.kind,
+                                                   "state_dict": copy.deepcopy(critic.state_dict())}}
 
 
 def terminal_reward(target: Potential, r: LSTMPolicy, tokens: torch.Tensor, log_r_seq: torch.Tensor) -> torch.Tensor:
