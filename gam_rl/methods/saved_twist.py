@@ -10,8 +10,9 @@ r(s) exp(V(s)) (gam_rl/smc.py). One convention for all of them, as in methods/tw
 so column 0 is V(empty prefix) (log Z for a value learner) and a row's last symbol's prefix is its
 column L - 1; past a row's end the values are not used.
 
-What is saved (methods/twist_loop.py's twist_payload, at the end of a twist learner's fit): pi's weights (its states feed a head critic, and pcl's V is the logsumexp of pi's
-Q-logits), the critic's kind and weights, and how V is read off them (`values`):
+What is saved (methods/twist_loop.py's twist_payload, at the end of a twist learner's fit): pi's
+weights (its states feed a head critic, and pcl's V is the logsumexp of pi's Q-logits), the
+critic's kind and weights, and how V is read off them (`values`):
   critic      V = critic(s)                                  ac_dpg, ppo_dpg, subtb
   q_logits    V = logsumexp of pi's logits at s (+ critic)   pcl
   ctl         log psi(s a) = l(s, a) - log r(a | s)           ctl (pi's raw logits l, r's log-probabilities)
