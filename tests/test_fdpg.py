@@ -262,15 +262,16 @@ def test_the_draws_own_z_hat_is_the_mean_weight_on_pi_s_own_draw():
 
 
 def stall_module(normalise: str, log_norm: float | None = None):
-    """An FDPGModule of tv with the baseline on draws of r (no trainer), its running Z-hat optionally replaced."""
+    """An FDPGModule of tv with the baseline on draws of r, pi starting as r (no trainer), its running Z-hat
+    optionally replaced."""
     from gam_rl.methods.contract import Training2Inputs
     from gam_rl.methods.fdpg import FDPGModule
 
-    r, pi = policy(0), policy(1)
+    r, pi = policy(0), policy(0)  # pi starts as r (init=r)
     potential, _ = gam_target(r)
     draws = ProposalDraws(r, potential, minibatch=64, proposal_batch=None, keep_per_draw=None, replay=0,
                           steps_per_draw=1, max_len=MAX_LEN, generator=torch.Generator().manual_seed(0))
-    cfg = FDPGConfig(name="fdpg_tv", divergence="tv", baseline=True, minibatch=64, normalise=normalise)
+    cfg = FDPGConfig(name="fdpg_tv", divergence="tv", baseline=True, minibatch=64, normalise=normalise, init="r")
     space = all_outputs(MAX_LEN)
     inputs = Training2Inputs(pi=pi, r=r, p_lambda=potential, true_process=None, train=space, valid=space,
                              max_len=MAX_LEN, symbols=MAX_LEN, ce_valid_r=1.0, ce_valid_p_lambda=None, log_z_hat=None)
@@ -282,25 +283,32 @@ def stall_module(normalise: str, log_norm: float | None = None):
 
 def test_the_stall_is_counted_in_results_and_warned_about(caplog):
     """fdpg_stalled_updates: the fraction of updates whose f' was the same for every item. A running Z-hat
-    e^-30 too low stalls every update (its gradient is exactly 0), with a warning at the end of training;
-    the running Z-hat itself and the draw's own stall none."""
+    e^-30 too low stalls every update (its gradient is exactly 0), and fdpg_log_z_gap (the draw's own log
+    Z-hat minus the running one) shows it 30 nats off, with warnings at the end of training; the running
+    Z-hat itself and the draw's own stall none (no gap with the draw's own: it is the one used)."""
     import logging
 
     low = stall_module("running_z", log_norm=-30.0)
     for _ in range(3):
         loss = low.training_step(0, 0)
         assert grads(loss, low.pi).abs().max() == 0
-    assert low.results() == {"fdpg_stalled_updates": 1.0}
+    assert low.results()["fdpg_stalled_updates"] == 1.0
+    assert low.results()["fdpg_log_z_gap"] == pytest.approx(30 + low.draws.running_z.log_z, abs=1.0)
     with caplog.at_level(logging.WARNING, logger="gam_rl"):
         low.on_train_end()
     assert "3 of 3 updates (100%) stalled" in caplog.text and "method.normalise=draw_z" in caplog.text
-    for module in (stall_module("running_z"), stall_module("draw_z")):
+    assert "nats above the running one" in caplog.text
+    running, own = stall_module("running_z"), stall_module("draw_z")
+    for module in (running, own):
         for _ in range(3):
             assert grads(module.training_step(0, 0), module.pi).abs().max() > 0
-        assert module.results() == {"fdpg_stalled_updates": 0.0}
+        assert module.results()["fdpg_stalled_updates"] == 0.0
+    assert abs(running.results()["fdpg_log_z_gap"]) < 0.5 and own.results()["fdpg_log_z_gap"] is None  # 0.09
     caplog.clear()
-    module.on_train_end()
-    assert "stalled" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="gam_rl"):
+        running.on_train_end()
+        own.on_train_end()
+    assert caplog.text == ""
 
 
 def test_fdpg_takes_the_draws_own_z_hat():

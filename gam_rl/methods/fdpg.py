@@ -42,6 +42,7 @@ log = logging.getLogger("gam_rl")
 
 NORMALISE_FDPG = NORMALISE + ("draw_z",)  # none | running_z | draw_z: the draw's own Z-hat (draw_log_z)
 STALL_WARNING = 0.5  # warn when more than this fraction of the updates stalled (fdpg_stalled_updates)
+GAP_WARNING = 0.1  # tv: warn when the draws' own log Z-hat is this many nats (and 3 s.e.) from the running one
 
 
 @dataclass(frozen=True)
@@ -175,20 +176,26 @@ class FDPGConfig(AveragedLoopConfig):
 
 
 class FDPGModule(LoopModule):
+    """f-DPG's update, with two records of how far Z-hat let it see: the stalled updates (f' the same for
+    every item: no signal) and, with the running Z-hat, the gap log Z-hat(draw) - log Z-hat(running)
+    between each draw's own Z-hat (draw_log_z) and the running one the update divided by."""
+
     loss_name = "dpg/fdpg_loss"  # sum_i c_i log pi(x_i), descent on D_f: not dpg/loss's scale or sign
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.updates_seen, self.updates_stalled = 0, 0  # fdpg_stalled_updates = stalled / seen
+        self.gaps: list[float] = []  # normalise=running_z: log Z-hat(draw) - log Z-hat(running), per update
 
     def loss(self, draw: WeightedDraw) -> torch.Tensor:
         log_pi = self.pi.log_prob(draw.tokens)  # the training pass (dropout): the gradient
         weight_log_pi = self.weight_log_prob(draw.tokens, log_pi)  # without dropout: the coefficients
         weights, cfg = weight_log_pi.detach().double(), self.cfg
-        if cfg.normalise == "draw_z":
-            log_z = draw_log_z(weights, draw.log_q, draw.log_w, draw.log_h)
-        else:
-            log_z = self.log_norm()
+        own = draw_log_z(weights, draw.log_q, draw.log_w, draw.log_h)
+        log_z = own if cfg.normalise == "draw_z" else self.log_norm()
+        if cfg.normalise == "running_z":
+            self.gaps.append(float(own) - log_z)
+            self.log("dpg/fdpg_log_z_gap", self.gaps[-1], on_step=True, on_epoch=False, batch_size=len(draw))
         stall = stalled(fdpg_fprime(weights, draw.log_q, draw.log_w, cfg.divergence, log_z=log_z))
         self.updates_seen += 1
         self.updates_stalled += stall
@@ -199,17 +206,32 @@ class FDPGModule(LoopModule):
     def stalled_fraction(self) -> float | None:
         return self.updates_stalled / self.updates_seen if self.updates_seen else None
 
+    def gap(self) -> tuple[float | None, float | None]:
+        """The mean and s.d. over the updates of log Z-hat(draw) - log Z-hat(running) (None: not running_z)."""
+        if not self.gaps:
+            return None, None
+        gaps = torch.tensor(self.gaps, dtype=torch.float64)
+        return float(gaps.mean()), float(gaps.std()) if len(gaps) > 1 else 0.0
+
     def on_train_end(self):
-        fraction = self.stalled_fraction()
+        cfg, fraction = self.cfg, self.stalled_fraction()
         if fraction is not None and fraction > STALL_WARNING:
             log.warning("[fdpg] %d of %d updates (%.0f%%) stalled: f'(pi/p) was the same for every item of the draw, "
                         "so the update carried no signal (%s with normalise=%s%s); pi barely learns. tv needs Z-hat "
                         "to better than the spread of log(pi/p): try method.normalise=draw_z (docs/methods.md)",
-                        self.updates_stalled, self.updates_seen, 100 * fraction, self.cfg.divergence,
-                        self.cfg.normalise, ", the baseline removes all of it" if self.cfg.baseline else "")
+                        self.updates_stalled, self.updates_seen, 100 * fraction, cfg.divergence, cfg.normalise,
+                        ", the baseline removes all of it" if cfg.baseline else "")
+        gap, gap_sd = self.gap()  # warned about when it is more than GAP_WARNING and 3 s.e. from 0
+        if (cfg.divergence == "tv" and gap is not None and abs(gap) > GAP_WARNING
+                and abs(gap) > 3 * gap_sd / math.sqrt(len(self.gaps))):
+            log.warning("[fdpg] the draws' own log Z-hat is %.3f nats %s the running one on average: tv's f' = "
+                        "sign(pi Z-hat / P - 1) / 2 compares pi with p up to that factor, which on the toy cost 80%% "
+                        "of the update's progress at 0.25 nats; try method.normalise=draw_z (docs/methods.md)",
+                        abs(gap), "above" if gap > 0 else "below")
 
     def results(self) -> dict:
-        return {"fdpg_stalled_updates": self.stalled_fraction()}
+        gap, gap_sd = self.gap()
+        return {"fdpg_stalled_updates": self.stalled_fraction(), "fdpg_log_z_gap": gap, "fdpg_log_z_gap_sd": gap_sd}
 
 
 def train_fdpg(cfg: FDPGConfig, inputs: Training2Inputs) -> Training2Result:
