@@ -90,14 +90,15 @@ class OutputSpace:
         return self.score(potential.log_potential, device)
 
 
-def tree_log_prob(policy: LSTMPolicy, max_len: int) -> torch.Tensor:
+def tree_log_prob(policy: LSTMPolicy, max_len: int, *, grad: bool = False) -> torch.Tensor:
     """log pi(x) of every output by one LSTM step per prefix of the binary tree (2^k prefixes at
     depth k) instead of one pass per output: 2^max_len - 1 steps in max_len batched calls.
 
     A prefix s of k bits has log pi(s) = sum of its bits' log-probabilities; the output s EOS has
     log pi(s) + log pi(EOS | s), and a prefix of max_len bits is the truncated output s itself.
-    Prefix i at depth k has children 2i (bit 0) and 2i + 1 (bit 1): output_batches' order."""
-    with eval_mode(policy):
+    Prefix i at depth k has children 2i (bit 0) and 2i + 1 (bit 1): output_batches' order.
+    Dropout off; grad: keep autograd (differentiable in pi's weights; else none)."""
+    with eval_mode(policy), torch.set_grad_enabled(grad):
         dev, layers, hidden = policy.device, policy.layers, policy.hidden
         dtype = policy.head.weight.dtype
         state = (torch.zeros(layers, 1, hidden, device=dev, dtype=dtype),) * 2
