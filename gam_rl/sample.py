@@ -391,7 +391,9 @@ def summary(run: LoadedRun, scored: Scored, facts: dict, what: str, seconds: flo
             out.append(f"  {key:<16} {shown}")
     if "log_z" in facts:
         exact = (run.results.get("exact") or {}).get("log_z")  # under eval.exact (the toy profile)
-        out.append(f"  log Z-hat        {facts['log_z']:.4f} +- {facts.get('log_z_se', math.nan):.4f}   "
+        se = facts.get("log_z_se", math.nan)
+        spread = f"+- {se:.4f}" if math.isfinite(se) else "(one run: no s.e.; n >= 2 x particles gives one)"
+        out.append(f"  log Z-hat        {facts['log_z']:.4f} {spread}   "
                    f"(the run's importance-sampled {run.results.get('log_z_hat', math.nan):.4f}"
                    + (f"; exact {exact:.4f})" if exact is not None else ")"))
     if "lower" in facts:  # E[log Z-hat] <= log Z <= E[log Z-hat of conditional SMC]
