@@ -3,10 +3,16 @@ import os
 import pytest
 import torch
 
-# keep tests off the user's cache and W&B account; small thread count for 2-core CI
+# keep tests off the user's cache and W&B account
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One torch thread, here and (OMP_NUM_THREADS) in the runs the tests start: their tensors are tiny, so a
+# second thread saves nothing on a quiet 2-core host (the suite took 291 s either way) and on a busy one
+# costs far more than it saves (a tiny op waits for the other thread: the suite took 1029 s at two threads
+# beside other work). GAM_RL_TEST_THREADS=N asks for N.
+THREADS = int(os.environ.get("GAM_RL_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)

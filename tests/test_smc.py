@@ -30,16 +30,6 @@ MAX_LEN = 6
 RUNS, K = 2000, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These batches are tiny (x 3 symbols): a second thread costs more to wake than it saves, and far more
-    on a busy machine (log_softmax of 24 x 3 floats: 2 us on one thread, ~10 ms with two under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def prefix_sums(log_unnorm: torch.Tensor, max_len: int) -> list[torch.Tensor]:
     """sums[k][v] = log of the sum over the outputs that extend the k-bit prefix with value v (output_batches'
     order: the m-bit outputs from index 2^m - 1, the truncated max_len-bit ones last), bottom-up."""
