@@ -120,15 +120,15 @@ def _load(path: Path) -> ctypes.CDLL:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.gam_cell_forward.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i32]
     lib.gam_cell_forward.restype = None
-    lib.gam_cell_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, i64]
+    lib.gam_cell_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, i64, i64]
     lib.gam_cell_backward.restype = None
     lib.gam_sample_step.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.gam_sample_step.restype = i64
     lib.gam_layer_forward.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
-                                      i64, i32]
+                                      i64, i32, i64]
     lib.gam_layer_forward.restype = None
     lib.gam_layer_backward.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32,
-                                       ptr, ptr, i64, ptr, ptr]
+                                       ptr, ptr, i64, ptr, ptr, i64]
     lib.gam_layer_backward.restype = None
     lib.gam_score_rows.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
                                    ptr, ptr, ptr, i32]
@@ -144,7 +144,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.gam_dropout_mask.restype = None
     lib.gam_head_logp.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.gam_head_logp.restype = None
-    lib.gam_head_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.gam_head_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i64]
     lib.gam_head_backward.restype = None
     return lib
 
