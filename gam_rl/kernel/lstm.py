@@ -315,11 +315,12 @@ def _forward_compiled(pk: PackedTokens, in_index: torch.Tensor, keep: float | No
             w, table, index, b = torch.cat([w_ih, w_hh], dim=1), None, None, bias.contiguous()
         gates, cell, tanh_c = _POOL.take((N, 4 * H), like), _POOL.take((N, H), like), _POOL.take((N, H), like)
         x_out = zs[l + 1] if l < layers - 1 else out  # dropout(h): the next layer's input columns, or the output
-        native.gam_layer_forward(sgemm, len(pk.sizes), *(arr.ctypes.data for arr in pk.step_arrays), H,
-                                 zs[l].shape[1], gates.data_ptr(), _ptr(table), _ptr(index), _ptr(b),
-                                 w.data_ptr(), zs[l].data_ptr(), cell.data_ptr(), tanh_c.data_ptr(),
-                                 _ptr(masks[l] if masks is not None else None), x_out.data_ptr(), x_out.shape[1],
-                                 torch.get_num_threads(), _layer_chunks(pk, zs[l].shape[1], H))
+        with lstm_native.sequential_sgemm():
+            native.gam_layer_forward(sgemm, len(pk.sizes), *(arr.ctypes.data for arr in pk.step_arrays), H,
+                                     zs[l].shape[1], gates.data_ptr(), _ptr(table), _ptr(index), _ptr(b),
+                                     w.data_ptr(), zs[l].data_ptr(), cell.data_ptr(), tanh_c.data_ptr(),
+                                     _ptr(masks[l] if masks is not None else None), x_out.data_ptr(),
+                                     x_out.shape[1], torch.get_num_threads(), _layer_chunks(pk, zs[l].shape[1], H))
         saved.append((gates, cell, tanh_c, zs[l]))
     return out, saved
 
@@ -511,11 +512,13 @@ def _backward_compiled(pk: PackedTokens, in_index: torch.Tensor, keep: float | N
         chunks = _layer_chunks(pk, K, H)
         acc = like.new_zeros(chunks, table_rows if l == 0 else 1, 4 * H)
         w_acc = like.new_zeros(chunks, K, 4 * H)
-        native.gam_layer_backward(sgemm, len(pk.sizes), *(arr.ctypes.data for arr in pk.step_arrays), H, K,
-                                  gates.data_ptr(), w.data_ptr(), cell.data_ptr(), tanh_c.data_ptr(), above.data_ptr(),
-                                  above.stride(0), _ptr(masks[l] if masks is not None else None), dz.data_ptr(),
-                                  dcf.data_ptr(), threads, acc.data_ptr(), _ptr(in_index if l == 0 else None),
-                                  acc.shape[1], z.data_ptr(), w_acc.data_ptr(), chunks)
+        with lstm_native.sequential_sgemm():
+            native.gam_layer_backward(sgemm, len(pk.sizes), *(arr.ctypes.data for arr in pk.step_arrays), H, K,
+                                      gates.data_ptr(), w.data_ptr(), cell.data_ptr(), tanh_c.data_ptr(),
+                                      above.data_ptr(), above.stride(0), _ptr(masks[l] if masks is not None else None),
+                                      dz.data_ptr(), dcf.data_ptr(), threads, acc.data_ptr(),
+                                      _ptr(in_index if l == 0 else None), acc.shape[1], z.data_ptr(), w_acc.data_ptr(),
+                                      chunks)
         d_w = w_acc[0]  # the chunks' sum
         if l == 0:  # table rows: d_table[k] = sum of da over positions with index k
             d_bias, d_w_ih = _table_grads(acc[0], keep)
@@ -702,9 +705,10 @@ def score_rows(tokens: torch.Tensor, lstm: torch.nn.LSTM, head: torch.nn.Linear)
     scratch = like.new_empty(threads * native.gam_score_scratch(SCORE_BLOCK, L, H, StepLSTM.P, V))
     w_head, b_head = head.weight.detach().contiguous(), head.bias.detach().contiguous()
     sorted_log_prob = like.new_zeros(B)
-    native.gam_score_rows(sgemm, B, W, target.data_ptr(), lengths.contiguous().data_ptr(), L, H, StepLSTM.P,
-                          *(a.ctypes.data for a in layout), w_head.data_ptr(), b_head.data_ptr(), V, BOS,
-                          SCORE_BLOCK, sorted_log_prob.data_ptr(), None, scratch.data_ptr(), threads)
+    with lstm_native.sequential_sgemm():  # one block (a small batch) runs on the calling thread
+        native.gam_score_rows(sgemm, B, W, target.data_ptr(), lengths.contiguous().data_ptr(), L, H, StepLSTM.P,
+                              *(a.ctypes.data for a in layout), w_head.data_ptr(), b_head.data_ptr(), V, BOS,
+                              SCORE_BLOCK, sorted_log_prob.data_ptr(), None, scratch.data_ptr(), threads)
     return like.new_empty(B).index_copy_(0, order, sorted_log_prob)
 
 

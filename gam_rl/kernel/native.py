@@ -23,6 +23,7 @@ torch ops, with the same results to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -162,6 +163,33 @@ def sgemm_address() -> int | None:
             except (OSError, AttributeError):  # not loadable, or no exported sgemm_
                 pass
     return _state["sgemm"]
+
+
+@contextlib.contextmanager
+def sequential_sgemm():
+    """MKL single-threaded on this thread while a compiled loop calls sgemm_address()'s sgemm: the loops
+    share their work between threads themselves, and a loop that runs on one thread (a batch too small
+    to share, e.g. r's batch of 100 rows in one chunk) would otherwise have MKL fork and join its threads
+    for every step's small sgemm (2 threads on a busy 2-core host: r's training step at 2 x 64 went from
+    7 ms to 70-500 ms). A no-op where torch's library does not export mkl_set_num_threads_local."""
+    if "mkl_local" not in _state:
+        _state["mkl_local"] = None
+        if sgemm_address() is not None:
+            try:
+                fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Set_Num_Threads_Local
+                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                _state["mkl_local"] = fn
+            except (OSError, AttributeError):
+                pass
+    fn = _state["mkl_local"]
+    if fn is None:
+        yield
+        return
+    previous = fn(1)  # the thread's own setting before (0: none, MKL's global one)
+    try:
+        yield
+    finally:
+        fn(previous)
 
 
 def kernels() -> ctypes.CDLL | None:
