@@ -119,23 +119,35 @@ def tree_log_prob(policy: LSTMPolicy, max_len: int, *, grad: bool = False) -> to
 
 # ---- divergences between distributions given as log-probabilities over the same space -----------
 
+def fixed_sum(x: torch.Tensor) -> float:
+    """sum x, correctly rounded (math.fsum): the same at any thread count, where torch's sum over more
+    than 32,768 elements adds per-thread partial sums (the last digit moved between 1 and 2 threads)."""
+    return math.fsum(x.double().reshape(-1).tolist())
+
+
+def fixed_logsumexp(x: torch.Tensor) -> float:
+    """log sum exp(x) through fixed_sum."""
+    top = float(x.max())
+    return top if not math.isfinite(top) else top + math.log(fixed_sum((x.double() - top).exp()))
+
+
 def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
     """KL(p || q) = sum_{p > 0} p (log p - log q) (inf where q = 0 < p)."""
     log_p, log_q = log_p.double(), log_q.double()
     support = torch.isfinite(log_p)
     p = log_p[support].exp()
-    return float((p * (log_p[support] - log_q[support])).sum())
+    return fixed_sum(p * (log_p[support] - log_q[support]))
 
 
 def tv(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
     """TV(p, q) = 1/2 sum_x |p(x) - q(x)|."""
-    return 0.5 * float((log_p.double().exp() - log_q.double().exp()).abs().sum())
+    return 0.5 * fixed_sum((log_p.double().exp() - log_q.double().exp()).abs())
 
 
 def entropy(log_p: torch.Tensor) -> float:
     log_p = log_p.double()
     support = torch.isfinite(log_p)
-    return float(-(log_p[support].exp() * log_p[support]).sum())
+    return -fixed_sum(log_p[support].exp() * log_p[support])
 
 
 def divergences(name: str, log_p: torch.Tensor, log_pi: torch.Tensor, log_p_true: torch.Tensor | None) -> dict:
@@ -158,7 +170,7 @@ class ExactTarget:
     @classmethod
     def of(cls, target: Potential, space: OutputSpace, device, true_log_prob=None) -> ExactTarget:
         log_unnorm = space.log_potential(target, device)
-        log_z = float(torch.logsumexp(log_unnorm, 0))  # log Z = log sum_x P(x)
+        log_z = fixed_logsumexp(log_unnorm)  # log Z = log sum_x P(x)
         log_p_true = space.score(true_log_prob, device) if true_log_prob is not None else None
         return cls(space, log_unnorm - log_z, log_z, log_p_true)
 
@@ -172,9 +184,9 @@ def qrs_divergences(target: ExactTarget, log_q: torch.Tensor, log_beta: float) -
     results.json's exact.qrs_acceptance, exact.qrs_tv, exact.qrs_kl for method=distill_qrs: the truth
     behind its estimates distill_qrs_acceptance_est, distill_qrs_tv, distill_qrs_kl (and *_pilot)."""
     log_accepted = torch.minimum(log_q, target.log_p + target.log_z - log_beta)  # log min(q, P / beta)
-    log_a = torch.logsumexp(log_accepted, 0)
+    log_a = fixed_logsumexp(log_accepted)
     log_p_beta = log_accepted - log_a
-    return {"qrs_acceptance": float(log_a.exp()), "qrs_tv": tv(target.log_p, log_p_beta),
+    return {"qrs_acceptance": math.exp(log_a), "qrs_tv": tv(target.log_p, log_p_beta),
             "qrs_kl": kl(target.log_p, log_p_beta)}
 
 
@@ -189,7 +201,7 @@ def exact_results(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy | None, log
     out = {"outputs": target.space.size, "max_len": target.space.max_len, "log_z": target.log_z,
            "z": math.exp(target.log_z), "ce_test_r": results.get("ce_test_r"), "ce_test_p_lambda": ce_p,
            "h_p_lambda": entropy(target.log_p) / symbols,
-           "mass_truncated_p_lambda": float(target.log_p[-2**target.space.max_len:].exp().sum())}
+           "mass_truncated_p_lambda": fixed_sum(target.log_p[-2**target.space.max_len:].exp())}
     if target.log_p_true is not None:
         out["kl_true_p"] = kl(target.log_p_true, target.log_p)
     out.update(target.policy_divergences(r, "r"))
@@ -221,7 +233,7 @@ def prefix_log_z(target: ExactTarget, prefix: str) -> float:
     k, v = len(prefix), int(prefix, 2) if prefix else 0
     blocks = [target.log_p[2**m - 1 + v * 2 ** (m - k): 2**m - 1 + (v + 1) * 2 ** (m - k)]
               for m in range(k, target.space.max_len + 1)]
-    return target.log_z + float(torch.logsumexp(torch.cat(blocks), 0))
+    return target.log_z + fixed_logsumexp(torch.cat(blocks))
 
 
 def prefix_rows(prefixes: list[str]) -> torch.Tensor:

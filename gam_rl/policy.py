@@ -254,7 +254,8 @@ class LSTMPolicy(nn.Module, Potential):
         w_head, b_head = self.head.weight.detach().contiguous(), self.head.bias.detach().contiguous()
         scratch = like.new_empty(threads * native.gam_sample_scratch(SAMPLE_BLOCK, L, H, P))
         idx = torch.empty(threads * SAMPLE_BLOCK, dtype=torch.long)
-        native.gam_sample_rows(sgemm, len(tokens), max_len, L, H, P, *(a.ctypes.data for a in layout),
-                               w_head.data_ptr(), b_head.data_ptr(), uniforms.data_ptr(), SAMPLE_BLOCK,
-                               tokens.data_ptr(), token_log_prob.data_ptr(), log_prob.data_ptr(), EOS, PAD, BOS,
-                               scratch.data_ptr(), idx.data_ptr(), threads)
+        with lstm_native.sequential_sgemm():  # one block (a small draw) runs on the calling thread
+            native.gam_sample_rows(sgemm, len(tokens), max_len, L, H, P, *(a.ctypes.data for a in layout),
+                                   w_head.data_ptr(), b_head.data_ptr(), uniforms.data_ptr(), SAMPLE_BLOCK,
+                                   tokens.data_ptr(), token_log_prob.data_ptr(), log_prob.data_ptr(), EOS, PAD, BOS,
+                                   scratch.data_ptr(), idx.data_ptr(), threads)

@@ -484,3 +484,53 @@ def test_compiled_scorer_equals_teacher_forcing(layers, threads, monkeypatch):
     assert (compiled - differentiable).abs().max() <= 2e-5
     assert (compiled - step_loop).abs().max() <= 2e-5
     assert lstm_kernel.score_rows(tokens, policy.lstm, policy.head) is not None  # the path did run
+
+
+def test_row_chunks_depend_on_the_size_alone():
+    """The compiled loops' chunk grid: a power of two of >= CHUNK_ROWS rows each, at most MAX_CHUNKS and
+    CHUNK_FLOATS floats of partial sums; no thread count enters it."""
+    assert [lstm_kernel.row_chunks(rows) for rows in (1, 127, 128, 255, 256, 500, 10**6)] == [1, 1, 2, 2, 4, 4, 16]
+    assert lstm_kernel.row_chunks(5000, 400 * 800) == 2  # 2 x 200's dW: 2 x 1.28 MB of partial sums
+    assert lstm_kernel.row_chunks(4746, rows_per_chunk=65536 // 64) == 4  # the head at 64 hidden
+    assert lstm_kernel.row_chunks(5000, lstm_kernel.CHUNK_FLOATS) == 1
+
+
+@native_only
+@pytest.mark.parametrize("layer_loops", ["compiled", "python"])
+def test_gradients_are_bit_identical_at_any_thread_count(layer_loops, monkeypatch):
+    """The kernels' sums over rows (dW, the biases, layer 0's table, the head's dW and db) are taken
+    over a fixed grid of row chunks, added in chunk order: log pi and every gradient are the same bits
+    at 1, 2 and 3 threads (issue 31 item 9: the per-thread sums had made r's training stop elsewhere).
+    The sizes open every parallel region: 300 rows x 64 hidden (4 chunks, shared unevenly by 3 threads)
+    and 4,700 head rows (4 chunks).
+    The Python layer loops (no sgemm of torch's to call) take W_ih and W_hh's gradients from torch's
+    matmuls over all positions, which MKL splits by thread count: there only the rest is checked."""
+    if layer_loops == "compiled" and lstm_native.sgemm_address() is None:
+        pytest.skip("torch exports no MKL sgemm here: no compiled layer loops")
+    if layer_loops == "python":
+        monkeypatch.setattr(lstm_native, "sgemm_address", lambda: None)
+    torch.manual_seed(7)
+    policy = LSTMPolicy(64, 2, dropout=0.2).train()
+    tokens = random_batch(rows=300, width=30, seed=7)
+    weights = torch.randn(len(tokens))
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        torch.manual_seed(8)  # the same dropout masks
+        policy.zero_grad()
+        logp = policy.log_prob(tokens)
+        (logp * weights).sum().backward()
+        return logp.detach(), {name: p.grad.clone() for name, p in policy.named_parameters()}
+
+    previous = torch.get_num_threads()
+    try:
+        ref, ref_grads = run(1)
+        for threads in (2, 3):
+            got, grads = run(threads)
+            assert torch.equal(got, ref), threads
+            for name, g in grads.items():
+                if layer_loops == "python" and name.startswith(("lstm.weight_ih", "lstm.weight_hh")):
+                    continue
+                assert torch.equal(g, ref_grads[name]), (threads, name)
+    finally:
+        torch.set_num_threads(previous)

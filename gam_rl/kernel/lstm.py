@@ -12,9 +12,9 @@ unchanged), with a hand-written backward instead of autograd through ~20 small o
 * layers run one after the other over all steps (as cuDNN does). In the compiled layer loops
   layer l > 0 keeps its input and its previous output side by side, z = [x_t | h_{t-1}], so each
   step is ONE matmul with [W_ih | W_hh], the backward's per-step matmul da [W_ih | W_hh] also gives
-  dx (the layer below's gradient), and each thread adds z_t^T da_t of its rows into its own
-  [dW_ih | dW_hh] while they are in its cache (at 2 x 64 on an AMD EPYC that beat one matmul over
-  all N positions by ~9% of the training step); in the Python loops the input projection is one
+  dx (the layer below's gradient), and each chunk of a step's rows adds its z_t^T da_t into its own
+  [dW_ih | dW_hh] while they are in its thread's cache (at 2 x 64 on an AMD EPYC that beat one matmul
+  over all N positions by ~9% of the training step); in the Python loops the input projection is one
   matmul over every packed position and the recurrence one matmul per step;
 * tanh is computed as 2 sigmoid(2a) - 1 (torch's CPU sigmoid is ~8x cheaper than its tanh)
   with the g-gate rows of the weights doubled, so one sigmoid call activates all four gates;
@@ -35,7 +35,13 @@ unchanged), with a hand-written backward instead of autograd through ~20 small o
   table and the biases' gradients) is one compiled call, so no Python runs between steps (at
   batch 100, r's batch, that per-step Python cost about as much as the step's matmul);
 * the output head (logits, log-softmax at the target) and its backward (dh, dW, db) are one
-  compiled pass each (head_log_prob).
+  compiled pass each (head_log_prob);
+* the compiled sums over rows (dW and the biases in the layer loops, layer 0's table, the head's dW
+  and db) are taken over a fixed grid of row chunks that depends on the sizes alone (row_chunks),
+  each chunk with its own sgemm calls and partial sums, added in chunk order: outputs and gradients
+  are the same bits at any thread count (tests/test_lstm_kernel.py). Not so in the Python layer loops
+  (no sgemm of torch's to call): there W_ih's and W_hh's gradients are torch matmuls over all positions,
+  which MKL splits by thread count.
 
 `StepLSTM` is the same cell one step of every layer at a time (no autograd, one matmul per
 layer per step, preallocated buffers): LSTMPolicy.sample and log_prob under no_grad use it where
@@ -197,6 +203,39 @@ def _ptr(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+# The compiled loops' fixed grid of row chunks (row_chunks). Each chunk makes its own sgemm calls (torch's
+# MKL packs the weights anew for each) and keeps its own dW: on one thread, a training step (2 x 64, batch
+# 500, CPU time) cost 40.0 / 40.4 / 40.9 / 42.2 / 47 ms at 1 / 2 / 4 / 8 / 16 chunks, and at 2 x 200 262 /
+# 264 / 280 / 322 ms at 1 / 2 / 4 / 8; so chunks of >= 64 rows, and <= 4 MiB of partial sums (2 x 200: 2).
+CHUNK_ROWS = 64  # rows per chunk, at least (at the first step)
+MAX_CHUNKS = 16
+CHUNK_FLOATS = 2**20  # the chunks' partial sums together (the layer backward's dW: chunks x K x 4H), at most
+
+
+HEAD_CHUNK_WORK = 65536  # the head's backward: rows x H per chunk, at least (its old threading threshold)
+
+
+def row_chunks(rows: int, floats_per_chunk: int = 0, rows_per_chunk: int = CHUNK_ROWS) -> int:
+    """The number of chunks the compiled loops cut `rows` rows into (kernel/lstm_cell.c, chunk_lo): a
+    power of two (1, 2, 4, ... so that 2, 4 or 8 threads share them evenly) of at least `rows_per_chunk`
+    rows each, at most MAX_CHUNKS, and with at most CHUNK_FLOATS floats of partial sums. It depends on
+    the problem's size alone, never on the thread count: every chunk makes its own sgemm calls and sums,
+    added in chunk order, so the gradients are bit-identical at any number of threads. A thread takes
+    whole chunks, so threads beyond the chunks wait. One chunk is what one thread did before the grid
+    (a batch of <= 127 rows, r's at the cpu and toy profiles, gives the same bits as then)."""
+    cap = min(MAX_CHUNKS, max(1, rows // rows_per_chunk), max(1, CHUNK_FLOATS // max(floats_per_chunk, 1)))
+    return 1 << (cap.bit_length() - 1)
+
+
+def _chunk_sum(acc: torch.Tensor) -> torch.Tensor:
+    """acc[0] + acc[1] + ... in chunk order (elementwise adds: the same bits at any thread count, where
+    torch's sum over dim 0 may split the work by threads)."""
+    total = acc[0].clone()
+    for part in acc[1:]:
+        total += part
+    return total
+
+
 def _forward_steps(pk: PackedTokens, gates, cell, tanh_c, h_out, w_hh, H: int, native, threads: int) -> None:
     """One layer's steps from Python: a matmul per step, then the cell (compiled, or torch ops)."""
     sizes, offs = pk.sizes, pk.offsets
@@ -276,13 +315,19 @@ def _forward_compiled(pk: PackedTokens, in_index: torch.Tensor, keep: float | No
             w, table, index, b = torch.cat([w_ih, w_hh], dim=1), None, None, bias.contiguous()
         gates, cell, tanh_c = _POOL.take((N, 4 * H), like), _POOL.take((N, H), like), _POOL.take((N, H), like)
         x_out = zs[l + 1] if l < layers - 1 else out  # dropout(h): the next layer's input columns, or the output
-        native.gam_layer_forward(sgemm, len(pk.sizes), *(arr.ctypes.data for arr in pk.step_arrays), H,
-                                 zs[l].shape[1], gates.data_ptr(), _ptr(table), _ptr(index), _ptr(b),
-                                 w.data_ptr(), zs[l].data_ptr(), cell.data_ptr(), tanh_c.data_ptr(),
-                                 _ptr(masks[l] if masks is not None else None), x_out.data_ptr(), x_out.shape[1],
-                                 torch.get_num_threads())
+        with lstm_native.sequential_sgemm():
+            native.gam_layer_forward(sgemm, len(pk.sizes), *(arr.ctypes.data for arr in pk.step_arrays), H,
+                                     zs[l].shape[1], gates.data_ptr(), _ptr(table), _ptr(index), _ptr(b),
+                                     w.data_ptr(), zs[l].data_ptr(), cell.data_ptr(), tanh_c.data_ptr(),
+                                     _ptr(masks[l] if masks is not None else None), x_out.data_ptr(),
+                                     x_out.shape[1], torch.get_num_threads(), _layer_chunks(pk, zs[l].shape[1], H))
         saved.append((gates, cell, tanh_c, zs[l]))
     return out, saved
+
+
+def _layer_chunks(pk: PackedTokens, K: int, H: int) -> int:
+    """The compiled layer loops' chunks (row_chunks): the forward and its backward cut every step alike."""
+    return row_chunks(pk.sizes[0], K * 4 * H)
 
 
 COEFFICIENT_BLOCK = 2**17  # elements (512 KiB in fp32) per block of the backward's coefficients: cache-sized
@@ -339,9 +384,10 @@ class _NativeSteps:
         self.native, self.threads = native, torch.get_num_threads()
 
     def reverse(self, pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H, acc, index) -> None:
-        """acc (threads, rows, 4H) gathers every position's da by index (index None: all in row 0)."""
+        """acc (chunks, rows, 4H) gathers every position's da by index (index None: all in row 0), each
+        step's rows cut into acc.shape[0] chunks (row_chunks: the same at any thread count)."""
         sizes, offs, T = pk.sizes, pk.offsets, len(pk.sizes)
-        acc_rows = acc.shape[1]
+        chunks, acc_rows = acc.shape[0], acc.shape[1]
         for t in reversed(range(T)):
             n, a = sizes[t], offs[t]
             dh = d_h[a : a + n]
@@ -352,7 +398,7 @@ class _NativeSteps:
             c_prev = cell[offs[t - 1]].data_ptr() if t > 0 else None
             self.native.gam_cell_backward(n, m, H, gates[a].data_ptr(), c_prev, tanh_c[a].data_ptr(),
                                           dh.data_ptr(), d_cs[0].data_ptr(), self.threads, acc.data_ptr(),
-                                          None if index is None else index[a].data_ptr(), acc_rows)
+                                          None if index is None else index[a].data_ptr(), acc_rows, chunks)
 
 
 class _TorchSteps:
@@ -409,8 +455,8 @@ def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, mask
         d_gates = gates  # coefficients, then da, overwrite the activations
         for d_c in d_cs:
             d_c.zero_()
-        # the compiled cell also sums da per thread as it goes: by table row (layer 0) or all (the bias)
-        acc = like.new_zeros(steps.threads, table_rows if l == 0 else 1, 4 * H) if native is not None else None
+        # the compiled cell also sums da per chunk of rows as it goes: by table row (layer 0) or all (the bias)
+        acc = like.new_zeros(row_chunks(B0), table_rows if l == 0 else 1, 4 * H) if native is not None else None
         if masks is not None and l < layers - 1:  # d_h holds dL/d dropout(h)
             d_h.mul_(masks[l])
         steps.reverse(pk, gates, cell, tanh_c, d_h, d_cs, w_hh, H, acc, in_index if l == 0 else None)
@@ -421,11 +467,11 @@ def _backward(pk: PackedTokens, in_index: torch.Tensor, keep: float | None, mask
         else:
             d_w_hh = like.new_zeros(H, 4 * H)
         if l == 0:  # table rows: d_table[k] = sum of da over positions with index k
-            d_table = (acc.sum(dim=0) if acc is not None
+            d_table = (_chunk_sum(acc) if acc is not None
                        else like.new_zeros(table_rows, 4 * H).index_add_(0, in_index, d_gates))
             d_bias, d_w_ih = _table_grads(d_table, keep)
         else:
-            d_bias = acc.sum(dim=(0, 1)) if acc is not None else d_gates.sum(dim=0)
+            d_bias = _chunk_sum(acc)[0] if acc is not None else d_gates.sum(dim=0)
             d_w_ih = x.t() @ d_gates  # dW_ih^T = sum_t x_t^T da_t
             torch.mm(d_gates, w_ih, out=d_h)  # dx = da W_ih (the layer below applies its dropout mask)
         grads[4 * l : 4 * l + 4] = [d_w_ih.t().contiguous(), d_w_hh.t().contiguous(), d_bias, d_bias.clone()]
@@ -447,7 +493,8 @@ def _backward_compiled(pk: PackedTokens, in_index: torch.Tensor, keep: float | N
     """The backward of _forward_compiled, one compiled call per layer (gam_layer_backward): its
     per-step sgemm dz = da [W_ih | W_hh] gives both the gradient sent back to h_{t-1} and dx, the
     layer below's gradient from above (so dx needs no matmul over all positions), and a second one
-    adds z_t^T da_t into the thread's own [dW_ih | dW_hh]^T, summed here over the threads."""
+    adds z_t^T da_t into its chunk of rows' own [dW_ih | dW_hh]^T; the loop adds the chunks' sums in
+    chunk order into block 0 (row_chunks: bit-identical at any thread count)."""
     H, N, B0 = hidden, pk.num, pk.sizes[0]
     like, threads = weights[0], torch.get_num_threads()
     grads: list[torch.Tensor | None] = [None] * len(weights)
@@ -461,20 +508,23 @@ def _backward_compiled(pk: PackedTokens, in_index: torch.Tensor, keep: float | N
         w = w_hh.contiguous() if l == 0 else torch.cat([w_ih, w_hh], dim=1)
         dz = _POOL.take((N, K), like)
         dcf.zero_()
-        # the loop sums da per thread as it goes: by table row (layer 0) or all (the bias)
-        acc = like.new_zeros(threads, table_rows if l == 0 else 1, 4 * H)
-        w_acc = like.new_zeros(threads, K, 4 * H)
-        native.gam_layer_backward(sgemm, len(pk.sizes), *(arr.ctypes.data for arr in pk.step_arrays), H, K,
-                                  gates.data_ptr(), w.data_ptr(), cell.data_ptr(), tanh_c.data_ptr(), above.data_ptr(),
-                                  above.stride(0), _ptr(masks[l] if masks is not None else None), dz.data_ptr(),
-                                  dcf.data_ptr(), threads, acc.data_ptr(), _ptr(in_index if l == 0 else None),
-                                  acc.shape[1], z.data_ptr(), w_acc.data_ptr())
-        d_w = w_acc.sum(dim=0)
+        # the loop sums da per chunk as it goes: by table row (layer 0) or all (the bias)
+        chunks = _layer_chunks(pk, K, H)
+        acc = like.new_zeros(chunks, table_rows if l == 0 else 1, 4 * H)
+        w_acc = like.new_zeros(chunks, K, 4 * H)
+        with lstm_native.sequential_sgemm():
+            native.gam_layer_backward(sgemm, len(pk.sizes), *(arr.ctypes.data for arr in pk.step_arrays), H, K,
+                                      gates.data_ptr(), w.data_ptr(), cell.data_ptr(), tanh_c.data_ptr(),
+                                      above.data_ptr(), above.stride(0), _ptr(masks[l] if masks is not None else None),
+                                      dz.data_ptr(), dcf.data_ptr(), threads, acc.data_ptr(),
+                                      _ptr(in_index if l == 0 else None), acc.shape[1], z.data_ptr(), w_acc.data_ptr(),
+                                      chunks)
+        d_w = w_acc[0]  # the chunks' sum
         if l == 0:  # table rows: d_table[k] = sum of da over positions with index k
-            d_bias, d_w_ih = _table_grads(acc.sum(dim=0), keep)
+            d_bias, d_w_ih = _table_grads(acc[0], keep)
             d_w_hh = d_w
         else:
-            d_bias = acc.sum(dim=(0, 1))
+            d_bias = acc[0, 0].clone()
             d_w_ih, d_w_hh = d_w[:H], d_w[H:]
         grads[4 * l : 4 * l + 4] = [d_w_ih.t().contiguous(), d_w_hh.t().contiguous(), d_bias, d_bias.clone()]
         _POOL.give(gates, cell, tanh_c, z, above if l < layers - 1 else None)
@@ -615,11 +665,12 @@ class _HeadLogProb(torch.autograd.Function):
         out, weight = ctx.saved_tensors
         (n, H), V, threads = out.shape, weight.shape[0], torch.get_num_threads()
         w, g, d_out = weight.contiguous(), grad_picked.contiguous(), out.new_empty(out.shape)  # held for the call
-        acc = out.new_zeros(threads, V, H + 1)  # per thread: rows [dW_k | db_k]
+        chunks = row_chunks(n, rows_per_chunk=max(1, HEAD_CHUNK_WORK // H))
+        acc = out.new_zeros(chunks, V, H + 1)  # per chunk of rows: [dW_k | db_k]; summed into acc[0]
         ctx.native.gam_head_backward(n, V, H, g.data_ptr(), ctx.probs.data_ptr(),
                                      ctx.target.data_ptr(), w.data_ptr(), out.data_ptr(), d_out.data_ptr(),
-                                     acc.data_ptr(), threads)
-        d_wb = acc.sum(dim=0)
+                                     acc.data_ptr(), threads, chunks)
+        d_wb = acc[0]
         return d_out, d_wb[:, :H].contiguous(), d_wb[:, H].contiguous(), None, None
 
 
@@ -654,9 +705,10 @@ def score_rows(tokens: torch.Tensor, lstm: torch.nn.LSTM, head: torch.nn.Linear)
     scratch = like.new_empty(threads * native.gam_score_scratch(SCORE_BLOCK, L, H, StepLSTM.P, V))
     w_head, b_head = head.weight.detach().contiguous(), head.bias.detach().contiguous()
     sorted_log_prob = like.new_zeros(B)
-    native.gam_score_rows(sgemm, B, W, target.data_ptr(), lengths.contiguous().data_ptr(), L, H, StepLSTM.P,
-                          *(a.ctypes.data for a in layout), w_head.data_ptr(), b_head.data_ptr(), V, BOS,
-                          SCORE_BLOCK, sorted_log_prob.data_ptr(), None, scratch.data_ptr(), threads)
+    with lstm_native.sequential_sgemm():  # one block (a small batch) runs on the calling thread
+        native.gam_score_rows(sgemm, B, W, target.data_ptr(), lengths.contiguous().data_ptr(), L, H, StepLSTM.P,
+                              *(a.ctypes.data for a in layout), w_head.data_ptr(), b_head.data_ptr(), V, BOS,
+                              SCORE_BLOCK, sorted_log_prob.data_ptr(), None, scratch.data_ptr(), threads)
     return like.new_empty(B).index_copy_(0, order, sorted_log_prob)
 
 

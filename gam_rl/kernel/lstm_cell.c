@@ -61,6 +61,26 @@ static inline float logistic(float x) {
 #define PARALLEL_ROWS(n, H, threads) \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if((n) * (H) >= 16384 && (threads) > 1)")
 
+/* Sums over rows (the weight and bias gradients) do not depend on the number of threads: the rows of a
+   pass (of a step) are cut into a fixed grid of `chunks` chunks, chunk c = rows [chunk_lo(n, c), chunk_lo(n,
+   c + 1)), chosen by the caller from the problem's size alone; each chunk adds into its own partial sum
+   (and makes its own sgemm calls, whose shapes are then the same at any thread count: MKL's results for
+   a row can change with the number of rows in the call, e.g. one row goes through another kernel), and
+   the partial sums are added in chunk order at the end (add_chunks). A thread takes whole chunks, so one
+   thread or sixteen give bit-identical results. */
+static inline int64_t chunk_lo(int64_t n, int64_t c, int64_t chunks) { return n * c / chunks; }
+
+/* acc[0][e] += acc[1][e] + ... in chunk order, e in [0, size), inside a parallel region (every thread
+   of the team calls it; each adds its own share of e, with a barrier after): the per-element order of
+   the adds is fixed, so the result does not depend on which thread adds which elements. */
+static inline void add_chunks(float *acc, int64_t size, int64_t chunks, int64_t me, int64_t share) {
+    const int64_t lo = size * me / share, hi = size * (me + 1) / share;
+    for (int64_t c = 1; c < chunks; c++) {
+        const float *part = acc + c * size;
+        for (int64_t e = lo; e < hi; e++) acc[e] += part[e];
+    }
+}
+
 /* What a call of cell_forward / cell_backward reads and writes besides the cell itself. Every call
    passes these flags as constants, so each inlined copy is straight-line vector code: a pointer tested
    per element would be if-converted into masked loads and stores (vmaskmovps), which cost ~10 cycles
@@ -154,16 +174,19 @@ static inline void cell_backward(int64_t H, const int flags, float *ga, const fl
    the next step, so only they carry dcf in (the others start from 0). gates: (n, 4H) activated
    [i, f, g, o] in, overwritten with [da_i, da_f, da_g, da_o]. c_prev: c (n, H), NULL at t = 0;
    tanh_c: tanh(c'); dh: (n, H); dcf: (n, H) in (first m rows) and out.
-   acc (NULL: none): each row's da is also added to acc[thread][index[r]] (index NULL: row 0), a
-   (threads, acc_rows, 4H) block of per-thread sums, while it is still in cache: layer 0's table
-   gradient (rows by input symbol) or layer l's bias gradient, which would otherwise be another pass
-   over all N positions (an index_add or a sum: ~5% of a 2 x 64 training step). */
+   acc (NULL: none): each row's da is also added to acc[chunk][index[r]] (index NULL: row 0), a
+   (chunks, acc_rows, 4H) block of per-chunk sums (rows cut by chunk_lo; the caller adds them in chunk
+   order), while it is still in cache: layer 0's table gradient (rows by input symbol) or layer l's bias
+   gradient, which would otherwise be another pass over all N positions (an index_add or a sum: ~5% of
+   a 2 x 64 training step). */
 void gam_cell_backward(int64_t n, int64_t m, int64_t H, float *gates, const float *c_prev, const float *tanh_c,
-                       const float *dh, float *dcf, int threads, float *acc, const int64_t *index, int64_t acc_rows) {
-    PARALLEL_ROWS(n, H, threads)
-    for (int64_t r = 0; r < n; r++) {  /* dh already holds what step t + 1 sent back: no CELL_REC */
+                       const float *dh, float *dcf, int threads, float *acc, const int64_t *index, int64_t acc_rows,
+                       int64_t chunks) {
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(n * H >= 16384 && threads > 1 && chunks > 1)")
+    for (int64_t ch = 0; ch < chunks; ch++)
+    for (int64_t r = chunk_lo(n, ch, chunks); r < chunk_lo(n, ch + 1, chunks); r++) {  /* dh: step t + 1's in */
         float *ga = gates + r * 4 * H;
-        float *sum = acc ? acc + ((int64_t)THREAD_NUM * acc_rows + (index ? index[r] : 0)) * 4 * H : 0;
+        float *sum = acc ? acc + (ch * acc_rows + (index ? index[r] : 0)) * 4 * H : 0;
         const float *cp = c_prev ? c_prev + r * H : 0;
         if (cp && r < m)
             cell_backward(H, CELL_CP | CELL_CARRY, ga, cp, tanh_c + r * H, dh + r * H, 0, 0, dcf + r * H, sum);
@@ -236,49 +259,55 @@ typedef void (*sgemm_fn)(const char *ta, const char *tb, const int *m, const int
    into z's last H columns at its position at t + 1 (rows alive then), and the layer's output
    x_t = h_t mask_t (mask NULL: h_t) into x_out (row stride ld_x): the next layer's z, or the LSTM's
    output. z's last H columns at t = 0 are zeroed here (the backward's dW = z^T da reads them).
-   One parallel region for all steps: each thread takes a contiguous share of the step's rows and
-   runs all of the above on them (its sgemm single-threaded: MKL does not nest inside a parallel
-   region, and a thread's share stays in its core's cache, where a (250 x 128) @ (128 x 256) runs at
-   ~1.5x the per-core rate of one (N x 64) @ (64 x 256) over all positions); a row at step t only
-   reads rows of t - 1, so a barrier per step is all the threads share.
+   One parallel region for all steps: each step's rows are cut into the fixed grid of `chunks` chunks
+   (chunk_lo), each thread takes a contiguous share of the chunks and runs all of the above on each
+   of its chunks (one sgemm per chunk, single-threaded: MKL does not nest inside a parallel region,
+   and a chunk stays in its core's cache, where a (250 x 128) @ (128 x 256) runs at ~1.5x the per-core
+   rate of one (N x 64) @ (64 x 256) over all positions); a row at step t only reads rows of t - 1, so
+   a barrier per step is all the threads share. The chunks make the sgemm calls, and so every bit of
+   the result, the same at any number of threads.
    gates, cell, tanh_c: (N, 4H), (N, H), (N, H); table: (rows, 4H) with index (N,) into it, or NULL;
    bias: (4H,) or NULL; mask: (N, H) or NULL. */
 void gam_layer_forward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const int64_t *offsets, int64_t H, int64_t K,
                        float *gates, const float *table, const int64_t *index, const float *bias, const float *w,
                        float *z, float *cell, float *tanh_c, const float *mask, float *x_out, int64_t ld_x,
-                       int threads) {
+                       int threads, int64_t chunks) {
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
     const int four_h = (int)(4 * H), k_all = (int)K, k_input = (int)(K - H);
     const float one = 1.0f, zero = 0.0f;
-    _Pragma("omp parallel num_threads(threads) if(threads > 1 && sizes[0] * H >= 4096)")
+    _Pragma("omp parallel num_threads(threads) if(threads > 1 && chunks > 1 && sizes[0] * H >= 4096)")
     {
         const int64_t share = NUM_THREADS, me = THREAD_NUM;
+        const int64_t c0 = chunks * me / share, c1 = chunks * (me + 1) / share;  /* this thread's chunks */
         float sink[H], zeros[4 * H];  /* sink: h of a row that ends at t (no step t + 1 reads it) */
         memset(zeros, 0, sizeof zeros);
         for (int64_t r = sizes[0] * me / share; r < sizes[0] * (me + 1) / share; r++)
             memset(z + r * K + K - H, 0, sizeof(float) * H);  /* h_{-1} = 0 */
         _Pragma("omp barrier")
         for (int64_t t = 0; t < T; t++) {
-            const int64_t n = sizes[t], a = offsets[t], lo = n * me / share, hi = n * (me + 1) / share;
+            const int64_t n = sizes[t], a = offsets[t];
             const int64_t next = t + 1 < T ? sizes[t + 1] : 0, a_next = t + 1 < T ? offsets[t + 1] : 0;
             const int k = t > 0 ? k_all : k_input;  /* columns of z that are not zero */
-            if (hi > lo && k > 0) {
-                const int rows = (int)(hi - lo);
-                sgemm("T", "N", &four_h, &rows, &k, &one, w, &k_all, z + (a + lo) * K, &k_all, &zero,
-                      gates + (a + lo) * 4 * H, &four_h);
-            }
-            for (int64_t r = lo; r < hi; r++) {
-                const int64_t p = a + r;
-                float *g = gates + p * 4 * H, *h = r < next ? z + (a_next + r) * K + K - H : sink;
-                const float *row = table ? table + index[p] * 4 * H : bias;  /* added to z W^T */
-                const float *pre = k > 0 ? g : row, *add = k > 0 ? row : zeros;  /* layer 0, t = 0: the row alone */
-                const float *cp = t > 0 ? cell + (offsets[t - 1] + r) * H : zeros;  /* c_{-1} = 0 */
-                if (mask)
-                    cell_forward(H, CELL_ADD | CELL_CP | CELL_X | CELL_MASK | CELL_ACT, pre, add, cp, cell + p * H, h,
-                                 x_out + p * ld_x, mask + p * H, g, tanh_c + p * H);
-                else
-                    cell_forward(H, CELL_ADD | CELL_CP | CELL_X | CELL_ACT, pre, add, cp, cell + p * H, h,
-                                 x_out + p * ld_x, 0, g, tanh_c + p * H);
+            for (int64_t ch = c0; ch < c1; ch++) {
+                const int64_t lo = chunk_lo(n, ch, chunks), hi = chunk_lo(n, ch + 1, chunks);
+                if (hi > lo && k > 0) {
+                    const int rows = (int)(hi - lo);
+                    sgemm("T", "N", &four_h, &rows, &k, &one, w, &k_all, z + (a + lo) * K, &k_all, &zero,
+                          gates + (a + lo) * 4 * H, &four_h);
+                }
+                for (int64_t r = lo; r < hi; r++) {
+                    const int64_t p = a + r;
+                    float *g = gates + p * 4 * H, *h = r < next ? z + (a_next + r) * K + K - H : sink;
+                    const float *row = table ? table + index[p] * 4 * H : bias;  /* added to z W^T */
+                    const float *pre = k > 0 ? g : row, *add = k > 0 ? row : zeros;  /* layer 0, t = 0: the row */
+                    const float *cp = t > 0 ? cell + (offsets[t - 1] + r) * H : zeros;  /* c_{-1} = 0 */
+                    if (mask)
+                        cell_forward(H, CELL_ADD | CELL_CP | CELL_X | CELL_MASK | CELL_ACT, pre, add, cp,
+                                     cell + p * H, h, x_out + p * ld_x, mask + p * H, g, tanh_c + p * H);
+                    else
+                        cell_forward(H, CELL_ADD | CELL_CP | CELL_X | CELL_ACT, pre, add, cp, cell + p * H, h,
+                                     x_out + p * ld_x, 0, g, tanh_c + p * H);
+                }
             }
             _Pragma("omp barrier")
         }
@@ -290,51 +319,61 @@ void gam_layer_forward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const i
        dh_t = above_t mask_t + dz_{t+1}[last H columns]      (mask NULL: 1; the second term for rows alive at t + 1)
    (above: (N, ld_above), the gradient on the layer's output x from the head or from the layer above),
    then the cell's backward (gates -> da in place, dc carried in dcf; da summed into acc, see
-   gam_cell_backward), then two sgemm over the step's rows while they are in the thread's cache:
+   gam_cell_backward), then two sgemm over a chunk of the step's rows while they are in the thread's cache:
        dz_t = da_t W   (N, K):  [dx_t | the gradient sent back to h_{t-1}]   (layer 0: the latter alone)
-       dW^T += z_t^T da_t      into the thread's block of w_acc (threads, K, 4H), zero on entry
+       dW^T += z_t^T da_t      into the chunk's block of w_acc (below)
    (dx_t is the layer below's `above`); at t = 0 only the first K - H columns count (h_{-1} = 0).
+   The rows of a step are cut into the forward's grid of `chunks` chunks; a chunk's da sums and dW go
+   into its own blocks of acc (chunks, acc_rows, 4H) and w_acc (chunks, K, 4H), both zero on entry, and
+   are added in chunk order into acc[0] and w_acc[0] at the end: the same bits at any thread count.
    w: (4H, K) row-major, the layer's own [W_ih | W_hh] (not doubled); z: the forward's (N, K);
    dcf: (sizes[0], H), zero. */
 void gam_layer_backward(void *sgemm_ptr, int64_t T, const int64_t *sizes, const int64_t *offsets, int64_t H, int64_t K,
                         float *gates, const float *w, const float *cell, const float *tanh_c, const float *above,
                         int64_t ld_above, const float *mask, float *dz, float *dcf, int threads, float *acc,
-                        const int64_t *index, int64_t acc_rows, const float *z, float *w_acc) {
+                        const int64_t *index, int64_t acc_rows, const float *z, float *w_acc, int64_t chunks) {
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
     const int four_h = (int)(4 * H), k_all = (int)K, k_input = (int)(K - H);
     const float one = 1.0f, zero = 0.0f;
-    _Pragma("omp parallel num_threads(threads) if(threads > 1 && sizes[0] * H >= 4096)")
+    _Pragma("omp parallel num_threads(threads) if(threads > 1 && chunks > 1 && sizes[0] * H >= 4096)")
     {
         const int64_t share = NUM_THREADS, me = THREAD_NUM;
-        float *my_acc = acc ? acc + me * acc_rows * 4 * H : 0, *my_w_acc = w_acc + me * K * 4 * H, zeros[H];
+        const int64_t c0 = chunks * me / share, c1 = chunks * (me + 1) / share;  /* this thread's chunks */
+        float zeros[H];
         memset(zeros, 0, sizeof zeros);
         for (int64_t t = T - 1; t >= 0; t--) {
             const int64_t n = sizes[t], a = offsets[t], m = t + 1 < T ? sizes[t + 1] : 0;
-            const int64_t a_next = t + 1 < T ? offsets[t + 1] : 0, lo = n * me / share, hi = n * (me + 1) / share;
-            for (int64_t r = lo; r < hi; r++) {
-                const int64_t p = a + r;
-                const float *cp = t > 0 ? cell + (offsets[t - 1] + r) * H : zeros;  /* c_{-1} = 0 */
-                /* a row not alive at t + 1 gets nothing back; its dcf row is still the zero it started as */
-                const float *rec = r < m ? dz + (a_next + r) * K + K - H : zeros;
-                float *sum = my_acc ? my_acc + (index ? index[p] : 0) * 4 * H : 0;
-                if (mask)
-                    cell_backward(H, CELL_CP | CELL_MASK | CELL_REC | CELL_CARRY, gates + p * 4 * H, cp, tanh_c + p * H,
-                                  above + p * ld_above, mask + p * H, rec, dcf + r * H, sum);
-                else
-                    cell_backward(H, CELL_CP | CELL_REC | CELL_CARRY, gates + p * 4 * H, cp, tanh_c + p * H,
-                                  above + p * ld_above, 0, rec, dcf + r * H, sum);
-            }
-            const int k = t > 0 ? k_all : k_input;  /* at t = 0 nothing goes back to h_{-1} */
-            if (hi > lo && k > 0) {
-                const int rows = (int)(hi - lo);
-                sgemm("N", "N", &k, &rows, &four_h, &one, w, &k_all, gates + (a + lo) * 4 * H, &four_h, &zero,
-                      dz + (a + lo) * K, &k_all);
-                /* dW^T += z_t^T da_t  (row-major (K, 4H) = column-major (4H, K)) */
-                sgemm("N", "T", &four_h, &k, &rows, &one, gates + (a + lo) * 4 * H, &four_h, z + (a + lo) * K, &k_all,
-                      &one, my_w_acc, &four_h);
+            const int64_t a_next = t + 1 < T ? offsets[t + 1] : 0;
+            for (int64_t ch = c0; ch < c1; ch++) {
+                const int64_t lo = chunk_lo(n, ch, chunks), hi = chunk_lo(n, ch + 1, chunks);
+                float *my_acc = acc ? acc + ch * acc_rows * 4 * H : 0, *my_w_acc = w_acc + ch * K * 4 * H;
+                for (int64_t r = lo; r < hi; r++) {
+                    const int64_t p = a + r;
+                    const float *cp = t > 0 ? cell + (offsets[t - 1] + r) * H : zeros;  /* c_{-1} = 0 */
+                    /* a row not alive at t + 1 gets nothing back; its dcf row is still the zero it started as */
+                    const float *rec = r < m ? dz + (a_next + r) * K + K - H : zeros;
+                    float *sum = my_acc ? my_acc + (index ? index[p] : 0) * 4 * H : 0;
+                    if (mask)
+                        cell_backward(H, CELL_CP | CELL_MASK | CELL_REC | CELL_CARRY, gates + p * 4 * H, cp,
+                                      tanh_c + p * H, above + p * ld_above, mask + p * H, rec, dcf + r * H, sum);
+                    else
+                        cell_backward(H, CELL_CP | CELL_REC | CELL_CARRY, gates + p * 4 * H, cp, tanh_c + p * H,
+                                      above + p * ld_above, 0, rec, dcf + r * H, sum);
+                }
+                const int k = t > 0 ? k_all : k_input;  /* at t = 0 nothing goes back to h_{-1} */
+                if (hi > lo && k > 0) {
+                    const int rows = (int)(hi - lo);
+                    sgemm("N", "N", &k, &rows, &four_h, &one, w, &k_all, gates + (a + lo) * 4 * H, &four_h, &zero,
+                          dz + (a + lo) * K, &k_all);
+                    /* dW^T += z_t^T da_t  (row-major (K, 4H) = column-major (4H, K)) */
+                    sgemm("N", "T", &four_h, &k, &rows, &one, gates + (a + lo) * 4 * H, &four_h, z + (a + lo) * K,
+                          &k_all, &one, my_w_acc, &four_h);
+                }
             }
             _Pragma("omp barrier")
         }
+        add_chunks(w_acc, K * 4 * H, chunks, me, share);  /* the chunks' sums, in chunk order */
+        if (acc) add_chunks(acc, acc_rows * 4 * H, chunks, me, share);
     }
 }
 
@@ -550,17 +589,19 @@ void gam_head_logp(int64_t n, int64_t V, int64_t H, const float *h, const float 
 
 /* Its backward, with g (n,) the gradient on log p(y) at every position:
        dz_k = g (1[k = y] - p_k),   dh = dz W = sum_k dz_k w_k   (d_out (n, H)),
-       dW += dz^T h,  db += dz      (acc: (threads, V, H + 1), rows [dW_k | db_k], one block per thread,
-                                     summed by the caller)
+       dW += dz^T h,  db += dz      (acc: (chunks, V, H + 1), zero, rows [dW_k | db_k]: one block per
+                                     chunk of rows (chunk_lo), added in chunk order into acc[0])
    in one pass while h's row is in cache: torch needs a (n, V) @ (V, H) and a (V, n) @ (n, H) matmul,
-   both slow at V = 3, and a sum. */
+   both slow at V = 3, and a sum. The fixed chunks make the sums the same at any thread count. */
 void gam_head_backward(int64_t n, int64_t V, int64_t H, const float *g, const float *probs, const int64_t *target,
-                       const float *w, const float *h, float *d_out, float *acc, int threads) {
-    _Pragma("omp parallel num_threads(threads) if(n * H >= 65536 && threads > 1)")
+                       const float *w, const float *h, float *d_out, float *acc, int threads, int64_t chunks) {
+    _Pragma("omp parallel num_threads(threads) if(n * H >= 65536 && threads > 1 && chunks > 1)")
     {
-        float *my_acc = acc + THREAD_NUM * V * (H + 1), dz[V];
+        float dz[V];
         _Pragma("omp for schedule(static)")
-        for (int64_t r = 0; r < n; r++) {
+        for (int64_t ch = 0; ch < chunks; ch++)
+        for (int64_t r = chunk_lo(n, ch, chunks); r < chunk_lo(n, ch + 1, chunks); r++) {
+            float *my_acc = acc + ch * V * (H + 1);
             const float *p = probs + r * V, *hr = h + r * H;
             float *d = d_out + r * H;
             for (int64_t k = 0; k < V; k++) dz[k] = g[r] * ((k == target[r]) - p[k]);
@@ -579,5 +620,6 @@ void gam_head_backward(int64_t n, int64_t V, int64_t H, const float *g, const fl
                 row[H] += c;
             }
         }
+        add_chunks(acc, V * (H + 1), chunks, THREAD_NUM, NUM_THREADS);  /* after the loop's barrier */
     }
 }

@@ -23,6 +23,7 @@ torch ops, with the same results to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -120,15 +121,15 @@ def _load(path: Path) -> ctypes.CDLL:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.gam_cell_forward.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i32]
     lib.gam_cell_forward.restype = None
-    lib.gam_cell_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, i64]
+    lib.gam_cell_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, i64, i64]
     lib.gam_cell_backward.restype = None
     lib.gam_sample_step.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.gam_sample_step.restype = i64
     lib.gam_layer_forward.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
-                                      i64, i32]
+                                      i64, i32, i64]
     lib.gam_layer_forward.restype = None
     lib.gam_layer_backward.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32,
-                                       ptr, ptr, i64, ptr, ptr]
+                                       ptr, ptr, i64, ptr, ptr, i64]
     lib.gam_layer_backward.restype = None
     lib.gam_score_rows.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
                                    ptr, ptr, ptr, i32]
@@ -144,7 +145,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.gam_dropout_mask.restype = None
     lib.gam_head_logp.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.gam_head_logp.restype = None
-    lib.gam_head_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.gam_head_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i64]
     lib.gam_head_backward.restype = None
     return lib
 
@@ -162,6 +163,33 @@ def sgemm_address() -> int | None:
             except (OSError, AttributeError):  # not loadable, or no exported sgemm_
                 pass
     return _state["sgemm"]
+
+
+@contextlib.contextmanager
+def sequential_sgemm():
+    """MKL single-threaded on this thread while a compiled loop calls sgemm_address()'s sgemm: the loops
+    share their work between threads themselves, and a loop that runs on one thread (a batch too small
+    to share, e.g. r's batch of 100 rows in one chunk) would otherwise have MKL fork and join its threads
+    for every step's small sgemm (2 threads on a busy 2-core host: r's training step at 2 x 64 went from
+    7 ms to 70-500 ms). A no-op where torch's library does not export mkl_set_num_threads_local."""
+    if "mkl_local" not in _state:
+        _state["mkl_local"] = None
+        if sgemm_address() is not None:
+            try:
+                fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Set_Num_Threads_Local
+                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                _state["mkl_local"] = fn
+            except (OSError, AttributeError):
+                pass
+    fn = _state["mkl_local"]
+    if fn is None:
+        yield
+        return
+    previous = fn(1)  # the thread's own setting before (0: none, MKL's global one)
+    try:
+        yield
+    finally:
+        fn(previous)
 
 
 def kernels() -> ctypes.CDLL | None:
