@@ -29,7 +29,8 @@ lint: setup
 test: setup lint
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
 
-# the long trained-method checks (every seed of the twist learners), outside make test's budget
+# the long checks outside make test's 5-minute budget (every seed of the twist learners, the launchers and
+# scripts end to end, the benchmark, the allocator): CI runs them after make test
 test-slow: setup
 	WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow
 

@@ -1,4 +1,5 @@
-"""gam-rl-bench: runs end to end (tiny sizes) and reports every figure. No timing assertions."""
+"""gam-rl-bench: runs end to end (tiny sizes) and reports every figure. No timing assertions. The runs are
+`slow` (make test-slow, CI): the benchmark's own start-up is most of the 10 s."""
 
 import json
 import math
@@ -29,6 +30,7 @@ def tiny_run(tmp_path_factory):
     return proc, out
 
 
+@pytest.mark.slow
 def test_bench_prints_one_json_object_and_writes_it(tiny_run):
     proc, out = tiny_run
     result = json.loads(proc.stdout)  # stdout holds exactly one JSON object; progress is on stderr
@@ -36,6 +38,7 @@ def test_bench_prints_one_json_object_and_writes_it(tiny_run):
     assert "[gam-rl-bench]" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_reports_every_figure_as_a_positive_finite_number(tiny_run):
     result = json.loads(tiny_run[0].stdout)
     for key in FIGURES:
@@ -58,6 +61,7 @@ def test_bench_reports_every_figure_as_a_positive_finite_number(tiny_run):
     assert result["flops_per_seq"]["train_seq_per_s"] == 3 * fwd
 
 
+@pytest.mark.slow
 def test_bench_prints_a_summary_without_json(tiny_run):
     from gam_rl.bench import summary
 
@@ -70,6 +74,7 @@ def test_bench_console_script_is_declared():
     assert scripts.get("gam-rl-bench") == "gam_rl.bench:main"
 
 
+@pytest.mark.slow
 def test_bench_refuses_bad_arguments():
     proc = subprocess.run([sys.executable, "-m", "gam_rl.bench", "--threads", "0"], capture_output=True, text=True,
                           timeout=120)

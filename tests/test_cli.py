@@ -79,19 +79,27 @@ def test_per_feature_values_read_as_written_now_and_by_older_versions():
         by_feature({"feature_names": names, "lambda": [1.0]}, "lambda")
 
 
-def test_bad_override_fails_before_any_work_names_the_key_and_leaves_nothing(tmp_path):
+def test_bad_override_fails_before_any_work_names_the_key_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    from gam_rl.cli import main  # in-process: the gam-rl command's own main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["gam-rl"])
     run_dir = tmp_path / "bad"
-    proc = gam_rl("motif=10a01", "+foo=1", "logger=csv", f"hydra.run.dir={run_dir}", tmp_path=tmp_path, check=False)
-    assert proc.returncode == 2
-    assert "motif.pattern='10a01'" in proc.stderr and "foo: unknown key" in proc.stderr
-    assert proc.stderr.count("invalid configuration") == 1  # printed once
+    with pytest.raises(SystemExit) as bad:
+        main(["motif=10a01", "+foo=1", "logger=csv", f"hydra.run.dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert bad.value.code == 2
+    assert "motif.pattern='10a01'" in err and "foo: unknown key" in err
+    assert err.count("invalid configuration") == 1  # printed once
     assert not run_dir.exists() and not (tmp_path / "outputs").exists()
     assert not Path(os.environ["GAM_RL_CACHE"], "data").exists() or not any(
         "10a01" in p.name for p in Path(os.environ["GAM_RL_CACHE"], "data").iterdir())
-    unknown = gam_rl("method=nosuch", tmp_path=tmp_path, check=False)
-    assert unknown.returncode == 2 and "method=nosuch: no such option" in unknown.stderr
+    with pytest.raises(SystemExit) as unknown:
+        main(["method=nosuch"])
+    assert unknown.value.code == 2 and "method=nosuch: no such option" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_offline_wandb_run_files_exist(tmp_path):
     run_dir = tmp_path / "wb"
     proc = gam_rl("profile=smoke", "logger=wandb", f"hydra.run.dir={run_dir}", "dataset_size=100",
@@ -102,10 +110,13 @@ def test_offline_wandb_run_files_exist(tmp_path):
     assert list(offline[0].glob("*.wandb"))
 
 
-def test_distill_run_reports_acceptance(tmp_path):
+def test_distill_run_reports_acceptance(tmp_path, monkeypatch):
+    from gam_rl.cli import main  # in-process: the gam-rl command's own main, without a second import of torch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["gam-rl"])  # main hands Hydra its arguments through sys.argv
     run_dir = tmp_path / "distill"
-    gam_rl("profile=smoke", "logger=csv", "method=distill", f"hydra.run.dir={run_dir}", "dataset_size=100",
-           tmp_path=tmp_path)
+    main(["profile=smoke", "logger=csv", "method=distill", f"hydra.run.dir={run_dir}", "dataset_size=100"])
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "ok" and results["method"] == "distill"
     assert 0 < results["distill_acceptance_rate"] <= 1 and results["distill_proposals"] >= 300
@@ -122,7 +133,8 @@ def test_run_failing_midway_records_why_and_exits_nonzero(tmp_path):
     assert results["ce_test_pi"] is None and "training2" in results["timings"]
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig, code", [pytest.param(signal.SIGINT, 130, id="SIGINT"),
+                                       pytest.param(signal.SIGTERM, 143, id="SIGTERM", marks=pytest.mark.slow)])
 def test_a_signal_leaves_a_failed_run_that_says_why(tmp_path, sig, code):
     run_dir = tmp_path / "run"
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
@@ -194,13 +206,17 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(tmp_pat
     assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".gam_rl_check_*"))  # the probe is gone
 
 
-def test_help_is_the_projects_and_dry_run_lists_a_sweeps_jobs_without_running_them(tmp_path, capsys):
+def test_help_is_the_projects_and_dry_run_lists_a_sweeps_jobs_without_running_them(tmp_path, capsys, monkeypatch):
     from gam_rl.cli import main
 
-    helped = gam_rl("--help", tmp_path=tmp_path)
+    monkeypatch.setattr(sys, "argv", ["gam-rl"])  # main hands Hydra its arguments through sys.argv
+    with pytest.raises(SystemExit) as helped:  # Hydra's --help exits 0 after printing the project's page
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert helped.value.code in (0, None)
     for part in ("== Usage ==", "--dry-run", "== Exit codes ==", "2 a configuration error", "method=dpg_off",
                  "== Config groups =="):
-        assert part in helped.stdout, part
+        assert part in out, part
     # --dry-run in-process (the same main as the gam-rl command): the jobs, their folders, nothing written
     main(["-m", "--dry-run", "profile=smoke", "seed=1,2", "method=dpg_off,subtb", f"hydra.sweep.dir={tmp_path}/sweep"])
     lines = capsys.readouterr().out.strip().splitlines()

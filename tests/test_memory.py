@@ -42,6 +42,7 @@ def probe(**env) -> tuple[bool, int]:
 
 
 @glibc_only
+@pytest.mark.slow
 def test_the_thresholds_are_set_unless_switched_off():
     """The setting applies by default and GAM_RL_MALLOC=0 switches it off. How many page faults a step then
     saves (~3,000 of them per 2 x 64 training step at batch 500 on the hosts measured) is the OS's and its
@@ -53,6 +54,7 @@ def test_the_thresholds_are_set_unless_switched_off():
 
 
 @glibc_only
+@pytest.mark.slow
 def test_a_users_own_malloc_setting_is_left_alone():
     applied, _ = probe(MALLOC_TRIM_THRESHOLD_="131072")
     assert not applied

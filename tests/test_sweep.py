@@ -283,6 +283,7 @@ def test_a_crashed_writer_leaves_no_entry(tmp_path, monkeypatch):
 
 # ---- end to end -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_smoke_script_serial_sweep_with_a_failed_job_cache_wandb_and_report(tmp_path):
     """table1_smoke.sh narrowed to one cell (dpg_off, then a distillation of the user's own that
     fails in Training-2), serial, W&B offline: the sweep goes on, the report still runs and lists
@@ -332,6 +333,7 @@ def test_smoke_script_serial_sweep_with_a_failed_job_cache_wandb_and_report(tmp_
     assert bad.name in missing and "failed" in missing
 
 
+@pytest.mark.slow
 def test_joblib_sweep_survives_a_failed_job_and_a_rerun_redoes_only_that(tmp_path):
     sweep = tmp_path / "sweep"
     ok, bad = sweep / CELL.format(100, "dpg_off"), sweep / CELL.format(100, "distill_x")
@@ -371,6 +373,7 @@ def test_joblib_sweep_survives_a_failed_job_and_a_rerun_redoes_only_that(tmp_pat
     assert f"sweep {sweep}: 2 jobs: 1 ok, 1 skipped (complete), 0 failed, 0 missing" in proc.stdout
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher(tmp_path):
     """The Slurm path (hydra-submitit-launcher) with submitit's local executor: the job runs in
     its own process from a pickled task, threads follow hydra.launcher.cpus_per_task."""
