@@ -1,9 +1,10 @@
-"""`gam-rl-bench`: throughput of the hot paths against the machine's own matmul rate, as JSON.
+"""`gam-rl-bench`: throughput of the hot paths against the machine's own matmul rate: a summary, the full JSON
+with --json (or --out FILE).
 
 Everything is measured in the same run, through the library's own code paths
 (LSTMPolicy.sample / .log_prob, Features, the Training-1 estimator's step, the DPG draws and
 loss, importance_z on the GAM potential), so the figures are what runs get. One JSON object
-goes to stdout (and to --out); progress goes to stderr.
+goes to stdout with --json (and to --out); progress goes to stderr.
 
 FLOPs: an LSTM layer costs (input + hidden) 4 hidden multiply-adds, 2 (input + hidden) 4 hidden
 FLOPs, per token forward (input = 3 for layer 0, the one-hot symbols; hidden for the layers
@@ -13,7 +14,7 @@ and the elementwise gate math are left out. A roofline ratio divides the achieve
 the fp32 matrix-multiply rate measured here at the shapes one LSTM step uses,
 (B, in + H) @ (in + H, 4H) for every layer at the same batch size B.
 
-  gam-rl-bench --quick --threads 1   # about 25 s on a 2-core CPU: a summary, the JSON with --json
+  gam-rl-bench --quick --threads 1   # QUICK_TIME: a summary, the JSON with --json
   gam-rl-bench --device cuda --out bench.json
 """
 
@@ -53,6 +54,9 @@ CPU_PROFILE = (64, 2)
 LAMBDA_1001111 = (-10.0, 0.5, -0.5, 0.3, -0.2)  # a Training-1-like lambda (motif weight about -10)
 FLOPS_FORMULA = ("2*(input+hidden)*4*hidden per LSTM layer per token forward (input=3 for layer 0, hidden for "
                  "layer>0); training step = 3x forward; head and gate elementwise math not counted")
+
+# how long --quick takes, as README's table of times says too (tests/test_readme.py checks that they agree)
+QUICK_TIME = "about 25 s on the 2-core Intel VM (2026-12-07), start-up included"
 
 
 @dataclass(frozen=True)
@@ -451,7 +455,7 @@ def pick_device(name: str) -> torch.device:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gam-rl-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller batches and fewer repeats (about a minute)")
+    parser.add_argument("--quick", action="store_true", help=f"smaller batches and fewer repeats ({QUICK_TIME})")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: seconds, figures meaningless
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
