@@ -44,7 +44,14 @@ from gam_rl.launcher import JobLost, register
 from gam_rl.memory import retain_freed_memory
 from gam_rl.run_io import PER_FEATURE_KEYS, RunLogger, by_feature
 from gam_rl.schema import ConfigError
-from gam_rl.sweep import SweepSummary, complete_results, folder_conflict, remove_stale_files, sweep_summary
+from gam_rl.sweep import (
+    SweepSummary,
+    complete_results,
+    folder_conflict,
+    record_folder_conflict,
+    remove_stale_files,
+    sweep_summary,
+)
 
 log = logging.getLogger("gam_rl")
 
@@ -353,7 +360,11 @@ def execute(cfg: DictConfig | dict, run_dir: Path, sweep_dir: Path | None = None
             log.info("skipping %s: its results are complete (status ok, same configuration)", run_dir)
             return {**previous, "skipped": True}
     conflict = folder_conflict(run_dir, recorded, sweep_dir) if sweep_dir is not None else None
-    if conflict:
+    if conflict:  # recorded in the sweep folder, so that the sweep counts this job as failed
+        hydra_cfg = HydraConfig.instance().cfg  # None when execute runs outside a Hydra job
+        num = int(hydra_cfg.hydra.job.num) if hydra_cfg is not None else -1
+        overrides = list(hydra_cfg.hydra.overrides.task) if hydra_cfg is not None else []
+        record_folder_conflict(sweep_dir, run_dir, num, overrides, f"folder conflict: {conflict}", recorded)
         raise FolderConflict(conflict)
     remove_stale_files(run_dir)
     OmegaConf.save(OmegaConf.create(recorded), run_dir / "config.yaml")

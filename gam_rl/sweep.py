@@ -37,6 +37,8 @@ STALE_FILES = ("results.json", "metrics.csv", "r.pt", "pi.pt", "twist.pt")
 # in a sweep folder: {job folder: {"job", "overrides", "error", "config", "time"}} for each job that ended
 # without a result of its own (gam_rl.launcher writes it; an entry goes when its job ends with a result)
 LOST_JOBS = "lost_jobs.json"
+# in a sweep folder: the jobs that found their folder taken by another job of the sweep (folder_conflict)
+FOLDER_CONFLICTS = "folder_conflicts.json"
 
 
 def _comparable(container: dict) -> dict:
@@ -114,13 +116,34 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(found)
 
 
-def lost_jobs(sweep_dir: Path) -> dict[str, dict]:
-    """The launcher's record of a sweep's lost jobs, by job folder ({} when there is none)."""
+def lost_jobs(sweep_dir: Path, file: str = LOST_JOBS) -> dict[str, dict]:
+    """The launcher's record of a sweep's lost jobs, by job folder ({} when there is none); with
+    file=FOLDER_CONFLICTS, the jobs that found their folder taken by another job of the sweep."""
     try:
-        data = json.loads((Path(sweep_dir) / LOST_JOBS).read_text())
+        data = json.loads((Path(sweep_dir) / file).read_text())
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def unrecorded_jobs(sweep_dir: Path) -> dict[str, dict]:
+    """Every job of a sweep that has no results.json of its own: the lost ones and the folder conflicts."""
+    return {**lost_jobs(sweep_dir), **lost_jobs(sweep_dir, FOLDER_CONFLICTS)}
+
+
+def record_folder_conflict(sweep_dir: Path, run_dir: Path, job: int, overrides: list[str], error: str,
+                           config: dict) -> None:
+    """A job of this sweep refused to share `run_dir` with another (folder_conflict): it has no folder of
+    its own, so FOLDER_CONFLICTS counts it (keyed `<folder>#job<N>`), under a lock: jobs end in parallel."""
+    from filelock import FileLock
+
+    from gam_rl.files import atomic_write_json
+
+    with FileLock(str(Path(sweep_dir) / f".{FOLDER_CONFLICTS}.lock")):
+        entries = lost_jobs(sweep_dir, FOLDER_CONFLICTS)
+        entries[f"{run_dir.name}#job{job}"] = {"job": job, "overrides": overrides, "error": error, "config": config,
+                                              "time": time.time()}
+        atomic_write_json(Path(sweep_dir) / FOLDER_CONFLICTS, entries)
 
 
 def sweep_jobs(sweep_dir: Path) -> list[tuple[Path, str, str]]:
@@ -128,7 +151,7 @@ def sweep_jobs(sweep_dir: Path) -> list[tuple[Path, str, str]]:
     folder holds no record of its own (no results.json, no .hydra/: it may not even be a folder)."""
     found = {folder.resolve(): folder for folder in job_dirs(sweep_dir)}
     jobs = [(folder, *job_status(folder)) for folder in found.values()]
-    for key, entry in lost_jobs(sweep_dir).items():
+    for key, entry in unrecorded_jobs(sweep_dir).items():
         folder = Path(key) if Path(key).is_absolute() else Path(sweep_dir) / key
         if folder.resolve() not in found:
             jobs.append((folder, "failed", str(entry.get("error") or "lost")))

@@ -406,6 +406,31 @@ def test_two_jobs_of_one_sweep_never_share_a_folder(tmp_path):
     assert conflict and "(method.lr differs)" in conflict and "_lr${method.lr}'" in conflict  # the swept key by name
 
 
+def test_a_job_refused_for_a_folder_conflict_is_counted_and_reported(tmp_path):
+    """Two jobs, one folder: the second records itself in folder_conflicts.json, so the sweep counts two jobs
+    (1 ok, 1 failed) and the report lists the refused one under Missing or failed with why."""
+    from gam_rl.report.cli import main as report
+    from gam_rl.sweep import record_folder_conflict, sweep_jobs
+
+    sweep = tmp_path / "sweep"
+    job = sweep / "10001011111000_1001111_D100_s1234_distill"
+    job.mkdir(parents=True)
+    owner = schema.record(composed("method=distill", "dataset_size=100"))
+    OmegaConf.save(OmegaConf.create(owner), job / "config.yaml")
+    (job / "results.json").write_text(json.dumps({"status": "ok", "motif": "10001011111000", "features": "1001111",
+                                                  "dataset_size": 100, "seed": 1234, "method": "distill",
+                                                  "profile": "smoke"}))
+    refused = schema.record(composed("method=distill", "dataset_size=100", "method.max_proposals=200000"))
+    record_folder_conflict(sweep, job, 1, ["method.max_proposals=200000"], "folder conflict: method.max_proposals "
+                           "differs", refused)
+    statuses = sorted(status for _, status, _ in sweep_jobs(sweep))
+    assert statuses == ["failed", "ok"]
+    report([str(sweep)])
+    text = (sweep / "report" / "table1.md").read_text()
+    missing = text[text.index("### Missing or failed"):]
+    assert "folder conflict: method.max_proposals differs" in missing
+
+
 def test_slurm_launcher_example_makes_a_valid_sbatch_script(tmp_path, monkeypatch):
     """conf/launcher/slurm.yaml through the plugin's parameter mapping into submitit's sbatch
     script (a stub srun stands in for the cluster)."""

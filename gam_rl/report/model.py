@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from gam_rl.config_fields import flatten
-from gam_rl.sweep import LOST_JOBS, lost_jobs
+from gam_rl.sweep import FOLDER_CONFLICTS, LOST_JOBS, unrecorded_jobs
 
 METHOD_ORDER = ("dpg_off", "distill", "dpg_on", "pg", "dpg_true")
 METRICS = ("entropy_true", "ce_test_r", "ce_test_p_lambda", "ce_test_pi", "motif_freq_r", "motif_freq_pi",
@@ -102,8 +102,8 @@ def add_lost_runs(roots: list[Path], records: list[RunRecord]) -> list[RunRecord
     by_path, added = {r.path: r for r in records}, []
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
-            if LOST_JOBS in filenames:
-                for key, entry in lost_jobs(Path(dirpath)).items():
+            if LOST_JOBS in filenames or FOLDER_CONFLICTS in filenames:
+                for key, entry in unrecorded_jobs(Path(dirpath)).items():
                     folder = Path(key) if Path(key).is_absolute() else Path(dirpath) / key
                     config = entry.get("config") if isinstance(entry.get("config"), dict) else {}
                     record = by_path.get(folder.resolve())
