@@ -216,8 +216,9 @@ def exact_results(target: ExactTarget, r: LSTMPolicy, pi: LSTMPolicy | None, log
     lower, upper = results.get("log_z_lower"), results.get("log_z_upper")
     if lower is not None and upper is not None:  # z.bounds: where the exact log Z lies, in each bound's s.e.
         out["log_z_in_bounds"] = bool(lower <= target.log_z <= upper)
-        out["log_z_lower_gap_se"] = (target.log_z - lower) / results["log_z_lower_se"]
-        out["log_z_upper_gap_se"] = (upper - target.log_z) / results["log_z_upper_se"]
+        lower_se, upper_se = results.get("log_z_lower_se"), results.get("log_z_upper_se")
+        out["log_z_lower_gap_se"] = (target.log_z - lower) / lower_se if lower_se else None  # 0: every run alike
+        out["log_z_upper_gap_se"] = (upper - target.log_z) / upper_se if upper_se else None
     ce_hat, ce_se = results.get("ce_test_p_lambda"), results.get("ce_test_p_lambda_se")
     if ce_hat is not None and ce_se:
         out["ce_test_p_lambda_error_se"] = (ce_hat - ce_p) / ce_se

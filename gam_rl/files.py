@@ -36,12 +36,27 @@ def shared_mode(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
-def atomic_write_json(path: Path, obj: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
+def atomic_write_lines(path: Path, lines) -> int:
+    """Write lines (strings, each without its newline) to a temporary file in the same folder with the
+    umask's mode, then rename: readers see all or nothing, and a failure leaves no temporary file behind.
+    Returns how many lines were written."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    shared_mode(Path(tmp))
-    with os.fdopen(fd, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    count = 0
+    try:
+        shared_mode(Path(tmp))
+        with os.fdopen(fd, "w") as f:
+            for line in lines:
+                f.write(line + "\n")
+                count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
+    text = json.dumps(_jsonable(obj), indent=2, sort_keys=False)
+    atomic_write_lines(path, [text])

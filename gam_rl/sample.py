@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from gam_rl.estimators import (
     rejection_sample,
 )
 from gam_rl.features import Features
+from gam_rl.files import atomic_write_lines
 from gam_rl.policy import LSTMPolicy, Samples, eval_mode
 from gam_rl.potentials import gam
 from gam_rl.process import MotifProcess
@@ -80,7 +80,7 @@ class SampleConfig:
     n: int = setting(1000, ge=1)  # samples to draw
     out: str = "samples.jsonl"  # JSON lines, one per sample (or scored string)
     score: str | None = None  # a text file of bit strings, one per line: score them instead of sampling
-    proposal: str = setting("r", choices=("r", "pi"))  # q for qrs (rs needs r: P/r is bounded, P/pi is not)
+    proposal: str = setting("r", choices=("r", "pi"))  # q for qrs and smc (rs needs r: P/r is bounded, P/pi is not)
     log_beta: float | None = None  # qrs: log beta; None: chosen on a pilot for qrs_max_tv
     qrs_max_tv: float = setting(0.05, gt=0, lt=1)  # qrs without log_beta: the largest TV(p, p_beta) accepted
     pilot: int = setting(50000, ge=100)  # qrs without log_beta: draws of q that choose beta
@@ -120,6 +120,11 @@ class SampleConfig:
             elif self.twist is not None and not (Path(self.twist) / "twist.pt").is_file():
                 out.append(f"twist={self.twist!r}: no twist.pt there (a run of a twist learner, pcl, ac_dpg, ppo_dpg, "
                            "subtb or ctl, saves its learned values in it)")
+        folder = Path(self.out).resolve().parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            out.append(f"out={self.out!r}: {folder} is not a writable folder")
         if Path(self.out).resolve() == (Path(self.score).resolve() if self.score else None):
             out.append(f"out={self.out!r}: the same file as score=; it would overwrite the strings")
         return out
@@ -219,7 +224,7 @@ def read_strings(path: Path, max_bits: int) -> list[str]:
                               "bits 0 and 1 are allowed")
         if len(text) > max_bits:
             raise SampleError(f"score={str(path)!r}, line {number}: {len(text)} bits, over this run's limit of "
-                              f"{max_bits} (max_len {max_bits + 1} symbols with EOS)")
+                              f"{max_bits} (max_len: a string of max_len bits is scored as truncated, without EOS)")
         strings.append(text)
     if not strings:
         raise SampleError(f"score={str(path)!r}: no strings in the file")
@@ -256,14 +261,14 @@ def score(run: LoadedRun, tokens: torch.Tensor, batch_size: int = 10000) -> Scor
 def lines(run: LoadedRun, scored: Scored):
     """The JSON lines of scored sequences."""
     strings, lengths = decode(scored.tokens), bit_lengths(scored.tokens).tolist()
-    phi, names = scored.phi.tolist(), run.features.names
-    weights = None if scored.log_weight is None else scored.log_weight.tolist()
+    names = run.features.names
+    log_r, log_pi, log_p, phi, motif, truncated = (t.tolist() for t in (
+        scored.log_r, scored.log_pi, scored.log_p, scored.phi, scored.motif, scored.truncated))
+    weights = [None] * len(strings) if scored.log_weight is None else scored.log_weight.tolist()
     for i, text in enumerate(strings):
-        yield json.dumps({"string": text, "length": lengths[i], "log_r": float(scored.log_r[i]),
-                          "log_pi": float(scored.log_pi[i]), "log_p_lambda": float(scored.log_p[i]),
-                          "phi": dict(zip(names, phi[i], strict=True)), "motif": bool(scored.motif[i]),
-                          "truncated": bool(scored.truncated[i]),
-                          "log_weight": None if weights is None else weights[i]})
+        yield json.dumps({"string": text, "length": lengths[i], "log_r": log_r[i], "log_pi": log_pi[i],
+                          "log_p_lambda": log_p[i], "phi": dict(zip(names, phi[i], strict=True)), "motif": motif[i],
+                          "truncated": truncated[i], "log_weight": weights[i]})
 
 
 # ---- sampling -----------------------------------------------------------------------------------
@@ -322,24 +327,25 @@ def sequential_mc(run: LoadedRun, cfg: SampleConfig, generator: torch.Generator)
     """ceil(n / particles) SMC runs from q (twisted by cfg.twist's values, if any); the particles with their
     log W, Z-hat = the mean of the runs' Z-hats (unbiased), and with cfg.bounds the bounds on log Z."""
     from gam_rl.methods.saved_twist import load_twist
-    from gam_rl.smc import log_z_bounds, smc_runs
+    from gam_rl.smc import log_z_bounds, pooled_log_z, smc_runs
 
     target, q = run.target(), (run.r if cfg.proposal == "r" else run.pi)
-    twist = None if cfg.twist is None else load_twist(Path(cfg.twist), run.r)
+    try:
+        twist = None if cfg.twist is None else load_twist(Path(cfg.twist), run.r)
+    except (ValueError, RuntimeError) as err:  # another format, or another run's model sizes
+        raise SampleError(f"twist={cfg.twist!r}: cannot be this run's twist ({str(err).splitlines()[0]})") from None
     runs = math.ceil(cfg.n / cfg.particles)
+    per_batch = max(1, cfg.batch_size // cfg.particles)  # runs batched as one set of particles, as the Z stage does
     bar = Progress("smc", runs, "runs")
     parts = []
-    for k in range(runs):  # one run at a time: the progress line moves, and memory stays that of one run
-        parts.append(smc_runs(target, q, run.r, cfg.particles, run.max_len, 1, twist=twist,
-                              ess_threshold=cfg.ess_threshold, generator=generator))
-        bar.update(k + 1)
+    for start in range(0, runs, per_batch):
+        parts.append(smc_runs(target, q, run.r, cfg.particles, run.max_len, min(per_batch, runs - start),
+                              twist=twist, ess_threshold=cfg.ess_threshold, generator=generator))
+        bar.update(start + len(parts[-1].log_z))
     bar.close()
-    log_z_runs = torch.cat([p.log_z for p in parts])
-    # log of the mean Z-hat, and its s.e. by the delta method (the spread of the runs' Z-hats / their mean)
-    log_z = float(torch.logsumexp(log_z_runs, 0)) - math.log(runs)
-    rel = torch.exp(log_z_runs - log_z)
+    log_z, rel_se = pooled_log_z(torch.cat([p.log_z for p in parts]))  # log of the mean Z-hat, its relative s.e.
     facts = {"runs": runs, "particles": cfg.particles, "proposal": cfg.proposal, "twist": cfg.twist or "none",
-             "log_z": log_z, "log_z_se": float(rel.std()) / math.sqrt(runs) if runs > 1 else math.nan,
+             "log_z": log_z, "log_z_se": rel_se if runs > 1 else math.nan,
              "resamples": int(sum(int(p.resamples.sum()) for p in parts)),
              "min_ess": float(min(float(p.min_ess.min()) for p in parts)),
              "proposals": sum(p.proposals for p in parts)}
@@ -426,23 +432,6 @@ def compose_config(overrides: list[str]) -> tuple[SampleConfig | None, list[str]
     return (cfg if not problems else None), problems
 
 
-def write_lines(path: Path, rows) -> int:
-    """Write JSON lines to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    count = 0
-    try:
-        with os.fdopen(fd, "w") as f:
-            for row in rows:
-                f.write(row + "\n")
-                count += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return count
-
-
 USAGE = __doc__.split("\n\n")[1]
 
 
@@ -464,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load_run(Path(cfg.run))
         if cfg.score is not None:
-            tokens = encode(read_strings(Path(cfg.score), run.max_len - 1))
+            # k < max_len bits end with EOS; max_len bits are a truncated output (no EOS), as the samplers leave them
+            tokens = encode(read_strings(Path(cfg.score), run.max_len))[:, : run.max_len]
             scored, facts, what = score(run, tokens, cfg.batch_size), {}, f"scored {cfg.score}"
         else:
             generator = torch.Generator().manual_seed(cfg.seed)
@@ -478,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     except EstimatorError as err:
         print(f"gam-rl-sample: sampling failed: {err}", file=sys.stderr)
         return 1
-    written = write_lines(Path(cfg.out), lines(run, scored))
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    written = atomic_write_lines(Path(cfg.out), lines(run, scored))
     print(summary(run, scored, facts, what, time.perf_counter() - started))
     print(f"  file             {cfg.out} ({written} lines)")
     return 0

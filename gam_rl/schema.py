@@ -234,6 +234,9 @@ def cross_field_problems(cfg: Config) -> list[str]:
         out.append(f"max_len={cfg.max_len}: the sampling limit must exceed n={n} (n bits and EOS)")
     if cfg.eval.exact and exact.max_len_problem(cfg.max_len):
         out.append(exact.max_len_problem(cfg.max_len))
+    if cfg.z.estimator == "smc" and cfg.z.samples < 2 * cfg.z.particles:
+        out.append(f"z.samples={cfg.z.samples} with z.estimator='smc' and z.particles={cfg.z.particles}: Z-hat's "
+                   "s.e. needs at least two SMC runs; raise z.samples to 2 x z.particles or lower z.particles")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         out.append("device='cuda': CUDA is not available on this machine (use device=auto or cpu)")
     if hasattr(cfg.method, "problems"):

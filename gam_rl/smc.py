@@ -330,6 +330,15 @@ class LogZBounds:
     particles: int
 
 
+def pooled_log_z(log_z_runs: torch.Tensor) -> tuple[float, float]:
+    """log of the mean of independent runs' Z-hats (unbiased for Z), and the relative s.e. of that mean: the
+    s.d. of Z-hat_k / Z-hat over sqrt(runs) (inf for one run)."""
+    runs = len(log_z_runs)
+    log_z = float(torch.logsumexp(log_z_runs, 0)) - math.log(runs)
+    rel_se = float(torch.exp(log_z_runs - log_z).std()) / math.sqrt(runs) if runs > 1 else math.inf
+    return log_z, rel_se
+
+
 def _mean_se(x: torch.Tensor) -> tuple[float, float]:
     mean = float(x.mean())
     se = float(x.std(unbiased=True)) / math.sqrt(len(x)) if len(x) > 1 else math.inf
@@ -363,5 +372,4 @@ def log_z_bounds(target: Potential, proposal: LSTMPolicy, r: LSTMPolicy, particl
             raise ValueError(f"log_z_bounds: {len(exact_samples)} exact samples for {runs} runs (one per run)")
         upper = _batched_runs(target, proposal, r, particles, max_len, runs, exact_samples, max_batch_particles, **kw)
         up, up_se = _mean_se(upper)
-    pooled = float(torch.logsumexp(lower, 0)) - math.log(runs)
-    return LogZBounds(low, low_se, up, up_se, pooled, runs, particles)
+    return LogZBounds(low, low_se, up, up_se, pooled_log_z(lower)[0], runs, particles)

@@ -178,6 +178,8 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         SweepSummary.current = (Path(config.hydra.sweep.dir), time.time())
+        # a folder conflict is between two jobs of one sweep run: a re-run (with a mended subdir) starts clean
+        (Path(config.hydra.sweep.dir) / FOLDER_CONFLICTS).unlink(missing_ok=True)
 
 
 def sweep_summary(sweep_dir: Path, started: float) -> str:

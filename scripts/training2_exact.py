@@ -71,7 +71,7 @@ def main(run_dir: Path, overrides: list[str]) -> dict:
             "overrides": overrides,
             "seconds": round(time.perf_counter() - start, 1), "draws": fit.draws,
             "kl_p_r": round(exact.policy_divergences(r, "r")["kl_p_r"], 4),
-            "final": {k: round(v, 4) for k, v in exact.policy_divergences(pi).items()}, "curve": curve.points,
+            "final": {k: round(v, 4) for k, v in exact.policy_divergences(fit.pi).items()}, "curve": curve.points,
             "results": {k: fit.results.get(k) for k in ("t2_updates", "t2_best_epoch", "swap_count",
                                                         "dpg_log_z_running", "fdpg_stalled_updates", "fdpg_log_z_gap",
                                                         "fdpg_log_z_gap_sd")}}

@@ -11,7 +11,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # costs far more than it saves (a tiny op waits for the other thread: the suite took 1029 s at two threads
 # beside other work). GAM_RL_TEST_THREADS=N asks for N.
 THREADS = int(os.environ.get("GAM_RL_TEST_THREADS", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 torch.set_num_threads(THREADS)
 
 

@@ -27,6 +27,25 @@ def gam_rl(*args, tmp_path: Path, check=True):
     return proc
 
 
+@pytest.fixture
+def in_process(monkeypatch):
+    """gam-rl's own main in this process: the arguments it hands Hydra (sys.argv), the environment it sets
+    (HYDRA_FULL_ERROR) and the log handlers a run adds are put back afterwards."""
+    import logging
+
+    from gam_rl.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["gam-rl"])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield main
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:], root.level = handlers, level
+
+
 def test_smoke_run_writes_complete_results(tmp_path):
     run_dir = tmp_path / "run"
     proc = gam_rl("profile=smoke", "logger=csv", f"hydra.run.dir={run_dir}", "dataset_size=200",
@@ -79,11 +98,10 @@ def test_per_feature_values_read_as_written_now_and_by_older_versions():
         by_feature({"feature_names": names, "lambda": [1.0]}, "lambda")
 
 
-def test_bad_override_fails_before_any_work_names_the_key_and_leaves_nothing(tmp_path, monkeypatch, capsys):
-    from gam_rl.cli import main  # in-process: the gam-rl command's own main
-
+def test_bad_override_fails_before_any_work_names_the_key_and_leaves_nothing(tmp_path, monkeypatch, capsys,
+                                                                              in_process):
+    main = in_process
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["gam-rl"])
     run_dir = tmp_path / "bad"
     with pytest.raises(SystemExit) as bad:
         main(["motif=10a01", "+foo=1", "logger=csv", f"hydra.run.dir={run_dir}"])
@@ -110,11 +128,9 @@ def test_offline_wandb_run_files_exist(tmp_path):
     assert list(offline[0].glob("*.wandb"))
 
 
-def test_distill_run_reports_acceptance(tmp_path, monkeypatch):
-    from gam_rl.cli import main  # in-process: the gam-rl command's own main, without a second import of torch
-
+def test_distill_run_reports_acceptance(tmp_path, monkeypatch, in_process):
+    main = in_process  # gam-rl's own main, without a second import of torch
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["gam-rl"])  # main hands Hydra its arguments through sys.argv
     run_dir = tmp_path / "distill"
     main(["profile=smoke", "logger=csv", "method=distill", f"hydra.run.dir={run_dir}", "dataset_size=100"])
     results = json.loads((run_dir / "results.json").read_text())
@@ -206,10 +222,8 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(tmp_pat
     assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".gam_rl_check_*"))  # the probe is gone
 
 
-def test_help_is_the_projects_and_dry_run_lists_a_sweeps_jobs_without_running_them(tmp_path, capsys, monkeypatch):
-    from gam_rl.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["gam-rl"])  # main hands Hydra its arguments through sys.argv
+def test_help_is_the_projects_and_dry_run_lists_a_sweeps_jobs_without_running_them(tmp_path, capsys, in_process):
+    main = in_process
     with pytest.raises(SystemExit) as helped:  # Hydra's --help exits 0 after printing the project's page
         main(["--help"])
     out = capsys.readouterr().out

@@ -87,17 +87,20 @@ def test_rejection_samples_follow_the_enumerated_p_lambda_and_estimate_z(run_dir
 
 def test_scored_columns_are_the_models_own_log_probabilities(run_dir, tmp_path):
     strings = tmp_path / "strings.txt"
-    strings.write_text("0110\n\n1\n11011\n")  # a blank line is skipped; the empty string is not writable here
+    # a blank line is skipped; max_len (6) bits are a truncated output, scored without EOS as the samplers leave it
+    strings.write_text("0110\n\n1\n11011\n110110\n")
     out = tmp_path / "scored.jsonl"
     assert main([f"run={run_dir}", f"score={strings}", f"out={out}"]) == 0
     rows = read_lines(out)
     run = load_run(run_dir)
     from gam_rl.tokens import encode
 
-    tokens = encode(["0110", "1", "11011"])
+    tokens = encode(["0110", "1", "11011", "110110"])[:, :MAX_LEN]  # the last without EOS
     with torch.no_grad():
         log_r, log_pi, phi = run.r.log_prob(tokens), run.pi.log_prob(tokens), run.features(tokens)
-    assert [r["string"] for r in rows] == ["0110", "1", "11011"] and [r["length"] for r in rows] == [4, 1, 5]
+    assert [r["string"] for r in rows] == ["0110", "1", "11011", "110110"]
+    assert [r["length"] for r in rows] == [4, 1, 5, 6]
+    assert [r["truncated"] for r in rows] == [False, False, False, True]
     for i, row in enumerate(rows):
         assert row["log_r"] == pytest.approx(float(log_r[i]), abs=1e-5)
         assert row["log_pi"] == pytest.approx(float(log_pi[i]), abs=1e-5)
@@ -179,7 +182,7 @@ def test_bad_run_folders_and_strings_are_named(tmp_path, capsys):
     assert "did not finish (status 'failed': RuntimeError: something broke)" in capsys.readouterr().err
     run = write_run(tmp_path / "ok")
     for text, expected in (("0101\n01x1\n", "line 2: '01x1' holds 'x'"),
-                           ("0\n" * 3 + "1" * 6 + "\n", "line 4: 6 bits")):
+                           ("0\n" * 3 + "1" * 7 + "\n", "line 4: 7 bits")):
         bad = tmp_path / "bad.txt"
         bad.write_text(text)
         assert main([f"run={run}", f"score={bad}", f"out={out}"]) == 2

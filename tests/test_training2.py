@@ -305,7 +305,8 @@ def test_keep_start_makes_r_check_zero_of_the_plateau():
     # with keep_start the patience counts from r, so the run stops after `patience` checks
     assert ruined.trained_ce_valid > ce_valid(r, valid_r) and ruined.kept_start
     assert ruined.ce_valid_pi == ce_valid(r, valid_r) and ruined.results["t2_best_epoch"] == 0
-    assert all(torch.equal(a, b) for a, b in zip(pi_ruined.state_dict().values(), r.state_dict().values(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(ruined.pi.state_dict().values(), r.state_dict().values(), strict=True))
+    assert ruined.pi is not pi_ruined  # the start in a copy: the method's own pi stays its best check
     assert kept.ce_valid_pi == ce_valid(r, valid_r) and kept.results["t2_best_epoch"] == 0 and kept.kept_start
     assert kept.results["t2_epochs"] == 3 < ruined.results["t2_epochs"]
     assert all(torch.equal(a, b) for a, b in zip(pi_kept.state_dict().values(), r.state_dict().values(), strict=True))

@@ -9,6 +9,7 @@ the exact target, called under eval.exact).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,10 +94,13 @@ class Training2Result:
 
     def keep_start_unless_beaten(self, start_ce_valid: float, start_weights: dict) -> None:
         """The start is check 0 of every method's selection: unless the method's best check is better on V
-        than where pi started (a tie, a NaN: not better), pi gets its starting weights back."""
+        than where pi started (a tie, a NaN: not better), the result's pi is the start again: a copy of pi
+        with its starting weights, so that what the method keeps of its own (its critic, the values that
+        exact_extras and `twist` read off the trained pi) still describes its best check."""
         self.start_ce_valid, self.trained_ce_valid = start_ce_valid, self.ce_valid_pi
         self.kept_start = not self.ce_valid_pi < start_ce_valid
         if self.kept_start:
+            self.pi = copy.deepcopy(self.pi)
             self.pi.load_state_dict(start_weights)
             self.ce_valid_pi = start_ce_valid
             self.results["t2_best_epoch"] = 0  # checks count from 1; 0 is the start

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gam_rl.methods.ctl import twist_log_psi
 from gam_rl.methods.twist_loop import FORMAT, VALUE_KINDS, Critic
 from gam_rl.policy import LSTMPolicy, eval_mode
-from gam_rl.tokens import EOS, PAD
 
 
 class LearnedTwist(nn.Module):
@@ -40,23 +40,21 @@ class LearnedTwist(nn.Module):
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        with eval_mode(self.pi):
-            states = self.pi.token_states(tokens)  # column t: pi's state after the first t symbols
-            logits = self.pi.head(states)
+        separate = self.values == "critic" and self.critic is not None and self.critic.body is not None
+        with eval_mode(self.pi):  # pi's states only where V reads them (not for a separate critic: SMC's hot path)
+            states = None if separate else self.pi.token_states(tokens)  # column t: after the first t symbols
         if self.values == "ctl":
-            # log psi(s_{1:t}) = l(s_{1:t-1}, a_t) - log r(a_t | s_{1:t-1}), read at the step that ends the prefix;
-            # the empty prefix's psi is 1 (log 0)
             r = self.base[0]
-            with eval_mode(r):
+            with eval_mode(r), eval_mode(self.pi):
                 log_r = torch.log_softmax(r.head(r.token_states(tokens)), -1)
-            picked = tokens.clamp(max=EOS).unsqueeze(2)
-            ends = (logits.gather(2, picked) - log_r.gather(2, picked)).squeeze(2).masked_fill(tokens == PAD, 0.0)
-            return torch.cat([ends.new_zeros(len(tokens), 1), ends[:, :-1]], 1)
-        out = torch.logsumexp(logits, -1) if self.values == "q_logits" else torch.zeros_like(logits[..., 0])
-        if self.critic is not None:
-            with eval_mode(self.critic):
-                out = out + self.critic(tokens, states)
-        return out
+                ends = twist_log_psi(self.pi.head(states), log_r, tokens)  # column t: the prefix of t + 1 symbols
+            return torch.cat([ends.new_zeros(len(tokens), 1), ends[:, :-1]], 1)  # psi(empty prefix) = 1
+        with eval_mode(self.pi):
+            out = torch.logsumexp(self.pi.head(states), -1) if self.values == "q_logits" else 0.0
+        if self.critic is None:  # pcl without an offset: V is the logsumexp of pi's Q-logits alone
+            return out
+        with eval_mode(self.critic):
+            return out + self.critic(tokens, states)
 
 
 def load_twist(run_dir: Path, r: LSTMPolicy) -> LearnedTwist:

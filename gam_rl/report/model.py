@@ -217,14 +217,16 @@ def load_run(run_dir: Path) -> RunRecord:
 def seconds(results: dict) -> dict:
     """A run's time split so that a cell's shared Training-1 is never charged to whichever job computed it:
     `t1_s`, the cell's Training-1 (this job's own stages, or on a cache hit the stages of the job that
-    computed the entry), and `own_s`, the job's wall time without the Training-1 it computed itself."""
+    computed the entry), and `own_s`, the job's wall time without the Training-1 it computed itself or
+    waited for (another job of the cell computing the cache entry)."""
     timings = results.get("timings") or {}
     cache = results.get("training1_cache") or {}
     own_t1 = sum(as_float(timings.get(s)) or 0.0 for s in TRAINING1_STAGES)
     source = cache.get("source_timings") if cache.get("hit") else timings
     t1 = sum(as_float((source or {}).get(s)) or 0.0 for s in TRAINING1_STAGES) if source else None
     wall = as_float(results.get("wall_time_s"))
-    return {"t1_s": t1, "own_s": None if wall is None else wall - own_t1}
+    waited = as_float(cache.get("wait_s")) or 0.0  # blocked while another job of the cell computed the entry
+    return {"t1_s": t1, "own_s": None if wall is None else wall - own_t1 - waited}
 
 
 def _mtime(path: Path) -> float:

@@ -24,7 +24,7 @@ from gam_rl.metrics import batched_log_prob
 from gam_rl.policy import LSTMPolicy, Samples
 from gam_rl.potentials import Potential
 from gam_rl.progress import Progress
-from gam_rl.smc import log_z_bounds, smc_runs
+from gam_rl.smc import log_z_bounds, pooled_log_z, smc_runs
 from gam_rl.tokens import EOS
 
 log = logging.getLogger("gam_rl")
@@ -136,9 +136,8 @@ def smc_z(r: LSTMPolicy, target: Potential, cfg: ZConfig, max_len: int, generato
 
 
 def _pooled(log_z_runs: torch.Tensor, drawn: int) -> ZEstimate:
-    """Z-hat = mean of the runs' Z-hats; rel. s.e. = std of Z-hat_k / Z-hat over sqrt(runs) (inf for one run);
-    ESS: of the runs' Z-hats as weights, times the particles behind each."""
-    runs = len(log_z_runs)
-    log_z = float(torch.logsumexp(log_z_runs, 0)) - math.log(runs)
-    rel_se = float(torch.exp(log_z_runs - log_z).std()) / math.sqrt(runs) if runs > 1 else math.inf
-    return ZEstimate(log_z, math.exp(log_z), rel_se, effective_sample_size(log_z_runs) * drawn / runs, drawn)
+    """Z-hat = mean of the runs' Z-hats with its relative s.e. (smc.pooled_log_z); ESS: of the runs' Z-hats as
+    weights, times the particles behind each."""
+    log_z, rel_se = pooled_log_z(log_z_runs)
+    return ZEstimate(log_z, math.exp(log_z), rel_se, effective_sample_size(log_z_runs) * drawn / len(log_z_runs),
+                     drawn)
