@@ -17,7 +17,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -39,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gam_rl import schema
-from gam_rl.files import atomic_write_json
+from gam_rl.files import atomic_write_json, unwritable
 from gam_rl.launcher import JobLost, register
 from gam_rl.memory import retain_freed_memory
 from gam_rl.run_io import PER_FEATURE_KEYS, RunLogger, by_feature
@@ -190,17 +189,13 @@ def output_dir_problem(overrides: list[str], multirun: bool) -> str | None:
     given = [o.split("=", 1)[1] for o in overrides if "=" in o and o.split("=", 1)[0].lstrip("+~") == key]
     value = given[-1] if given else ("multirun/" if multirun else "outputs/")  # conf/config.yaml's, relative
     folder = Path(value.split("${", 1)[0] or ".").expanduser()
-    ancestor = folder if folder.is_absolute() else Path.cwd() / folder
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    problem = unwritable(folder if folder.is_absolute() else Path.cwd() / folder)
+    if problem is None:
+        return None
     shown = f"{key}={value}" if given else f"{key} (its default under {Path.cwd()})"
-    if not ancestor.is_dir():
-        return f"{shown}: {ancestor} is a file, not a folder: no run folder can be made below it"
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".gam_rl_check_", dir=ancestor))  # made, then removed at once
-    except OSError as err:
-        return f"{shown}: no folder can be made in {ancestor} ({err.strerror or err}); choose a writable place"
-    return None
+    if problem.endswith("is a file, not a folder"):
+        return f"{shown}: {problem}: no run folder can be made below it"
+    return f"{shown}: {problem}; choose a writable place"
 
 
 def preflight(args: list[str]) -> list[str]:

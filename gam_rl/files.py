@@ -36,6 +36,22 @@ def shared_mode(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why no file or folder can be made at `folder` (which may not exist yet), or None: its nearest existing
+    ancestor must be a folder where a temporary folder can be made and removed (a permission check alone
+    passes root everywhere, /proc included)."""
+    ancestor = Path(folder).expanduser().absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".gam_rl_check_", dir=ancestor))  # made, then removed at once
+    except OSError as err:
+        return f"no folder can be made in {ancestor} ({err.strerror or err})"
+    return None
+
+
 def atomic_write_lines(path: Path, lines) -> int:
     """Write lines (strings, each without its newline) to a temporary file in the same folder with the
     umask's mode, then rename: readers see all or nothing, and a failure leaves no temporary file behind.

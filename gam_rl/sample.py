@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from gam_rl.estimators import (
     rejection_sample,
 )
 from gam_rl.features import Features
-from gam_rl.files import atomic_write_lines
+from gam_rl.files import atomic_write_lines, unwritable
 from gam_rl.policy import LSTMPolicy, Samples, eval_mode
 from gam_rl.potentials import gam
 from gam_rl.process import MotifProcess
@@ -120,11 +119,9 @@ class SampleConfig:
             elif self.twist is not None and not (Path(self.twist) / "twist.pt").is_file():
                 out.append(f"twist={self.twist!r}: no twist.pt there (a run of a twist learner, pcl, ac_dpg, ppo_dpg, "
                            "subtb or ctl, saves its learned values in it)")
-        folder = Path(self.out).resolve().parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            out.append(f"out={self.out!r}: {folder} is not a writable folder")
+        problem = unwritable(Path(self.out).absolute().parent)
+        if problem:
+            out.append(f"out={self.out!r}: {problem}")
         if Path(self.out).resolve() == (Path(self.score).resolve() if self.score else None):
             out.append(f"out={self.out!r}: the same file as score=; it would overwrite the strings")
         return out

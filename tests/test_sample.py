@@ -181,6 +181,10 @@ def test_bad_run_folders_and_strings_are_named(tmp_path, capsys):
     assert main([f"run={failed}", f"out={out}"]) == 2
     assert "did not finish (status 'failed': RuntimeError: something broke)" in capsys.readouterr().err
     run = write_run(tmp_path / "ok")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main([f"run={run}", f"out={blocker}/samples.jsonl"]) == 2  # out's folder cannot be made: before any work
+    assert f"{blocker} is a file, not a folder" in capsys.readouterr().err
     for text, expected in (("0101\n01x1\n", "line 2: '01x1' holds 'x'"),
                            ("0\n" * 3 + "1" * 7 + "\n", "line 4: 7 bits")):
         bad = tmp_path / "bad.txt"
