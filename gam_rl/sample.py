@@ -55,7 +55,7 @@ from gam_rl.estimators import (
 )
 from gam_rl.features import Features
 from gam_rl.files import atomic_write_lines, unwritable
-from gam_rl.policy import LSTMPolicy, Samples, eval_mode
+from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.potentials import gam
 from gam_rl.process import MotifProcess
 from gam_rl.progress import Progress
@@ -313,11 +313,15 @@ def quasi_rejection(run: LoadedRun, cfg: SampleConfig, generator: torch.Generato
         facts.update(pilot=cfg.pilot, pilot_tv=chosen.tv, pilot_acceptance=chosen.acceptance)
     result = quasi_rejection_sample(q, target, cfg.n, run.max_len, cfg.batch_size, cfg.max_proposals, log_beta,
                                     generator)
-    with torch.no_grad(), eval_mode(q):
-        kept = Samples(result.tokens, q.log_prob(result.tokens), result.tokens.eq(EOS).any(1))
-        log_w = target.log_weight(q, kept).double()
     facts.update(log_beta=log_beta, acceptance=result.acceptance_rate, proposals=result.proposals)
-    return Draw(result.tokens, (log_w - log_beta).clamp(min=0.0), facts)
+    return Draw(result.tokens, None, facts)  # the weights come from the scored columns (qrs_log_weights)
+
+
+def qrs_log_weights(scored: Scored, proposal: str, log_beta: float) -> torch.Tensor:
+    """log max(1, w / beta), w = P / q, from the columns `score` computed anyway (q is r or pi): the weight
+    that takes p_beta back to p."""
+    log_q = scored.log_r if proposal == "r" else scored.log_pi
+    return (scored.log_p - log_q - log_beta).clamp(min=0.0)
 
 
 def sequential_mc(run: LoadedRun, cfg: SampleConfig, generator: torch.Generator) -> Draw:
@@ -458,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             drawn = draw(run, cfg, generator)
             scored = score(run, drawn.tokens, cfg.batch_size)
             scored.log_weight, facts = drawn.log_weight, drawn.facts
+            if cfg.chosen_sampler() == "qrs":
+                scored.log_weight = qrs_log_weights(scored, cfg.proposal, facts["log_beta"])
             what = f"{cfg.model} by {cfg.chosen_sampler()} from {run.path}"
     except SampleError as err:
         print(f"gam-rl-sample: {err}", file=sys.stderr)
