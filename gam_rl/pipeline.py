@@ -27,10 +27,11 @@ from gam_rl.metrics import batched_log_prob, evaluate_policy
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import TrueProcess, gam
 from gam_rl.process import MotifProcess
+from gam_rl.proposals import DefensiveMixture
 from gam_rl.run_io import PER_FEATURE_KEYS, RESULT_KEYS, code_version
 from gam_rl.schema import Config
 from gam_rl.stages.mle import train_mle
-from gam_rl.stages.moment_matching import moment_matching
+from gam_rl.stages.moment_matching import MomentMatchingConfig, moment_matching
 from gam_rl.stages.partition import estimate_partition
 from gam_rl.training1_cache import STAGES, RecordingLogger, Training1, Training1Cache, default_dir, key_config
 
@@ -88,6 +89,8 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
     data = load_data(cfg, run, device)
     features = Features.from_config(cfg.features, cfg.motif.pattern)
     res["feature_names"], res["training1_estimator"] = features.names, cfg.training1.estimator
+    if cfg.training1.proposal is not None:  # snis_mix: whose pi the proposal mixes with r
+        res["training1_proposal"] = str(Path(cfg.training1.proposal).resolve())
     t1 = training1_cached(cfg, run, data, features, logger, run_dir, device, accelerator)
     res.update(t1.results())
     for key in PER_FEATURE_KEYS:  # lambda and the moments by feature name, not bare lists
@@ -192,9 +195,10 @@ def training1(cfg: Config, run: Run, data: Data, features: Features, logger, run
         run.count_samples("eval_r", cfg.eval.samples)
         recorder.log("eval", 0, ce_test_r=r_eval.ce_test, motif_freq_r=r_eval.motif_freq)
         log.info("CE(T, r) = %.4f; motif frequency of r %.4f", r_eval.ce_test, r_eval.motif_freq)
+    proposal = training1_proposal(cfg.training1, r, device)
     with run.stage("training1"):
         moments = moment_matching(r, features, splits.train, cfg.training1, max_len=cfg.max_len, seed=cfg.seed + 1,
-                                  logger=recorder)
+                                  logger=recorder, proposal=proposal)
         run.count_samples("training1", moments.samples)
         log.info("lambda = %s", dict(zip(features.names, [round(v, 3) for v in moments.lam], strict=True)))
     with run.stage("z"):
@@ -202,11 +206,20 @@ def training1(cfg: Config, run: Run, data: Data, features: Features, logger, run
             partition = estimate_partition(r, gam(r, features, torch.tensor(moments.lam, device=device)), features,
                                            moments.moments_data, splits.test, splits.valid, cfg.z,
                                            max_len=cfg.max_len, symbols_per_seq=data.symbols, seed=cfg.seed + 2,
-                                           logger=recorder)
+                                           logger=recorder, proposal=proposal)
         run.count_samples("z", partition.z_samples)
     timings = {s: run.results["timings"].get(s) for s in STAGES}
     samples = {s: run.results["samples"].get(s, 0) for s in STAGES}
     return Training1(r, r_fit, r_eval, moments, partition, timings, samples, recorder.calls)
+
+
+def training1_proposal(cfg: MomentMatchingConfig, r: LSTMPolicy, device: torch.device) -> DefensiveMixture | None:
+    """snis_mix: q = mix_r r + (1 - mix_r) pi, pi the proposal run's pi.pt (None: Training-1 and Z draw from r)."""
+    if cfg.estimator != "snis_mix":
+        return None
+    pi = LSTMPolicy.load(Path(cfg.proposal) / "pi.pt", device)
+    log.info("Training-1 and Z: proposal %.3g r + %.3g pi of %s", cfg.mix_r, 1 - cfg.mix_r, cfg.proposal)
+    return DefensiveMixture(r.eval(), pi, cfg.mix_r)
 
 
 def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger, accelerator: str,

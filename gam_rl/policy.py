@@ -84,6 +84,14 @@ class LSTMPolicy(nn.Module, Potential):
     def from_config(cls, cfg: ModelConfig) -> LSTMPolicy:
         return cls(cfg.hidden, cfg.layers, cfg.dropout)
 
+    @classmethod
+    def load(cls, path, device: torch.device | str = "cpu") -> LSTMPolicy:
+        """A policy saved as {"config", "state_dict"} (a run's r.pt, pi.pt), in eval mode."""
+        saved = torch.load(path, map_location=device, weights_only=True)
+        policy = cls(**saved["config"]).to(device).eval()
+        policy.load_state_dict(saved["state_dict"])
+        return policy
+
     # ---- as a potential ---------------------------------------------------------------
     def log_potential(self, tokens: torch.Tensor) -> torch.Tensor:
         with eval_mode(self):

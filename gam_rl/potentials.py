@@ -74,6 +74,11 @@ class Product(Potential):
 
     def log_weight(self, proposal: Potential, samples) -> torch.Tensor:
         others = self._others(proposal)
+        mixed = self._others(getattr(proposal, "base", None))
+        if others is None and mixed is not None and hasattr(samples, "log_base"):
+            # q a defensive mixture a r + (1 - a) pi of a factor r (proposals.py): P / q = r * others / q, with
+            # log r and log q carried by the draws
+            return mixed.log_potential(samples.tokens).double() + samples.log_base - samples.log_prob.double()
         if others is None:
             return super().log_weight(proposal, samples)
         # P / q = (q * others) / q = others: q is not scored
@@ -83,6 +88,10 @@ class Product(Potential):
 
     def log_weight_bound(self, proposal: Potential, max_len: int) -> float | None:
         others = self._others(proposal)
+        if others is None and self._others(getattr(proposal, "base", None)) is not None:
+            # q >= a r, so P / q <= (r * others) / (a r) = others / a
+            bound = self._others(proposal.base).log_upper_bound(max_len)
+            return None if bound is None else bound - math.log(proposal.base_weight)
         return None if others is None else others.log_upper_bound(max_len)
 
 

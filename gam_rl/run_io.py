@@ -4,6 +4,7 @@ gam_rl.files), W&B."""
 from __future__ import annotations
 
 import csv
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ RESULT_KEYS = (
     "timings", "samples",
 )
 
+
+RUN_FILES = ("config.yaml", "results.json", "r.pt", "pi.pt")  # what a finished run folder holds
 
 # results.json keys that hold one value per feature, as {feature name: value} in the features' order
 PER_FEATURE_KEYS = ("lambda", "moments_data", "moments_model")
@@ -130,3 +133,30 @@ class RunLogger(Logger):
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+def run_problems(path: Path, key: str = "run") -> list[str]:
+    """What stops a folder from being used as a finished run (given as `key`=path): missing files, a run
+    that did not end ok, a results.json without lambda."""
+    if not path.is_dir():
+        return [f"{key}={str(path)!r}: no such folder"]
+    missing = [name for name in RUN_FILES if not (path / name).is_file()]
+    if missing:
+        status = ""
+        if (path / "results.json").is_file():
+            try:
+                recorded = json.loads((path / "results.json").read_text()).get("status")
+                status = f" (results.json says status {recorded!r})"
+            except ValueError:
+                status = " (results.json is unreadable)"
+        return [f"{key}={str(path)!r}: not a finished gam-rl run folder: {', '.join(missing)} missing{status}"]
+    try:
+        results = json.loads((path / "results.json").read_text())
+    except ValueError as err:
+        return [f"{key}={str(path)!r}: results.json is unreadable ({err})"]
+    if results.get("status") != "ok":
+        why = str(results.get("error") or "no error recorded").splitlines()[0]
+        return [f"{key}={str(path)!r}: the run did not finish (status {results.get('status')!r}: {why})"]
+    if "lambda" not in results or "feature_names" not in results:
+        return [f"{key}={str(path)!r}: results.json has no lambda / feature_names (a run of an older version?)"]
+    return []

@@ -59,14 +59,13 @@ from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.potentials import gam
 from gam_rl.process import MotifProcess
 from gam_rl.progress import Progress
-from gam_rl.run_io import by_feature
+from gam_rl.run_io import by_feature, run_problems
 from gam_rl.tokens import EOS, bit_lengths, decode, encode, pad_cat
 
 log = logging.getLogger("gam_rl")
 
 MODELS = ("r", "pi", "p_lambda")
 SAMPLERS = ("auto", "ancestral", "rs", "qrs", "smc")
-RUN_FILES = ("config.yaml", "results.json", "r.pt", "pi.pt")  # what a run folder must hold
 
 
 @dataclass
@@ -152,32 +151,6 @@ class LoadedRun:
         return gam(self.r, self.features, self.lam)  # P_lambda = r exp(lambda . phi)
 
 
-def run_problems(path: Path) -> list[str]:
-    """What stops a folder from being used as a run: missing files, a run that did not end ok."""
-    if not path.is_dir():
-        return [f"run={str(path)!r}: no such folder"]
-    missing = [name for name in RUN_FILES if not (path / name).is_file()]
-    if missing:
-        status = ""
-        if (path / "results.json").is_file():
-            try:
-                recorded = json.loads((path / "results.json").read_text()).get("status")
-                status = f" (results.json says status {recorded!r})"
-            except ValueError:
-                status = " (results.json is unreadable)"
-        return [f"run={str(path)!r}: not a finished gam-rl run folder: {', '.join(missing)} missing{status}"]
-    try:
-        results = json.loads((path / "results.json").read_text())
-    except ValueError as err:
-        return [f"run={str(path)!r}: results.json is unreadable ({err})"]
-    if results.get("status") != "ok":
-        why = str(results.get("error") or "no error recorded").splitlines()[0]
-        return [f"run={str(path)!r}: the run did not finish (status {results.get('status')!r}: {why})"]
-    if "lambda" not in results or "feature_names" not in results:
-        return [f"run={str(path)!r}: results.json has no lambda / feature_names (a run of an older version?)"]
-    return []
-
-
 def load_run(path: Path, device: str = "cpu") -> LoadedRun:
     """The run's models and GAM; SampleError naming what is wrong."""
     problems = run_problems(path)
@@ -196,9 +169,7 @@ def load_run(path: Path, device: str = "cpu") -> LoadedRun:
                           f"config.yaml gives ({features.names})")
     models = {}
     for name in ("r", "pi"):
-        saved = torch.load(path / f"{name}.pt", map_location=device)
-        models[name] = LSTMPolicy(**saved["config"]).to(device).eval()
-        models[name].load_state_dict(saved["state_dict"])
+        models[name] = LSTMPolicy.load(path / f"{name}.pt", device)
     lam = torch.tensor(list(lam_by_name.values()), dtype=torch.float32, device=device)
     return LoadedRun(path, cfg, results, models["r"], models["pi"], features, lam,
                      MotifProcess(cfg.motif.pattern, cfg.n))

@@ -15,6 +15,7 @@ import difflib
 import functools
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from gam_rl.methods import registry
 from gam_rl.metrics import EvalConfig
 from gam_rl.policy import ModelConfig
 from gam_rl.process import MAX_EXACT_N, MotifConfig
-from gam_rl.run_io import LoggerConfig
+from gam_rl.run_io import LoggerConfig, run_problems
 from gam_rl.stages.mle import MLEConfig
 from gam_rl.stages.moment_matching import MomentMatchingConfig
 from gam_rl.stages.partition import ZConfig
@@ -237,10 +238,29 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if cfg.z.estimator == "smc" and cfg.z.samples < 2 * cfg.z.particles:
         out.append(f"z.samples={cfg.z.samples} with z.estimator='smc' and z.particles={cfg.z.particles}: Z-hat's "
                    "s.e. needs at least two SMC runs; raise z.samples to 2 x z.particles or lower z.particles")
+    out += _proposal_problems(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         out.append("device='cuda': CUDA is not available on this machine (use device=auto or cpu)")
     if hasattr(cfg.method, "problems"):
         out += cfg.method.problems()
+    return out
+
+
+def _proposal_problems(cfg: Config) -> list[str]:
+    """training1.proposal: given exactly when training1.estimator=snis_mix, a finished run folder with pi.pt."""
+    t1 = cfg.training1
+    if t1.estimator != "snis_mix":
+        if t1.proposal is not None:
+            return [f"training1.proposal={t1.proposal!r}: read only by training1.estimator=snis_mix (the estimator "
+                    f"is {t1.estimator!r}); drop it or set training1.estimator=snis_mix"]
+        return []
+    if t1.proposal is None:
+        return ["training1.estimator='snis_mix': needs training1.proposal=<run folder>, a finished run whose pi.pt "
+                "is mixed with r as the proposal"]
+    out = run_problems(Path(t1.proposal), "training1.proposal")
+    if cfg.z.estimator == "smc":
+        out.append("z.estimator='smc' with training1.estimator='snis_mix': the Z stage draws from Training-1's "
+                   "mixture by importance sampling; use z.estimator=is (SMC runs from r alone)")
     return out
 
 

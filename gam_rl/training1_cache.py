@@ -109,9 +109,18 @@ def key_config(cfg, device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__, "numpy": np.__version__,
         "motif": cfg.motif.pattern, "features": asdict(cfg.features), "dataset_size": asdict(cfg.dataset_size),
         "seed": cfg.seed, "n": cfg.n, "max_len": cfg.max_len, "pools": asdict(cfg.data.pools),
-        "model": asdict(cfg.model), "r": asdict(cfg.r), "training1": asdict(cfg.training1), "z": asdict(cfg.z),
+        "model": asdict(cfg.model), "r": asdict(cfg.r), "training1": training1_key(cfg.training1), "z": asdict(cfg.z),
         "eval": asdict(cfg.eval), "device": device.type,
     }
+
+
+def training1_key(cfg) -> dict[str, Any]:
+    """The training1 section, with snis_mix's proposal as the sha256 of its pi.pt rather than its path: the
+    same policy under another path is the same proposal, and a run folder trained again is another."""
+    key = asdict(cfg)
+    if cfg.proposal is not None:
+        key["proposal"] = hashlib.sha256((Path(cfg.proposal) / "pi.pt").read_bytes()).hexdigest()[:20]
+    return key
 
 
 def cache_key(key_cfg: dict) -> str:

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import stat
@@ -240,3 +241,20 @@ def test_help_is_the_projects_and_dry_run_lists_a_sweeps_jobs_without_running_th
     with pytest.raises(SystemExit) as bad:
         main(["-m", "--dry-run", "profile=smoke", "seed=1,-2"])
     assert bad.value.code == 2 and "seed=-2" in capsys.readouterr().err  # checked like any command line
+
+
+def test_training1_from_an_earlier_runs_pi_mixed_with_r(tmp_path, monkeypatch, in_process):
+    """training1.estimator=snis_mix: Training-1 and the Z stage draw from a r + (1 - a) pi of an earlier run,
+    recorded in results.json; the Training-1 cache keeps it apart from the same cell under snis_r."""
+    main = in_process
+    monkeypatch.chdir(tmp_path)
+    first, second = tmp_path / "first", tmp_path / "second"
+    main(["profile=smoke", "logger=csv", f"hydra.run.dir={first}", "dataset_size=100"])
+    main(["profile=smoke", "logger=csv", f"hydra.run.dir={second}", "dataset_size=100",
+          "training1.estimator=snis_mix", f"training1.proposal={first}", "training1.mix_r=0.3"])
+    one, two = (json.loads((d / "results.json").read_text()) for d in (first, second))
+    assert two["status"] == "ok" and two["training1_estimator"] == "snis_mix"
+    assert two["training1_proposal"] == str(first.resolve())
+    assert not two["training1_cache"]["hit"] and two["training1_cache"]["key"] != one["training1_cache"]["key"]
+    assert two["ce_test_r"] == one["ce_test_r"]  # the same r: only lambda's estimates changed proposal
+    assert math.isfinite(two["log_z_hat"]) and two["z_samples"] > 0

@@ -152,6 +152,10 @@ def test_a_run_carries_only_the_keys_its_method_uses():
     ("method.lr_warmup=-1", "method.lr_warmup"),
     ("profile=paper method.keep_start=true", "method.keep_start"),  # a fresh pi has no CE(V, r) to keep
     ("resume=maybe", "resume"),
+    ("training1.estimator=snis_mix", "training1.estimator"),  # needs a proposal run
+    ("training1.proposal=/nonexistent/run", "training1.proposal"),  # read by snis_mix only
+    ("training1.estimator=snis_mix training1.proposal=/nonexistent/run", "training1.proposal"),
+    ("training1.estimator=snis_mix training1.proposal=. training1.mix_r=1", "training1.mix_r"),
     ("cache.training1=2", "cache.training1"),
     ("logger.mode=sometimes", "logger.mode"),
 ])

@@ -13,6 +13,12 @@ moment is always the mean over all of D, paper.md section 5). E_hat comes from s
           epoch (reuse=epoch, the reference) or across epochs too (reuse=run).
   rs:     E_hat = mean phi over the buffer samples accepted with probability
           exp(lambda . phi - log beta), i.e. exact samples of p_lambda.
+  snis_mix: SNIS as snis_r, from the defensive mixture q = a r + (1 - a) pi of r and the pi.pt of an
+          earlier run (`proposal`, a = `mix_r`; proposals.py): w_i = r(x_i) exp(lambda . phi_i) / q(x_i),
+          bounded by exp(lambda . phi) / a. Where r writes the motif once in ~800 draws and pi mostly
+          does, the buffer's effective size grows from ~|buffer| / 800 towards (1 - a) |buffer|. The
+          held-out set is drawn from the same q; each draw keeps log r - log q, so a new lambda only
+          re-weights it.
 
 Selection and stopping use an estimate the steps never saw: `heldout` r-samples drawn once,
 re-weighted by SNIS at the end of every epoch. Its L1 mismatch |mean_D phi - E_held phi|_1
@@ -51,16 +57,23 @@ MIN_HELDOUT_ESS = 100.0  # fewer effective held-out samples: their standard erro
 CONVERGED_LEVEL = 0.95
 
 
-def _snis_step(phi: torch.Tensor, lam: torch.Tensor, features: Features, max_len: int, generator):
-    return snis_moments(phi @ lam, phi)
+def _snis_step(phi: torch.Tensor, log_w_r: torch.Tensor | None, lam: torch.Tensor, features: Features, max_len: int,
+               generator):
+    return snis_moments(_log_weights(phi, log_w_r, lam), phi)
 
 
-def _rs_step(phi: torch.Tensor, lam: torch.Tensor, features: Features, max_len: int, generator):
+def _rs_step(phi: torch.Tensor, log_w_r: torch.Tensor | None, lam: torch.Tensor, features: Features, max_len: int,
+             generator):
     log_bound = Tilt(features, lam).log_upper_bound(max_len)  # P_lambda / r <= beta
     return rejection_moments(phi @ lam, phi, log_bound, generator)
 
 
-ESTIMATORS = {"snis_r": _snis_step, "rs": _rs_step}
+def _log_weights(phi: torch.Tensor, log_w_r: torch.Tensor | None, lam: torch.Tensor) -> torch.Tensor:
+    """log P_lambda(x) / q(x) = lambda . phi(x) + log r(x) / q(x) (that last term absent when q is r)."""
+    return phi @ lam if log_w_r is None else (phi @ lam).double() + log_w_r
+
+
+ESTIMATORS = {"snis_r": _snis_step, "rs": _rs_step, "snis_mix": _snis_step}
 
 
 @dataclass
@@ -69,6 +82,9 @@ class MomentMatchingConfig:
     step, a buffer of 10000 within the epoch, patience 8)."""
 
     estimator: str = setting("snis_r", choices=ESTIMATORS)
+    # snis_mix: the run folder whose pi.pt, mixed with r, is the proposal (of the Z stage's draws too)
+    proposal: str | None = setting(None)
+    mix_r: float = setting(0.1, gt=0, lt=1)  # snis_mix: r's share a of the mixture q = a r + (1 - a) pi
     lr: float = setting(10.0, gt=0)  # lr_e = lr / epoch
     chunk: int = setting(500, ge=1)  # one lambda step per `chunk` strings of D
     samples_per_step: int = setting(1000, ge=1)  # fresh r-samples per step
@@ -81,32 +97,42 @@ class MomentMatchingConfig:
 
 
 class SampledMoments:
-    """E_hat_{p_lambda}[phi] from samples of the frozen r: the steps' buffer, and the held-out set."""
+    """E_hat_{p_lambda}[phi] from samples of a proposal q (the frozen r, or a DefensiveMixture of r):
+    the steps' buffer, and the held-out set. Each draw is kept as phi(x) and, when q is not r,
+    log r(x) - log q(x): the weight under any lambda without scoring x again."""
 
     def __init__(self, r: LSTMPolicy, features: Features, cfg: MomentMatchingConfig, max_len: int,
-                 generator: torch.Generator):
+                 generator: torch.Generator, proposal=None):
         self.r, self.features, self.cfg, self.max_len, self.generator = r, features, cfg, max_len, generator
+        self.proposal = r if proposal is None else proposal
         self.step_estimate = ESTIMATORS[cfg.estimator]
         self.buffer = torch.empty(0, len(features), device=r.device)
+        self.buffer_log_w_r = None if self.proposal is r else torch.empty(0, dtype=torch.float64, device=r.device)
         self.samples = 0
-        self.heldout_phi = self._draw(cfg.heldout)
+        self.heldout_phi, self.heldout_log_w_r = self._draw(cfg.heldout)
 
-    def _draw(self, num: int) -> torch.Tensor:
-        samples = self.r.sample(num, self.max_len, self.generator)
+    def _draw(self, num: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        samples = self.proposal.sample(num, self.max_len, self.generator)
         self.samples += num
-        return self.features(samples.tokens)
+        log_w_r = None if self.proposal is self.r else samples.log_base - samples.log_prob  # log r - log q
+        return self.features(samples.tokens), log_w_r
 
     def new_epoch(self) -> None:
-        if self.cfg.reuse == "epoch":
-            self.buffer = self.buffer[:0]  # the reference keeps samples within an epoch only
+        if self.cfg.reuse == "epoch":  # the reference keeps samples within an epoch only
+            self.buffer = self.buffer[:0]
+            if self.buffer_log_w_r is not None:
+                self.buffer_log_w_r = self.buffer_log_w_r[:0]
 
     def step(self, lam: torch.Tensor) -> MomentEstimate | None:
         """Fresh samples into the buffer, then the estimate on the buffer (None: rs accepted nothing)."""
-        self.buffer = torch.cat([self.buffer, self._draw(self.cfg.samples_per_step)])[-self.cfg.buffer:]
-        return self.step_estimate(self.buffer, lam, self.features, self.max_len, self.generator)
+        phi, log_w_r = self._draw(self.cfg.samples_per_step)
+        self.buffer = torch.cat([self.buffer, phi])[-self.cfg.buffer:]
+        if log_w_r is not None:
+            self.buffer_log_w_r = torch.cat([self.buffer_log_w_r, log_w_r])[-self.cfg.buffer:]
+        return self.step_estimate(self.buffer, self.buffer_log_w_r, lam, self.features, self.max_len, self.generator)
 
     def heldout(self, lam: torch.Tensor) -> MomentEstimate:
-        return snis_moments(self.heldout_phi @ lam, self.heldout_phi)
+        return snis_moments(_log_weights(self.heldout_phi, self.heldout_log_w_r, lam), self.heldout_phi)
 
 
 @dataclass
@@ -181,11 +207,11 @@ def fit_lambda(moments_data: torch.Tensor, estimator, cfg: MomentMatchingConfig,
 
 
 def moment_matching(r: LSTMPolicy, features: Features, train_tokens: torch.Tensor, cfg: MomentMatchingConfig, *,
-                    max_len: int, seed: int, logger=None) -> MomentMatchingResult:
-    """Training-1 on samples of r: lambda for P_lambda = r exp(lambda . phi)."""
+                    max_len: int, seed: int, logger=None, proposal=None) -> MomentMatchingResult:
+    """Training-1 on samples of r (or of `proposal`, for snis_mix): lambda for P_lambda = r exp(lambda . phi)."""
     with torch.no_grad():
         moments_data = features(train_tokens).mean(0)  # mean_D phi, the target of every step
         generator = torch.Generator(device=r.device).manual_seed(seed)
-        estimator = SampledMoments(r.eval(), features, cfg, max_len, generator)
+        estimator = SampledMoments(r.eval(), features, cfg, max_len, generator, proposal)
         steps = math.ceil(len(train_tokens) / cfg.chunk)
         return fit_lambda(moments_data, estimator, cfg, steps, names=features.names, logger=logger)

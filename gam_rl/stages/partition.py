@@ -1,4 +1,5 @@
-"""Z = sum_x P_lambda(x) by importance sampling from r (or by SMC runs from r), and what it gives:
+"""Z = sum_x P_lambda(x) by importance sampling from r (or from Training-1's defensive mixture of r and a
+policy, with training1.estimator=snis_mix; or by SMC runs from r), and what it gives:
 CE(T, p_lambda) and, on the same draws, an estimate of the model moments E_{p_lambda}[phi]
 independent of Training-1; optionally bounds on log Z (gam_rl/smc.py)."""
 
@@ -39,7 +40,8 @@ class ZConfig:
     rel_tol: float | None = setting(None, gt=0)  # stop once the relative s.e. of Z-hat is <= rel_tol (None: all)
     min_samples: int = setting(10000, ge=1)  # with rel_tol: never stop before this many
     tail_hits: float = setting(10.0, gt=0)  # with rel_tol: nor before n Z-hat / beta (expected RS accepts) reaches it
-    # is: importance sampling from r | smc: runs of `particles` SMC particles from r, as many sequences in all;
+    # is: importance sampling from r (from Training-1's mixture under snis_mix) | smc: runs of `particles` SMC
+    # particles from r, as many sequences in all;
     # Z-hat the mean of the runs' Z-hats (rel_tol and min_samples apply; tail_hits is IS's)
     estimator: str = setting("is", choices=("is", "smc"))
     particles: int = setting(1000, ge=2)  # smc: particles per run
@@ -73,8 +75,11 @@ class PartitionResult:
 
 def estimate_partition(r: LSTMPolicy, target: Potential, features: Features, moments_data: list[float],
                        test: torch.Tensor, valid: torch.Tensor, cfg: ZConfig, *, max_len: int, symbols_per_seq: int,
-                       seed: int, logger=None) -> PartitionResult:
-    """Z = E_r[P(x)/r(x)] (for P_lambda = r exp(lambda . phi): E_r[exp(lambda . phi(x))])."""
+                       seed: int, logger=None, proposal=None) -> PartitionResult:
+    """Z = E_r[P(x)/r(x)] (for P_lambda = r exp(lambda . phi): E_r[exp(lambda . phi(x))]), or E_q[P(x)/q(x)]
+    for another `proposal` q (Training-1's defensive mixture, proposals.py; estimator `is` only)."""
+    if proposal is not None and cfg.estimator != "is":
+        raise ValueError("a proposal other than r needs z.estimator=is")
     generator = torch.Generator(device=r.device).manual_seed(seed)
     phis, log_ws = [], []
     progress = Progress("z", cfg.samples, "samples", upper_bound=cfg.rel_tol is not None)
@@ -87,7 +92,8 @@ def estimate_partition(r: LSTMPolicy, target: Potential, features: Features, mom
     if cfg.estimator == "smc":
         z = smc_z(r, target, cfg, max_len, generator, observe)
     else:
-        z = importance_z(r, target, cfg.samples, cfg.batch_size, max_len, generator, rel_tol=cfg.rel_tol,
+        q = r if proposal is None else proposal
+        z = importance_z(q, target, cfg.samples, cfg.batch_size, max_len, generator, rel_tol=cfg.rel_tol,
                          min_samples=cfg.min_samples, tail_hits=cfg.tail_hits, observe=observe)
     progress.close()
     bounds = {}
