@@ -211,8 +211,14 @@ def smc_runs(target: Potential, proposal, r: LSTMPolicy, particles: int, max_len
                         else contextlib.nullcontext()):
         q_steps = steps_of(proposal, N)
         r_steps = q_steps if proposal is r else PolicySteps(r, N)
+        # a twist with steps(num) (a run's LearnedTwist) is read one symbol at a time, O(1) per symbol; any
+        # other twist callable is called on each prefix
+        twist_steps = twist.steps(N) if twist is not None and hasattr(twist, "steps") else None
         # V(empty): the state before the first symbol (learned_log_z's [[EOS]] column 0)
-        v0 = 0.0 if twist is None else float(twist(torch.tensor([[EOS]], device=dev))[0, 0])
+        if twist_steps is not None:
+            v0 = twist_steps.v0
+        else:
+            v0 = 0.0 if twist is None else float(twist(torch.tensor([[EOS]], device=dev))[0, 0])
         tokens = torch.full((N, max_len), PAD, dtype=torch.long, device=dev)
         log_w = torch.full((N,), v0, dtype=torch.float64, device=dev)  # log W_i = log gamma_0
         v_prev = torch.full((N,), v0, dtype=torch.float64, device=dev)  # V(s_{1:t-1}) of each particle
@@ -250,7 +256,12 @@ def smc_runs(target: Potential, proposal, r: LSTMPolicy, particles: int, max_len
                 samples = Samples(tokens[done], log_r[done], tokens[done].eq(EOS).any(1))
                 inc[ends] += target.log_weight(r, samples).double().to(dev)
             go = ~ends
-            if go.any():  # log w_t = ... + V(s_{1:t}), read at column t + 1 of "s_{1:t} EOS"
+            if twist_steps is not None:  # V(s_{1:t}) of every working row; the steps advance past x_t
+                v_rows = twist_steps.value_after(tok).double()
+                if go.any():
+                    v_prev[slots[go]] = v_rows[go]
+                    inc[go] += v_rows[go]
+            elif go.any():  # log w_t = ... + V(s_{1:t}), read at column t + 1 of "s_{1:t} EOS"
                 on = slots[go]
                 if twist is not None:
                     rows = torch.cat([tokens[on, : t + 1], torch.full((len(on), 1), EOS, device=dev)], 1)
@@ -294,6 +305,8 @@ def smc_runs(target: Potential, proposal, r: LSTMPolicy, particles: int, max_len
                 q_steps.keep(source)
                 if r_steps is not q_steps:
                     r_steps.keep(source)
+                if twist_steps is not None:
+                    twist_steps.keep(source)
             slot_of_row = new_slots
             prev = tokens[new_slots, t]
     width = max(int((tokens != PAD).sum(1).max()), 1)

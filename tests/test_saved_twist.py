@@ -52,3 +52,32 @@ def test_a_run_without_twist_pt_is_named(tmp_path):
     r, _, _ = models()
     with pytest.raises(ValueError, match="no twist.pt"):
         load_twist(tmp_path, r)
+
+
+@pytest.mark.parametrize("values, kind", [("critic", "separate"), ("critic", "head"), ("q_logits", "separate"),
+                                          ("q_logits", None), ("ctl", None)])
+def test_the_twist_one_symbol_at_a_time_equals_the_twist_of_each_prefix(tmp_path, values, kind):
+    """TwistSteps (SMC's O(1)-per-symbol path) against LearnedTwist on whole prefixes: V(s_{1:t}) of every row at
+    every step, with rows dropped and repeated between steps as SMC's resampling does."""
+    r, pi, _ = models()
+    critic = None if kind is None else Critic(kind, pi, r)
+    if critic is not None:
+        with torch.no_grad():
+            critic.value.weight.normal_()
+            critic.value.bias.fill_(0.3)
+    torch.save(twist_payload("x", values, pi, critic), tmp_path / "twist.pt")
+    twist = load_twist(tmp_path, r)
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 2, (6, 7))
+    full = twist(tokens)  # column t: V of the first t symbols
+    steps = twist.steps(len(tokens))
+    assert steps.v0 == pytest.approx(float(full[0, 0]), abs=1e-5)
+    rows = torch.arange(len(tokens))  # which original row each working row is
+    for t in range(tokens.shape[1]):
+        v = steps.value_after(tokens[rows, t])
+        assert torch.allclose(v, full[rows, t + 1] if t + 1 < tokens.shape[1] else twist(
+            torch.cat([tokens, tokens[:, :1]], 1))[rows, t + 1], atol=1e-5), t
+        if t == 2:  # resampling: keep rows 5, 0, 0, 3 (in that order)
+            keep = torch.tensor([5, 0, 0, 3])
+            steps.keep(keep)
+            rows = rows[keep]

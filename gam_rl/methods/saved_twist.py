@@ -27,7 +27,9 @@ from torch import nn
 
 from gam_rl.methods.ctl import twist_log_psi
 from gam_rl.methods.twist_loop import FORMAT, VALUE_KINDS, Critic
+from gam_rl.kernel.lstm import StepLSTM
 from gam_rl.policy import LSTMPolicy, eval_mode
+from gam_rl.tokens import BOS, EOS
 
 
 class LearnedTwist(nn.Module):
@@ -55,6 +57,67 @@ class LearnedTwist(nn.Module):
             return out
         with eval_mode(self.critic):
             return out + self.critic(tokens, states)
+
+
+    def steps(self, num: int) -> TwistSteps:
+        """The same values one symbol at a time, for SMC (smc.smc_runs)."""
+        return TwistSteps(self, num)
+
+
+class TwistSteps:
+    """A LearnedTwist one symbol at a time over `num` rows (the working rows of SMC): value_after(x_t) gives
+    V(s_{1:t}) of every row from the models' LSTM states after s_{1:t-1}, in O(1) per symbol, where calling
+    the twist on each prefix costs O(t) (O(max_len^2) per sequence in all). Rows are kept, reordered or
+    repeated with keep(index), as the proposal's steps are. No dropout, no gradient (StepLSTM).
+
+      critic, q_logits: feed x_t, then V from the new states (the critic's head on pi's or its own LSTM;
+                        q_logits adds logsumexp of pi's logits)
+      ctl:              V(s_{1:t}) = l(s_{1:t-1}, x_t) - log r(x_t | s_{1:t-1}) from the states before x_t,
+                        then feed x_t
+    """
+
+    def __init__(self, twist: LearnedTwist, num: int):
+        self.values, critic = twist.values, twist.critic
+        self.value_head = None if critic is None else critic.value
+        separate = critic is not None and critic.body is not None
+        self.models = {}  # name -> (LSTMPolicy, StepLSTM)
+        if not (self.values == "critic" and separate):  # pi's states (head critic, q_logits, ctl)
+            self.models["pi"] = twist.pi
+        if separate:
+            self.models["body"] = critic.body
+        if self.values == "ctl":
+            self.models["r"] = twist.base[0]
+        self.lstm = {name: StepLSTM(model.lstm, num) for name, model in self.models.items()}
+        bos = torch.full((num,), BOS, dtype=torch.long, device=twist.pi.device)
+        with torch.no_grad():
+            self.top = {name: lstm.step(bos).clone() for name, lstm in self.lstm.items()}  # after the empty prefix
+            self.v0 = 0.0 if self.values == "ctl" else float(self._value(1)[0])
+
+    def _value(self, n: int) -> torch.Tensor:
+        """V of the first n rows from their current states (critic, q_logits)."""
+        h = self.top["body" if "body" in self.top else "pi"][:n]
+        out = self.value_head(h).squeeze(1) if self.value_head is not None else 0.0
+        if self.values == "q_logits":
+            out = out + torch.logsumexp(self.models["pi"].head(self.top["pi"][:n]), -1)
+        return out
+
+    @torch.no_grad()
+    def value_after(self, tok: torch.Tensor) -> torch.Tensor:
+        """V(s_{1:t}) for the first len(tok) rows, tok their symbols x_t; the rows advance past x_t. (n,)"""
+        n = len(tok)
+        if self.values == "ctl":
+            picked = tok.clamp(max=EOS).unsqueeze(1)
+            logits = self.models["pi"].head(self.top["pi"][:n])
+            log_r = torch.log_softmax(self.models["r"].head(self.top["r"][:n]), -1)
+            out = (logits.gather(1, picked) - log_r.gather(1, picked)).squeeze(1)
+        for name, lstm in self.lstm.items():
+            self.top[name][:n] = lstm.step(tok)
+        return out if self.values == "ctl" else self._value(n)
+
+    def keep(self, index: torch.Tensor) -> None:
+        for name, lstm in self.lstm.items():
+            lstm.keep(index)
+            self.top[name][: len(index)] = self.top[name][index]
 
 
 def load_twist(run_dir: Path, r: LSTMPolicy) -> LearnedTwist:
