@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gam_rl.kernel.lstm import StepLSTM
 from gam_rl.methods.ctl import twist_log_psi
 from gam_rl.methods.twist_loop import FORMAT, VALUE_KINDS, Critic
-from gam_rl.kernel.lstm import StepLSTM
 from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.tokens import BOS, EOS
 
