@@ -58,10 +58,12 @@ column 0 (TwistModule.learned_log_z).
 Runs are batched: smc_runs draws R independent runs as one batch of R x K particles (each run
 resampled on its own), smc is one run of it. No loop over particles: one LSTM step per symbol
 for all running particles (kernel/lstm.py's StepLSTM), finished particles are dropped from the
-working rows, and resampling moves rows (states included) by index. The twist is a callable on
-whole rows, so an LSTM critic re-reads every prefix at every step: O(max_len^2) symbols per
-particle instead of O(max_len) (K = 1000, max_len 61, r and a critic 2 x 64: ~0.7 s per run
-untwisted, ~8 s twisted, one thread of a busy 2-core Xeon).
+working rows, and resampling moves rows (states included) by index. A twist with steps(num) (a
+run's LearnedTwist: methods/saved_twist.py's TwistSteps) is read one symbol at a time too, its
+models' states moved with the particles; any other twist is a callable on whole rows, re-read at
+every step (O(max_len^2) symbols per particle). On a cpu cell (K = 1000, max_len 61, 2 x 64 models,
+one thread beside two busy jobs): 0.2 s per run untwisted, 0.3 s with ctl's twist read step by step,
+2.7 s with the same twist on each prefix.
 """
 
 from __future__ import annotations
