@@ -82,10 +82,20 @@ def method_name(own: str, when_own: str | None = None, *, _root_: DictConfig) ->
     return str(choice)
 
 
+def cell_run(folder: str, *, _root_: DictConfig) -> str:
+    """`${cell_run:FOLDER}`: the run folder inside FOLDER (a sweep's folder) of this job's cell and method, named as
+    conf/config.yaml's hydra.sweep.subdir names it: <motif>_<features>_D<|D|>_s<seed>_<method name>. For
+    training1.proposal in a sweep: each job takes the pi of its own cell from an earlier sweep."""
+    keys = ("motif.pattern", "features.name", "dataset_size.size", "seed", "method.name")
+    motif, features, size, seed, method = (OmegaConf.select(_root_, k, throw_on_missing=True) for k in keys)
+    return str(Path(folder) / f"{motif}_{features}_D{size}_s{seed}_{method}")
+
+
 def register() -> None:
     """The schemas in Hydra's ConfigStore: conf/config.yaml starts from `gam_rl_schema`, and each
     method file from its algorithm's schema, /schema/method/<algorithm> (e.g. /schema/method/dpg_off)."""
     OmegaConf.register_new_resolver("method_name", method_name, replace=True)
+    OmegaConf.register_new_resolver("cell_run", cell_run, replace=True)
     store = ConfigStore.instance()
     store.store(name="gam_rl_schema", node=Config)
     for name, config in METHODS.items():

@@ -275,3 +275,14 @@ def test_the_schema_is_registered_with_hydra():
     for method in group_options("method"):
         assert OmegaConf.load(CONF / "method" / f"{method}.yaml")  # every method file parses
     assert OmegaConf.get_type(make(["method=distill"]).method) is schema.METHODS["distill"]
+
+
+def test_a_sweep_takes_each_cells_proposal_from_an_earlier_sweep(tmp_path):
+    """training1.proposal=${cell_run:SWEEP}: each job's own cell and method inside SWEEP, checked per job."""
+    first = tmp_path / "first"
+    problems = preflight(["-m", "dataset_size=500,1000", "training1.estimator=snis_mix",
+                          f"training1.proposal=${{cell_run:{first}}}"])
+    assert len(problems) == 2, problems
+    for size in (500, 1000):
+        assert any(f"training1.proposal='{first}/10001011111000_1001111_D{size}_s1234_dpg_off': no such folder" in p
+                   for p in problems), problems
