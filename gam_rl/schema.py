@@ -30,11 +30,11 @@ from gam_rl.data import DataConfig, DatasetSizeConfig, valid_size_for
 from gam_rl.features import FeatureMaskError, Features, FeaturesConfig
 from gam_rl.methods import registry
 from gam_rl.metrics import EvalConfig
-from gam_rl.policy import ModelConfig
+from gam_rl.policy import LSTMPolicy, ModelConfig
 from gam_rl.process import MAX_EXACT_N, MotifConfig
 from gam_rl.run_io import LoggerConfig, run_problems
 from gam_rl.stages.mle import MLEConfig
-from gam_rl.stages.moment_matching import MomentMatchingConfig
+from gam_rl.stages.moment_matching import MIX_R_DEFAULT, MomentMatchingConfig
 from gam_rl.stages.partition import ZConfig
 from gam_rl.training1_cache import CacheConfig
 
@@ -260,14 +260,22 @@ def _proposal_problems(cfg: Config) -> list[str]:
     """training1.proposal: given exactly when training1.estimator=snis_mix, a finished run folder with pi.pt."""
     t1 = cfg.training1
     if t1.estimator != "snis_mix":
-        if t1.proposal is not None:
-            return [f"training1.proposal={t1.proposal!r}: read only by training1.estimator=snis_mix (the estimator "
-                    f"is {t1.estimator!r}); drop it or set training1.estimator=snis_mix"]
-        return []
+        out = []
+        for key, value, default in (("proposal", t1.proposal, None), ("mix_r", t1.mix_r, MIX_R_DEFAULT)):
+            if value != default:
+                out.append(f"training1.{key}={value!r}: read only by training1.estimator=snis_mix (the estimator "
+                           f"is {t1.estimator!r}); drop it or set training1.estimator=snis_mix")
+        return out
     if t1.proposal is None:
         return ["training1.estimator='snis_mix': needs training1.proposal=<run folder>, a finished run whose pi.pt "
                 "is mixed with r as the proposal"]
     out = run_problems(Path(t1.proposal), "training1.proposal")
+    if not out:  # a pi.pt that does not load is found now, not after r's fit
+        try:
+            LSTMPolicy.load(Path(t1.proposal) / "pi.pt")
+        except Exception as err:  # noqa: BLE001 (any failure to read it is the same problem for the user)
+            out.append(f"training1.proposal={t1.proposal!r}: its pi.pt does not load as a policy "
+                       f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
     if cfg.z.estimator == "smc":
         out.append("z.estimator='smc' with training1.estimator='snis_mix': the Z stage draws from Training-1's "
                    "mixture by importance sampling; use z.estimator=is (SMC runs from r alone)")

@@ -118,7 +118,9 @@ def training1_key(cfg) -> dict[str, Any]:
     """The training1 section, with snis_mix's proposal as the sha256 of its pi.pt rather than its path: the
     same policy under another path is the same proposal, and a run folder trained again is another."""
     key = asdict(cfg)
-    if cfg.proposal is not None:
+    if cfg.estimator != "snis_mix":  # keys read by snis_mix only
+        del key["proposal"], key["mix_r"]
+    else:
         key["proposal"] = hashlib.sha256((Path(cfg.proposal) / "pi.pt").read_bytes()).hexdigest()[:20]
     return key
 

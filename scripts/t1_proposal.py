@@ -61,6 +61,8 @@ def main(argv: list[str]) -> None:
         t1 = after.cfg.training1
         if t1.estimator != "snis_mix":
             sys.exit(f"{after_dir}: training1.estimator is {t1.estimator!r}, not snis_mix")
+        if Path(after.results["training1_proposal"]) != before_dir.resolve():
+            sys.exit(f"{after_dir}: its proposal was {after.results['training1_proposal']}, not {before_dir}")
         # both lambdas are weighted through the after-run's r: the two runs must hold the same r (same cell, seed)
         same_r = all(torch.equal(a, b) for a, b in zip(before.r.state_dict().values(), after.r.state_dict().values(),
                                                         strict=True))

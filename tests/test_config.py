@@ -286,3 +286,45 @@ def test_a_sweep_takes_each_cells_proposal_from_an_earlier_sweep(tmp_path):
     for size in (500, 1000):
         assert any(f"training1.proposal='{first}/10001011111000_1001111_D{size}_s1234_dpg_off': no such folder" in p
                    for p in problems), problems
+
+
+def fake_run(folder: Path, seed: int) -> Path:
+    """A finished run folder as the proposal check reads it (results.json ok with lambda, a loadable pi.pt)."""
+    import json
+
+    import torch
+
+    from gam_rl.policy import LSTMPolicy
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(seed)
+    pi = LSTMPolicy(4, 1, 0.0)
+    for name in ("r.pt", "pi.pt"):
+        torch.save({"config": pi.config(), "state_dict": pi.state_dict()}, folder / name)
+    (folder / "config.yaml").write_text("{}\n")
+    (folder / "results.json").write_text(json.dumps({"status": "ok", "lambda": {}, "feature_names": []}))
+    return folder
+
+
+def test_the_training1_cache_keys_a_proposal_by_its_pi_not_its_path(tmp_path):
+    import shutil
+
+    import torch
+
+    from gam_rl.training1_cache import cache_key, key_config
+
+    first = fake_run(tmp_path / "first", 0)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(first, moved)
+    key = {p: cache_key(key_config(typed(["training1.estimator=snis_mix", f"training1.proposal={p}"]),
+                                   torch.device("cpu"))) for p in (first, moved)}
+    assert key[first] == key[moved]  # the same pi.pt under another path: the same proposal
+    shutil.rmtree(moved)
+    fake_run(moved, 1)  # that folder trained again: another pi
+    again = cache_key(key_config(typed(["training1.estimator=snis_mix", f"training1.proposal={moved}"]),
+                                 torch.device("cpu")))
+    assert again != key[first]
+    # a pi.pt that does not load is refused before any work
+    (moved / "pi.pt").write_bytes(b"not a checkpoint")
+    problems = preflight(["training1.estimator=snis_mix", f"training1.proposal={moved}"])
+    assert any(p.startswith("training1.proposal=") and "does not load" in p for p in problems), problems

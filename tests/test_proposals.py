@@ -128,3 +128,39 @@ def test_training1_snis_mix_matches_data_moments_exactly_enumerated():
     mismatch = float((model - features(data).double().mean(0)).abs().sum())
     assert mismatch < 0.03, (mismatch, fit.lam)
     assert abs(fit.best_mismatch - mismatch) < 4 * fit.best_mismatch_se + 0.01
+    # the stage drew from the mixture: snis_r with the same seed draws the same r-samples every time, and its
+    # held-out estimate differs (here pi is no closer to p_lambda than r, so the mixture is not the better one)
+    from_r = moment_matching(r, features, data, MomentMatchingConfig(
+        estimator="snis_r", lr=4.0, chunk=500, samples_per_step=4000, buffer=40000, reuse="run", heldout=20000,
+        max_epochs=40, patience=40), max_len=MAX_LEN, seed=1)
+    assert abs(fit.best_mismatch_se - from_r.best_mismatch_se) > 1e-4, (fit.best_mismatch_se, from_r.best_mismatch_se)
+
+
+def test_a_batch_that_draws_nothing_from_one_component_is_fine(problem):
+    """Batches of 1 (one component empty every time), and mixtures leaning almost all one way."""
+    r, q, _, target, _, _, _ = problem
+    g = torch.Generator().manual_seed(4)
+    for _ in range(20):
+        draws = q.sample(1, MAX_LEN, g)
+        assert len(draws) == 1 and torch.isfinite(target.log_weight(q, draws)).all()
+    for a in (1e-6, 1 - 1e-6):
+        draws = DefensiveMixture(r, q.other, a).sample(50, MAX_LEN, g)
+        assert len(draws) == 50 and torch.isfinite(draws.log_prob).all()
+
+
+def test_the_last_draws_of_a_batch_are_a_sample_of_q_too(problem):
+    """Training-1 keeps the last `buffer` draws: with a buffer of half a step, the SNIS moments of what it keeps
+    are still unbiased (the mixture's draws come in random order, not one component's after the other's).
+    The mean of 40 steps' estimates within 4 s.e. of the exact E_{p_lambda}[phi]."""
+    from gam_rl.stages.moment_matching import SampledMoments
+
+    r, q, features, target, space, log_p, _ = problem
+    lam = target.factors[1].lam
+    cfg = MomentMatchingConfig(estimator="snis_mix", proposal="unused", mix_r=A, samples_per_step=1000, buffer=500,
+                               reuse="run", heldout=100)
+    sampled = SampledMoments(r, features, cfg, MAX_LEN, torch.Generator().manual_seed(5), proposal=q)
+    estimates = torch.stack([sampled.step(lam).moments.double() for _ in range(40)])
+    with torch.no_grad():
+        exact = (log_p.exp().unsqueeze(1) * features(space).double()).sum(0)
+    mean, se = estimates.mean(0), estimates.std(0) / math.sqrt(len(estimates))
+    assert ((mean - exact).abs() < 4 * se + 1e-3).all(), (mean, exact, se)

@@ -81,3 +81,10 @@ def test_the_twist_one_symbol_at_a_time_equals_the_twist_of_each_prefix(tmp_path
             keep = torch.tensor([5, 0, 0, 3])
             steps.keep(keep)
             rows = rows[keep]
+
+
+def test_a_critic_twist_without_its_critic_is_refused(tmp_path):
+    r, pi, _ = models()
+    torch.save(twist_payload("ac_dpg", "critic", pi, None), tmp_path / "twist.pt")
+    with pytest.raises(ValueError, match="holds none"):
+        load_twist(tmp_path, r)

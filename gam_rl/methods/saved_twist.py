@@ -130,6 +130,8 @@ def load_twist(run_dir: Path, r: LSTMPolicy) -> LearnedTwist:
     saved = torch.load(path, map_location=r.device)
     if saved.get("format") != FORMAT or saved.get("values") not in VALUE_KINDS:
         raise ValueError(f"twist={str(run_dir)!r}: twist.pt is of another format ({saved.get('format')!r})")
+    if saved["values"] == "critic" and saved.get("critic") is None:
+        raise ValueError(f"twist={str(run_dir)!r}: twist.pt reads V off a critic but holds none")
     pi = LSTMPolicy(**saved["pi"]["config"]).to(r.device)
     pi.load_state_dict(saved["pi"]["state_dict"])
     critic = None

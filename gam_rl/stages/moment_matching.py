@@ -20,8 +20,8 @@ moment is always the mean over all of D, paper.md section 5). E_hat comes from s
           held-out set is drawn from the same q; each draw keeps log r - log q, so a new lambda only
           re-weights it.
 
-Selection and stopping use an estimate the steps never saw: `heldout` r-samples drawn once,
-re-weighted by SNIS at the end of every epoch. Its L1 mismatch |mean_D phi - E_held phi|_1
+Selection and stopping use an estimate the steps never saw: `heldout` samples of q (r, or snis_mix's
+mixture) drawn once, re-weighted by SNIS at the end of every epoch. Its L1 mismatch |mean_D phi - E_held phi|_1
 feeds the plateau rule (patience, best lambda kept). `converged` says whether every feature's
 held-out gap is within its noise at CONVERGED_LEVEL (estimators.moments_within_noise: max_k
 |z_k| against a threshold that an exact lambda passes 95% of the time, on an effective sample
@@ -55,6 +55,7 @@ MIN_HELDOUT_ESS = 100.0  # fewer effective held-out samples: their standard erro
 # converged within noise: every feature's held-out gap passes moments_within_noise at this level, i.e.
 # an exact lambda (whose held-out gaps are pure noise) is called converged 95% of the time
 CONVERGED_LEVEL = 0.95
+MIX_R_DEFAULT = 0.1  # snis_mix: r's share of the proposal, fixed before any measurement (docs/measurements.md)
 
 
 def _snis_step(phi: torch.Tensor, log_w_r: torch.Tensor | None, lam: torch.Tensor, features: Features, max_len: int,
@@ -84,13 +85,13 @@ class MomentMatchingConfig:
     estimator: str = setting("snis_r", choices=ESTIMATORS)
     # snis_mix: the run folder whose pi.pt, mixed with r, is the proposal (of the Z stage's draws too)
     proposal: str | None = setting(None)
-    mix_r: float = setting(0.1, gt=0, lt=1)  # snis_mix: r's share a of the mixture q = a r + (1 - a) pi
+    mix_r: float = setting(MIX_R_DEFAULT, gt=0, lt=1)  # snis_mix: r's share a of the mixture q = a r + (1 - a) pi
     lr: float = setting(10.0, gt=0)  # lr_e = lr / epoch
     chunk: int = setting(500, ge=1)  # one lambda step per `chunk` strings of D
-    samples_per_step: int = setting(1000, ge=1)  # fresh r-samples per step
+    samples_per_step: int = setting(1000, ge=1)  # fresh samples of q (r, or snis_mix's mixture) per step
     buffer: int = setting(10000, ge=1)  # the last samples reused, re-weighted with the current lambda
     reuse: str = setting("epoch", choices=REUSE)  # epoch: buffer emptied each epoch (the paper) | run: kept
-    heldout: int = setting(10000, ge=1)  # r-samples drawn once, never stepped on: selection and stopping
+    heldout: int = setting(10000, ge=1)  # samples of q drawn once, never stepped on: selection and stopping
     max_epochs: int = setting(100, ge=1)
     patience: int = setting(8, ge=1)  # on the held-out L1 mismatch
     stop_within_noise: bool = False  # also stop at the first best epoch whose held-out gaps are within noise
