@@ -24,8 +24,10 @@ class EvalConfig:
 
 def batched_log_prob(score: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
                      batch_size: int = 5000) -> torch.Tensor:
-    """score(x) over a large tensor in chunks, concatenated (no autograd)."""
+    """score(x) over a large tensor in chunks, concatenated (no autograd); empty for no rows."""
     with torch.no_grad():
+        if len(tokens) == 0:
+            return torch.empty(0, device=tokens.device)
         return torch.cat([score(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)])
 
 

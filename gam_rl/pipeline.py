@@ -108,7 +108,7 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
     with run.stage("training2"):
         fit = training2(cfg, run, t1, p_lambda, data, logger, accelerator, exact_target)
         pi = fit.pi
-        torch.save({"config": pi.config(), "state_dict": pi.state_dict()}, run_dir / "pi.pt")
+        pi.save(run_dir / "pi.pt")
         if fit.twist is not None:  # a twist learner's values: the twist of gam-rl-sample's SMC (twist=RUN_DIR)
             torch.save(fit.twist, run_dir / "twist.pt")
     with run.stage("eval_pi"):
@@ -176,7 +176,7 @@ def training1_cached(cfg: Config, run: Run, data: Data, features: Features, logg
         run.results["timings"][stage], run.results["samples"][stage] = 0.0, 0
     for step, metrics in t1.log_calls:
         logger.log_metrics(metrics, step)
-    torch.save({"config": t1.r.config(), "state_dict": t1.r.state_dict()}, run_dir / "r.pt")
+    t1.r.save(run_dir / "r.pt")
     return t1
 
 
@@ -189,7 +189,7 @@ def training1(cfg: Config, run: Run, data: Data, features: Features, logger, run
         r = LSTMPolicy.from_config(cfg.model).to(device)
         r_fit = train_mle(r, splits.train, splits.valid, cfg.r, symbols_per_seq=data.symbols, prefix="r",
                           logger=recorder, accelerator=accelerator, seed=cfg.seed)
-        torch.save({"config": r.config(), "state_dict": r.state_dict()}, run_dir / "r.pt")
+        r.save(run_dir / "r.pt")
     with run.stage("eval_r"):
         r_eval = evaluate_policy(r, splits.test, data.process.contains_motif, cfg.eval, data.symbols)
         run.count_samples("eval_r", cfg.eval.samples)

@@ -84,6 +84,10 @@ class LSTMPolicy(nn.Module, Potential):
     def from_config(cls, cfg: ModelConfig) -> LSTMPolicy:
         return cls(cfg.hidden, cfg.layers, cfg.dropout)
 
+    def save(self, path) -> None:
+        """{"config", "state_dict"}: what load() reads back (a run's r.pt, pi.pt)."""
+        torch.save({"config": self.config(), "state_dict": self.state_dict()}, path)
+
     @classmethod
     def load(cls, path, device: torch.device | str = "cpu") -> LSTMPolicy:
         """A policy saved as {"config", "state_dict"} (a run's r.pt, pi.pt), in eval mode."""

@@ -58,8 +58,10 @@ class DefensiveMixture(Potential):
         base_draws = _draw(self.base, from_base, max_len, generator)
         other_draws = _draw(self.other, num - from_base, max_len, generator)
         # each draw carries its own component's log-probability; the other component scores it
-        log_base = torch.cat([base_draws.log_prob.double(), _scored(self.base, other_draws.tokens)])
-        log_other = torch.cat([_scored(self.other, base_draws.tokens), other_draws.log_prob.double()])
+        log_base = torch.cat([base_draws.log_prob.double(),
+                              batched_log_prob(self.base.log_potential, other_draws.tokens).double()])
+        log_other = torch.cat([batched_log_prob(self.other.log_potential, base_draws.tokens).double(),
+                               other_draws.log_prob.double()])
         tokens = pad_cat([base_draws.tokens, other_draws.tokens])
         # in random order: a consumer that keeps only the last draws (Training-1's buffer) keeps a sample of q,
         # not of the component drawn last
@@ -74,10 +76,3 @@ def _draw(policy: LSTMPolicy, num: int, max_len: int, generator: torch.Generator
         return Samples(torch.empty(0, 1, dtype=torch.long, device=device), torch.empty(0, device=device),
                        torch.empty(0, dtype=torch.bool, device=device))
     return policy.sample(num, max_len, generator)
-
-
-def _scored(policy: LSTMPolicy, tokens: torch.Tensor) -> torch.Tensor:
-    """log policy(x) of each row (float64); none for an empty batch."""
-    if len(tokens) == 0:
-        return torch.empty(0, dtype=torch.float64, device=policy.device)
-    return batched_log_prob(policy.log_potential, tokens).double()

@@ -80,7 +80,7 @@ class TwistSteps:
         self.values, critic = twist.values, twist.critic
         self.value_head = None if critic is None else critic.value
         separate = critic is not None and critic.body is not None
-        self.models = {}  # name -> (LSTMPolicy, StepLSTM)
+        self.models = {}  # name -> the LSTMPolicy whose states V reads (pi, the critic's body, r)
         if not (self.values == "critic" and separate):  # pi's states (head critic, q_logits, ctl)
             self.models["pi"] = twist.pi
         if separate:
