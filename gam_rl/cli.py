@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gam_rl import schema
+from gam_rl import schema, tuning
 from gam_rl.files import atomic_write_json, unwritable
 from gam_rl.launcher import JobLost, register
 from gam_rl.memory import retain_freed_memory
@@ -127,12 +127,26 @@ class Preflight:
         return _COMPOSED[group_overrides]
 
     def jobs(self, overrides: list[str], multirun: bool) -> list[list[str]]:
-        """Every job's overrides: one job, or a sweep's product (the preset's params, then the command line)."""
-        if not multirun:
-            return [overrides]
+        """Every job's overrides: one job, or a sweep's product (the preset's params, then the command line).
+        A tuning sweep (hparams_search) is checked at the corners of its search space (tuning.corner_jobs):
+        `self.labels` then names each job's searched values."""
+        self.labels = None
         parsed = self.parser.parse_overrides(overrides)
         plain = tuple(o.input_line for o in parsed if _is_group(o, self.groups) and not o.is_sweep_override())
-        params = [f"{k}={v}" for k, v in (self.compose(plain).hydra.sweeper.params or {}).items()]
+        composed = self.compose(plain) if multirun or any(o.key_or_group == "hparams_search" for o in parsed) else None
+        if composed is not None and tuning.is_tuning(composed):
+            space = dict(composed.hydra.sweeper.params or {})
+            space.update({o.key_or_group.removeprefix("hydra.sweeper.params."): o.input_line.split("=", 1)[1]
+                          for o in parsed if o.is_sweep_override()})
+            values, self.space_problems = tuning.search_space(space)
+            self.space = space
+            rest = [o.input_line for o in parsed if not o.is_sweep_override()]
+            jobs = tuning.corner_jobs(values, rest)
+            self.labels = [" ".join(job[:len(values)]) for job in jobs]
+            return jobs
+        if not multirun:
+            return [overrides]
+        params = [f"{k}={v}" for k, v in (composed.hydra.sweeper.params or {}).items()]
         [batch] = BasicSweeper.split_arguments(self.parser.parse_overrides(params + overrides), None)
         return batch
 
@@ -153,6 +167,8 @@ class Preflight:
             return found + [f"{getattr(err, 'full_key', '') or 'interpolation'}: {str(err).splitlines()[0]}"]
         finally:
             HydraConfig.instance().cfg = previous
+        if tuning.is_tuning(cfg):
+            found += tuning.tuning_problems(cfg, resolved)
         return found + schema.problems(resolved)
 
 
@@ -217,6 +233,9 @@ def preflight(args: list[str]) -> list[str]:
         for index, job in enumerate(jobs):
             for problem in check.problems(job):
                 found.setdefault(problem, []).append(index)
+    if check.labels is not None:  # a tuning sweep: the search space's own problems, then each corner's
+        return check.space_problems + [p if len(idx) == len(jobs) else f"{p} (with {check.labels[idx[0]]})"
+                                       for p, idx in found.items()]
     if len(jobs) == 1:
         return list(found)
     return [p if len(idx) == len(jobs) else f"{p} (jobs {', '.join(f'#{i}' for i in idx[:5])}"
@@ -402,7 +421,7 @@ def execute(cfg: DictConfig | dict, run_dir: Path, sweep_dir: Path | None = None
 
 
 @hydra.main(config_path="pkg://gam_rl.conf", config_name="config", version_base="1.3")
-def hydra_app(cfg: DictConfig) -> None:
+def hydra_app(cfg: DictConfig) -> float | None:
     _quiet_lightning()
     retain_freed_memory()  # here, not in main(): a parallel launcher's jobs run in worker processes
     hydra_cfg = HydraConfig.get()
@@ -429,8 +448,10 @@ def hydra_app(cfg: DictConfig) -> None:
         sys.exit(1)
     if results.get("skipped"):
         print(f"skipped (complete): {run_dir / 'results.json'}")
-        return
-    print(run_summary(results, run_dir))
+    else:
+        print(run_summary(results, run_dir))
+    # the job's return value: a tuning sweep's objective (gam_rl/tuning.py); other sweepers ignore it
+    return tuning.objective(results, cfg.tune.budget_draws)
 
 
 def dry_run(args: list[str]) -> str:
@@ -439,7 +460,10 @@ def dry_run(args: list[str]) -> str:
     ns = get_args_parser().parse_args(args)
     lines = []
     with initialize_config_module("gam_rl.conf", version_base="1.3"):
-        jobs = Preflight().jobs(ns.overrides, ns.multirun)
+        check = Preflight()
+        jobs = check.jobs(ns.overrides, ns.multirun)
+        if check.labels is not None:  # a tuning study: its trials are chosen as it runs
+            return tuning_plan(jobs[0], check.space)
         previous = HydraConfig.instance().cfg
         try:
             for index, job in enumerate(jobs):
@@ -452,6 +476,26 @@ def dry_run(args: list[str]) -> str:
             HydraConfig.instance().cfg = previous
     head = f"gam-rl --dry-run: {len(jobs)} job{'s' if len(jobs) != 1 else ''}, nothing run or written"
     return "\n".join([head, *lines])
+
+
+def tuning_plan(job: list[str], space: dict[str, str]) -> str:
+    """--dry-run of a tuning sweep: the study, its folder, cell, budget and search space."""
+    cfg = compose("config", overrides=list(job), return_hydra_config=True)
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)
+    try:
+        sweeper, folder = cfg.hydra.sweeper, Path(str(cfg.hydra.sweep.dir))
+        lines = [f"gam-rl --dry-run: a tuning study of method={cfg.tune.method}, nothing run or written",
+                 f"  folder   {folder}: study.db, trial_<k>/, trials.csv, best/method/{cfg.tune.method}_tuned.yaml",
+                 f"  trials   {sweeper.n_trials} in all (a resumed study runs the missing ones), "
+                 f"{sweeper.n_jobs} handed out at a time; sampler {sweeper.sampler._target_.rsplit('.', 1)[-1]}",
+                 f"  cell     motif={cfg.motif.pattern} features={cfg.features.name} seed={cfg.seed} "
+                 f"dataset_size={cfg.dataset_size.size} profile={cfg.profile}",
+                 f"  budget   {cfg.tune.budget_draws:g} draws per trial",
+                 *(f"  search   {k}={v}" for k, v in space.items())]
+    finally:
+        HydraConfig.instance().cfg = previous
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

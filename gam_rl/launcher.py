@@ -74,12 +74,16 @@ def register() -> None:
     """Make sure Hydra knows the launcher (gam-rl calls this before Hydra starts). Hydra finds plugins
     by listing the folders of the hydra_plugins namespace package; an editable install of gam_rl
     (pip install -e, setuptools >= 64) has none to list: the plugin is importable but never found
-    (Hydra issue #2359). Importing it here registers its config node (hydra/launcher=gam_rl_process)."""
+    (Hydra issue #2359). Importing it here registers its config node (hydra/launcher=gam_rl_process); the
+    same for the tuning sweeper (hydra/sweeper=gam_rl_tune) when hydra-optuna-sweeper is installed."""
     from hydra.core.plugins import Plugins
 
+    from hydra_plugins.gam_rl_launcher.tune_sweeper import TuneSweeper
+
     plugins = Plugins.instance()
-    if f"{ProcessLauncher.__module__}.{ProcessLauncher.__name__}" not in plugins.class_name_to_class:
-        plugins.register(ProcessLauncher)
+    for plugin in (ProcessLauncher, TuneSweeper):
+        if plugin is not None and f"{plugin.__module__}.{plugin.__name__}" not in plugins.class_name_to_class:
+            plugins.register(plugin)
 
 
 def jobs_at_once(n_jobs: int, jobs: int) -> int:

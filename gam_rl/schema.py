@@ -37,6 +37,7 @@ from gam_rl.stages.mle import MLEConfig
 from gam_rl.stages.moment_matching import MIX_R_DEFAULT, MomentMatchingConfig
 from gam_rl.stages.partition import ZConfig
 from gam_rl.training1_cache import CacheConfig
+from gam_rl.tuning import TuneConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 # method.algorithm -> the dataclass of its `method` section: the registry's list (methods/registry.py)
@@ -66,6 +67,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)  # a tuning sweep's (conf/hparams_search/)
 
 
 def method_name(own: str, when_own: str | None = None, *, _root_: DictConfig) -> str:

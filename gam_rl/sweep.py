@@ -183,10 +183,12 @@ class SweepSummary(Callback):
 
 
 def sweep_summary(sweep_dir: Path, started: float) -> str:
-    counts = {"ok": 0, "skipped (complete)": 0, "failed": 0, "missing": 0}
+    # a tuning study's folder (gam_rl/tuning.py) holds the trials of its earlier starts, which were not re-run
+    earlier = "from earlier starts" if (sweep_dir / "study.db").exists() else "skipped (complete)"
+    counts = {"ok": 0, earlier: 0, "failed": 0, "missing": 0}
     for job, status, _ in sweep_jobs(sweep_dir):
         if status == "ok" and (job / "results.json").stat().st_mtime < started:
-            status = "skipped (complete)"
+            status = earlier
         counts[status if status in counts else "failed"] += 1
     jobs = sum(counts.values())
     counted = ", ".join(f"{v} {k}" for k, v in counts.items())

@@ -497,3 +497,37 @@ def test_on_policy_draws_come_from_pi_as_it_is_at_the_update(monkeypatch, method
                              max_epochs=2, patience=2)
     train_method(cfg, pi, r, p_lambda, valid, max_len=7, symbols=7, ce_valid_r=ce_valid(r, valid), seed=4)
     assert len(gaps) == 8 and max(gaps) < 1e-4, gaps  # pi moved between updates (lr 0.05), the draws with it
+
+
+def test_max_draws_stops_the_loop_at_the_check_after_the_cap():
+    """method.max_draws (a tuning trial's cap): the updates after the cap are skipped, the check comes at once,
+    and the loop stops there: 4 updates of 256 draws pass 1000, so 1024 are drawn, not a whole check's 6400."""
+    r, p_lambda, space, log_p, log_z, valid = gam_problem()
+    torch.manual_seed(3)
+    pi = LSTMPolicy(16, 1, dropout=0.0)
+    cfg = small_schedule(max_draws=1000)
+    fit = train_method(cfg, pi, r, p_lambda, valid, max_len=7, symbols=7, ce_valid_r=ce_valid(r, valid), seed=4)
+    assert fit.draws == 1024 and fit.results["t2_stopped_by"] == "max_draws"
+    assert fit.results["t2_epochs"] == 1 and len(fit.curve) == 1 and fit.curve[0]["draws"] == 1024
+
+
+def test_stop_at_target_stops_at_the_first_check_on_the_target_line():
+    r, p_lambda, space, log_p, log_z, valid = gam_problem()
+    with torch.no_grad():
+        ce_p = -float((p_lambda.log_potential(valid).double() - log_z).mean()) / 7
+
+    def fit(**options):
+        torch.manual_seed(3)
+        pi = LSTMPolicy(16, 1, dropout=0.0)
+        cfg = small_schedule(target_margin=0.05, **options)
+        return train_method(cfg, pi, r, p_lambda, valid, max_len=7, symbols=7, ce_valid_r=ce_valid(r, valid), seed=4,
+                            ce_valid_p_lambda=ce_p)
+
+    full, stopped = fit(), fit(stop_at_target=True)
+    line = 1.05 * ce_p
+    assert full.reached_target is not None and full.results["t2_stopped_by"] is None
+    assert stopped.results["t2_stopped_by"] == "target"
+    # the same run up to the first check on the line (the draws are seeded), and nothing after it
+    assert stopped.reached_target["samples"] == full.reached_target["samples"] == stopped.draws < full.draws
+    assert stopped.curve[-1]["ce_valid_pi"] <= line < min(c["ce_valid_pi"] for c in stopped.curve[:-1])
+    assert stopped.curve == full.curve[:len(stopped.curve)]

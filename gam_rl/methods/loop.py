@@ -128,6 +128,10 @@ class LoopConfig(MethodConfig):
     # keep_start) at lr x lr_decay_factor, at most lr_decays times, then stop (0: stop at once, the paper)
     lr_decays: int = setting(0, ge=0)
     lr_decay_factor: float = setting(0.5, gt=0, lt=1)
+    # the caps of a tuning trial (conf/hparams_search/): stop at the first check at or past this many draws
+    # (None: no cap), and stop at the first check on the target line (false: the selection runs on)
+    max_draws: float | None = setting(None, gt=0)
+    stop_at_target: bool = False
 
     def samples_pi(self) -> bool:
         """Whether the draws come from pi itself rather than from q (a method's config says)."""
@@ -260,6 +264,7 @@ class LoopModule(pl.LightningModule):
         # standard error: the noise of CE(V, pi) - CE(V, p_lambda), for cfg.stop_within_noise
         self.valid_log_p, self.log_z_se = valid_log_p, inputs.log_z_se
         self.stopped_within_noise: dict | None = None
+        self.stopped_by: str | None = None  # a tuning trial's cap that stopped the loop: target | max_draws
         # cfg.stop_tilt_samples: the stop's tilt test, and the checks where it held the stop back
         self.tilt_check, self.tilt_holds = tilt_check, []
         self.plateau: Plateau | None = None  # fit_loop's plateau rule: the best check so far
@@ -300,7 +305,14 @@ class LoopModule(pl.LightningModule):
         with eval_mode(self.pi):
             return self.pi.log_prob(tokens)
 
+    def capped(self) -> bool:
+        """method.max_draws drawn: the rest of the check's updates do nothing (training_step returns None), so
+        the check, and the stop (check_caps), come at most one draw past the cap."""
+        return self.cfg.max_draws is not None and self.draws.samples_drawn >= self.cfg.max_draws
+
     def training_step(self, batch, batch_idx):
+        if self.capped():
+            return None
         draw = self.draws.next_batch()  # of q, or of pi as it is now (on-policy)
         loss = self.loss(draw)
         self.log(self.loss_name, loss.detach(), on_step=True, on_epoch=False, batch_size=len(draw))
@@ -329,6 +341,7 @@ class LoopModule(pl.LightningModule):
         self.curve.append({"draws": self.draws.samples_drawn, "updates": int(self.global_step), "ce_valid_pi": ce_pi})
         self.check_swap(ce_pi)
         self.check_target_line(ce_pi)
+        self.check_caps()
         if self.valid_log_p is not None:
             self.check_noise_stop(ce_pi, log_pi)
         self.log("dpg/val_ce_pi", ce_pi)
@@ -354,6 +367,20 @@ class LoopModule(pl.LightningModule):
                                "seconds": round(time.perf_counter() - self._started, 3), "ce_valid_pi": ce_pi}
         log.info("[%s] CE(V, pi) %.4f <= target %.4f after %d samples", self.cfg.algorithm, ce_pi,
                  self.target_ce_valid, self.draws.samples_drawn)
+
+    def check_caps(self) -> None:
+        """A tuning trial's stops: on the target line (cfg.stop_at_target), or once cfg.max_draws are drawn."""
+        if self.stopped_by is not None:
+            return
+        if self.cfg.stop_at_target and self.reached_target is not None:
+            self.stopped_by = "target"
+        elif self.cfg.max_draws is not None and self.draws.samples_drawn >= self.cfg.max_draws:
+            self.stopped_by = "max_draws"
+        if self.stopped_by is not None:
+            log.info("[%s] stop: %s after %d samples", self.cfg.algorithm,
+                     "the target line is reached" if self.stopped_by == "target" else
+                     f"method.max_draws={self.cfg.max_draws:g} drawn", self.draws.samples_drawn)
+            self.trainer.should_stop = True
 
     def check_noise_stop(self, ce_pi: float, log_pi: torch.Tensor) -> None:
         """Log the gap to p_lambda; with cfg.stop_within_noise, stop at a new best check within noise of it."""
@@ -480,7 +507,8 @@ def fit_loop(module: LoopModule, inputs: Training2Inputs, *, extra_keys: tuple[s
     results = {"target": cfg.target, "t2_epochs": trainer.current_epoch, "t2_best_epoch": plateau.best_epoch + 1,
                "t2_updates": int(trainer.global_step), "swaps": module.swaps, "swap_count": len(module.swaps),
                "dpg_log_z_running": draws.running_z.log_z if draws.running_z.count else None,
-               "dpg_stopped_within_noise": module.stopped_within_noise, "dpg_tilt_holds": module.tilt_holds,
+               "dpg_stopped_within_noise": module.stopped_within_noise, "t2_stopped_by": module.stopped_by,
+               "dpg_tilt_holds": module.tilt_holds,
                "t2_lr_decay_epochs": [e + 1 for e in plateau.decay_epochs], **module.results()}
     return Training2Result(pi=module.pi, draws=draws.samples_drawn, seconds=round(time.perf_counter() - started, 3),
                            ce_valid_pi=plateau.best, target_ce_valid=module.target_ce_valid,

@@ -231,6 +231,8 @@ class TwistModule(LoopModule):
         raise NotImplementedError
 
     def training_step(self, batch, batch_idx):
+        if self.capped():  # method.max_draws drawn: the check comes next
+            return
         draw = self.draws.next_batch()  # of q, or of pi as it is now (on-policy)
         self.update(draw)
         self.draws_trained += 1

@@ -1,0 +1,136 @@
+"""Tuning sweeps (gam_rl/tuning.py, conf/hparams_search/, multirun_scripts/tune.sh): the objective, the
+checks before a study starts, and a study that runs, resumes after an interruption and writes its best."""
+
+import csv
+import math
+import subprocess
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from gam_rl import tuning
+from gam_rl.cli import check_command_line
+from tests.test_cli import ROOT, gam_rl
+
+HPARAMS = sorted(p.stem for p in (ROOT / "conf" / "hparams_search").glob("*.yaml"))
+
+
+def results(reached=None, ce_pi=0.60, line=0.50, ce_r=0.70, drawn=1_000_000):
+    return {"t2_reached_target": reached, "ce_valid_pi": ce_pi, "t2_target_ce_valid": line, "ce_valid_r": ce_r,
+            "samples": {"training2": drawn}}
+
+
+def test_the_objective_is_draws_to_the_line_else_the_budget_times_one_plus_the_gap_left():
+    assert tuning.objective(results(reached={"samples": 250_000}, ce_pi=0.49), 3e6) == 250_000
+    # not reached: B (1 + g), g = (0.60 - 0.50) / (0.70 - 0.50) = 0.5
+    assert tuning.objective(results(), 3e6) == pytest.approx(4.5e6)
+    # a run that drew past the budget (at most one check) is scaled by what it drew
+    assert tuning.objective(results(drawn=4_000_000), 3e6) == pytest.approx(6e6)
+    # worse than r: g clipped at PENALTY_GAP_CAP; not finite: the cap too
+    assert tuning.objective(results(ce_pi=50.0), 3e6) == pytest.approx(3e6 * (1 + tuning.PENALTY_GAP_CAP))
+    assert tuning.objective(results(ce_pi=math.inf), 3e6) == pytest.approx(3e6 * (1 + tuning.PENALTY_GAP_CAP))
+    # every trial that missed the line ranks behind every trial that reached it within the budget
+    assert tuning.objective(results(ce_pi=0.5001), 3e6) > tuning.objective(results(reached={"samples": 3e6}), 3e6)
+    assert tuning.objective(results(line=None), 3e6) is None  # no target line (method.target=true)
+
+
+def test_a_search_space_is_checked_at_each_end_of_each_interval_and_each_choice():
+    values, problems = tuning.search_space({"method.lr": "tag(log, interval(1e-4, 1e-2))",
+                                            "method.minibatch": "choice(250, 500)",
+                                            "method.ppo_epochs": "int(interval(1, 4))", "method.clip": "interval(1, 4)",
+                                            "seed": "choice(1, 2)"})
+    # an interval draws floats unless cast (as Optuna's sampler does): a float end of an int key fails the check
+    assert values == {"method.lr": ["0.0001", "0.01"], "method.minibatch": ["250", "500"],
+                      "method.ppo_epochs": ["1", "4"], "method.clip": ["1.0", "4.0"]}
+    assert len(problems) == 1 and problems[0].startswith("seed: a tuning sweep searches")
+    jobs = tuning.corner_jobs(values, ["profile=toy"])
+    assert jobs[0] == ["method.lr=0.0001", "method.minibatch=250", "method.ppo_epochs=1", "method.clip=1.0",
+                       "profile=toy"]
+    assert len(jobs) == 5
+    assert ["method.lr=0.01", "method.minibatch=250", "method.ppo_epochs=1", "method.clip=1.0", "profile=toy"] in jobs
+
+
+@pytest.mark.parametrize("method", HPARAMS)
+def test_every_methods_search_space_passes_the_checks_at_its_corners(method):
+    args, problems = check_command_line([f"hparams_search={method}"])
+    assert problems == []
+
+
+def test_a_tuning_study_refuses_report_cells_other_methods_and_keys_it_does_not_own(tmp_path):
+    _, problems = check_command_line(["hparams_search=dpg_off", "motif=10001011111000", "seed=1234"])
+    assert any("a report cell" in p and "motif=10001011111000 features=1001111 seed=1234" in p for p in problems)
+    _, problems = check_command_line(["hparams_search=dpg_off", "method=ppo_dpg"])
+    assert any(p.startswith("method=ppo_dpg: this study (hparams_search, tune.method) tunes method=dpg_off")
+               for p in problems)
+    # a search space on the command line (Optuna's sweeper reads key=choice(...) / interval(...) there too)
+    _, problems = check_command_line(["hparams_search=dpg_off", "seed=choice(1,2)", "method.lr=interval(-1, 0.1)"])
+    assert any(p.startswith("seed: a tuning sweep searches the method's own keys") for p in problems)
+    # the bad end of the interval is named with the values it was checked at
+    assert any(p.startswith("method.lr=-1.0: must be > 0 (with method.lr=-1.0") for p in problems)
+    _, problems = check_command_line(["hparams_search=dpg_off", "hydra.sweeper.storage=null"])
+    assert any(p.startswith("hydra.sweeper.storage: a tuning study is stored") for p in problems)
+
+
+def trial_values(study_dir: Path) -> list[dict]:
+    with open(study_dir / "trials.csv") as rows:
+        return list(csv.DictReader(rows))
+
+
+@pytest.mark.slow
+def test_a_study_runs_resumes_after_an_interruption_and_writes_its_best_as_a_variant(tmp_path):
+    """The toy, two trials of two draws' worth each; then an interruption's left-over trial (RUNNING in the
+    study) and a second start asking for four in all: the left-over counts as failed, one trial runs (its
+    folder numbered after the study's trials, its values new), and the best is a variant gam-rl runs."""
+    study_dir = tmp_path / "tune" / "dpg_off"
+    common = ["hparams_search=dpg_off", "method=dpg_off", "profile=toy", "motif=10011", "launcher=basic",
+              "tune.budget_draws=4000", "method.proposal_batch=choice(1000,2000)", "method.max_epochs=3",
+              "hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweep.dir={study_dir}"]
+    gam_rl(*common, "hydra.sweeper.n_trials=2", tmp_path=tmp_path)
+    storage = f"sqlite:///{study_dir / 'study.db'}"
+    study = optuna.load_study(study_name="dpg_off", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert sorted(p.name for p in study_dir.glob("trial_*")) == ["trial_0", "trial_1"]
+    assert study.user_attrs["budget_draws"] == 4000 and study.user_attrs["profile"] == "toy"
+    # trial 0 is the toy schedule where the space holds it (lr 3e-3); its other keys (outside) are sampled
+    assert study.trials[0].params["method.lr"] == 0.003 and study.trials[1].params["method.lr"] != 0.003
+    for trial in study.trials:  # the study's value is the trial's objective, from its own results.json
+        run = yaml.safe_load((study_dir / f"trial_{trial.number}" / "results.json").read_text())
+        assert trial.value == pytest.approx(tuning.objective(run, 4000))
+        assert run["status"] == "ok"
+
+    study.ask()  # a trial an interruption left running (trial 2)
+    resumed = gam_rl(*common, "hydra.sweeper.n_trials=4", tmp_path=tmp_path)
+    assert "3 jobs: 1 ok, 2 from earlier starts, 0 failed, 0 missing" in resumed.stdout
+    study = optuna.load_study(study_name="dpg_off", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+    assert (study_dir / "trial_3" / "results.json").exists() and not (study_dir / "trial_2").exists()
+    # the sampler was seeded on: the resumed trial does not repeat the first trials' values
+    assert study.trials[3].params not in [t.params for t in study.trials[:2]]
+    rows = trial_values(study_dir)
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+
+    best_file = study_dir / "best" / "method" / "dpg_off_tuned.yaml"
+    best = min((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    variant = yaml.safe_load(best_file.read_text())
+    assert variant["defaults"] == ["/method/dpg_off@_here_", "_self_"]
+    assert {f"method.{k}": v for k, v in variant.items() if k != "defaults"} == best.params
+    # the variant is a method gam-rl takes back: named after its file, with the tuned values
+    shown = gam_rl("method=dpg_off_tuned", "profile=toy", f"hydra.searchpath=[file://{best_file.parents[1]}]",
+                   "--cfg", "job", "--resolve", tmp_path=tmp_path).stdout
+    job = yaml.safe_load(shown)
+    assert job["method"]["name"] == "dpg_off_tuned"
+    assert all(job["method"][k.removeprefix("method.")] == v for k, v in best.params.items())
+
+    # the same folder with another budget is another study: refused, nothing run
+    again = gam_rl(*common, "hydra.sweeper.n_trials=5", "tune.budget_draws=8000", tmp_path=tmp_path, check=False)
+    assert again.returncode == 2 and "budget_draws: the study holds 4000.0, this sweep has 8000.0" in again.stderr
+    assert len(optuna.load_study(study_name="dpg_off", storage=storage).trials) == 4
+
+
+def test_tune_sh_needs_a_method_and_lists_the_search_spaces(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "multirun_scripts" / "tune.sh")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+    assert all(f"  {m}" in proc.stderr for m in HPARAMS)
