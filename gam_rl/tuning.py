@@ -198,26 +198,33 @@ def _impl_class():
 
         def _enqueue_schedule(self, study, arguments: list[str]) -> None:
             """Trial 0: the configured values of the searched keys (each one that its distribution holds)."""
-            from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-
-            space, _ = create_params_from_overrides(self._parse_sweeper_params_config() + list(arguments))
-            start, outside = {}, []
-            for key, distribution in space.items():
-                value = OmegaConf.select(self.config, key)
-                try:
-                    inside = value is not None and distribution._contains(distribution.to_internal_repr(value))
-                except (ValueError, TypeError):
-                    inside = False
-                if inside:
-                    start[key] = value
-                else:
-                    outside.append(f"{key}={value}")
+            start, outside = configured_start(self.config, self._parse_sweeper_params_config() + list(arguments))
             if start:
                 study.enqueue_trial(start)
                 log.info("tune: trial 0 is the configured schedule: %s%s", start,
                          f" (outside the space, so sampled: {', '.join(outside)})" if outside else "")
 
     return TuneSweeperImpl
+
+
+def configured_start(config: DictConfig, space: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The configured value of every key of a search space (`key=spec` overrides, as the Optuna sweeper reads
+    them) that its distribution holds, and `key=value` for each one it does not."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+    distributions, _ = create_params_from_overrides(space)
+    start, outside = {}, []
+    for key, distribution in distributions.items():
+        value = OmegaConf.select(config, key)
+        try:
+            inside = value is not None and distribution._contains(distribution.to_internal_repr(value))
+        except (ValueError, TypeError):
+            inside = False
+        if inside:
+            start[key] = value
+        else:
+            outside.append(f"{key}={value}")
+    return start, outside
 
 
 def write_best(study, sweep_dir: Path, attrs: dict) -> Path | None:

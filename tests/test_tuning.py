@@ -134,3 +134,20 @@ def test_tune_sh_needs_a_method_and_lists_the_search_spaces(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2 and "usage:" in proc.stderr
     assert all(f"  {m}" in proc.stderr for m in HPARAMS)
+
+
+@pytest.mark.parametrize("method", HPARAMS)
+def test_every_search_space_holds_the_cpu_schedule_so_trial_0_is_the_untuned_method(method):
+    """A new study's trial 0 is the configured schedule (tune.start_from_schedule): the best trial is then never
+    worse than the untuned method on the tuning cell. That holds only if the space holds every searched value."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_module("gam_rl.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"hparams_search={method}"], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        space = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+        start, outside = tuning.configured_start(cfg, space)
+    # distillation's cpu size (5000 samples: about 5.3M proposals at |D| = 500) does not fit the budget of 3M
+    expected = ["method.size=5000"] if method in ("distill", "distill_qrs") else []
+    assert outside == expected and len(start) == len(space) - len(expected)
