@@ -262,3 +262,63 @@ def write_best(study, sweep_dir: Path, attrs: dict) -> Path | None:
     path.write_text("\n".join(header) + "\n" + body)
     log.info("tune: best trial %d (objective %.6g): %s", best.number, best.value, path)
     return path
+
+
+# ---- python -m gam_rl.tuning STUDY_DIR: a study's trials as a table ----------------------------------
+
+def trials_table(study_dir: Path) -> str:
+    """One markdown row per trial of a study folder (trials.csv and each trial's results.json): its state,
+    objective, draws and seconds to the line, what stopped it, CE(V, pi) and pi's motif frequency, and the
+    searched values (not the test set: a study is judged on V alone)."""
+    import json
+
+    with open(study_dir / "trials.csv", newline="") as rows:
+        trials = list(csv.DictReader(rows))
+    keys = [k for k in (trials[0] if trials else {}) if k.startswith("method.")]
+    head = ["trial", "state", "objective", "draws to line", "s to line", "stopped by", "CE(V,pi)", "mtf pi",
+            *(k.removeprefix("method.") for k in keys)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for trial in trials:
+        path = study_dir / f"trial_{trial['number']}" / "results.json"
+        run = json.loads(path.read_text()) if path.exists() else {}
+        reached = run.get("t2_reached_target") or {}
+
+        def num(value, fmt):
+            return format(value, fmt) if isinstance(value, int | float) else "-"
+
+        value = float(trial["value"]) if trial["value"] else None
+        cells = [trial["number"], trial["state"], num(value, ",.0f"), num(reached.get("samples"), ",d"),
+                 num(reached.get("seconds"), ".0f"), run.get("t2_stopped_by") or "-",
+                 num(run.get("ce_valid_pi"), ".4f"), num(run.get("motif_freq_pi"), ".3f"),
+                 *(_short(trial[k]) for k in keys)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _short(value: str) -> str:
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.3g}" if not number.is_integer() else str(int(number))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m gam_rl.tuning STUDY_DIR  (a tuning study's trials as a markdown table)",
+              file=sys.stderr)
+        return 2
+    study_dir = Path(args[0])
+    if not (study_dir / "trials.csv").exists():
+        print(f"{study_dir}: no trials.csv (a study writes it when it ends; run tune.sh again to finish it)",
+              file=sys.stderr)
+        return 2
+    print(trials_table(study_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

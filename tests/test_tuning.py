@@ -151,3 +151,21 @@ def test_every_search_space_holds_the_cpu_schedule_so_trial_0_is_the_untuned_met
     # distillation's cpu size (5000 samples: about 5.3M proposals at |D| = 500) does not fit the budget of 3M
     expected = ["method.size=5000"] if method in ("distill", "distill_qrs") else []
     assert outside == expected and len(start) == len(space) - len(expected)
+
+
+def test_the_trials_table_reads_each_trials_results(tmp_path, capsys):
+    from gam_rl.files import atomic_write_json
+
+    (tmp_path / "trials.csv").write_text("number,state,value,seconds,method.lr,method.minibatch\n"
+                                         "0,COMPLETE,250000.0,12.5,0.002,256\n1,FAIL,,3.0,0.0004567,500\n")
+    (tmp_path / "trial_0").mkdir()
+    atomic_write_json(tmp_path / "trial_0" / "results.json",
+                      {"t2_reached_target": {"samples": 250000, "seconds": 61.2}, "t2_stopped_by": "target",
+                       "ce_valid_pi": 0.51234, "motif_freq_pi": 0.9412})
+    assert tuning.main([str(tmp_path)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == ("| trial | state | objective | draws to line | s to line | stopped by | CE(V,pi) | mtf pi | lr | "
+                       "minibatch |")
+    assert rows[2] == "| 0 | COMPLETE | 250,000 | 250,000 | 61 | target | 0.5123 | 0.941 | 0.002 | 256 |"
+    assert rows[3] == "| 1 | FAIL | - | - | - | - | - | - | 0.000457 | 500 |"
+    assert tuning.main([str(tmp_path / "nothing")]) == 2
