@@ -4,6 +4,7 @@
 #
 #   multirun_scripts/tune.sh method=dpg_off                      # the study: multirun/tune/dpg_off/
 #   multirun_scripts/tune.sh method=ppo_dpg hydra.sweeper.n_trials=12 tune.budget_draws=1e6
+#   multirun_scripts/tune.sh method=ppo_dpg --dry-run             # the study's folder, cell, budget, space
 #
 # - Re-running the same command resumes the study (its SQLite file, study.db in the sweep folder):
 #   the trials an interruption left running count as failed, and only the missing trials run.
@@ -40,6 +41,9 @@ if [[ -z "$method" ]]; then
 fi
 [[ -n "$sweep_dir" ]] || sweep_dir="multirun/tune/$method"
 
+if [[ " ${args[*]-} " == *" --dry-run "* ]]; then  # the study's plan only: nothing runs
+    exec "$py" -m gam_rl.cli "hparams_search=$method" "method=$method" ${args[@]+"${args[@]}"}
+fi
 rc=0
 "$py" -m gam_rl.cli "hparams_search=$method" "method=$method" ${args[@]+"${args[@]}"} || rc=$?
 best="$sweep_dir/best/method/${method}_tuned.yaml"

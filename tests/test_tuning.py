@@ -164,8 +164,17 @@ def test_the_trials_table_reads_each_trials_results(tmp_path, capsys):
                        "ce_valid_pi": 0.51234, "motif_freq_pi": 0.9412})
     assert tuning.main([str(tmp_path)]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert rows[0] == ("| trial | state | objective | draws to line | s to line | stopped by | CE(V,pi) | mtf pi | lr | "
-                       "minibatch |")
+    assert rows[0] == ("| trial | state | objective | draws to line | s to line | stopped by | CE(V,pi) | mtf pi | "
+                       "lr | minibatch |")
     assert rows[2] == "| 0 | COMPLETE | 250,000 | 250,000 | 61 | target | 0.5123 | 0.941 | 0.002 | 256 |"
     assert rows[3] == "| 1 | FAIL | - | - | - | - | - | - | 0.000457 | 500 |"
     assert tuning.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_tune_sh_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "multirun_scripts" / "tune.sh"), "method=ppo_dpg", "--dry-run"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "a tuning study of method=ppo_dpg" in proc.stdout and "budget   3e+06 draws per trial" in proc.stdout
+    assert "search   method.ppo_clip=interval(0.1, 0.3)" in proc.stdout
+    assert not any(tmp_path.iterdir())
