@@ -29,9 +29,9 @@ from gam_rl.config_fields import flatten
 
 log = logging.getLogger("gam_rl")
 
-# execution-only keys: a run is not redone because the launcher gave it another thread count or
-# because the Training-1 cache lives elsewhere
-RESUME_IGNORED = ("threads", "resume", "cache")
+# execution-only keys: a run is not redone because the launcher gave it another thread count, because the
+# Training-1 cache lives elsewhere, or because a tuning study judges it (`tune`: its objective's settings)
+RESUME_IGNORED = ("threads", "resume", "cache", "tune")
 # what a redo removes first, so that a redo killed halfway never shows the previous attempt's files
 STALE_FILES = ("results.json", "metrics.csv", "r.pt", "pi.pt", "twist.pt")
 # in a sweep folder: {job folder: {"job", "overrides", "error", "config", "time"}} for each job that ended
