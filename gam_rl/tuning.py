@@ -40,7 +40,6 @@ log = logging.getLogger("gam_rl")
 # the cells the methods table reports (docs/measurements.md): never tuned on
 REPORT_CELLS = (("10001011111000", "1001111", 1234), ("1000101000101", "Mv1001111", 4444))
 PENALTY_GAP_CAP = 10.0  # g is clipped to [0, this]: a trial far worse than r is not worth more than this
-STUDY_ATTRS = ("method", "motif", "features", "dataset_size", "seed", "profile", "budget_draws")
 
 
 @dataclass
