@@ -247,7 +247,9 @@ def write_best(study, sweep_dir: Path, attrs: dict) -> Path | None:
     method = attrs["method"]
     path = sweep_dir / "best" / "method" / f"{method}_tuned.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    keys = {k.removeprefix("method."): v for k, v in sorted(best.params.items())}
+    variant = OmegaConf.create({"defaults": [f"/method/{method}@_here_", "_self_"]})
+    for key, value in sorted(best.params.items()):  # method.mle.lr -> mle: {lr: ...}
+        OmegaConf.update(variant, key.removeprefix("method."), value, force_add=True)
     header = [f"# {method}, tuned: trial {best.number} of study {study.study_name} ({len(study.trials)} trials, "
               f"{len(complete)} complete)",
               f"# on motif={attrs['motif']} features={attrs['features']} seed={attrs['seed']} "
@@ -257,7 +259,7 @@ def write_best(study, sweep_dir: Path, attrs: dict) -> Path | None:
               f"# Use: gam-rl method={method}_tuned "
               f"'hydra.searchpath=[file://{(sweep_dir / 'best').resolve()}]' ...",
               "# or copy this file into conf/method/."]
-    body = OmegaConf.to_yaml(OmegaConf.create({"defaults": [f"/method/{method}@_here_", "_self_"], **keys}))
+    body = OmegaConf.to_yaml(variant)
     path.write_text("\n".join(header) + "\n" + body)
     log.info("tune: best trial %d (objective %.6g): %s", best.number, best.value, path)
     return path

@@ -178,3 +178,21 @@ def test_tune_sh_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     assert "a tuning study of method=ppo_dpg" in proc.stdout and "budget   3e+06 draws per trial" in proc.stdout
     assert "search   method.ppo_clip=interval(0.1, 0.3)" in proc.stdout
     assert not any(tmp_path.iterdir())
+
+
+def test_the_best_trial_of_nested_keys_is_a_variant_gam_rl_composes(tmp_path):
+    """A searched key inside a section (distill's method.mle.lr) is written nested (mle: {lr: ...}), as the
+    method's schema has it, and the variant passes the checks with the tuned values."""
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(
+        params={"method.mle.lr": 0.0007, "method.size": 2000},
+        distributions={"method.mle.lr": optuna.distributions.LogUniformDistribution(3e-4, 3e-3),
+                       "method.size": optuna.distributions.CategoricalDistribution([1000, 2000])}, value=1.0))
+    attrs = {"method": "distill", "motif": "10011", "features": "1001111", "seed": 7, "dataset_size": 500,
+             "profile": "toy", "budget_draws": 3e6}
+    path = tuning.write_best(study, tmp_path, attrs)
+    variant = yaml.safe_load(path.read_text())
+    assert variant["mle"] == {"lr": 0.0007} and variant["size"] == 2000
+    args, problems = check_command_line(["method=distill_tuned", "profile=toy",
+                                         f"hydra.searchpath=[file://{tmp_path / 'best'}]"])
+    assert problems == []
