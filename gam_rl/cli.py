@@ -451,7 +451,7 @@ def hydra_app(cfg: DictConfig) -> float | None:
     else:
         print(run_summary(results, run_dir))
     # the job's return value: a tuning sweep's objective (gam_rl/tuning.py); other sweepers ignore it
-    return tuning.objective(results, cfg.tune.budget_draws)
+    return tuning.objective(results, cfg.tune.budget_draws, cfg.tune.min_motif_freq)
 
 
 def dry_run(args: list[str]) -> str:

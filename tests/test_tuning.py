@@ -17,9 +17,9 @@ from tests.test_cli import ROOT, gam_rl
 HPARAMS = sorted(p.stem for p in (ROOT / "conf" / "hparams_search").glob("*.yaml"))
 
 
-def results(reached=None, ce_pi=0.60, line=0.50, ce_r=0.70, drawn=1_000_000):
+def results(reached=None, ce_pi=0.60, line=0.50, ce_r=0.70, drawn=1_000_000, motif=0.95):
     return {"t2_reached_target": reached, "ce_valid_pi": ce_pi, "t2_target_ce_valid": line, "ce_valid_r": ce_r,
-            "samples": {"training2": drawn}}
+            "samples": {"training2": drawn}, "motif_freq_pi": motif}
 
 
 def test_the_objective_is_draws_to_the_line_else_the_budget_times_one_plus_the_gap_left():
@@ -34,6 +34,12 @@ def test_the_objective_is_draws_to_the_line_else_the_budget_times_one_plus_the_g
     # every trial that missed the line ranks behind every trial that reached it within the budget
     assert tuning.objective(results(ce_pi=0.5001), 3e6) > tuning.objective(results(reached={"samples": 3e6}), 3e6)
     assert tuning.objective(results(line=None), 3e6) is None  # no target line (method.target=true)
+    # on the line with pi's motif frequency under the bar: not reached; g is the larger shortfall
+    on_line = {"reached": {"samples": 460_000}, "ce_pi": 0.49}
+    assert tuning.objective(results(**on_line, motif=0.65), 3e6, 0.9) == pytest.approx(3e6 * (1 + 0.25 / 0.9))
+    assert tuning.objective(results(**on_line, motif=0.95), 3e6, 0.9) == 460_000
+    assert tuning.objective(results(motif=0.0), 3e6, 0.9) == pytest.approx(3e6 * 2)  # shortfall 1 > gap 0.5
+    assert tuning.objective(results(**on_line, motif=None), 3e6, 0.9) == pytest.approx(6e6)  # no samples of pi
 
 
 def test_a_search_space_is_checked_at_each_end_of_each_interval_and_each_choice():
@@ -97,7 +103,7 @@ def test_a_study_runs_resumes_after_an_interruption_and_writes_its_best_as_a_var
     assert study.trials[0].params["method.lr"] == 0.003 and study.trials[1].params["method.lr"] != 0.003
     for trial in study.trials:  # the study's value is the trial's objective, from its own results.json
         run = yaml.safe_load((study_dir / f"trial_{trial.number}" / "results.json").read_text())
-        assert trial.value == pytest.approx(tuning.objective(run, 4000))
+        assert trial.value == pytest.approx(tuning.objective(run, 4000, 0.9))
         assert run["status"] == "ok"
 
     study.ask()  # a trial an interruption left running (trial 2)
