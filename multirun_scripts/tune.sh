@@ -47,7 +47,10 @@ fi
 rc=0
 "$py" -m gam_rl.cli "hparams_search=$method" "method=$method" ${args[@]+"${args[@]}"} || rc=$?
 best="$sweep_dir/best/method/${method}_tuned.yaml"
-if [[ $rc != 0 ]]; then
+if [[ $rc == 2 ]]; then
+    echo "tune: the configuration was refused (above); nothing ran" >&2
+    exit 2
+elif [[ $rc != 0 ]]; then
     echo "tune: gam-rl exited $rc; re-run the same command to resume the study in $sweep_dir" >&2
     exit "$rc"
 fi

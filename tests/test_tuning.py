@@ -175,6 +175,13 @@ def test_the_trials_table_reads_each_trials_results(tmp_path, capsys):
     assert tuning.main([str(tmp_path / "nothing")]) == 2
 
 
+def test_tune_sh_says_a_refused_configuration_ran_nothing(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "multirun_scripts" / "tune.sh"), "method=dpg_off", "seed=1234",
+                           "motif=10001011111000"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "a report cell" in proc.stderr
+    assert "the configuration was refused (above); nothing ran" in proc.stderr and not any(tmp_path.iterdir())
+
+
 def test_tune_sh_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "multirun_scripts" / "tune.sh"), "method=ppo_dpg", "--dry-run"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -184,6 +191,7 @@ def test_tune_sh_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # create_trial, in optuna 2.10
 def test_the_best_trial_of_nested_keys_is_a_variant_gam_rl_composes(tmp_path):
     """A searched key inside a section (distill's method.mle.lr) is written nested (mle: {lr: ...}), as the
     method's schema has it, and the variant passes the checks with the tuned values."""
