@@ -374,7 +374,7 @@ class LoopModule(pl.LightningModule):
             return
         if self.cfg.stop_at_target and self.reached_target is not None:
             self.stopped_by = "target"
-        elif self.cfg.max_draws is not None and self.draws.samples_drawn >= self.cfg.max_draws:
+        elif self.capped():
             self.stopped_by = "max_draws"
         if self.stopped_by is not None:
             log.info("[%s] stop: %s after %d samples", self.cfg.algorithm,
