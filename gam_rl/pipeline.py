@@ -236,7 +236,7 @@ def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger
         ce_valid_p_lambda=res["ce_valid_p_lambda"], log_z_hat=res["log_z_hat"],
         # s.e. of log Z-hat = relative s.e. of Z-hat (delta method); unknown: 0 (the paired s.e. alone)
         log_z_se=float(res.get("z_rel_se") or 0.0), seed=cfg.seed + 3, logger=logger, accelerator=accelerator,
-        exact=exact_target)
+        exact=exact_target, motif=cfg.motif.pattern)
     fit = registry.train(method, inputs)  # the start is check 0 of its selection (t2_kept_start)
     run.count_samples("training2", fit.draws)
     res.update(fit.record())

@@ -88,8 +88,9 @@ class Product(Potential):
 
     def log_weight_bound(self, proposal: Potential, max_len: int) -> float | None:
         others = self._others(proposal)
-        if others is None and self._others(getattr(proposal, "base", None)) is not None:
-            # q >= a r, so P / q <= (r * others) / (a r) = others / a
+        if others is None and hasattr(proposal, "base_weight") and self._others(proposal.base) is not None:
+            # a defensive mixture: q >= a r, so P / q <= (r * others) / (a r) = others / a (a planted mixture
+            # has no such bound: past a swap its other component is pi)
             bound = self._others(proposal.base).log_upper_bound(max_len)
             return None if bound is None else bound - math.log(proposal.base_weight)
         return None if others is None else others.log_upper_bound(max_len)

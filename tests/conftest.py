@@ -38,11 +38,11 @@ def all_bit_strings(n: int) -> list[str]:
 
 def train_method(cfg, pi, r, target, valid, *, max_len: int, symbols: int, ce_valid_r: float, seed: int = 0,
                  log_z: float | None = None, log_z_se: float = 0.0, ce_valid_p_lambda: float | None = None,
-                 train=None, callbacks=(), exact=None):
+                 train=None, callbacks=(), exact=None, motif: str | None = None):
     """Run the registered method of `cfg` on a small problem through the common contract, with `target`
     as the potential it trains towards (whatever it is: a GAM, the true process, r itself). log_z: the
     log Z that the loop's gap to the target and its noise stop use; ce_valid_p_lambda: the target line's
-    reference."""
+    reference; motif: the motif method.plant_motif plants."""
     from gam_rl.methods import registry
     from gam_rl.methods.contract import Training2Inputs
 
@@ -50,5 +50,5 @@ def train_method(cfg, pi, r, target, valid, *, max_len: int, symbols: int, ce_va
                              train=torch.empty(0, 1, dtype=torch.long) if train is None else train,
                              max_len=max_len, symbols=symbols, ce_valid_r=ce_valid_r,
                              ce_valid_p_lambda=ce_valid_p_lambda, log_z_hat=log_z, log_z_se=log_z_se, seed=seed,
-                             callbacks=list(callbacks), exact=exact)
+                             callbacks=list(callbacks), exact=exact, motif=motif)
     return registry.train(cfg, inputs)

@@ -150,6 +150,9 @@ def test_a_run_carries_only_the_keys_its_method_uses():
     ("method=pcl method.data_share=1", "method.data_share"),
     ("method.ema_decay=1.0", "method.ema_decay"),
     ("method.lr_warmup=-1", "method.lr_warmup"),
+    ("method.plant_motif=1", "method.plant_motif"),  # planted draws alone miss the strings without the motif
+    ("method=dpg_on method.plant_motif=0.5", "method.plant_motif"),  # on-policy: no proposal to mix into
+    ("method=ppo_dpg method.plant_motif=0.5", "method.plant_motif"),  # reads per-symbol log q
     ("profile=paper method.keep_start=true", "method.keep_start"),  # a fresh pi has no CE(V, r) to keep
     ("resume=maybe", "resume"),
     ("training1.estimator=snis_mix", "training1.estimator"),  # needs a proposal run

@@ -17,7 +17,7 @@ from gam_rl.proposals import DefensiveMixture
 from gam_rl.stages.moment_matching import MomentMatchingConfig, moment_matching
 from gam_rl.tokens import encode
 from tests.conftest import long_proposal
-from tests.exact import all_outputs, exact_distribution
+from tests.exact import all_outputs, chi_square, exact_distribution
 
 N, MOTIF, MAX_LEN = 7, "110", 9
 A = 0.2
@@ -66,19 +66,7 @@ def test_draws_follow_the_mixture_chi_square(problem):
     draws = q.sample(num, MAX_LEN, torch.Generator().manual_seed(1))
     with torch.no_grad():
         probs = q.log_potential(space).exp()
-    index = {tuple(row.tolist()): i for i, row in enumerate(space)}
-    width = space.shape[1]
-    padded = torch.nn.functional.pad(draws.tokens, (0, width - draws.tokens.shape[1]), value=3)
-    counts = torch.bincount(torch.tensor([index[tuple(row.tolist())] for row in padded]), minlength=len(space))
-    expected = probs * num
-    big = expected >= 5
-    observed = torch.cat([counts[big].double(), counts[~big].sum().double().reshape(1)])
-    expect = torch.cat([expected[big], expected[~big].sum().reshape(1)])
-    chi2 = float(((observed - expect) ** 2 / expect).sum())
-    dof = len(observed) - 1
-    # the 0.999 quantile of chi-square(dof) by the Wilson-Hilferty approximation
-    z = 3.09
-    bound = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    chi2, bound, dof = chi_square(draws.tokens, space, probs)
     assert chi2 < bound, (chi2, bound, dof)
 
 

@@ -45,6 +45,7 @@ class Training2Inputs:
     accelerator: str = "cpu"
     callbacks: list = field(default_factory=list)  # Lightning callbacks of the checks (e.g. exact.ExactCurve)
     exact: Any = None  # exact.ExactTarget under eval.exact (for callbacks a method builds itself), else None
+    motif: str | None = None  # the data process's motif (method.plant_motif plants it); None: unknown
 
     def target_ce_valid(self, margin: float) -> float | None:
         """(1 + margin) CE(V, p_lambda): the target line (None when CE(V, p_lambda) is unknown)."""

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from gam_rl.estimators import effective_sample_size, thin_by_weight
+from gam_rl.planting import MotifPlanting, PlantedMixture
 from gam_rl.policy import LSTMPolicy
 from gam_rl.potentials import Potential
 from gam_rl.tokens import pad_cat
@@ -98,8 +99,11 @@ class ProposalDraws:
     def __init__(self, proposal: LSTMPolicy, target: Potential, *, minibatch: int, proposal_batch: int | None,
                  keep_per_draw: int | None, replay: int, steps_per_draw: int, max_len: int,
                  generator: torch.Generator, ess_per_draw: int | None = None, min_proposal_batch: int | None = None,
-                 shrink_at_ess_fraction: float = 0.5):
+                 shrink_at_ess_fraction: float = 0.5, planting: MotifPlanting | None = None, plant_share: float = 0.0):
         self.proposal, self.target, self.max_len, self.generator = proposal, target, max_len, generator
+        # plant_share > 0: each fresh draw is of PlantedMixture(proposal, planting, plant_share), so a swap of
+        # `proposal` changes the mixture's other component too
+        self.planting, self.plant_share = planting, plant_share
         self.minibatch, self.replay = minibatch, replay
         self.proposal_batch = max(proposal_batch or minibatch, minibatch)
         self.keep_per_draw = keep_per_draw or minibatch
@@ -121,9 +125,10 @@ class ProposalDraws:
             draw, self._pending = self._pending, None
             return draw
         with torch.no_grad():
-            samples = self.proposal.sample(self.draw_size, self.max_len, self.generator)  # carries log q(x)
+            q = self.sampler()
+            samples = q.sample(self.draw_size, self.max_len, self.generator)  # carries log q(x)
             self.samples_drawn += len(samples)
-            log_w = self.target.log_weight(self.proposal, samples).double()  # log P(x) - log q(x)
+            log_w = self.target.log_weight(q, samples).double()  # log P(x) - log q(x)
             self.running_z.add(log_w)
             ess = effective_sample_size(log_w) if torch.isfinite(log_w).any() else 0.0
             if ess > 0:
@@ -135,8 +140,14 @@ class ProposalDraws:
             # (no thinning, or the all-zero draw's one item): thinning drops it (p_i = min(1, 0 / c) = 0)
             log_h = torch.where(torch.isfinite(kept_w), thinned - kept_w, 0.0) - math.log(len(log_w))
             share = torch.full((len(keep),), 1.0 / len(keep), dtype=torch.float64, device=log_w.device)
-            return WeightedDraw(samples.tokens[keep], kept_w, samples.log_prob.double()[keep], log_h, share,
-                                samples.token_log_prob[keep])
+            per_symbol = None if samples.token_log_prob is None else samples.token_log_prob[keep]
+            return WeightedDraw(samples.tokens[keep], kept_w, samples.log_prob.double()[keep], log_h, share, per_symbol)
+
+    def sampler(self) -> Potential:
+        """What a fresh draw samples: the proposal, or its mixture with the planted draws."""
+        if self.plant_share and self.planting is not None:
+            return PlantedMixture(self.proposal, self.planting, self.plant_share)
+        return self.proposal
 
     def next_draw_size(self, ess: float, drawn: int) -> int:
         """N' = ess_per_draw / (ESS / N) of the draw just made: once q is close to p (after swaps) its

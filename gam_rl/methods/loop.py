@@ -34,6 +34,7 @@ from gam_rl.estimators import effective_sample_size, snis_moment_gap
 from gam_rl.exact import ExactCurve
 from gam_rl.methods.contract import Training2Inputs, Training2Result
 from gam_rl.methods.draws import ProposalDraws, WeightedDraw
+from gam_rl.planting import MotifPlanting
 from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.potentials import Potential, Tilt, tilt_of
 from gam_rl.stages.common import KeepBestPlateau, Plateau, StageProgress, make_trainer, token_loader
@@ -132,9 +133,16 @@ class LoopConfig(MethodConfig):
     # (None: no cap), and stop at the first check on the target line (false: the selection runs on)
     max_draws: float | None = setting(None, gt=0)
     stop_at_target: bool = False
+    # > 0: a share of every fresh draw comes from r with the motif's bits planted at a random start (planting.py):
+    # q = s q_plant + (1 - s) q, q the loop's own proposal; 0: q alone (the paper). Off-policy, whole-string q only
+    plant_motif: float = setting(0.0, ge=0, lt=1)
 
     def samples_pi(self) -> bool:
         """Whether the draws come from pi itself rather than from q (a method's config says)."""
+        return False
+
+    def reads_symbol_log_q(self) -> bool:
+        """Whether the update reads the proposal's per-symbol log q(x_t | x_<t) (a method's config says)."""
         return False
 
     def drawn(self) -> int:
@@ -174,6 +182,13 @@ class LoopConfig(MethodConfig):
             out.append(f"method.stop_tilt_samples={self.stop_tilt_samples} without method.stop_within_noise: the "
                        "tilt test is part of the stop within noise; set method.stop_within_noise (e.g. 1) or "
                        "method.stop_tilt_samples=null")
+        if self.plant_motif and self.samples_pi():
+            out.append(f"method.plant_motif={self.plant_motif}: this method draws from pi itself (on-policy), so there "
+                       "is no proposal to mix the planted draws into; set method.plant_motif=0")
+        if self.plant_motif and self.reads_symbol_log_q():
+            out.append(f"method.plant_motif={self.plant_motif}: {self.algorithm} reads the proposal's per-symbol "
+                       "log q(x_t | x_<t), which the planted mixture has only for whole strings; set "
+                       "method.plant_motif=0")
         if self.lr_decays and self.lr_warmup:
             out.append(f"method.lr_decays={self.lr_decays} with method.lr_warmup={self.lr_warmup}: the warm-up's "
                        "schedule sets the lr at every update and would undo a decay; set one of them to 0")
@@ -437,13 +452,19 @@ class LoopModule(pl.LightningModule):
 def proposal_draws(cfg: LoopConfig, inputs: Training2Inputs, target: Potential) -> ProposalDraws:
     """A method's draws: of pi itself (on-policy) or of r, then of pi's copies at swaps, weighted for
     `target`, each fresh draw thinned to cfg.kept() items."""
+    planting = None
+    if cfg.plant_motif:
+        if inputs.motif is None:
+            raise ValueError(f"method.plant_motif={cfg.plant_motif}: this run's inputs carry no motif to plant")
+        planting = MotifPlanting(inputs.r.eval(), inputs.motif, inputs.symbols - 1)
     return ProposalDraws(inputs.pi if cfg.samples_pi() else inputs.r.eval(), target,
                          minibatch=cfg.minibatch, proposal_batch=cfg.proposal_batch,
                          keep_per_draw=cfg.kept(), replay=cfg.replay,
                          steps_per_draw=cfg.steps_per_draw, max_len=inputs.max_len,
                          generator=torch.Generator(device=inputs.pi.device).manual_seed(inputs.seed),
                          ess_per_draw=cfg.ess_per_draw, min_proposal_batch=cfg.min_proposal_batch,
-                         shrink_at_ess_fraction=cfg.shrink_at_ess_fraction)
+                         shrink_at_ess_fraction=cfg.shrink_at_ess_fraction, planting=planting,
+                         plant_share=cfg.plant_motif)
 
 
 def loop_parts(cfg: LoopConfig, inputs: Training2Inputs) -> dict:

@@ -42,6 +42,9 @@ class TwistLoopConfig(LoopConfig):
     critic_lr: float = setting(1.0e-3, gt=0)  # Adam, the value model's own parameters
     critic_warmup: int = setting(0, ge=0)  # updates that train only the value model before pi moves
 
+    def reads_symbol_log_q(self) -> bool:
+        return True  # the value fit and the per-symbol ratios read log q(x_t | x_<t)
+
     def problems(self) -> list[str]:
         out = super().problems()
         if self.thins():
