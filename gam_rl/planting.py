@@ -29,12 +29,11 @@ import math
 import torch
 
 from gam_rl.metrics import batched_log_prob
-from gam_rl.policy import LSTMPolicy
+from gam_rl.policy import LSTMPolicy, eval_mode
 from gam_rl.potentials import Potential
 from gam_rl.proposals import MixtureSamples
 from gam_rl.smc import PolicySteps
-from gam_rl.tokens import BOS, EOS, ONE, PAD, VOCAB, bit_lengths, pad_cat
-from gam_rl.policy import eval_mode
+from gam_rl.tokens import BOS, EOS, PAD, VOCAB, bit_lengths, pad_cat
 
 
 class MotifPlanting(Potential):

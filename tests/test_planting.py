@@ -9,8 +9,8 @@ import torch
 
 from gam_rl.estimators import importance_z
 from gam_rl.features import Features
-from gam_rl.methods.draws import ProposalDraws
 from gam_rl.methods.dpg import DPGConfig
+from gam_rl.methods.draws import ProposalDraws
 from gam_rl.patterns import occurs
 from gam_rl.planting import MotifPlanting, PlantedMixture
 from gam_rl.policy import LSTMPolicy, eval_mode
