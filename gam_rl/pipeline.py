@@ -96,8 +96,10 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
     for key in PER_FEATURE_KEYS:  # lambda and the moments by feature name, not bare lists
         res[key] = dict(zip(features.names, res[key], strict=True))
 
-    # Training-2 starts from the same RNG state whether Training-1 ran here or came from the cache
-    pl.seed_everything(cfg.seed + 3, workers=False, verbose=False)
+    # Training-2 starts from the same RNG state whether Training-1 ran here or came from the cache; its seed is
+    # seed + 3 unless the run names its own (training2_seed: another Training-2 on the same r and lambda)
+    t2_seed = res["training2_seed"] = cfg.seed + 3 if cfg.training2_seed is None else cfg.training2_seed
+    pl.seed_everything(t2_seed, workers=False, verbose=False)
     p_lambda = gam(t1.r, features, t1.lam)  # P_lambda = r exp(lambda . phi)
     exact_target = None
     if cfg.eval.exact:  # every output of the sampler scored once: p_lambda and p_true exactly
@@ -235,7 +237,7 @@ def training2(cfg: Config, run: Run, t1: Training1, p_lambda, data: Data, logger
         valid=splits.valid, max_len=cfg.max_len, symbols=data.symbols, ce_valid_r=res["ce_valid_r"],
         ce_valid_p_lambda=res["ce_valid_p_lambda"], log_z_hat=res["log_z_hat"],
         # s.e. of log Z-hat = relative s.e. of Z-hat (delta method); unknown: 0 (the paired s.e. alone)
-        log_z_se=float(res.get("z_rel_se") or 0.0), seed=cfg.seed + 3, logger=logger, accelerator=accelerator,
+        log_z_se=float(res.get("z_rel_se") or 0.0), seed=res["training2_seed"], logger=logger, accelerator=accelerator,
         exact=exact_target, motif=cfg.motif.pattern)
     fit = registry.train(method, inputs)  # the start is check 0 of its selection (t2_kept_start)
     run.count_samples("training2", fit.draws)

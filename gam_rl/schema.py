@@ -53,6 +53,9 @@ class Config:
     dataset_size: DatasetSizeConfig = MISSING
     method: Any = MISSING  # the schema METHODS[method.algorithm]
     seed: int = setting(1234, ge=0)  # model initialisation and sampling; the data depend on the motif only
+    # Training-2's own seed (pi's fresh weights, its draws, its dropout), on the same r and lambda: a second seed of
+    # Training-2 on one cell; None: seed + 3 (every run before this key). The run folder then ends in _t<seed>.
+    training2_seed: int | None = setting(None, ge=0)
     profile: str = setting(MISSING)  # the name of the profile that set the sizes (conf/profile/)
     n: int = setting(30, ge=1, le=MAX_EXACT_N)  # string length of the data process
     max_len: int = setting(61, ge=1)  # symbols when sampling r, q, pi or P_lambda in training (2n + 1)
@@ -84,13 +87,19 @@ def method_name(own: str, when_own: str | None = None, *, _root_: DictConfig) ->
     return str(choice)
 
 
+def training2_tag(training2_seed: int | None) -> str:
+    """`${t2_tag:${training2_seed}}`: the run folder's suffix for its own Training-2 seed ('' without one)."""
+    return "" if training2_seed is None else f"_t{training2_seed}"
+
+
 def cell_run(folder: str, *, _root_: DictConfig) -> str:
     """`${cell_run:FOLDER}`: the run folder inside FOLDER (a sweep's folder) of this job's cell and method, named as
     conf/config.yaml's hydra.sweep.subdir names it: <motif>_<features>_D<|D|>_s<seed>_<method name>. For
     training1.proposal in a sweep: each job takes the pi of its own cell from an earlier sweep."""
     keys = ("motif.pattern", "features.name", "dataset_size.size", "seed", "method.name")
     motif, features, size, seed, method = (OmegaConf.select(_root_, k, throw_on_missing=True) for k in keys)
-    return str(Path(folder) / f"{motif}_{features}_D{size}_s{seed}_{method}")
+    tag = training2_tag(OmegaConf.select(_root_, "training2_seed", default=None))
+    return str(Path(folder) / f"{motif}_{features}_D{size}_s{seed}{tag}_{method}")
 
 
 def register() -> None:
@@ -98,6 +107,7 @@ def register() -> None:
     method file from its algorithm's schema, /schema/method/<algorithm> (e.g. /schema/method/dpg_off)."""
     OmegaConf.register_new_resolver("method_name", method_name, replace=True)
     OmegaConf.register_new_resolver("cell_run", cell_run, replace=True)
+    OmegaConf.register_new_resolver("t2_tag", training2_tag, replace=True)
     store = ConfigStore.instance()
     store.store(name="gam_rl_schema", node=Config)
     for name, config in METHODS.items():

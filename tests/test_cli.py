@@ -258,3 +258,21 @@ def test_training1_from_an_earlier_runs_pi_mixed_with_r(tmp_path, monkeypatch, i
     assert not two["training1_cache"]["hit"] and two["training1_cache"]["key"] != one["training1_cache"]["key"]
     assert two["ce_test_r"] == one["ce_test_r"]  # the same r: only lambda's estimates changed proposal
     assert math.isfinite(two["log_z_hat"]) and two["z_samples"] > 0
+
+
+def test_a_second_training2_seed_reuses_training1_and_names_its_folder(tmp_path, monkeypatch, capsys, in_process):
+    """training2_seed: the same r and lambda (a Training-1 cache hit), another Training-2 (pi differs), the seed in
+    results.json (seed + 3 when none is named) and a run folder that ends in _t<seed>."""
+    main = in_process
+    monkeypatch.chdir(tmp_path)
+    cache = f"cache.training1_dir={tmp_path}/cache"
+    main(["-m", "--dry-run", "profile=smoke", "training2_seed=7,8", f"hydra.sweep.dir={tmp_path}/sweep"])
+    out = capsys.readouterr().out
+    assert f"{tmp_path}/sweep/10001011111000_1001111_D500_s1234_t8_dpg_off" in out
+    first, second = tmp_path / "first", tmp_path / "second"
+    main(["profile=smoke", "logger=csv", f"hydra.run.dir={first}", "dataset_size=100", cache])
+    main(["profile=smoke", "logger=csv", f"hydra.run.dir={second}", "dataset_size=100", cache, "training2_seed=7"])
+    one, two = (json.loads((d / "results.json").read_text()) for d in (first, second))
+    assert two["status"] == "ok" and two["training1_cache"]["hit"] and two["ce_test_r"] == one["ce_test_r"]
+    assert (one["training2_seed"], two["training2_seed"]) == (one["seed"] + 3, 7)
+    assert two["ce_test_pi"] != one["ce_test_pi"]

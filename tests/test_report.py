@@ -479,6 +479,8 @@ def test_methods_table_draws_to_target_and_exact_divergences(tmp_path):
     main([str(root)])
     rows = {r["method"]: r for r in read_csv(root / "report" / "methods.csv")}
     assert (rows["dpg_off"]["reached"], float(rows["dpg_off"]["draws_to_target"])) == ("2", 2000.0)
+    assert float(rows["dpg_off"]["draws_to_target_sd"]) == pytest.approx(statistics.stdev([1000, 3000]))
+    assert rows["kl_control"]["draws_to_target_sd"] == ""  # one run reached: no spread
     assert (rows["kl_control"]["reached"], rows["kl_control"]["recorded"]) == ("1", "2")
     assert float(rows["kl_control"]["x_dpg_off"]) == pytest.approx(250 / 2000)
     assert float(rows["distill"]["seconds_to_target"]) == 20.0  # distillation: its whole Training-2
@@ -486,4 +488,23 @@ def test_methods_table_draws_to_target_and_exact_divergences(tmp_path):
     assert rows["dpg_true"]["recorded"] == "0" and rows["dpg_true"]["draws_to_target"] == ""
     text = (root / "report" / "table1.md").read_text()
     assert "| 500 | kl_control | 1/2 | 250 | 0.125 |" in text and "KL(p\\|\\|pi)" in text
+    assert "| 500 | dpg_off | 2/2 | 2,000 ± 1,414 | 1 |" in text
     assert imread(root / "report" / "methods.png").shape[0] > 100
+
+
+def test_training2_seeds_of_one_cell_are_cells_of_their_own(tmp_path):
+    """Two runs of one Table 1 cell and method that differ only in training2_seed: two cells of the report (not a
+    re-run, not two methods), both counted in the method's means and its spread; the cell names say the seed."""
+    root = tmp_path / "runs"
+    for t2, hit in ((5, 1000), (6, 3000)):
+        config = {**hydra_config(M2, 1234, 500, "dpg_off"), "training2_seed": t2}
+        write_run(root / f"t{t2}", ok_results(M2, 1234, 500, "dpg_off", training2_seed=t2, dpg_target_ce_valid=0.5,
+                                              dpg_reached_target={"samples": hit, "seconds": 1.0}), config)
+    main([str(root)])
+    rows = {r["method"]: r for r in read_csv(root / "report" / "methods.csv")}
+    assert list(rows) == ["dpg_off"] and rows["dpg_off"]["runs"] == "2"
+    assert float(rows["dpg_off"]["draws_to_target"]) == 2000.0
+    assert float(rows["dpg_off"]["draws_to_target_sd"]) == pytest.approx(statistics.stdev([1000, 3000]))
+    cells = read_csv(root / "report" / "cells.csv")
+    assert sorted(c["training2"] for c in cells) == ["t5", "t6"] and {c["method"] for c in cells} == {"dpg_off"}
+    assert "not counted" not in (root / "report" / "table1.md").read_text()

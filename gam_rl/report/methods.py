@@ -98,6 +98,8 @@ def methods_rows(data: ProfileData) -> list[dict]:
             for key in ("draws_to_target", "seconds_to_target", "t2_draws", "t2_seconds", "ce_test_pi",
                         "motif_freq_pi", *(k for k, _ in EXACT_COLUMNS)):
                 row[key] = _column_mean(runs, key)
+            # the spread over the runs (cells, and Training-2 seeds where a cell has several): sample s.d.
+            row["draws_to_target_sd"] = _column_sd(runs, "draws_to_target")
             row["x_dpg_off"] = (row["draws_to_target"] / dpg_draws if row["draws_to_target"] is not None
                                 and dpg_draws else None)
             rows.append(row)
@@ -109,6 +111,11 @@ def _column_mean(runs: list[dict], key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def _column_sd(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None and math.isfinite(r[key])]
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
 def _count(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
@@ -117,13 +124,15 @@ def methods_md(rows: list[dict]) -> list[str]:
     if not rows:
         return ["no ok run"]
     exact = any(row[k] is not None for row in rows for k, _ in EXACT_COLUMNS)
-    header = ["\\|D\\|", "method", "reached", "draws to target", "x dpg_off", "s to target", "T2 draws", "T2 s",
-              "CE(T,pi)", "mtf pi"] + ([label for _, label in EXACT_COLUMNS] if exact else [])
+    header = ["\\|D\\|", "method", "reached", "draws to target (± s.d. over runs)", "x dpg_off", "s to target",
+              "T2 draws", "T2 s", "CE(T,pi)", "mtf pi"] + ([label for _, label in EXACT_COLUMNS] if exact else [])
     table = []
     for row in rows:
         reached = f"{row['reached']}/{row['recorded']}" + (f" ({row['runs'] - row['recorded']} without a line)"
                                                             if row["recorded"] < row["runs"] else "")
-        line = [str(row["size"]), row["method"], reached, _count(row["draws_to_target"]),
+        draws = _count(row["draws_to_target"]) + ("" if row["draws_to_target_sd"] is None
+                                                    else f" ± {_count(row['draws_to_target_sd'])}")
+        line = [str(row["size"]), row["method"], reached, draws,
                 fmt(row["x_dpg_off"], 3), _count(row["seconds_to_target"]), _count(row["t2_draws"]),
                 _count(row["t2_seconds"]), fmt(row["ce_test_pi"]), fmt(row["motif_freq_pi"], 3)]
         table.append(line + ([fmt(row[k]) for k, _ in EXACT_COLUMNS] if exact else []))
@@ -131,7 +140,8 @@ def methods_md(rows: list[dict]) -> list[str]:
 
 
 def write_methods_csv(path: Path, profiles: dict[str, ProfileData]) -> None:
-    keys = ["profile", "size", "method", "runs", "recorded", "reached", "draws_to_target", "x_dpg_off",
+    keys = ["profile", "size", "method", "runs", "recorded", "reached", "draws_to_target", "draws_to_target_sd",
+            "x_dpg_off",
             "seconds_to_target", "t2_draws", "t2_seconds", "ce_test_pi", "motif_freq_pi",
             *(k for k, _ in EXACT_COLUMNS)]
     with open(path, "w", newline="") as f:
@@ -217,10 +227,13 @@ def methods_figure(data: ProfileData, path: Path) -> str | None:
                 ax.set_ylim(low - 0.1 * (1.5 * r_level - low), 1.5 * r_level)
                 ax.text(0.01, 0.99, "axis clipped at 1.5 x r's CE(V): curves above it leave the plot",
                         transform=ax.transAxes, fontsize=7, va="top")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels overlap
-        if exact:
-            ax.set_yscale("log")
+        if plotted:  # a log axis needs a point (runs without metrics.csv and without draws have none)
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels overlap
+            if exact:
+                ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no check to draw (no metrics.csv)", transform=ax.transAxes, ha="center")
         ax.set_xlabel("draws of Training-2 (proposals)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"Training-2 methods, |D| = {size} (profile {data.profile})")

@@ -6,7 +6,10 @@ A *run folder* is any folder under the given folders that holds `results.json` o
 A job that a sweep's launcher lost before its folder could say so (a sweep folder's
 lost_jobs.json, gam_rl.sweep.LOST_JOBS: its folder could not be made) is a failed run, identified
 by the configuration recorded there.
-A *cell* is (motif, features, |D|, seed) within one profile; each cell has one run per method.
+A *cell* is (motif, features, |D|, seed, Training-2 seed) within one profile; each cell has one run per
+method. The Training-2 seed is None for a run that did not name one (`training2_seed`: seed + 3), so two
+Training-2 seeds of one Table 1 cell are two cells of the report, and every mean and spread over cells
+counts both.
 A run's profile, cell and method come from results.json, else from its config. A run whose
 `target` (results.json's, else the config's method.target) is set and is not `gam` is reported as
 a method of its own, `<method>@target=<target>`, whatever its method (e.g. method=dpg_off
@@ -59,6 +62,7 @@ class RunRecord:
     dataset_size: int | None = None
     seed: int | None = None
     method: str | None = None
+    training2_seed: int | None = None  # the run's own Training-2 seed (`training2_seed`), None: seed + 3
     values: dict[str, float | None] = field(default_factory=dict)
     error: str | None = None
     mtime: float = 0.0
@@ -70,7 +74,9 @@ class RunRecord:
 
     @property
     def cell(self) -> tuple:
-        return (self.motif, self.features, self.dataset_size, self.seed)
+        # the Training-2 seed as a sortable tag: '' (none named) or 't<seed>'
+        return (self.motif, self.features, self.dataset_size, self.seed,
+                "" if self.training2_seed is None else f"t{self.training2_seed}")
 
     @property
     def ok(self) -> bool:
@@ -78,8 +84,8 @@ class RunRecord:
 
 
 def cell_name(cell: tuple) -> str:
-    motif, features, size, seed = cell
-    return f"{motif}/{features}/D{size}/s{seed}"
+    motif, features, size, seed, training2 = cell
+    return f"{motif}/{features}/D{size}/s{seed}" + (f"/{training2}" if training2 else "")
 
 
 def find_run_dirs(roots: list[Path]) -> list[Path]:
@@ -187,7 +193,9 @@ def _identity(results: dict, config: dict) -> dict:
         method = f"{method}@estimator={estimator}"
     return {"profile": _as_bits(pick["profile"]), "motif": _as_bits(pick["motif"]),
             "features": _as_bits(pick["features"]), "dataset_size": _as_int(pick["dataset_size"]),
-            "seed": _as_int(pick["seed"]), "method": method}
+            "seed": _as_int(pick["seed"]), "method": method,
+            # only a run that named its own: results.json records seed + 3 for the others too
+            "training2_seed": _as_int(config.get("training2_seed"))}
 
 
 def load_run(run_dir: Path) -> RunRecord:

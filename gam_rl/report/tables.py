@@ -209,7 +209,7 @@ def problems(data: ProfileData) -> list[str]:
                 lines.append(f"{cell_name(cell)} {method}: {run.status}{detail} ({run.path})")
     ran = [m for m in PAPER_METHODS if m in data.methods]  # a sweep narrowed to one method misses no other
     if ran:
-        axes = [sorted({cell[i] for cell in data.cells}) for i in range(4)]
+        axes = [sorted({cell[i] for cell in data.cells}) for i in range(5)]  # the Training-2 seeds too
         for cell in itertools.product(*axes):
             for method in ran:
                 if method not in data.cells.get(cell, {}):
@@ -339,7 +339,7 @@ def write_raw_csv(path: Path, raws: dict) -> None:
 
 
 CELL_VALUES = (*METRICS, "t1_s", "own_s")  # results.json's metrics, then the time split of model.seconds
-CELL_HEADER = ["profile", "motif", "features", "dataset_size", "seed", "method", "status", *CELL_VALUES,
+CELL_HEADER = ["profile", "motif", "features", "dataset_size", "seed", "training2", "method", "status", *CELL_VALUES,
                "ce_pi_over_h", "error", "run_dir"]
 
 
