@@ -101,7 +101,7 @@ def folder_conflict(run_dir: Path, recorded: dict, sweep_dir: Path) -> str | Non
     return (f"another job of this sweep already uses {run_dir} with another configuration ({', '.join(changed)} "
             f"differ{'s' if len(changed) == 1 else ''}): hydra.sweep.subdir does not tell the jobs apart; add the "
             "swept key to it, e.g. hydra.sweep.subdir='${motif.pattern}_${features.name}_D${dataset_size.size}_s${seed}"
-            f"_${{method.name}}{suffix}'")
+            f"${{t2_tag:${{training2_seed}}}}_${{method.name}}{suffix}'")
 
 
 def remove_stale_files(run_dir: Path) -> None:
