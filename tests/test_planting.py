@@ -18,6 +18,7 @@ from gam_rl.potentials import gam
 from gam_rl.tokens import encode
 from tests.conftest import long_proposal, train_method
 from tests.exact import all_outputs, chi_square, exact_distribution, kl
+from tests.test_training2 import gam_problem
 
 N, MOTIF, MAX_LEN = 7, "110", 9
 K = N - len(MOTIF) + 1  # starts j = 0 .. 4
@@ -131,21 +132,10 @@ def test_the_loops_draws_mix_in_the_planted_proposal_and_follow_swaps(problem):
     assert draws.sampler() is pi
 
 
-def gam_problem():
-    """P_lambda = r exp(-5 [x lacks 11]) over at most 7 symbols (6 bits): strings with 11 favoured."""
-    r = long_proposal(seed=6, hidden=8)
-    p_lambda = gam(r, Features("1000000", "11"), torch.tensor([-5.0]))
-    space = all_outputs(7)
-    with torch.no_grad():
-        log_p, log_z = exact_distribution(p_lambda.log_potential(space))
-    return r, p_lambda, space, log_p, log_z
-
-
 def test_dpg_off_with_planted_draws_moves_pi_to_p_lambda():
     """dpg_off with method.plant_motif=0.5 on an enumerable GAM: pi ends closer to p_lambda than r is, by the
     exact KL(p_lambda || pi), and a run without the motif in its inputs is refused before any draw."""
-    r, p_lambda, space, log_p, _ = gam_problem()
-    valid = space[torch.multinomial(log_p.exp(), 500, replacement=True, generator=torch.Generator().manual_seed(9))]
+    r, p_lambda, space, log_p, _, valid = gam_problem()  # P_lambda = r exp(-5 [x lacks 11]): strings with 11
     with eval_mode(r):
         ce_r = -float(r.log_prob(valid).mean()) / 7
         kl_r = kl(log_p, r.log_prob(space))
