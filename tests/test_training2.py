@@ -531,3 +531,24 @@ def test_stop_at_target_stops_at_the_first_check_on_the_target_line():
     assert stopped.reached_target["samples"] == full.reached_target["samples"] == stopped.draws < full.draws
     assert stopped.curve[-1]["ce_valid_pi"] <= line < min(c["ce_valid_pi"] for c in stopped.curve[:-1])
     assert stopped.curve == full.curve[:len(stopped.curve)]
+
+
+def test_a_start_on_the_target_line_reached_it_after_no_draw():
+    """The start is check 0 of the target line: pi = r already within the margin of p_lambda (the line 1.01 x a
+    CE(V, p_lambda) at CE(V, r) here) reached it after 0 draws, whatever its checks did; a start above the line
+    leaves the method's own record."""
+    r, p_lambda, space, log_p, log_z, valid = gam_problem()
+    ce_r = ce_valid(r, valid)
+
+    def fit(ce_p):
+        pi = LSTMPolicy(8, 1, 0.0)
+        pi.load_state_dict(r.state_dict())
+        cfg = small_schedule(init="r", max_epochs=2, patience=2)
+        return train_method(cfg, pi, r, p_lambda, valid, max_len=7, symbols=7, ce_valid_r=ce_r, seed=4,
+                            ce_valid_p_lambda=ce_p)
+
+    on_line = fit(ce_r)
+    assert on_line.reached_target == {"samples": 0, "updates": 0, "seconds": 0.0, "ce_valid_pi": ce_r,
+                                      "at_start": True}
+    below = fit(0.5 * ce_r)  # a line no check reaches
+    assert below.reached_target is None

@@ -106,6 +106,14 @@ class Training2Result:
             self.ce_valid_pi = start_ce_valid
             self.results["t2_best_epoch"] = 0  # checks count from 1; 0 is the start
 
+    def reached_at_start(self, start_ce_valid: float) -> None:
+        """The start is check 0 of the target line too: a pi that starts on the line (init=r where r is within
+        the margin of p_lambda already, as at |D| = 5000 on some cells) reached it after 0 draws, whatever its
+        own checks did next."""
+        if self.target_ce_valid is not None and start_ce_valid <= self.target_ce_valid:
+            self.reached_target = {"samples": 0, "updates": 0, "seconds": 0.0, "ce_valid_pi": start_ce_valid,
+                                   "at_start": True}
+
     def record(self) -> dict:
         """results.json's Training-2 keys: the common ones and the method's own."""
         return {"ce_valid_pi": self.ce_valid_pi, "t2_target_ce_valid": self.target_ce_valid,

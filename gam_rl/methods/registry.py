@@ -79,6 +79,7 @@ def train(cfg, inputs: Training2Inputs) -> Training2Result:
     start_weights = copy.deepcopy(inputs.pi.state_dict())
     fit = get(cfg.algorithm).train(cfg, inputs)
     fit.keep_start_unless_beaten(start_ce, start_weights)
+    fit.reached_at_start(start_ce)
     if fit.kept_start:
         log.warning("[%s] no check beat the start on V (best CE(V, pi) %s against %.4f): pi is the start again "
                     "(%s); results.json: t2_kept_start, t2_trained_ce_valid", cfg.name, f"{fit.trained_ce_valid:.4f}",
