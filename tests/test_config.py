@@ -249,6 +249,26 @@ def test_cpu_profile_per_size_budgets_reach_only_their_method_and_size():
     assert any(p.startswith("method.stop_tilt_samples=5000 without method.stop_within_noise") for p in problems)
 
 
+def test_dpg_off_planted_takes_its_tuned_cpu_schedule_over_dpg_offs_choices_at_each_size():
+    """conf/tuned/cpu/dpg_off_planted.yaml comes after dpg_off's profile schedule and its choices at this |D|:
+    its keys win (192 updates per draw over the 96 of dpg_off at |D| <= 5000), the rest of those choices stay
+    (the stop near p_lambda at |D| = 500), the command line wins over it, and other profiles plant half."""
+    def method(*overrides):
+        return typed(["method=dpg_off_planted", *overrides]).method
+
+    tuned = method("dataset_size=500")
+    assert (tuned.name, tuned.plant_motif, tuned.proposal_batch, tuned.keep_per_draw, tuned.steps_per_draw,
+            tuned.updates_per_epoch, tuned.lr) == ("dpg_off_planted", 0.75, 2000, 512, 192, 480, 6.466e-3)
+    assert (tuned.stop_within_noise, tuned.stop_tilt_samples, tuned.patience, tuned.init) == (1.0, 10000, 5, "r")
+    assert method("dataset_size=5000").steps_per_draw == 192 and method("dataset_size=5000").ema_decay == 0.99
+    assert method("dataset_size=500", "method.plant_motif=0.25").plant_motif == 0.25
+    for profile in ("toy", "smoke", "paper"):
+        planted, base = method(f"profile={profile}"), typed(["method=dpg_off", f"profile={profile}"]).method
+        assert planted.plant_motif == 0.5, profile
+        assert (planted.lr, planted.proposal_batch, planted.steps_per_draw) == (
+            base.lr, base.proposal_batch, base.steps_per_draw), profile
+
+
 def test_paper_profile_keeps_every_named_option_at_the_reference_value():
     cfg = typed(["profile=paper"])
     m = cfg.method
