@@ -258,7 +258,7 @@ def test_dpg_off_planted_takes_its_tuned_cpu_schedule_over_dpg_offs_choices_at_e
 
     tuned = method("dataset_size=500")
     assert (tuned.name, tuned.plant_motif, tuned.proposal_batch, tuned.keep_per_draw, tuned.steps_per_draw,
-            tuned.updates_per_epoch, tuned.lr) == ("dpg_off_planted", 0.75, 2000, 512, 192, 480, 6.466e-3)
+            tuned.updates_per_epoch, round(tuned.lr, 6)) == ("dpg_off_planted", 0.75, 2000, 512, 192, 480, 0.006466)
     assert (tuned.stop_within_noise, tuned.stop_tilt_samples, tuned.patience, tuned.init) == (1.0, 10000, 5, "r")
     assert method("dataset_size=5000").steps_per_draw == 192 and method("dataset_size=5000").ema_decay == 0.99
     assert method("dataset_size=500", "method.plant_motif=0.25").plant_motif == 0.25
