@@ -126,9 +126,9 @@ def test_table1_preset_is_the_paper_grid_and_the_command_line_narrows_it():
     true_target = sweep_jobs("true_target", [])
     assert len(true_target) == 60 and {j["method"] for j in true_target} == {"dpg_true", "dpg_off"}
     methods = sweep_jobs("methods", ["profile=toy"])
-    assert [j["method"] for j in methods] == ["dpg_off", "distill", "distill_qrs", "dpg_on", "pg", "kl_control",
-                                              "fdpg", "fdpg_rkl", "fdpg_js", "fdpg_tv", "pcl", "ac_dpg", "ppo_dpg",
-                                              "subtb", "ctl"]
+    assert [j["method"] for j in methods] == ["dpg_off", "dpg_off_planted", "distill", "distill_qrs", "dpg_on", "pg",
+                                              "kl_control", "fdpg", "fdpg_rkl", "fdpg_js", "fdpg_tv", "pcl", "ac_dpg",
+                                              "ppo_dpg", "subtb", "ctl"]
 
 
 def test_the_methods_preset_runs_every_registered_method():
