@@ -157,6 +157,28 @@ def test_every_search_space_holds_the_cpu_schedule_so_trial_0_is_the_untuned_met
     assert outside == [] and len(start) == len(space)
 
 
+def sweeper_params(method: str) -> dict:
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("gam_rl.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"hparams_search={method}"], return_hydra_config=True)
+    return dict(cfg.hydra.sweeper.params)
+
+
+def test_studies_whose_bests_are_compared_search_one_space_and_add_only_their_own_keys():
+    """dpg_off_planted's best is compared with dpg_off's, and the f-DPG members', kl_control's and pg's with each
+    other: each group searches one space (by reference, so it cannot drift) plus only the keys its method has."""
+    dpg_off, planted = sweeper_params("dpg_off"), sweeper_params("dpg_off_planted")
+    assert planted == {**dpg_off, "method.plant_motif": "choice(0.25, 0.5, 0.75)"}
+    weighted = sweeper_params("pg")
+    assert set(weighted) == {f"method.{k}" for k in
+                             ("lr", "proposal_batch", "keep_per_draw", "steps_per_draw", "updates_per_epoch")}
+    assert sweeper_params("kl_control") == {**weighted, "method.baseline": "choice(true, false)"}
+    for member in ("fdpg_rkl", "fdpg_js", "fdpg_tv"):
+        assert sweeper_params(member) == {**weighted, "method.baseline": "choice(true, false)",
+                                          "method.plant_motif": "choice(0.0, 0.75)"}, member
+
+
 def test_the_trials_table_reads_each_trials_results(tmp_path, capsys):
     from gam_rl.files import atomic_write_json
 
