@@ -179,6 +179,16 @@ def test_studies_whose_bests_are_compared_search_one_space_and_add_only_their_ow
                                           "method.plant_motif": "choice(0.0, 0.75)"}, member
 
 
+def test_a_study_fixes_no_method_key_but_the_trial_caps_so_its_best_variant_is_the_trial():
+    """The best variant (best/method/<method>_tuned.yaml) holds the searched keys and runs without the caps; a
+    study file that also fixed another method key (a smaller validation set, say) would tune a schedule that
+    the variant does not run."""
+    caps = {"max_draws", "stop_at_target", "max_proposals"}
+    for path in sorted((ROOT / "conf" / "hparams_search").rglob("*.yaml")):
+        fixed = set((yaml.safe_load(path.read_text()) or {}).get("method", {}))
+        assert fixed <= caps, f"{path.relative_to(ROOT)} fixes method keys {sorted(fixed - caps)}"
+
+
 def test_the_trials_table_reads_each_trials_results(tmp_path, capsys):
     from gam_rl.files import atomic_write_json
 
