@@ -8,11 +8,12 @@ and its objective, the same for every method, is what `objective` computes from 
 
     reached the target line CE(V, pi) <= (1 + margin) CE(V, p_lambda), with pi's motif frequency >= the bar m:
         the draws it took to get there
-    else:  B (1 + g),  g = max((CE(V, pi) - line) / (CE(V, r) - line) clipped to [0, 10], (m - motif freq) / m)
+    else:  B (1 + g + s),  g = (CE(V, pi) - line) / (CE(V, r) - line) clipped to [0, 10],  s = (m - motif freq) / m
 
 Draws, not CE at a fixed budget, because the question users ask (and the table reports) is how
 many draws a method needs to reach the line; the penalty keeps trials that miss it ordered by how
-close they came, and above every trial that made it (B >= the draws of any trial, which the trial
+close they came on both counts (a sum, so a study whose trials all miss the motif bar still orders them
+by the CE gap, and the reverse), and above every trial that made it (B >= the draws of any trial, which the trial
 caps enforce: method.max_draws for the loop methods, method.max_proposals for distillation).
 
 The Optuna sweeper runs `n_trials` more trials each time it is started; TuneSweeperImpl makes
@@ -41,6 +42,11 @@ log = logging.getLogger("gam_rl")
 # the cells the methods table reports (docs/measurements.md): never tuned on
 REPORT_CELLS = (("10001011111000", "1001111", 1234), ("1000101000101", "Mv1001111", 4444))
 PENALTY_GAP_CAP = 10.0  # g is clipped to [0, this]: a trial far worse than r is not worth more than this
+# the penalty's form, stored with a study: a resumed study refuses trials scored by another form. Studies made
+# before the form was stored (up to 916f8a2) used the larger of g and s, which ties every trial that misses the
+# motif bar by far (s ~ 1 for all): the sum orders them by the CE gap as well
+OBJECTIVE = "B(1+g+s)"
+OBJECTIVE_BEFORE = "B(1+max(g,s))"  # what a study without the attribute was scored by
 
 
 @dataclass
@@ -59,8 +65,8 @@ class TuneConfig:
 
 def objective(results: dict, budget_draws: float | None, min_motif_freq: float = 0.0) -> float | None:
     """A trial's value (smaller is better): draws to the target line when pi also writes the motif in at least
-    min_motif_freq of its samples, else the budget times (1 + the larger of the CE gap left, relative to r's,
-    and the motif frequency's shortfall, relative to the bar); None when the run has no target line
+    min_motif_freq of its samples, else the budget times (1 + the CE gap left, relative to r's, + the motif
+    frequency's shortfall, relative to the bar); None when the run has no target line
     (method.target=true) or no results."""
     line, ce_pi, ce_r = results.get("t2_target_ce_valid"), results.get("ce_valid_pi"), results.get("ce_valid_r")
     if line is None or ce_pi is None or ce_r is None:
@@ -74,8 +80,8 @@ def objective(results: dict, budget_draws: float | None, min_motif_freq: float =
     budget = max(float(budget_draws or 0.0), drawn)
     gap = (ce_pi - line) / (ce_r - line) if ce_r > line else PENALTY_GAP_CAP
     gap = min(max(gap, 0.0), PENALTY_GAP_CAP) if math.isfinite(gap) else PENALTY_GAP_CAP
-    shortfall = (min_motif_freq - motif) / min_motif_freq if min_motif_freq > 0 else 0.0
-    return budget * (1.0 + max(gap, shortfall, 0.0))
+    shortfall = max((min_motif_freq - motif) / min_motif_freq, 0.0) if min_motif_freq > 0 else 0.0
+    return budget * (1.0 + gap + shortfall)  # B (1 + g + s)
 
 
 # ---- the checks before a tuning sweep starts (cli.preflight) ---------------------------------------
@@ -152,7 +158,8 @@ def study_attrs(config: DictConfig) -> dict[str, Any]:
     return {"method": str(choices.get("method")), "motif": str(config.motif.pattern),
             "features": str(config.features.name), "dataset_size": int(config.dataset_size.size),
             "seed": int(config.seed), "profile": str(config.profile),
-            "budget_draws": float(config.tune.budget_draws), "min_motif_freq": float(config.tune.min_motif_freq)}
+            "budget_draws": float(config.tune.budget_draws), "min_motif_freq": float(config.tune.min_motif_freq),
+            "objective": OBJECTIVE}
 
 
 def _impl_class():
@@ -171,7 +178,7 @@ def _impl_class():
             study = optuna.create_study(study_name=self.study_name, storage=self.storage,
                                         directions=self._get_directions(), load_if_exists=True)
             if study.trials:
-                held = study.user_attrs
+                held = {"objective": OBJECTIVE_BEFORE, **study.user_attrs}
                 wrong = [f"{k}: the study holds {held.get(k)!r}, this sweep has {v!r}"
                          for k, v in attrs.items() if held.get(k) != v]
                 if wrong:

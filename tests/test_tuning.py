@@ -3,6 +3,7 @@ checks before a study starts, and a study that runs, resumes after an interrupti
 
 import csv
 import math
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def results(reached=None, ce_pi=0.60, line=0.50, ce_r=0.70, drawn=1_000_000, mot
             "samples": {"training2": drawn}, "motif_freq_pi": motif}
 
 
-def test_the_objective_is_draws_to_the_line_else_the_budget_times_one_plus_the_gap_left():
+def test_the_objective_is_draws_to_the_line_else_the_budget_times_one_plus_the_gap_and_shortfall_left():
     assert tuning.objective(results(reached={"samples": 250_000}, ce_pi=0.49), 3e6) == 250_000
     # not reached: B (1 + g), g = (0.60 - 0.50) / (0.70 - 0.50) = 0.5
     assert tuning.objective(results(), 3e6) == pytest.approx(4.5e6)
@@ -34,11 +35,16 @@ def test_the_objective_is_draws_to_the_line_else_the_budget_times_one_plus_the_g
     # every trial that missed the line ranks behind every trial that reached it within the budget
     assert tuning.objective(results(ce_pi=0.5001), 3e6) > tuning.objective(results(reached={"samples": 3e6}), 3e6)
     assert tuning.objective(results(line=None), 3e6) is None  # no target line (method.target=true)
-    # on the line with pi's motif frequency under the bar: not reached; g is the larger shortfall
+    # on the line with pi's motif frequency under the bar: not reached; the shortfall s adds to g
     on_line = {"reached": {"samples": 460_000}, "ce_pi": 0.49}
     assert tuning.objective(results(**on_line, motif=0.65), 3e6, 0.9) == pytest.approx(3e6 * (1 + 0.25 / 0.9))
     assert tuning.objective(results(**on_line, motif=0.95), 3e6, 0.9) == 460_000
-    assert tuning.objective(results(motif=0.0), 3e6, 0.9) == pytest.approx(3e6 * 2)  # shortfall 1 > gap 0.5
+    assert tuning.objective(results(motif=0.0), 3e6, 0.9) == pytest.approx(3e6 * 2.5)  # gap 0.5 + shortfall 1
+    # trials that all miss the motif bar by far are still ordered by the CE gap they left (and the reverse)
+    assert (tuning.objective(results(motif=0.003, ce_pi=0.68), 3e6, 0.9)
+            < tuning.objective(results(motif=0.004, ce_pi=0.686), 3e6, 0.9))
+    assert tuning.objective(results(motif=0.5), 3e6, 0.9) < tuning.objective(results(motif=0.4), 3e6, 0.9)
+    assert tuning.objective(results(motif=0.99, ce_pi=0.6), 3e6, 0.9) == pytest.approx(4.5e6)  # over the bar: s = 0
     assert tuning.objective(results(**on_line, motif=None), 3e6, 0.9) == pytest.approx(6e6)  # no samples of pi
 
 
@@ -132,6 +138,13 @@ def test_a_study_runs_resumes_after_an_interruption_and_writes_its_best_as_a_var
     # the same folder with another budget is another study: refused, nothing run
     again = gam_rl(*common, "hydra.sweeper.n_trials=5", "tune.budget_draws=8000", tmp_path=tmp_path, check=False)
     assert again.returncode == 2 and "budget_draws: the study holds 4000.0, this sweep has 8000.0" in again.stderr
+    assert len(optuna.load_study(study_name="dpg_off", storage=storage).trials) == 4
+    # a study stored before its objective's form was (up to 916f8a2: the larger of gap and shortfall) is refused too
+    with sqlite3.connect(study_dir / "study.db") as db:
+        db.execute("DELETE FROM study_user_attributes WHERE key = 'objective'")
+    again = gam_rl(*common, "hydra.sweeper.n_trials=5", tmp_path=tmp_path, check=False)
+    assert again.returncode == 2 and (f"objective: the study holds {tuning.OBJECTIVE_BEFORE!r}, this sweep has "
+                                      f"{tuning.OBJECTIVE!r}") in again.stderr
     assert len(optuna.load_study(study_name="dpg_off", storage=storage).trials) == 4
 
 
