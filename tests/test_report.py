@@ -487,9 +487,37 @@ def test_methods_table_draws_to_target_and_exact_divergences(tmp_path):
     assert float(rows["dpg_off"]["kl_p_pi"]) == pytest.approx(0.1)
     assert rows["dpg_true"]["recorded"] == "0" and rows["dpg_true"]["draws_to_target"] == ""
     text = (root / "report" / "table1.md").read_text()
-    assert "| 500 | kl_control | 1/2 | 250 | 0.125 |" in text and "KL(p\\|\\|pi)" in text
-    assert "| 500 | dpg_off | 2/2 | 2,000 ± 1,414 | 1 |" in text
+    assert "| 500 | kl_control | 1/2 | 1/2 | 250 | 0.125 | 1 |" in text and "KL(p\\|\\|pi)" in text
+    assert "| 500 | dpg_off | 2/2 | 2/2 | 2,000 ± 1,414 | 1 | 1 |" in text
+    assert "- x dpg_off, x dpg_off s at \\|D\\| = 500: against dpg_off's means" in text
     assert imread(root / "report" / "methods.png").shape[0] > 100
+
+
+def test_methods_table_compares_with_the_tuned_dpg_off_and_counts_the_runs_under_the_motif_bar(tmp_path):
+    """Where a |D| has runs of dpg_off_tuned, `x dpg_off` (draws) and `x dpg_off s` (seconds) are against its
+    means, not the untuned dpg_off's; a run on the line whose pi writes the motif in under 0.9 of its samples
+    counts as reached but not under the bar."""
+    root = tmp_path / "runs"
+    # method: (draws to the line, seconds to it, motif frequency of pi) of the run of each seed
+    runs = {"dpg_off": ((2_000_000, 400.0, 0.95), (2_000_000, 400.0, 0.95)),
+            "dpg_off_tuned": ((100_000, 100.0, 0.96), (140_000, 140.0, 0.97)),
+            "distill_tuned": ((1_200_000, 60.0, 0.86), (1_200_000, 60.0, 0.93))}
+    for method, per_seed in runs.items():
+        for seed, (hit, seconds, motif) in zip(SEEDS, per_seed, strict=True):
+            write_run(root / f"{method}_{seed}", ok_results(
+                M2, seed, 500, method, samples={"training2": 3_000_000}, timings={"training2": 500.0},
+                motif_freq_pi=motif, t2_target_ce_valid=0.5, t2_reached_target={"samples": hit, "seconds": seconds}))
+    main([str(root)])
+    rows = {r["method"]: r for r in read_csv(root / "report" / "methods.csv")}
+    assert {r["dpg_off_reference"] for r in rows.values()} == {"dpg_off_tuned"}
+    assert float(rows["distill_tuned"]["x_dpg_off"]) == pytest.approx(1_200_000 / 120_000)
+    assert float(rows["distill_tuned"]["x_dpg_off_seconds"]) == pytest.approx(60 / 120)
+    assert float(rows["dpg_off"]["x_dpg_off"]) == pytest.approx(2_000_000 / 120_000)
+    assert (rows["distill_tuned"]["reached"], rows["distill_tuned"]["reached_motif_bar"]) == ("2", "1")
+    assert rows["dpg_off_tuned"]["reached_motif_bar"] == "2"
+    text = (root / "report" / "table1.md").read_text()
+    assert "| 500 | distill_tuned | 2/2 | 1/2 | 1,200,000 ± 0 | 10 | 0.5 | 60 |" in text
+    assert "- x dpg_off, x dpg_off s at \\|D\\| = 500: against dpg_off_tuned's means" in text
 
 
 def test_training2_seeds_of_one_cell_are_cells_of_their_own(tmp_path):
