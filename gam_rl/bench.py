@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from gam_rl.cpu import flush_denormals
 from gam_rl.estimators import importance_z
 from gam_rl.features import Features
 from gam_rl.memory import retain_freed_memory
@@ -463,6 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print the full JSON instead of the summary")
     args = parser.parse_args(argv)
     retain_freed_memory()  # as every gam-rl job does
+    flush_denormals()
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")

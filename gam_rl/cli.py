@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gam_rl import schema, tuning
+from gam_rl.cpu import flush_denormals
 from gam_rl.files import atomic_write_json, unwritable
 from gam_rl.launcher import JobLost, register
 from gam_rl.memory import retain_freed_memory
@@ -424,6 +425,7 @@ def execute(cfg: DictConfig | dict, run_dir: Path, sweep_dir: Path | None = None
 def hydra_app(cfg: DictConfig) -> float | None:
     _quiet_lightning()
     retain_freed_memory()  # here, not in main(): a parallel launcher's jobs run in worker processes
+    flush_denormals()  # before the job's first parallel op, so that its OpenMP threads flush too (gam_rl/cpu.py)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN

@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from gam_rl.cpu import flush_denormals
 from gam_rl.data import Splits, load_splits
 from gam_rl.exact import ExactTarget, OutputSpace, exact_results
 from gam_rl.features import Features
@@ -84,6 +85,8 @@ def run_pipeline(cfg: Config, run: Run, logger, run_dir: Path) -> dict:
     # torch's intra-op threads: float reductions (and so r's early stopping, and every number after it) can
     # differ between thread counts for the same seed; the record says which one made these numbers
     res["threads"] = torch.get_num_threads()
+    # subnormal floats flushed to zero (gam_rl/cpu.py: set by every gam-rl job before its first parallel op)
+    res["flush_denormal"] = flush_denormals()
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
 
     data = load_data(cfg, run, device)

@@ -47,6 +47,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gam_rl import schema
 from gam_rl.config_fields import MISSING, setting
+from gam_rl.cpu import flush_denormals
 from gam_rl.estimators import (
     EstimatorError,
     choose_log_beta,
@@ -419,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("gam-rl-sample: invalid configuration:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         return 2
+    flush_denormals()  # as every gam-rl job does (gam_rl/cpu.py)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.perf_counter()

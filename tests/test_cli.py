@@ -63,6 +63,7 @@ def test_smoke_run_writes_complete_results(tmp_path):
     assert results["entropy_true"] < results["ce_test_r"]  # no model beats the true entropy
     assert results["swap_count"] == len(results["swaps"])
     assert results["threads"] >= 1  # the thread count that made these numbers
+    assert results["flush_denormal"] is True  # subnormal floats flushed (gam_rl/cpu.py)
     code = results["code"]  # which code: this checkout's commit (a git clone), the package version
     assert code["version"] and (code["commit"] is None or len(code["commit"]) == 40)
     assert code["dirty"] in (True, False, None)
