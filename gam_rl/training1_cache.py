@@ -37,6 +37,7 @@ from lightning.pytorch.loggers.logger import Logger
 
 import gam_rl
 from gam_rl.config_fields import setting
+from gam_rl.cpu import flush_denormals
 from gam_rl.files import shared_mode
 from gam_rl.metrics import PolicyEval
 from gam_rl.policy import LSTMPolicy
@@ -103,14 +104,16 @@ def source_digest() -> str:
 def key_config(cfg, device: torch.device) -> dict[str, Any]:
     """Every value the stages before Training-2 read (locations such as data.cache_dir excluded),
     plus the code versions. `threads` is left out on purpose: it may change the last bits of a
-    float sum, never the algorithm, and jobs of one cell may run with different thread counts."""
+    float sum, never the algorithm, and jobs of one cell may run with different thread counts.
+    Whether subnormals flush to zero is kept in: it changes values, not only their summing order
+    (a subnormal becomes 0), so an entry made with GAM_RL_FLUSH_DENORMAL=0 is not one with it on."""
     return {
         "format": CACHE_FORMAT, "gam_rl": gam_rl.__version__, "source": source_digest(),
         "torch": torch.__version__, "numpy": np.__version__,
         "motif": cfg.motif.pattern, "features": asdict(cfg.features), "dataset_size": asdict(cfg.dataset_size),
         "seed": cfg.seed, "n": cfg.n, "max_len": cfg.max_len, "pools": asdict(cfg.data.pools),
         "model": asdict(cfg.model), "r": asdict(cfg.r), "training1": training1_key(cfg.training1), "z": asdict(cfg.z),
-        "eval": asdict(cfg.eval), "device": device.type,
+        "eval": asdict(cfg.eval), "device": device.type, "flush_denormal": flush_denormals(),
     }
 
 

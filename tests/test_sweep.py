@@ -187,6 +187,15 @@ def test_cache_key_depends_on_what_training1_reads_and_nothing_else():
     assert key(composed(), "cuda") != base
 
 
+def test_cache_key_tells_flushed_subnormals_from_ieee_ones(monkeypatch):
+    # a subnormal flushed to 0 is another value, not another summing order: an entry computed with
+    # GAM_RL_FLUSH_DENORMAL=0 must not serve a run that flushes (and the other way round)
+    this_process, base = training1_cache.flush_denormals(), key(composed())
+    assert training1_cache.key_config(composed(), torch.device("cpu"))["flush_denormal"] is this_process
+    monkeypatch.setattr(training1_cache, "flush_denormals", lambda: not this_process)
+    assert key(composed()) != base
+
+
 def test_cache_key_changes_with_the_source_code(tmp_path, monkeypatch):
     base = key(composed())
     assert training1_cache.source_digest() == training1_cache.source_digest.__wrapped__()  # a pure function
