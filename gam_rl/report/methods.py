@@ -30,14 +30,19 @@ import csv
 import json
 import math
 import statistics
+from importlib import resources
 from pathlib import Path
 
 from matplotlib.ticker import NullFormatter
+from omegaconf import OmegaConf
 
 from gam_rl.report.figures import MARKERS, new_figure, save_figure
 from gam_rl.report.model import ProfileData, RunRecord, as_float, fmt, md_table
 
-MOTIF_BAR = 0.9  # Table 1's: pi writes the motif in at least this share of its samples
+# Table 1's bar, as the tuning objective counts it: pi writes the motif in at least this share of its samples.
+# Read from the studies' shared file, so that the report and the studies cannot disagree on it.
+STUDY_FILE = resources.files("gam_rl.conf") / "hparams_search/common/study.yaml"
+MOTIF_BAR = float(OmegaConf.create(STUDY_FILE.read_text()).tune.min_motif_freq)
 REFERENCES = ("dpg_off_tuned", "dpg_off")  # the `x dpg_off` columns' reference: the first with runs at the |D|
 EXACT_COLUMNS = (("kl_p_pi", "KL(p\\|\\|pi)"), ("kl_pi_p", "KL(pi\\|\\|p)"), ("tv_p_pi", "TV(p, pi)"),
                  ("learned_log_z_error", "learned log Z - log Z"))  # the last: the methods that learn log Z (else -)
