@@ -488,7 +488,7 @@ def tuning_plan(job: list[str], space: dict[str, str]) -> str:
     try:
         sweeper, folder = cfg.hydra.sweeper, Path(str(cfg.hydra.sweep.dir))
         lines = [f"gam-rl --dry-run: a tuning study of method={cfg.tune.method}, nothing run or written",
-                 f"  folder   {folder}: study.db, trial_<k>/, trials.csv, best/method/{cfg.tune.method}_tuned.yaml",
+                 f"  folder   {folder}: study.db, trial_<k>/, trials.csv, best/method/{cfg.tune.method}_best.yaml",
                  f"  trials   {sweeper.n_trials} in all (a resumed study runs the missing ones), "
                  f"{sweeper.n_jobs} handed out at a time; sampler {sweeper.sampler._target_.rsplit('.', 1)[-1]}",
                  f"  cell     motif={cfg.motif.pattern} features={cfg.features.name} seed={cfg.seed} "

@@ -20,7 +20,7 @@ The Optuna sweeper runs `n_trials` more trials each time it is started; TuneSwee
 n_trials the study's total instead: a second start with the same sweep folder marks the trials
 an interruption left RUNNING as failed, runs only the trials still missing, numbers the new trial
 folders after the existing ones, and refuses a study of another method, cell or budget. At the end
-it writes the best trial as a method variant (best/method/<method>_tuned.yaml, passed back with
+it writes the best trial as a method variant (best/method/<method>_best.yaml, passed back with
 hydra.searchpath) and every trial's row (trials.csv).
 """
 
@@ -244,7 +244,7 @@ def configured_start(config: DictConfig, space: list[str]) -> tuple[dict[str, An
 
 def write_best(study, sweep_dir: Path, attrs: dict) -> Path | None:
     """trials.csv (one row per trial) and, when a trial completed, the best one as a method variant
-    best/method/<method>_tuned.yaml with its value and trial number in the header; returns its path."""
+    best/method/<method>_best.yaml with its value and trial number in the header; returns its path."""
     import optuna
 
     keys = sorted({k for t in study.trials for k in t.params})
@@ -261,24 +261,29 @@ def write_best(study, sweep_dir: Path, attrs: dict) -> Path | None:
         return None
     best = min(complete, key=lambda t: t.value)
     method = attrs["method"]
-    path = sweep_dir / "best" / "method" / f"{method}_tuned.yaml"
+    path = sweep_dir / "best" / "method" / f"{method}_best.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    variant = OmegaConf.create({"defaults": [f"/method/{method}@_here_", "_self_"]})
-    for key, value in sorted(best.params.items()):  # method.mle.lr -> mle: {lr: ...}
-        OmegaConf.update(variant, key.removeprefix("method."), value, force_add=True)
-    header = [f"# {method}, tuned: trial {best.number} of study {study.study_name} ({len(study.trials)} trials, "
+    header = [f"# {method}_best: trial {best.number} of study {study.study_name} ({len(study.trials)} trials, "
               f"{len(complete)} complete)",
               f"# on motif={attrs['motif']} features={attrs['features']} seed={attrs['seed']} "
               f"dataset_size={attrs['dataset_size']} profile={attrs['profile']}, "
               f"budget {attrs['budget_draws']:g} draws;",
               f"# objective {best.value:.6g} (draws to the target line; above the budget: not reached).",
-              f"# Use: gam-rl method={method}_tuned "
+              f"# Use: gam-rl method={method}_best "
               f"'hydra.searchpath=[file://{(sweep_dir / 'best').resolve()}]' ...",
-              "# or copy this file into conf/method/."]
-    body = OmegaConf.to_yaml(variant)
-    path.write_text("\n".join(header) + "\n" + body)
+              "# or copy this file into conf/method/ (where <method>_tuned.yaml is the project's study's best)."]
+    path.write_text(variant_yaml(method, best.params, header))
     log.info("tune: best trial %d (objective %.6g): %s", best.number, best.value, path)
     return path
+
+
+def variant_yaml(method: str, params: dict[str, Any], header: list[str]) -> str:
+    """A method variant's file: `header` (comment lines), then defaults [/method/<method>, _self_] and the
+    searched keys' values on top (method.mle.lr -> mle: {lr: ...}, as the method's schema nests it)."""
+    variant = OmegaConf.create({"defaults": [f"/method/{method}@_here_", "_self_"]})
+    for key, value in sorted(params.items()):
+        OmegaConf.update(variant, key.removeprefix("method."), value, force_add=True)
+    return "\n".join(header) + "\n" + OmegaConf.to_yaml(variant)
 
 
 # ---- python -m gam_rl.tuning STUDY_DIR: a study's trials as a table ----------------------------------

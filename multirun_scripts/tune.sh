@@ -8,7 +8,7 @@
 #
 # - Re-running the same command resumes the study (its SQLite file, study.db in the sweep folder):
 #   the trials an interruption left running count as failed, and only the missing trials run.
-# - At the end the best trial is written as a method variant, <sweep>/best/method/<method>_tuned.yaml;
+# - At the end the best trial is written as a method variant, <sweep>/best/method/<method>_best.yaml;
 #   the script prints the command that uses it. Every trial's row: <sweep>/trials.csv.
 # - Every other argument goes to gam-rl (hydra.sweep.dir=..., hydra.launcher.n_jobs=1, profile=toy, ...).
 # - Environment: GAM_RL_PYTHON (the Python with gam_rl installed; default: the repository's .venv, else
@@ -46,7 +46,7 @@ if [[ " ${args[*]-} " == *" --dry-run "* ]]; then  # the study's plan only: noth
 fi
 rc=0
 "$py" -m gam_rl.cli "hparams_search=$method" "method=$method" ${args[@]+"${args[@]}"} || rc=$?
-best="$sweep_dir/best/method/${method}_tuned.yaml"
+best="$sweep_dir/best/method/${method}_best.yaml"
 if [[ $rc == 2 ]]; then
     echo "tune: the configuration was refused (above); nothing ran" >&2
     exit 2
@@ -61,4 +61,4 @@ fi
 best_dir="$(cd "$(dirname "$best")/.." && pwd)"
 echo "tune: trials: $sweep_dir/trials.csv"
 echo "tune: best:   $best"
-echo "tune: use it: gam-rl method=${method}_tuned 'hydra.searchpath=[file://$best_dir]' ..."
+echo "tune: use it: gam-rl method=${method}_best 'hydra.searchpath=[file://$best_dir]' ..."

@@ -41,9 +41,11 @@ def test_every_method_profile_and_logger_composes_and_validates():
     groups = {g: group_options(g) for g in ("method", "profile")}
     assert set(groups["profile"]) >= {"paper", "cpu", "smoke"}
     assert set(groups["profile"]) >= {"paper", "cpu", "smoke", "toy"}
-    assert set(groups["method"]) == {"distill", "distill_qrs", "dpg_off", "dpg_off_planted", "dpg_on", "pg",
-                                     "dpg_true", "fdpg", "fdpg_rkl", "fdpg_js", "fdpg_tv", "kl_control", "pcl",
-                                     "ac_dpg", "ppo_dpg", "subtb", "ctl"}
+    tuned = {m for m in groups["method"] if m.endswith("_tuned")}  # studies' bests: tests/test_tuning.py
+    assert set(groups["method"]) - tuned == {"distill", "distill_qrs", "dpg_off", "dpg_off_planted", "dpg_on", "pg",
+                                             "dpg_true", "fdpg", "fdpg_rkl", "fdpg_js", "fdpg_tv", "kl_control",
+                                             "pcl", "ac_dpg", "ppo_dpg", "subtb", "ctl"}
+    groups["method"] = sorted(set(groups["method"]) - tuned)
     for method, profile in itertools.product(*groups.values()):
         cfg = typed([f"method={method}", f"profile={profile}"])
         # method=fdpg is named for its divergence (fdpg_kl unless method.divergence says otherwise)

@@ -123,16 +123,16 @@ def test_a_study_runs_resumes_after_an_interruption_and_writes_its_best_as_a_var
     rows = trial_values(study_dir)
     assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
 
-    best_file = study_dir / "best" / "method" / "dpg_off_tuned.yaml"
+    best_file = study_dir / "best" / "method" / "dpg_off_best.yaml"  # not conf/method's dpg_off_tuned: no shadowing
     best = min((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
     variant = yaml.safe_load(best_file.read_text())
     assert variant["defaults"] == ["/method/dpg_off@_here_", "_self_"]
     assert {f"method.{k}": v for k, v in variant.items() if k != "defaults"} == best.params
     # the variant is a method gam-rl takes back: named after its file, with the tuned values
-    shown = gam_rl("method=dpg_off_tuned", "profile=toy", f"hydra.searchpath=[file://{best_file.parents[1]}]",
+    shown = gam_rl("method=dpg_off_best", "profile=toy", f"hydra.searchpath=[file://{best_file.parents[1]}]",
                    "--cfg", "job", "--resolve", tmp_path=tmp_path).stdout
     job = yaml.safe_load(shown)
-    assert job["method"]["name"] == "dpg_off_tuned"
+    assert job["method"]["name"] == "dpg_off_best"
     assert all(job["method"][k.removeprefix("method.")] == v for k, v in best.params.items())
 
     # the same folder with another budget is another study: refused, nothing run
@@ -193,7 +193,7 @@ def test_studies_whose_bests_are_compared_search_one_space_and_add_only_their_ow
 
 
 def test_a_study_fixes_no_method_key_but_the_trial_caps_so_its_best_variant_is_the_trial():
-    """The best variant (best/method/<method>_tuned.yaml) holds the searched keys and runs without the caps; a
+    """The best variant (best/method/<method>_best.yaml) holds the searched keys and runs without the caps; a
     study file that also fixed another method key (a smaller validation set, say) would tune a schedule that
     the variant does not run."""
     caps = {"max_draws", "stop_at_target", "max_proposals"}
@@ -250,6 +250,55 @@ def test_the_best_trial_of_nested_keys_is_a_variant_gam_rl_composes(tmp_path):
     path = tuning.write_best(study, tmp_path, attrs)
     variant = yaml.safe_load(path.read_text())
     assert variant["mle"] == {"lr": 0.0007} and variant["size"] == 2000
-    args, problems = check_command_line(["method=distill_tuned", "profile=toy",
+    args, problems = check_command_line(["method=distill_best", "profile=toy",
                                          f"hydra.searchpath=[file://{tmp_path / 'best'}]"])
     assert problems == []
+    from tests.test_config import typed
+
+    cfg = typed(["method=distill_best", "profile=toy", f"hydra.searchpath=[file://{tmp_path / 'best'}]"])
+    assert (cfg.method.mle.lr, cfg.method.size) == (0.0007, 2000)
+
+
+def _replay_study():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("replay_study", ROOT / "scripts" / "replay_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_replaying_a_studys_sampler_gives_its_trials_to_the_last_digit():
+    """dpg_off_planted's lr in conf/tuned/cpu/ was copied from its study's folder (16a5e78): the replay of that
+    study from its table (space, trial 0, objectives) must give it bit for bit, and its TPE trials (4-7) too,
+    at the table's 3 digits. Then the replay is the study's sampler, and the variants it wrote are the trials."""
+    replay = _replay_study()
+    commit, space, start, values = replay.STUDIES["dpg_off_planted"]
+    trials = replay.replay(space, start, values)
+    assert trials[0] == start
+    profile = yaml.safe_load((ROOT / "conf" / "tuned" / "cpu" / "dpg_off_planted.yaml").read_text())
+    assert trials[1] == {f"method.{k}": v for k, v in profile.items()}
+    assert [round(t["method.lr"], 5) for t in trials[4:]] == [0.00332, 0.00313, 0.02992, 0.00723]
+    number, best = replay.best("dpg_off_planted")
+    assert number == 1 and best == trials[1]
+    # a failed trial is told as failed (no value): TPE models the rest without it
+    assert len(replay.replay(space, start, [1.0, None, 2.0, 3.0, 4.0, 5.0])) == 6
+
+
+def test_every_tuned_variant_in_conf_is_its_studys_replayed_best_and_composes():
+    """conf/method/<method>_tuned.yaml: one per recorded study (but the one whose best is the cpu profile's own),
+    each exactly what the replay writes, and each a method gam-rl runs on the cpu profile with the tuned values."""
+    replay = _replay_study()
+    variants = sorted(p.stem.removesuffix("_tuned") for p in (ROOT / "conf" / "method").glob("*_tuned.yaml"))
+    assert variants == sorted(set(replay.STUDIES) - replay.IN_PROFILE)
+    for method in variants:
+        path = ROOT / "conf" / "method" / f"{method}_tuned.yaml"
+        assert path.read_text() == replay.variant_text(method), f"{path.name}: run scripts/replay_study.py --write"
+        args, problems = check_command_line([f"method={method}_tuned", "profile=cpu"])
+        assert problems == [], (method, problems)
+    from tests.test_config import typed
+
+    cfg = typed(["method=dpg_off_tuned"])
+    assert (cfg.method.name, cfg.method.proposal_batch, cfg.method.keep_per_draw) == ("dpg_off_tuned", 5000, 1024)
+    assert cfg.method.lr == replay.best("dpg_off")[1]["method.lr"]
+
