@@ -102,6 +102,14 @@ STUDIES: dict[str, tuple[str, dict[str, str], dict, list[float | None]]] = {
               {"method.lr": 3e-3, "method.critic_lr": 1e-2, "method.subtb_lambda": 1.0, "method.data_share": 0.0,
                "method.on_policy": True},
               [8987050, 8461781, 8295588, 8583569, 8387204, 8309055, 8941868, 8951245]),
+    "ac_dpg": ("b40369f", {"method.lr": "tag(log, interval(3.0e-4, 5.0e-3))",
+                           "method.critic_lr": "tag(log, interval(1.0e-3, 3.0e-2))",
+                           "method.critic_warmup": "choice(50, 100, 400)", "method.critic_target": "choice(mc, td)",
+                           "method.on_policy": "choice(true, false)"},
+               {"method.lr": 0.002, "method.critic_lr": 0.01, "method.critic_warmup": 100,
+                "method.critic_target": "mc", "method.on_policy": False},
+               [8986000.0, 8982000.0, 8982000.0, 8985333.333333334, 8982000.0, 8966667.565002741,
+                8987333.333333332, 8987333.333333332]),
 }
 # where the replay and the study's table in docs/measurements.md differ (none before the best trial)
 DIFFERS = {"kl_control": "but for trial 7's steps_per_draw: the table 96, the replay 192"}
