@@ -142,11 +142,15 @@ def replay(space: dict[str, str], start: dict, values: list[float | None], seed:
     return trials
 
 
+def best_number(values: list[float | None]) -> int:
+    """The best trial: the first of the smallest objective among those that did not fail, as write_best picks it."""
+    return min((k for k, v in enumerate(values) if v is not None), key=lambda k: values[k])
+
+
 def best(method: str) -> tuple[int, dict]:
-    """The study's best trial (the first of the smallest objective, as write_best picks it) and its values."""
-    values = STUDIES[method][3]
-    number = min((k for k, v in enumerate(values) if v is not None), key=lambda k: values[k])
-    commit, space, start, _ = STUDIES[method]
+    """The study's best trial and its values."""
+    _, space, start, values = STUDIES[method]
+    number = best_number(values)
     return number, replay(space, start, values)[number]
 
 
@@ -178,8 +182,7 @@ def main(argv: list[str]) -> int:
         return 2
     for method in names:
         commit, space, start, values = STUDIES[method]
-        number, _ = best(method)
-        print(f"== {method} (at {commit}): best trial {number}")
+        print(f"== {method} (at {commit}): best trial {best_number(values)}")
         for k, params in enumerate(replay(space, start, values)):
             shown = {key.removeprefix("method."): float(f"{v:.3g}") if isinstance(v, float) else v
                      for key, v in params.items()}
