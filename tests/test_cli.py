@@ -206,6 +206,21 @@ def test_make_setup_takes_the_torch_index_from_torch_index():
     assert '"torch==2.13.0"' in default and "--index-url" not in default
 
 
+def test_make_test_runs_the_suite_in_test_workers_processes():
+    """make test and make test-slow hand the tests to TEST_WORKERS pytest-xdist processes (2 by default: the
+    2-core machines the suite is timed on); TEST_WORKERS=0 runs them in pytest's own process."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    for target in ("test", "test-slow"):
+        plan = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        assert "-m pytest -q" in plan and " -n 2" in plan, plan
+        serial = subprocess.run(["make", "-n", target, "TEST_WORKERS=0"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout
+        assert " -n 0" in serial, serial
+
+
 def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(tmp_path, capsys):
     """hydra.run.dir under a file, or in /proc (root may write everywhere else, not there): exit 2 naming the
     key, nothing written; a sweep's hydra.sweep.dir likewise. (In-process: the same main as gam-rl.)"""
