@@ -8,8 +8,8 @@ is lost can be recovered from its table in docs/measurements.md, and the best tr
 
 STUDIES records each study behind a `<method>_tuned` variant in conf/method/: the space (hparams_search's
 params at the study's commit, in the sweeper's order), trial 0 and the objectives. tests/test_tuning.py checks
-that each committed variant is its study's replayed best and that the replay gives dpg_off_planted's lr (in
-conf/tuned/cpu/, copied from its study's folder) to the last digit.
+that each committed variant is its study's replayed best, and that the replay gives dpg_off_planted's lr (in
+conf/tuned/cpu/, copied from its study's folder) and every value of pcl's 8 trials (its study.db) to the last digit.
 
 usage: python scripts/replay_study.py [--write] [METHOD ...]
   prints each study's trials (their values, 3 significant digits) and its best; --write writes
@@ -110,6 +110,14 @@ STUDIES: dict[str, tuple[str, dict[str, str], dict, list[float | None]]] = {
                 "method.critic_target": "mc", "method.on_policy": False},
                [8986000.0, 8982000.0, 8982000.0, 8985333.333333334, 8982000.0, 8966667.565002741,
                 8987333.333333332, 8987333.333333332]),
+    "pcl": ("b40369f", {"method.lr": "tag(log, interval(1.0e-4, 3.0e-3))",
+                        "method.critic_lr": "tag(log, interval(1.0e-3, 3.0e-2))",
+                        "method.critic_warmup": "choice(100, 200, 400)", "method.horizon": "choice(0, 8, 16)",
+                        "method.data_share": "choice(0.0, 0.1, 0.25)", "method.on_policy": "choice(true, false)"},
+            {"method.lr": 0.0003, "method.critic_lr": 0.01, "method.critic_warmup": 200, "method.horizon": 0,
+             "method.data_share": 0.0, "method.on_policy": False},
+            [8992000.0, 8987333.333333332, 8982000.0, 6956707.074897878, 8638188.665430726, 8588024.451597815,
+             4676860.999540432, 8458456.952631984]),
 }
 # where the replay and the study's table in docs/measurements.md differ (none before the best trial)
 DIFFERS = {"kl_control": "but for trial 7's steps_per_draw: the table 96, the replay 192"}

@@ -285,6 +285,29 @@ def test_replaying_a_studys_sampler_gives_its_trials_to_the_last_digit():
     assert len(replay.replay(space, start, [1.0, None, 2.0, 3.0, 4.0, 5.0])) == 6
 
 
+# pcl's study (b40369f) as its study.db holds it, by trial: (lr, critic_lr, critic_warmup, horizon, data_share,
+# on_policy)
+PCL_STUDY_TRIALS = [(0.0003, 0.01, 200, 0, 0.0, False),
+                    (0.0006466422717414558, 0.011387317092169062, 100, 16, 0.0, False),
+                    (0.002329262676497441, 0.0012732945242475175, 400, 16, 0.0, False),
+                    (0.00016283591083632567, 0.024853670483449896, 100, 0, 0.1, False),
+                    (0.00010716093154162977, 0.028616583411547013, 100, 8, 0.1, True),
+                    (0.00011802908195416857, 0.02720984144238552, 100, 8, 0.1, True),
+                    (0.00037912261110260154, 0.0025798089127317863, 200, 0, 0.25, False),
+                    (0.0003699246374570817, 0.002822371625419568, 200, 0, 0.25, False)]
+
+
+def test_the_replay_of_a_study_recorded_with_its_folder_gives_every_trial_of_its_study_db():
+    """pcl's study was recorded with its folder at hand: from the record alone (space, trial 0, objectives) the
+    replay must give every value of its 8 trials, 4 random and 4 of TPE, to the last digit."""
+    replay = _replay_study()
+    commit, space, start, values = replay.STUDIES["pcl"]
+    keys = ["method.lr", "method.critic_lr", "method.critic_warmup", "method.horizon", "method.data_share",
+            "method.on_policy"]
+    assert list(space) == keys and len(values) == len(PCL_STUDY_TRIALS)
+    assert replay.replay(space, start, values) == [dict(zip(keys, trial, strict=True)) for trial in PCL_STUDY_TRIALS]
+
+
 def test_every_tuned_variant_in_conf_is_its_studys_replayed_best_and_composes():
     """conf/method/<method>_tuned.yaml: one per recorded study (but the one whose best is the cpu profile's own),
     each exactly what the replay writes, and each a method gam-rl runs on the cpu profile with the tuned values."""
