@@ -29,13 +29,14 @@ lint: setup
 # the tests run in TEST_WORKERS processes (pytest-xdist), one torch thread each (tests/conftest.py): one per
 # core of the 2-core machines this project is timed on; TEST_WORKERS=0 runs them in this process
 TEST_WORKERS ?= 2
+PYTEST = WANDB_MODE=offline $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 test: setup lint
-	WANDB_MODE=offline $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(PYTEST)
 
 # the long checks outside make test's 5-minute budget (every seed of the twist learners, the launchers and
 # scripts end to end, the benchmark, the allocator): CI runs them after make test
 test-slow: setup
-	WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS)
+	$(PYTEST) -m slow
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
