@@ -14,11 +14,12 @@ FIGURES = [
     "sampler_seq_per_s", "sampler_gflops", "sampler_roofline_ratio", "sampler_symbols_per_seq",
     "train_seq_per_s", "train_gflops", "train_roofline_ratio",
     "sampler_seq_per_s_2x64", "sampler_roofline_ratio_2x64", "train_seq_per_s_2x64", "train_roofline_ratio_2x64",
-    "train_page_faults_per_step_2x64",
     "features_seq_per_s", "features_seq_per_s_Mv1001111",
     "snis_step_s", "dpg_update_s", "dpg_update_s_q_is_r", "z_samples_per_s", "sweep_job_s",
 ]
 RATIOS = [k for k in FIGURES if "roofline_ratio" in k]
+# counts the host decides (a warm allocator can take no page fault at all): reported, never asserted positive
+HOST_COUNTS = ["train_page_faults_per_step_2x64"]
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +40,14 @@ def test_bench_prints_one_json_object_and_writes_it(tiny_run):
 
 
 @pytest.mark.slow
-def test_bench_reports_every_figure_as_a_positive_finite_number(tiny_run):
+def test_bench_reports_every_figure_as_a_finite_number_and_every_rate_as_positive(tiny_run):
     result = json.loads(tiny_run[0].stdout)
     for key in FIGURES:
         value = result[key]
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+    for key in HOST_COUNTS:
+        value = result[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (key, value)
     for key in RATIOS:  # loose: tiny batches on a shared machine say nothing about efficiency
         assert 0 < result[key] < 1000, (key, result[key])
     assert result["sampler_symbols_per_seq"] == 31  # the benchmark policy runs every row to max_len
