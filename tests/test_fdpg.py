@@ -348,3 +348,6 @@ def test_fdpg_weights_come_from_pi_without_dropout(monkeypatch):
     assert not torch.allclose(a, b)  # two dropout masks in the training passes
     assert torch.allclose(kw_a["weight_log_pi"], clean) and torch.allclose(kw_b["weight_log_pi"], clean)
     assert pi.training  # eval mode only for the weights' pass
+    # f' is computed once per update (the stall check's), from the same eval-mode weights, and handed over
+    fprime = fdpg.fdpg_fprime(clean.double(), draw.log_q, draw.log_w, "rkl", log_z=module.log_norm())
+    assert torch.allclose(kw_a["fprime"], fprime) and torch.allclose(kw_b["fprime"], fprime)

@@ -95,7 +95,8 @@ def stalled(fprime: torch.Tensor) -> bool:
 
 
 def fdpg_coefficients(log_pi: torch.Tensor, log_q: torch.Tensor, log_w: torch.Tensor, log_h: torch.Tensor,
-                      divergence: str, *, log_z: float | torch.Tensor = 0.0, baseline: bool = False) -> torch.Tensor:
+                      divergence: str, *, log_z: float | torch.Tensor = 0.0, baseline: bool = False,
+                      fprime: torch.Tensor | None = None) -> torch.Tensor:
     """The per-item coefficients of one f-DPG update (float64, along the last dimension: one draw, or a
     batch of draws (D, N) for the exact tests):
 
@@ -112,8 +113,10 @@ def fdpg_coefficients(log_pi: torch.Tensor, log_q: torch.Tensor, log_w: torch.Te
                 and off (a mean over the whole draw, item i included, is correlated with item i: a
                 bias of order 1/ESS). A draw of one item has no rest: b = 0. Thinning and replay make
                 the items' shares depend on each other: there the baseline is unbiased only to O(1/N).
+    fprime: f' of every item when the caller has it already (fdpg_fprime of the same arguments).
     """
-    fprime = fdpg_fprime(log_pi, log_q, log_w, divergence, log_z=log_z)
+    if fprime is None:
+        fprime = fdpg_fprime(log_pi, log_q, log_w, divergence, log_z=log_z)
     rho = torch.exp(log_pi - log_q + log_h)  # h_i pi(x_i)/q(x_i)
     if baseline:
         rest = rho.sum(-1, keepdim=True) - rho  # sum_{j != i} rho_j
@@ -123,13 +126,15 @@ def fdpg_coefficients(log_pi: torch.Tensor, log_q: torch.Tensor, log_w: torch.Te
 
 
 def fdpg_loss(log_pi: torch.Tensor, draw: WeightedDraw, divergence: str, *, log_z: float | torch.Tensor = 0.0,
-              baseline: bool = False, weight_log_pi: torch.Tensor | None = None) -> torch.Tensor:
+              baseline: bool = False, weight_log_pi: torch.Tensor | None = None,
+              fprime: torch.Tensor | None = None) -> torch.Tensor:
     """One f-DPG update as a loss for autograd: sum_i c_i log pi(x_i) (fdpg_coefficients), whose gradient
     estimates grad D_f(pi || p), with no gradient through c. For kl, c_i = -h_i P(x_i)/(Z-hat q(x_i)):
     minus DPG's coefficient. weight_log_pi: pi's log-probabilities for the coefficients, without
-    dropout (None: log_pi itself, detached; right when pi has no dropout)."""
+    dropout (None: log_pi itself, detached; right when pi has no dropout). fprime: as fdpg_coefficients."""
     weights = (log_pi if weight_log_pi is None else weight_log_pi).detach().double()
-    coef = fdpg_coefficients(weights, draw.log_q, draw.log_w, draw.log_h, divergence, log_z=log_z, baseline=baseline)
+    coef = fdpg_coefficients(weights, draw.log_q, draw.log_w, draw.log_h, divergence, log_z=log_z, baseline=baseline,
+                             fprime=fprime)
     return (coef.float() * log_pi).sum()
 
 
@@ -196,12 +201,13 @@ class FDPGModule(LoopModule):
         if cfg.normalise == "running_z":
             self.gaps.append(float(own) - log_z)
             self.log("dpg/fdpg_log_z_gap", self.gaps[-1], on_step=True, on_epoch=False, batch_size=len(draw))
-        stall = stalled(fdpg_fprime(weights, draw.log_q, draw.log_w, cfg.divergence, log_z=log_z))
+        fprime = fdpg_fprime(weights, draw.log_q, draw.log_w, cfg.divergence, log_z=log_z)  # once: stall and update
+        stall = stalled(fprime)
         self.updates_seen += 1
         self.updates_stalled += stall
         self.log("dpg/fdpg_stalled", float(stall), on_step=True, on_epoch=False, batch_size=len(draw))
         return fdpg_loss(log_pi, draw, cfg.divergence, log_z=log_z, baseline=cfg.baseline,
-                         weight_log_pi=weight_log_pi)
+                         weight_log_pi=weight_log_pi, fprime=fprime)
 
     def stalled_fraction(self) -> float | None:
         return self.updates_stalled / self.updates_seen if self.updates_seen else None
